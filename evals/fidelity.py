@@ -1,0 +1,32 @@
+"""Teacher-forced fidelity of a strategy against the full cache: the same tokens go in, next-token distributions
+are compared step by step (top-1 agreement and KL divergence)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import make_cache
+from ..strategy import StrategySpec
+
+
+@torch.no_grad()
+def step_logits(model, input_ids: torch.Tensor, strategy: str | StrategySpec, prefill: int) -> torch.Tensor:
+    """Prefill `prefill` tokens in one forward, then feed the rest one token per step through the strategy's cache.
+    Returns float32 logits [steps, vocab] predicting tokens prefill .. end (batch 1)."""
+    cache = make_cache(model, strategy)
+    out = model(input_ids=input_ids[:, :prefill], cache=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for t in range(prefill, input_ids.shape[1] - 1):
+        logits.append(model(input_ids=input_ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
+    return torch.cat(logits).float()
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """top1: share of steps whose argmax agrees; kl: mean KL(reference || candidate) in nats."""
+    log_ref, log_cand = reference.log_softmax(-1), candidate.log_softmax(-1)
+    kl = (log_ref.exp() * (log_ref - log_cand)).sum(-1)
+    return {
+        "top1": (reference.argmax(-1) == candidate.argmax(-1)).float().mean().item(),
+        "kl": kl.mean().item(),
+        "steps": reference.shape[0],
+    }

@@ -1,0 +1,19 @@
+"""Kernels: quantization primitives in plain PyTorch (the CPU reference every fused kernel is tested against)."""
+
+from .quant import (
+    dequantize_affine,
+    dequantize_scaled,
+    pack_nibbles,
+    quantize_affine,
+    quantize_scaled,
+    unpack_nibbles,
+)
+
+__all__ = [
+    "dequantize_affine",
+    "dequantize_scaled",
+    "pack_nibbles",
+    "quantize_affine",
+    "quantize_scaled",
+    "unpack_nibbles",
+]

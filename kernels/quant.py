@@ -1,0 +1,62 @@
+"""Group-wise quantization of KV tensors [batch, heads, tokens, head_dim].
+
+Groups run along head_dim, so every token is encoded on its own: appending a token never touches the history.
+Scales are float16: 2 bytes per group, rounded before quantizing so encode and decode use the same value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_DTYPE = torch.float16
+_TINY = torch.finfo(SCALE_DTYPE).tiny  # smallest normal float16: keeps all-zero groups from dividing by zero
+
+
+def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x.unflatten(-1, (x.shape[-1] // group, group))
+
+
+def quantize_scaled(x: torch.Tensor, group: int, qmax: float, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric: q = x / scale with scale = absmax(group) / qmax, stored as `qdtype` (int8 codes are rounded,
+    float8 codes are cast). Returns (q [..., d], scale [..., d // group])."""
+    g = _groups(x.float(), group)
+    scale = (g.abs().amax(-1) / qmax).to(SCALE_DTYPE).clamp_min(_TINY)
+    q = g / scale.float()[..., None]
+    if not qdtype.is_floating_point:
+        q = q.round_().clamp_(-qmax, qmax)
+    return q.to(qdtype).flatten(-2), scale
+
+
+def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Writes q * scale into `out` (any strides, the model dtype) and returns it."""
+    group = q.shape[-1] // scale.shape[-1]
+    torch.mul(_groups(q, group), scale.to(out.dtype)[..., None], out=_groups(out, group))
+    return out
+
+
+def quantize_affine(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric: q = round((x - min) / scale) in [0, 2**bits - 1]. Returns uint8 codes (one per element),
+    scale and min, both [..., d // group]."""
+    g = _groups(x.float(), group)
+    lo = g.amin(-1).to(SCALE_DTYPE)
+    levels = 2**bits - 1
+    scale = ((g.amax(-1) - lo.float()) / levels).to(SCALE_DTYPE).clamp_min(_TINY)
+    q = ((g - lo.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, levels)
+    return q.to(torch.uint8).flatten(-2), scale, lo
+
+
+def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    group = q.shape[-1] // scale.shape[-1]
+    g = _groups(out, group)
+    torch.mul(_groups(q, group), scale.to(out.dtype)[..., None], out=g)
+    g.add_(lo.to(out.dtype)[..., None])
+    return out
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte along the last axis (even index in the low nibble)."""
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)

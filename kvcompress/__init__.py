@@ -1,0 +1,25 @@
+"""kvcompress: KV-cache retention x codec x tier strategies for Hugging Face transformers.
+
+    import kvcompress as kc
+    model, tokenizer = kc.load_model("default")
+    out = model.generate(**inputs, cache=kc.make_cache(model, "sink:window=256+int8"))
+"""
+
+from .accounting import bytes_per_token, expected_kv_bytes
+from .cache import KVCache, KVLayer, make_cache
+from .models import load_model
+from .strategy import PRESETS, StrategySpec, list_strategies, parse_strategy
+
+__version__ = "0.1.0"
+__all__ = [
+    "PRESETS",
+    "KVCache",
+    "KVLayer",
+    "StrategySpec",
+    "bytes_per_token",
+    "expected_kv_bytes",
+    "list_strategies",
+    "load_model",
+    "make_cache",
+    "parse_strategy",
+]

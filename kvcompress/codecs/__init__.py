@@ -1,0 +1,4 @@
+from . import fp8, int4, int8, none  # noqa: F401  (registers the members)
+from .base import CODECS, Codec, Packed
+
+__all__ = ["CODECS", "Codec", "Packed"]

@@ -1,0 +1,22 @@
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import dequantize_scaled, quantize_scaled
+from .base import CODECS, GroupCodec
+
+
+@CODECS.register("int8")
+@dataclass(frozen=True)
+class Int8Codec(GroupCodec):
+    """Symmetric int8 with a float16 absmax scale per group of channels of each token."""
+
+    def encode(self, x):
+        q, scale = quantize_scaled(x, self.group_size(x.shape[-1]), 127.0, torch.int8)
+        return {"q": q, "scale": scale}
+
+    def decode(self, packed, out):
+        return dequantize_scaled(packed["q"], packed["scale"], out)
+
+    def bytes_per_token(self, head_dim, dtype):
+        return head_dim + self.scale_bytes(head_dim)

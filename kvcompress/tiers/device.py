@@ -1,0 +1,15 @@
+from dataclasses import dataclass
+
+from .base import TIERS, Tier
+
+
+@TIERS.register("device")
+@dataclass(frozen=True)
+class DeviceTier(Tier):
+    """Everything stays on the compute device (the tier whose bytes are HBM on a GPU)."""
+
+    def place(self, tensor):
+        return tensor
+
+    def fetch(self, tensor, device):
+        return tensor

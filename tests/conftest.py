@@ -1,0 +1,36 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import kvcompress
+from kvcompress.models import CONFIG_DIR
+
+
+def tiny_model(attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+    config = AutoConfig.for_model(**json.loads((CONFIG_DIR / "tiny.json").read_text()))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="session", params=["eager", "sdpa"])
+def tiny(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    return kvcompress.load_model("default")
+
+
+def left_padded(batch_lengths: list[int], vocab: int = 512, seed: int = 0):
+    """Random token ids, left-padded to the longest row, with their attention mask."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(batch_lengths)
+    ids = torch.randint(3, vocab, (len(batch_lengths), width), generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(batch_lengths):
+        mask[row, width - length :] = 1
+        ids[row, : width - length] = 0
+    return ids, mask
