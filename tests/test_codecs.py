@@ -1,0 +1,147 @@
+"""Codecs: error bounds on tensors, bytes against the model dtype, fidelity on the default model, and the promise
+that appending a token encodes only that token."""
+
+import pytest
+import torch
+
+from kvcompress import expected_kv_bytes, load_model, make_cache, parse_strategy
+from kvcompress.evals import reference_text
+from kvcompress.evals.fidelity import compare, step_logits
+from kvcompress.kernels import pack_nibbles, unpack_nibbles
+
+from .conftest import left_padded, tiny_model
+
+
+def _roundtrip(codec, x):
+    return codec.decode(codec.encode(x), torch.empty_like(x))
+
+
+def _kv_like(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 50, 64, generator=gen)
+    x[..., 5] *= 20  # an outlier channel, as real keys have
+    return x
+
+
+@pytest.mark.parametrize("codec, levels", [("int8", 127), ("int8:group=16", 127)])
+def test_int8_error_is_half_a_step(codec, levels):
+    spec = parse_strategy(codec).codec
+    x = _kv_like()
+    group = spec.group_size(64)
+    step = x.unflatten(-1, (64 // group, group)).abs().amax(-1, keepdim=True) / levels
+    err = (_roundtrip(spec, x) - x).unflatten(-1, (64 // group, group)).abs()
+    assert (err <= step * 0.5 * 1.002 + 1e-6).all()
+
+
+def test_int4_error_is_half_a_step():
+    spec = parse_strategy("int4:group=16").codec
+    x = _kv_like()
+    g = x.unflatten(-1, (4, 16))
+    step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
+    err = (_roundtrip(spec, x) - x).unflatten(-1, (4, 16)).abs()
+    assert (err <= step * 0.5 * 1.01 + 1e-3).all()
+
+
+@pytest.mark.parametrize("fmt, mantissa_bits", [("e4m3", 3), ("e5m2", 2)])
+def test_fp8_relative_error(fmt, mantissa_bits):
+    spec = parse_strategy(f"fp8:format={fmt}").codec
+    x = _kv_like()
+    absmax = x.abs().amax(-1, keepdim=True)
+    err = (_roundtrip(spec, x) - x).abs()
+    # normal numbers round to half a mantissa ulp; the float16 scale adds ~1e-3; subnormals get an absolute floor
+    assert (err <= x.abs() * 2.0 ** -(mantissa_bits + 1) * 1.01 + absmax * 2e-3).all()
+
+
+def test_nibbles_round_trip():
+    q = torch.randint(0, 16, (2, 3, 5, 32), dtype=torch.uint8)
+    packed = pack_nibbles(q)
+    assert packed.shape[-1] == 16 and torch.equal(unpack_nibbles(packed), q)
+
+
+@pytest.mark.parametrize("strategy, max_ratio", [("int8", 0.53), ("fp8", 0.53), ("int4", 0.32)])
+def test_bytes_per_token_against_model_dtype(strategy, max_ratio):
+    """Measured on the default model's geometry run in bfloat16 (the dtype KV caches use on GPUs)."""
+    model, _ = load_model("random:smollm2-135m", dtype="bfloat16")
+    ids = torch.randint(3, 1000, (1, 200))
+    sizes = {}
+    for name in ("full", strategy):
+        cache = make_cache(model, name)
+        with torch.no_grad():
+            model(input_ids=ids, cache=cache, use_cache=True)
+        sizes[name] = cache.kv_bytes()["device"]
+    assert sizes[strategy] <= max_ratio * sizes["full"]
+    assert sizes[strategy] == expected_kv_bytes(model, strategy, 200)
+
+
+def test_appending_encodes_only_the_new_token():
+    model = tiny_model()
+    cache = make_cache(model, "int8:residual=4")
+    spec = cache.spec.codec
+    encoded_lengths = []
+    original_encode = type(spec).encode
+
+    def spy(self, x):
+        encoded_lengths.append(x.shape[2])
+        return original_encode(self, x)
+
+    type(spec).encode = spy
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.randint(3, 512, (1, 30)), cache=cache, use_cache=True)
+            history = cache.layers[0].encoded_k["q"].clone()
+            encoded_lengths.clear()
+            for _ in range(10):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+    finally:
+        type(spec).encode = original_encode
+    assert encoded_lengths == [1] * (10 * 2 * 2)  # steps x layers x (K, V)
+    assert torch.equal(cache.layers[0].encoded_k["q"][:, :, :26], history)  # old codes never re-quantized
+    assert cache.layers[0].recent_k.shape[2] == 4
+
+
+# Teacher-forced fidelity on the default model: 512 tokens of the shipped text are prefilled, then 200 are fed
+# one per step. Measured on CPU in float32 (top-1, mean KL nats): int8 0.990 / 5.8e-4; int8:residual=32
+# 0.990 / 7e-5; fp8 e4m3 0.975 / 3.6e-3; fp8 e5m2 0.940 / 1.4e-2; int4 0.910 / 4.1e-2. int8 holds the issue's
+# 99 %; the other thresholds sit two to four flips below their measurement and KL within 3x. Top-1 over 200
+# steps is coarse: rounding the full cache to bfloat16 alone flips 0-3 near-tie tokens on other windows of this
+# text (measured at prefill 128/256/400/512: 0.995/0.985/0.985/1.0).
+FIDELITY = {"int8": (0.99, 2e-3), "int8:residual=32": (0.98, 5e-4), "fp8": (0.96, 1e-2),
+            "fp8:format=e5m2": (0.92, 4e-2), "int4": (0.89, 1.2e-1)}
+
+
+@pytest.fixture(scope="module")
+def fidelity_inputs(default_model):
+    model, tokenizer = default_model
+    ids = tokenizer(reference_text(), return_tensors="pt").input_ids[:, :712]
+    return model, ids, step_logits(model, ids, "full", prefill=512)
+
+
+@pytest.mark.parametrize("strategy", list(FIDELITY))
+def test_teacher_forced_fidelity(fidelity_inputs, strategy):
+    model, ids, reference = fidelity_inputs
+    result = compare(reference, step_logits(model, ids, strategy, prefill=512))
+    min_top1, max_kl = FIDELITY[strategy]
+    assert result["steps"] == 200
+    assert result["top1"] >= min_top1 and result["kl"] <= max_kl, result
+
+
+def test_sink_plus_int8_obeys_both_contracts(fidelity_inputs):
+    """The composition keeps the sink budget and loses no more to int8 than int8 loses on its own."""
+    model, ids, _ = fidelity_inputs
+    sink = step_logits(model, ids, "sink:window=256", prefill=512)
+    both = step_logits(model, ids, "sink:window=256+int8", prefill=512)
+    result = compare(sink, both)
+    assert result["top1"] >= 0.97 and result["kl"] <= 2e-3, result
+    cache = make_cache(model, "sink:window=256+int8")
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    assert cache.stored_tokens() == 260
+    assert cache.kv_bytes()["device"] == expected_kv_bytes(model, "sink:window=256+int8", ids.shape[1])
+
+
+def test_quantized_generate_on_padded_batch(tiny):
+    ids, mask = left_padded([30, 18])
+    for strategy in ("int8", "fp8", "int4", "sink:sinks=2,window=8+int4:residual=4"):
+        out = tiny.generate(input_ids=ids, attention_mask=mask, cache=make_cache(tiny, strategy), max_new_tokens=20,
+                            min_new_tokens=20, do_sample=False, pad_token_id=0)
+        assert out.shape == (2, 50)
