@@ -1,0 +1,37 @@
+"""Prefill and decode timing, gpt-fast style: warm-up excluded, device synchronized before every clock read."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_generation(model, input_ids: torch.Tensor, cache, decode_steps: int) -> dict:
+    """Prefill `input_ids` into `cache` (timed: TTFT), then greedy-decode `decode_steps` tokens one at a time.
+    Returns ttft_s and decode_s (one entry per step)."""
+    device = input_ids.device
+    _sync(device)
+    start = time.perf_counter()
+    logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits[:, -1:]
+    _sync(device)
+    ttft = time.perf_counter() - start
+    decode = []
+    for _ in range(decode_steps):
+        token = logits.argmax(-1)
+        start = time.perf_counter()
+        logits = model(input_ids=token, cache=cache, use_cache=True).logits
+        _sync(device)
+        decode.append(time.perf_counter() - start)
+    return {"ttft_s": ttft, "decode_s": decode}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1] if len(values) > 1 else values[0]

@@ -1,0 +1,118 @@
+"""Core benchmark: resident KV bytes and decode latency per strategy, against transformers' DynamicCache in the
+same process. Writes results/core/bench_core.json and .md.
+
+    python experiments/bench_core.py [--model default] [--lengths 1024,4096] [--steps 48] [--rounds 3]
+
+Decode ms/token is the median over `rounds` interleaved passes (strategy order reversed every other round) of
+`steps` steps each, the first `warmup` steps of every pass excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+import kvcompress
+from kvcompress.evals import reference_text
+from kvcompress.evals.latency import percentile, time_generation
+from kvcompress.provenance import provenance
+
+STRATEGIES = ["full", "int8", "fp8", "int4", "int8:residual=128", "window:window=512", "sink:sinks=4,window=508",
+              "sink:sinks=4,window=508+int8"]
+BASELINE = "DynamicCache"
+
+
+def make(model, name):
+    return DynamicCache(config=model.config) if name == BASELINE else kvcompress.make_cache(model, name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--lengths", default="1024,4096")
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--out", default="results/core")
+    args = parser.parse_args()
+
+    model, tokenizer = kvcompress.load_model(args.model, dtype=args.dtype, device=args.device)
+    names = [BASELINE, *args.strategies.split(",")]
+    text_ids = tokenizer(reference_text(), return_tensors="pt").input_ids[0] if tokenizer else None
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        if text_ids is not None:
+            ids = text_ids.repeat(length // len(text_ids) + 1)[:length][None].to(args.device)
+        else:
+            ids = torch.randint(0, model.config.vocab_size, (1, length), device=args.device)
+        samples = {n: {"decode_s": [], "ttft_s": []} for n in names}
+        kv = {}
+        for round_ in range(args.rounds):
+            for name in names if round_ % 2 == 0 else names[::-1]:
+                cache = make(model, name)
+                timing = time_generation(model, ids, cache, args.steps)
+                samples[name]["decode_s"] += timing["decode_s"][args.warmup:]
+                samples[name]["ttft_s"].append(timing["ttft_s"])
+                if name != BASELINE:
+                    kv[name] = (sum(cache.kv_bytes().values()), cache.stored_tokens(), cache.get_seq_length())
+                del cache
+            print(f"length {length}: round {round_ + 1}/{args.rounds} done", file=sys.stderr)
+        base_ms = statistics.median(samples[BASELINE]["decode_s"]) * 1e3
+        full_bytes = kvcompress.expected_kv_bytes(model, "full", length + args.steps)
+        for name in names:
+            decode_ms = statistics.median(samples[name]["decode_s"]) * 1e3
+            row = {
+                "strategy": name, "context": length,
+                "decode_ms_p50": round(decode_ms, 3),
+                "decode_ms_p95": round(percentile(samples[name]["decode_s"], 95) * 1e3, 3),
+                "vs_dynamic_cache": round(decode_ms / base_ms, 3),
+                "ttft_s": round(statistics.median(samples[name]["ttft_s"]), 4),
+            }
+            if name in kv:
+                resident, stored, seen = kv[name]
+                row.update(kv_bytes=resident, stored_tokens=stored, seen_tokens=seen,
+                           saved_vs_full=round(1 - resident / full_bytes, 4))
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = provenance(args.model, args.device, ["python", "experiments/bench_core.py", *sys.argv[1:]])
+    meta.update(steps=args.steps, warmup=args.warmup, rounds=args.rounds)
+    (out / "bench_core.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (out / "bench_core.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        "# Core benchmark: resident KV and decode latency vs transformers DynamicCache",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- model: {meta['model']}; device: {meta['device']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        f"- git commit: {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}; date: {meta['date']}",
+        f"- decode: median over {meta['rounds']} interleaved passes x {meta['steps'] - meta['warmup']} timed steps",
+        "",
+        "| context | strategy | resident KV MiB | saved vs full | decode ms/token p50 | p95 | vs DynamicCache | TTFT s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kv = f"{r['kv_bytes'] / 2**20:.2f}" if "kv_bytes" in r else "-"
+        saved = f"{r['saved_vs_full']:.1%}" if "saved_vs_full" in r else "-"
+        lines.append(f"| {r['context']} | {r['strategy']} | {kv} | {saved} | {r['decode_ms_p50']:.2f} | "
+                     f"{r['decode_ms_p95']:.2f} | {r['vs_dynamic_cache']:.3f} | {r['ttft_s']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
