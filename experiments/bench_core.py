@@ -22,6 +22,7 @@ import kvcompress
 from kvcompress.evals import reference_text
 from kvcompress.evals.latency import percentile, time_generation
 from kvcompress.provenance import provenance
+from kvcompress.strategy import split_strategies
 
 STRATEGIES = ["full", "int8", "fp8", "int4", "int8:residual=128", "window:window=512", "sink:sinks=4,window=508",
               "sink:sinks=4,window=508+int8"]
@@ -46,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = kvcompress.load_model(args.model, dtype=args.dtype, device=args.device)
-    names = [BASELINE, *args.strategies.split(",")]
+    names = [BASELINE, *split_strategies(args.strategies)]
     text_ids = tokenizer(reference_text(), return_tensors="pt").input_ids[0] if tokenizer else None
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):

@@ -11,10 +11,10 @@ MIB = 2**20
 def _strategies(args: argparse.Namespace) -> None:
     from .accounting import bytes_per_token, config_dtype, expected_kv_bytes
     from .models import load_config
-    from .strategy import parse_strategy
+    from .strategy import parse_strategy, split_strategies
 
     config = load_config(args.model)
-    names = args.strategies.split(",") if args.strategies else None
+    names = split_strategies(args.strategies) if args.strategies else None
     specs = [parse_strategy(n) for n in names] if names else _presets()
     full = expected_kv_bytes(config, "full", args.context)
     header = ("strategy", "retention", "codec", "tier", "bytes/token", f"KV MiB @ {args.context}", "saved vs full")

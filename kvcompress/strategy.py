@@ -81,6 +81,20 @@ def parse_strategy(text: str | StrategySpec) -> StrategySpec:
     return StrategySpec(**members)
 
 
+def split_strategies(text: str) -> list[str]:
+    """Split a comma-separated list of strategies, keeping the commas between one member's parameters:
+    `full,sink:sinks=4,window=512+int8,fp8` -> ['full', 'sink:sinks=4,window=512+int8', 'fp8']."""
+    items: list[str] = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        is_parameter = "=" in piece and ":" not in piece.split("+")[0]
+        if is_parameter and items:
+            items[-1] += "," + piece
+        elif piece:
+            items.append(piece)
+    return items
+
+
 def list_strategies() -> list[StrategySpec]:
     """The named presets, each with its default parameters."""
     return [parse_strategy(name) for name in PRESETS]

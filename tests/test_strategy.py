@@ -2,6 +2,7 @@ import pytest
 
 import kvcompress
 from kvcompress import StrategySpec, make_cache, parse_strategy
+from kvcompress.strategy import split_strategies
 
 from .conftest import tiny_model
 
@@ -30,6 +31,12 @@ def test_members_and_params():
     assert spec.retention.budget == 66
     assert spec.params["retention"] == {"sinks": 2, "window": 64}
     assert spec.params["codec"]["residual"] == 16
+
+
+def test_split_strategies_keeps_parameter_commas():
+    text = "full, sink:sinks=4,window=512+int8:group=32,residual=8,fp8,window:window=64"
+    assert split_strategies(text) == ["full", "sink:sinks=4,window=512+int8:group=32,residual=8", "fp8",
+                                      "window:window=64"]
 
 
 def test_list_strategies_are_the_presets():
