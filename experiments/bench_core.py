@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/core")
     args = parser.parse_args()
 
+    meta = provenance(args.model, args.device, ["python", "experiments/bench_core.py", *sys.argv[1:]])
     model, tokenizer = kvcompress.load_model(args.model, dtype=args.dtype, device=args.device)
     names = [BASELINE, *split_strategies(args.strategies)]
     text_ids = tokenizer(reference_text(), return_tensors="pt").input_ids[0] if tokenizer else None
@@ -87,7 +88,6 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = provenance(args.model, args.device, ["python", "experiments/bench_core.py", *sys.argv[1:]])
     meta.update(steps=args.steps, warmup=args.warmup, rounds=args.rounds)
     (out / "bench_core.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     (out / "bench_core.md").write_text(markdown(meta, rows))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 MIB = 2**20
 
@@ -68,6 +69,50 @@ def _generate(args: argparse.Namespace) -> None:
     )
 
 
+def _tokens(text: str) -> int:
+    """'4k' -> 4096, '512' -> 512."""
+    text = text.strip().lower()
+    try:
+        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    except ValueError:
+        raise ValueError(f"token counts are integers or NNk (e.g. 512, 4k), got {text!r}") from None
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .evals.harness import ReportConfig, Thresholds, run_report
+    from .strategy import split_strategies
+
+    command = ["kvcompress", *sys.argv[1:]]
+    if args.resume:
+        path = run_report(None, Path(args.resume), resume=True, command=command)
+    else:
+        config = ReportConfig(
+            model=args.model, tasks=args.tasks.split(","), lengths=[_tokens(x) for x in args.lengths.split(",")],
+            depths=args.depths, seeds=args.seeds, device=args.device, dtype=args.dtype, sessions=args.sessions,
+            context=_tokens(args.context), decode_steps=args.decode_steps, fidelity_steps=args.fidelity_steps,
+            thresholds=Thresholds(args.max_recall_loss, args.max_decode_latency, args.min_top1),
+            **({"strategies": split_strategies(args.strategies)} if args.strategies else {}),
+        )
+        from .evals.tasks import TASKS
+
+        unknown = [t for t in config.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; allowed: {', '.join(TASKS)}")
+        path = run_report(config, Path(args.out), command=command)
+    print(path.read_text())
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from .evals.harness import run_report
+    from .evals.sweep import load_sweep
+
+    config, out = load_sweep(args.file)
+    out = Path(args.out) if args.out else out
+    resume = (out / "records.jsonl").exists() and args.resume
+    path = run_report(None if resume else config, out, resume=resume, command=["kvcompress", *sys.argv[1:]])
+    print(path.read_text())
+
+
 def _print_table(header, rows) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *rows]:
@@ -93,6 +138,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("report", help="the pressure-transfer report: HBM saved vs latency vs recall vs fidelity")
+    p.add_argument("--model", default="default")
+    p.add_argument("--strategies", help="comma-separated strategies (default: full, int8, fp8, int4, window:window=256,"
+                   " sink:sinks=4,window=252)")
+    p.add_argument("--tasks", default="passkey,multikey", help="passkey, multikey, vartrack, multiturn")
+    p.add_argument("--lengths", default="512,1024", help="context lengths in model tokens, e.g. 4k,16k")
+    p.add_argument("--depths", type=int, default=5, help="needle depths spread over [0, 1]")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--sessions", type=int, default=32, help="concurrent sessions for the at-scale column")
+    p.add_argument("--context", default="32k", help="tokens per session for the at-scale column")
+    p.add_argument("--decode-steps", type=int, default=24)
+    p.add_argument("--fidelity-steps", type=int, default=100)
+    p.add_argument("--max-recall-loss", type=float, default=2.0, help="guardrail, points")
+    p.add_argument("--max-decode-latency", type=float, default=15.0, help="guardrail, percent slower than full")
+    p.add_argument("--min-top1", type=float, default=0.98, help="guardrail, teacher-forced top-1 agreement")
+    p.add_argument("--out", default="results/default")
+    p.add_argument("--resume", metavar="DIR", help="finish an interrupted run in DIR; nothing finished is redone")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("sweep", help="run a YAML grid of strategy parameters through the report")
+    p.add_argument("file")
+    p.add_argument("--out", help="output folder (default: the file's `out`)")
+    p.add_argument("--resume", action="store_true", help="finish the sweep's existing records instead of refusing")
+    p.set_defaults(func=_sweep)
     return parser
 
 
@@ -103,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.disable_progress_bar()
     try:
         args.func(args)
-    except ValueError as err:
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
         raise SystemExit(f"kvcompress {args.command}: {err}") from None
 
 

@@ -1,5 +1,6 @@
 """`full` through kvcompress must be indistinguishable from transformers' DynamicCache."""
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -60,3 +61,36 @@ def test_generate_keeps_working_when_resumed(tiny):
             assert torch.equal(out.sequences, ours)
         else:
             ours = out.sequences
+
+
+def test_beam_search_and_multiple_sequences_match_dynamic_cache(tiny):
+    ids, mask = left_padded([25, 19])
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, num_beams=3, num_return_sequences=2,
+                  do_sample=False, pad_token_id=0)
+    ours = tiny.generate(cache=make_cache(tiny, "full"), **kwargs)
+    reference = tiny.generate(cache=DynamicCache(config=tiny.config), **kwargs)
+    assert torch.equal(ours, reference)
+
+
+def test_crop_rolls_back_like_dynamic_cache(tiny):
+    ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(4))
+    for strategy in ("full", "int8:residual=8"):
+        ours, reference = make_cache(tiny, strategy), DynamicCache(config=tiny.config)
+        with torch.no_grad():
+            for cache in (ours, reference):
+                tiny(input_ids=ids[:, :30], cache=cache, use_cache=True)
+                cache.crop(-7)
+            assert ours.get_seq_length() == reference.get_seq_length() == 23
+            assert all(layer.stored == 23 for layer in ours.layers)
+            logits = [tiny(input_ids=ids[:, 23:40], cache=c, use_cache=True).logits for c in (ours, reference)]
+        tolerance = 1e-5 if strategy == "full" else 5e-2
+        assert (logits[0] - logits[1]).abs().max() <= tolerance
+
+
+def test_evicting_cache_refuses_to_crop_after_eviction(tiny):
+    cache = make_cache(tiny, "window:window=8")
+    with torch.no_grad():
+        tiny(input_ids=torch.randint(3, 512, (1, 20)), cache=cache, use_cache=True)
+    assert not cache.is_croppable
+    with pytest.raises(RuntimeError, match="cannot crop a window cache that has already evicted tokens"):
+        cache.crop(-2)

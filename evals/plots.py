@@ -1,0 +1,87 @@
+"""PNG plots of a report: the HBM/recall Pareto, recall heatmaps (depth x length) and decode latency vs context."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+
+def plot_all(records: list[dict], rows: list[dict], config, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional: the table and CSV carry every number
+        return []
+    paths = [_pareto(plt, rows, out), _heatmaps(plt, records, config, out), _latency(plt, records, config, out)]
+    return [p for p in paths if p]
+
+
+def _pareto(plt, rows, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        if r["hbm_saved_pct"] is None or r["recall_loss_pts"] is None:
+            continue
+        size = 40 + 4 * max(0.0, 100 + (r["decode_change_pct"] or 0))
+        ax.scatter(r["hbm_saved_pct"], r["recall_loss_pts"], s=size, alpha=0.6)
+        ax.annotate(r["strategy"], (r["hbm_saved_pct"], r["recall_loss_pts"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("HBM saved (% of full KV, measured)")
+    ax.set_ylabel("recall loss (points vs full)")
+    ax.set_title("Pressure transfer: HBM relieved vs recall lost\n(marker area grows with decode latency)")
+    ax.grid(alpha=0.3)
+    path = out / "pareto.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _heatmaps(plt, records, config, out: Path) -> Path:
+    recall = [r for r in records if r["kind"] == "recall" and r.get("outcome") == "ok"]
+    depths = sorted({r["depth"] for r in recall})
+    lengths = sorted({r["length"] for r in recall})
+    if not depths or not lengths:
+        return None
+    strategies = config.strategies
+    fig, axes = plt.subplots(1, len(strategies), figsize=(2.2 * len(strategies) + 1, 3.2), squeeze=False)
+    for ax, strategy in zip(axes[0], strategies):
+        cells = defaultdict(list)
+        for r in recall:
+            if r["strategy"] == strategy:
+                cells[(r["depth"], r["length"])].append(r["correct"])
+        grid = [[(sum(cells[(d, l)]) / len(cells[(d, l)])) if cells[(d, l)] else float("nan") for l in lengths]
+                for d in depths]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_title(strategy, fontsize=7)
+        ax.set_xticks(range(len(lengths)), [str(l) for l in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
+        ax.set_xlabel("context tokens", fontsize=7)
+    axes[0][0].set_ylabel("needle depth", fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="recall")
+    path = out / "recall_heatmap.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _latency(plt, records, config, out: Path) -> Path:
+    latency = [r for r in records if r["kind"] == "latency" and r.get("outcome") == "ok"]
+    if not latency:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for strategy in config.strategies:
+        points = sorted((r["length"], r["decode_ms_p50"]) for r in latency if r["strategy"] == strategy)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=strategy)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("decode ms/token (p50)")
+    ax.set_title("Decode latency vs context")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = out / "latency_vs_context.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

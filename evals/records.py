@@ -1,0 +1,62 @@
+"""records.jsonl: one meta line, then one JSON record per finished cell, appended and flushed one by one so an
+interrupted run keeps everything it finished and `--resume` skips it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FORMAT = "kvcompress-records/1"
+
+
+class RecordStore:
+    def __init__(self, path: Path, meta: dict | None = None):
+        """Open `path`: with `meta`, start a new file (refusing to overwrite one); without, resume an existing one."""
+        self.path = Path(path)
+        self.records: list[dict] = []
+        if meta is None:
+            self.meta = self._load()
+        else:
+            if self.path.exists() and self.path.stat().st_size:
+                raise FileExistsError(f"{self.path} already holds records: resume it or choose another output folder")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.meta = {"kind": "meta", "format": FORMAT, **meta}
+            self.path.write_text(json.dumps(self.meta) + "\n")
+        self.done = {self.key(r) for r in self.records}
+
+    def _load(self) -> dict:
+        if not self.path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {self.path} does not exist")
+        text = self.path.read_text()
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        elif lines:  # a final line without its newline was cut off mid-write: that cell is simply redone
+            lines.pop()
+            self.path.write_text("\n".join(lines) + ("\n" if lines else ""))
+        parsed = []
+        for number, line in enumerate(lines, 1):
+            try:
+                parsed.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{self.path} line {number} is not JSON: the records file is corrupt") from None
+        if not parsed or parsed[0].get("kind") != "meta" or parsed[0].get("format") != FORMAT:
+            raise ValueError(f"{self.path} is not a kvcompress records file (its first line is no {FORMAT} meta)")
+        self.records = parsed[1:]
+        return parsed[0]
+
+    @staticmethod
+    def key(record: dict) -> tuple:
+        return tuple(record[k] for k in ("kind", "strategy", "task", "length", "depth", "seed") if k in record)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self.done
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(record)
+        self.done.add(self.key(record))

@@ -1,0 +1,184 @@
+"""From records to the pressure-transfer table: what each strategy relieves (HBM), what it creates (recall,
+fidelity, latency, host RAM / PCIe), whether it passes the guardrails, and when to roll it back."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from ..accounting import expected_kv_bytes
+from ..models import load_config
+from ..strategy import parse_strategy
+from .harness import ReportConfig, Thresholds
+from .records import RecordStore
+
+GB = 1e9
+COLUMNS = ["strategy", "HBM saved", "at scale", "decode latency", "TTFT", "recall loss", "fidelity",
+           "host RAM / disk added", "relieved pressure", "created pressure", "guardrail verdict", "rollback trigger"]
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
+    """One row per strategy: measured figures and the words around them."""
+    ok = [r for r in records if r.get("outcome") == "ok"]
+    recall = [r for r in ok if r["kind"] == "recall"]
+    longest = max((r["length"] for r in recall), default=None)
+    latency = {(r["strategy"], r["length"]): r for r in ok if r["kind"] == "latency"}
+    latency_length = max((length for _, length in latency), default=None)
+    fidelity = {r["strategy"]: r for r in ok if r["kind"] == "fidelity"}
+    full_correct = {(r["task"], r["length"], r["depth"], r["seed"]): r["correct"] for r in recall
+                    if r["strategy"] == "full"}
+    model_config = load_config(config.model)
+    dtype = None if config.dtype is None else getattr(torch, config.dtype)
+    full_at_scale = expected_kv_bytes(model_config, "full", config.context, config.sessions, dtype)
+    rows = []
+    for strategy in config.strategies:
+        spec = parse_strategy(strategy)
+        mine = [r for r in recall if r["strategy"] == strategy]
+        paired = [(full_correct[k], r["correct"]) for r in mine
+                  if (k := (r["task"], r["length"], r["depth"], r["seed"])) in full_correct]
+        at_longest = [r for r in mine if r["length"] == longest]
+        full_longest = [r for r in recall if r["strategy"] == "full" and r["length"] == longest]
+        device_bytes = _mean([r["kv_bytes_final"].get("device", 0) for r in at_longest])
+        full_bytes = _mean([r["kv_bytes_final"].get("device", 0) for r in full_longest])
+        off_device = _mean([sum(v for k, v in r["kv_bytes_final"].items() if k != "device") for r in at_longest])
+        lat, lat_full = latency.get((strategy, latency_length)), latency.get(("full", latency_length))
+        at_scale = expected_kv_bytes(model_config, spec, config.context, config.sessions, dtype)
+        row = {
+            "strategy": strategy,
+            "recall_n": len(paired),
+            "recall_pct": 100 * _mean([c for _, c in paired]) if paired else None,
+            "recall_loss_pts": 100 * _mean([f - c for f, c in paired]) if paired else None,
+            "measured_length": longest,
+            "kv_bytes": device_bytes,
+            "hbm_saved_pct": 100 * (1 - device_bytes / full_bytes) if device_bytes is not None and full_bytes else None,
+            "hbm_saved_gb": (full_bytes - device_bytes) / GB if device_bytes is not None and full_bytes else None,
+            "scale_kv_gb": at_scale / GB,
+            "scale_saved_gb": (full_at_scale - at_scale) / GB,
+            "latency_length": latency_length,
+            "decode_ms_p50": lat and lat["decode_ms_p50"],
+            "decode_change_pct": 100 * (lat["decode_ms_p50"] / lat_full["decode_ms_p50"] - 1) if lat and lat_full else None,
+            "ttft_change_pct": 100 * (lat["ttft_s"] / lat_full["ttft_s"] - 1) if lat and lat_full else None,
+            "kl": fidelity.get(strategy, {}).get("kl"),
+            "top1": fidelity.get(strategy, {}).get("top1"),
+            "off_device_bytes": off_device or 0,
+            "allocation_failures": sum(1 for r in records if r.get("strategy") == strategy
+                                       and r.get("outcome") == "allocation_failure"),
+        }
+        row.update(pressures(row, spec, config.thresholds))
+        rows.append(row)
+    return rows
+
+
+def pressures(row: dict, spec, t: Thresholds) -> dict:
+    """Relieved and created pressure, guardrail verdict and rollback trigger, in words."""
+    baseline = row["strategy"] == "full"
+    relieved = []
+    if row["hbm_saved_pct"] is not None and row["hbm_saved_pct"] > 0.5:
+        relieved.append(f"HBM -{row['hbm_saved_pct']:.1f}% of KV")
+    created = []
+    budget = spec.retention.budget
+    if budget is not None:
+        created.append(f"recall: tokens older than the {budget}-token budget are gone"
+                       + (f" (-{row['recall_loss_pts']:.1f} pts measured)" if row["recall_loss_pts"] else ""))
+    elif row["recall_loss_pts"]:
+        created.append(f"recall -{row['recall_loss_pts']:.1f} pts")
+    if not spec.codec.lossless and row["top1"] is not None:
+        created.append(f"fidelity: top-1 {row['top1']:.1%}, KL {row['kl']:.1e}")
+    if row["decode_change_pct"] is not None and row["decode_change_pct"] > 1:
+        created.append(f"decode latency +{row['decode_change_pct']:.0f}%")
+    if row["off_device_bytes"]:
+        created.append("host RAM / disk and PCIe traffic")
+    failures = []
+    if row["recall_loss_pts"] is not None and row["recall_loss_pts"] > t.recall_loss_pts:
+        failures.append(f"recall loss {row['recall_loss_pts']:.1f} > {t.recall_loss_pts:g} pts")
+    if row["decode_change_pct"] is not None and row["decode_change_pct"] > t.decode_latency_pct:
+        failures.append(f"decode +{row['decode_change_pct']:.0f}% > +{t.decode_latency_pct:g}%")
+    if row["top1"] is not None and row["top1"] < t.top1:
+        failures.append(f"top-1 {row['top1']:.1%} < {t.top1:.0%}")
+    if row["allocation_failures"]:
+        failures.append(f"{row['allocation_failures']} allocation failures")
+    missing = [name for name in ("recall_loss_pts", "decode_change_pct", "top1", "hbm_saved_pct") if row[name] is None]
+    if baseline:
+        verdict, relieved, created = "baseline", ["none (baseline)"], ["none (baseline)"]
+    elif missing:
+        verdict = "incomplete: no " + ", ".join(missing)
+    else:
+        verdict = "pass" if not failures else "fail: " + "; ".join(failures)
+    rollback = (f"roll back to full when live needle probes lose > {t.recall_loss_pts:g} pts, decode p95 rises "
+                f"> {t.decode_latency_pct:g}% or top-1 agreement drops < {t.top1:.0%}")
+    if budget is not None:
+        rollback += f", or users report facts older than {budget} tokens forgotten"
+    complete = baseline or bool(relieved and created)
+    if not complete:
+        verdict = "incomplete: cannot name " + ("relieved" if not relieved else "created") + " pressure"
+    return {"relieved": "; ".join(relieved) or "-", "created": "; ".join(created) or "-", "verdict": verdict,
+            "rollback": "-" if baseline else rollback, "complete": complete}
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table(rows: list[dict], config: ReportConfig) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = [
+            f"`{r['strategy']}`",
+            f"{_fmt(r['hbm_saved_pct'], '.1f', '%')} ({_fmt(r['hbm_saved_gb'], '.4f', ' GB')} at {r['measured_length']} tok)",
+            f"{r['scale_kv_gb']:.1f} GB KV, {r['scale_saved_gb']:.1f} GB saved ({config.sessions} x {config.context} tok)",
+            _fmt(r["decode_change_pct"], "+.1f", "%"),
+            _fmt(r["ttft_change_pct"], "+.1f", "%"),
+            f"{_fmt(r['recall_loss_pts'], '.1f', ' pts')} (n={r['recall_n']})",
+            f"top-1 {_fmt(r['top1'], '.1%')}, KL {_fmt(r['kl'], '.1e')}",
+            f"{r['off_device_bytes'] / GB:.3f} GB",
+            r["relieved"], r["created"], r["verdict"], r["rollback"],
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path) -> Path:
+    """summary.csv, pressure_transfer.md and the plots from out/records.jsonl; returns the table's path."""
+    out = Path(out)
+    store = RecordStore(out / "records.jsonl")
+    config = ReportConfig.from_dict(store.meta["config"])
+    rows = summarize(store.records, config)
+    with (out / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = store.meta
+    t = config.thresholds
+    header = [
+        "# Pressure-transfer table",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- model: {meta['model']}; device: {meta['device']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        f"- git commit: {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}; started {meta['date']}",
+        f"- recall: {', '.join(config.tasks)} at {', '.join(map(str, config.lengths))} tokens, {config.depths} depths, "
+        f"{config.seeds} seed(s); exact match; loss in points against `full` on the same prompts",
+        f"- HBM saved: measured resident KV after prefill + decode at the longest length; at scale: "
+        f"{config.sessions} sessions x {config.context} tokens from the analytic formula the measurement is tested against",
+        f"- latency: decode ms/token p50 vs `full` at {rows[0]['latency_length']} tokens; fidelity: teacher-forced "
+        f"top-1 / KL vs `full` over {config.fidelity_steps} steps after {config.fidelity_prefill} tokens",
+        f"- guardrails: recall loss <= {t.recall_loss_pts:g} pts, decode latency <= +{t.decode_latency_pct:g}%, "
+        f"top-1 >= {t.top1:.0%}",
+        "",
+    ]
+    path = out / "pressure_transfer.md"
+    path.write_text("\n".join(header) + table(rows, config))
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    from .plots import plot_all
+
+    plot_all(store.records, rows, config, out)
+    return path

@@ -1,0 +1,186 @@
+"""The eval harness and the pressure-transfer report, on the default model with a tiny grid."""
+
+import json
+
+import pytest
+import torch
+
+from kvcompress.evals import harness as harness_module
+from kvcompress.evals.harness import ReportConfig, Thresholds, run_report
+from kvcompress.evals.records import RecordStore
+from kvcompress.evals.report import COLUMNS, pressures
+from kvcompress.evals.sweep import load_sweep
+from kvcompress.evals.tasks import TASKS, depths, make_case, render, score
+from kvcompress.strategy import parse_strategy
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_tasks_are_deterministic_and_plant_one_answer(default_model, task):
+    _, tokenizer = default_model
+    case = make_case(task, tokenizer, 400, 0.5, seed=3)
+    assert case == make_case(task, tokenizer, 400, 0.5, seed=3)
+    assert case.answer != make_case(task, tokenizer, 400, 0.5, seed=4).answer
+    text = "".join(m["content"] for m in case.messages)
+    assert text.count(case.answer) == 1
+    context, question = render(tokenizer, case.messages, case.question)
+    assert 360 <= len(context) + len(question) <= 400
+    assert case.answer not in tokenizer.decode(question)
+
+
+def test_needle_sits_at_its_depth(default_model):
+    _, tokenizer = default_model
+    for depth in (0.0, 0.5, 1.0):
+        case = make_case("passkey", tokenizer, 600, depth)
+        text = case.messages[0]["content"]
+        where = text.index(case.answer) / text.index(case.question)
+        assert abs(where - depth) < 0.15
+
+
+def test_bad_task_inputs():
+    with pytest.raises(ValueError, match="unknown task 'needle'; allowed: passkey, multikey, vartrack, multiturn"):
+        make_case("needle", None, 100, 0.5)
+    with pytest.raises(ValueError, match=r"depth must be within \[0, 1\]"):
+        make_case("passkey", None, 100, 1.5)
+
+
+def test_score_and_depths():
+    assert score("12345", "The pass key is 12345.") and not score("12345", "It is 1234 5.")
+    assert depths(5) == [0.0, 0.25, 0.5, 0.75, 1.0] and depths(1) == [0.5]
+
+
+def _row(**overrides):
+    row = {"strategy": "int8", "recall_loss_pts": 0.0, "recall_n": 10, "hbm_saved_pct": 47.0, "decode_change_pct": 5.0,
+           "top1": 0.99, "kl": 1e-3, "off_device_bytes": 0, "allocation_failures": 0}
+    row.update(overrides)
+    return row
+
+
+def test_guardrail_verdicts():
+    t = Thresholds()
+    int8, window = parse_strategy("int8"), parse_strategy("window:window=256")
+    assert pressures(_row(), int8, t)["verdict"] == "pass"
+    assert pressures(_row(recall_loss_pts=2.5), int8, t)["verdict"] == "fail: recall loss 2.5 > 2 pts"
+    assert "decode +20% > +15%" in pressures(_row(decode_change_pct=20.0), int8, t)["verdict"]
+    assert "top-1 97.0% < 98%" in pressures(_row(top1=0.97), int8, t)["verdict"]
+    assert "1 allocation failures" in pressures(_row(allocation_failures=1), int8, t)["verdict"]
+    assert pressures(_row(top1=None), int8, t)["verdict"] == "incomplete: no top1"
+    assert pressures(_row(recall_loss_pts=2.5), int8, Thresholds(recall_loss_pts=5))["verdict"] == "pass"
+    words = pressures(_row(strategy="window:window=256", recall_loss_pts=40.0), window, t)
+    assert words["relieved"] == "HBM -47.0% of KV"
+    assert "older than the 256-token budget" in words["created"] and "-40.0 pts" in words["created"]
+    assert "facts older than 256 tokens" in words["rollback"]
+    assert pressures(_row(hbm_saved_pct=0.0), int8, t)["verdict"] == "incomplete: cannot name relieved pressure"
+    assert pressures(_row(strategy="full"), parse_strategy("full"), t)["verdict"] == "baseline"
+
+
+TINY = dict(strategies=["full", "window:window=64"], tasks=["passkey"], lengths=[160], depths=2,
+            decode_steps=4, fidelity_prefill=64, fidelity_steps=8, max_new_tokens=8)
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def test_report_writes_every_column_for_every_row(tmp_path):
+    path = run_report(ReportConfig(**TINY), tmp_path)
+    lines = path.read_text().splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert [c.strip() for c in table[0].strip("|").split("|")] == COLUMNS
+    assert len(table) == 2 + 2
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == len(COLUMNS) and all(cells)
+        assert "n/a" not in line
+    records = _records(tmp_path)
+    assert records[0]["kind"] == "meta" and records[0]["command"] and records[0]["git_commit"] is not None
+    assert len(records) == 1 + 2 * 2 + 2 + 2
+    full = [r for r in records[1:] if r["kind"] == "recall" and r["strategy"] == "full"]
+    window = [r for r in records[1:] if r["kind"] == "recall" and r["strategy"] == "window:window=64"]
+    assert all(r["stored_tokens"] == r["seen_tokens"] for r in full)
+    assert all(r["stored_tokens"] == 64 for r in window)
+    for name in ("summary.csv", "summary.json", "pareto.png", "recall_heatmap.png", "latency_vs_context.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_interrupted_run_resumes_without_redoing_anything(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = harness_module.Harness.recall
+
+    def interrupted(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(harness_module.Harness, "recall", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_report(ReportConfig(**TINY), tmp_path)
+    kept = _records(tmp_path)
+    assert len(kept) == 1 + 2
+    with pytest.raises(FileExistsError, match="already holds records"):
+        run_report(ReportConfig(**TINY), tmp_path)
+
+    monkeypatch.setattr(harness_module.Harness, "recall", original)
+    done = []
+    monkeypatch.setattr(RecordStore, "append", lambda self, r, _orig=RecordStore.append: (done.append(r), _orig(self, r)))
+    run_report(None, tmp_path, resume=True)
+    records = _records(tmp_path)
+    assert records[:3] == kept
+    assert len(records) == 1 + 2 * 2 + 2 + 2 and len(done) == len(records) - 3
+    keys = [RecordStore.key(r) for r in records[1:]]
+    assert len(keys) == len(set(keys))
+
+
+def test_allocation_failure_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    original = harness_module.Harness.latency
+
+    def out_of_memory(self, strategy, length):
+        if strategy != "full":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, strategy, length)
+
+    monkeypatch.setattr(harness_module.Harness, "latency", out_of_memory)
+    path = run_report(ReportConfig(**TINY), tmp_path)
+    failed = [r for r in _records(tmp_path) if r.get("outcome") == "allocation_failure"]
+    assert len(failed) == 1 and failed[0]["kind"] == "latency" and "20.00 GiB" in failed[0]["error"]
+    assert "incomplete: no decode_change_pct" in path.read_text()
+
+
+def test_corrupt_or_foreign_records_are_refused(tmp_path):
+    (tmp_path / "records.jsonl").write_text('{"kind": "meta", "format": "kvcompress-records/1"}\nnot json\n{}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        RecordStore(tmp_path / "records.jsonl")
+    (tmp_path / "records.jsonl").write_text('{"results": []}\n')
+    with pytest.raises(ValueError, match="not a kvcompress records file"):
+        RecordStore(tmp_path / "records.jsonl")
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        RecordStore(tmp_path / "missing.jsonl")
+
+
+def test_torn_last_line_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"kind": "meta", "format": "kvcompress-records/1"}\n{"kind": "latency", "strat')
+    store = RecordStore(path)
+    assert store.records == [] and path.read_text().endswith("}\n")
+
+
+def test_bad_report_settings():
+    with pytest.raises(ValueError, match="unknown strategy part 'int9'"):
+        ReportConfig(strategies=["int9"])
+    with pytest.raises(ValueError, match="depths must be positive"):
+        ReportConfig(depths=0)
+    with pytest.raises(ValueError, match="unknown report setting"):
+        ReportConfig.from_dict({"lenghts": [1]})
+
+
+def test_sweeps_expand_their_grids(tmp_path):
+    config, out = load_sweep("experiments/sweep_retention.yaml")
+    assert config.strategies == ["full", "window:window=128", "window:window=256", "window:window=512",
+                                 "sink:sinks=1,window=252", "sink:window=252", "sink:sinks=16,window=252"]
+    assert str(out) == "results/sweeps/retention"
+    config, _ = load_sweep("experiments/sweep_int8.yaml")
+    assert len(config.strategies) == 1 + 9
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sweep:\n  - template: 'window:window={w}'\n    grid: {size: [1]}\n")
+    with pytest.raises(ValueError, match="template uses 'w' but its grid has no such key"):
+        load_sweep(bad)
