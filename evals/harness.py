@@ -43,12 +43,12 @@ class ReportConfig:
     lengths: list[int] = field(default_factory=lambda: [512, 1024])
     depths: int = 5
     seeds: int = 1
-    max_new_tokens: int = 12
+    max_new_tokens: int = 24
     decode_steps: int = 24
     fidelity_prefill: int = 512
     fidelity_steps: int = 100
     device: str = "cpu"
-    dtype: str | None = None
+    dtype: str | None = "bfloat16"  # KV as GPUs hold it; None keeps the checkpoint's dtype
     sessions: int = 32
     context: int = 32768
     thresholds: Thresholds = field(default_factory=Thresholds)

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=int, default=5, help="needle depths spread over [0, 1]")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                   help="model and KV dtype (default bfloat16, as KV caches are held on GPUs)")
     p.add_argument("--sessions", type=int, default=32, help="concurrent sessions for the at-scale column")
     p.add_argument("--context", default="32k", help="tokens per session for the at-scale column")
     p.add_argument("--decode-steps", type=int, default=24)
