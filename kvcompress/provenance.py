@@ -39,7 +39,8 @@ def provenance(model: str, device: str | torch.device, command: list[str] | None
         "model": model,
         "device": device_name(device),
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # results/ holds outputs, not code: a run writing there does not make the code that ran dirty
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")),
         "versions": {
             "kvcompress": __version__,
             "torch": torch.__version__,
