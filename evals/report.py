@@ -152,11 +152,12 @@ def write_report(out: Path) -> Path:
     store = RecordStore(out / "records.jsonl")
     config = ReportConfig.from_dict(store.meta["config"])
     rows = summarize(store.records, config)
-    with (out / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     meta = store.meta
+    with (out / "summary.csv").open("w", newline="") as f:
+        # every row names the run that produced it, so a copied CSV keeps its provenance
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "command", "model", "device", "git_commit"])
+        writer.writeheader()
+        writer.writerows({**r, **{k: meta[k] for k in ("command", "model", "device", "git_commit")}} for r in rows)
     t = config.thresholds
     header = [
         "# Pressure-transfer table",

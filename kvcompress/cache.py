@@ -117,8 +117,11 @@ class KVLayer(CacheLayerMixin):
             new = torch.arange(seen_before, self.seen, dtype=torch.int32, device=self.device)
             self.positions = torch.cat([self.positions, new.expand(self.positions.shape[0], -1)], dim=1)
 
-        self._evict(self._left_padding(kwargs))
-        self._encode_overflow()
+        budget = self.retention.budget
+        if budget is not None and self.stored > budget:
+            self._evict(self._left_padding(kwargs))
+        if not self.codec.lossless:
+            self._encode_overflow()
         return keys, values
 
     def _with_history(self, encoded: Packed, recent: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -161,8 +164,6 @@ class KVLayer(CacheLayerMixin):
         self.recent_v = _take(self.recent_v, keep_recent)
 
     def _encode_overflow(self) -> None:
-        if self.codec.lossless:
-            return
         overflow = self.recent_k.shape[2] - self.codec.residual_tokens
         if overflow <= 0:
             return
