@@ -47,6 +47,7 @@ class ReportConfig:
     decode_steps: int = 24
     fidelity_prefill: int = 512
     fidelity_steps: int = 100
+    fidelity_text: str | None = None  # a text file; None: the shipped public-domain text
     device: str = "cpu"
     dtype: str | None = "bfloat16"  # KV as GPUs hold it; None keeps the checkpoint's dtype
     sessions: int = 32
@@ -61,6 +62,8 @@ class ReportConfig:
                             ("sessions", self.sessions), ("context", self.context)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.fidelity_text is not None and not Path(self.fidelity_text).is_file():
+            raise ValueError(f"fidelity_text must be a readable text file, got {self.fidelity_text!r}")
         if isinstance(self.thresholds, dict):
             self.thresholds = Thresholds(**self.thresholds)
 
@@ -150,7 +153,9 @@ class Harness:
                 "seen_tokens": cache.get_seq_length(), "process_peak_rss_bytes": _peak_rss_bytes()}
 
     def _text_ids(self, length: int) -> torch.Tensor:
-        ids = self.tokenizer(reference_text(), return_tensors="pt").input_ids[0]
+        path = self.config.fidelity_text
+        text = Path(path).read_text() if path else reference_text()
+        ids = self.tokenizer(text, return_tensors="pt").input_ids[0]
         return ids.repeat(length // len(ids) + 1)[:length][None].to(self.model.device)
 
     def latency(self, strategy: str, length: int) -> dict:

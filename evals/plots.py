@@ -27,11 +27,16 @@ def _pareto(plt, rows, out: Path) -> Path:
         ax.scatter(r["hbm_saved_pct"], r["recall_loss_pts"], s=size, alpha=0.6)
         ax.annotate(r["strategy"], (r["hbm_saved_pct"], r["recall_loss_pts"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("HBM saved (% of full KV, measured)")
-    ax.set_ylabel("recall loss (points vs full)")
-    ax.set_title("Pressure transfer: HBM relieved vs recall lost\n(marker area grows with decode latency)")
+    return _finish(plt, fig, ax, "HBM saved (% of full KV, measured)", "recall loss (points vs full)",
+                   "Pressure transfer: HBM relieved vs recall lost\n(marker area grows with decode latency)",
+                   out / "pareto.png")
+
+
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    path = out / "pareto.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -56,7 +61,7 @@ def _heatmaps(plt, records, config, out: Path) -> Path:
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_title(strategy, fontsize=7)
         ax.set_xticks(range(len(lengths)), [str(l) for l in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths] if ax is axes[0][0] else [], fontsize=7)
         ax.set_xlabel("context tokens", fontsize=7)
     axes[0][0].set_ylabel("needle depth", fontsize=7)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="recall")
@@ -75,13 +80,6 @@ def _latency(plt, records, config, out: Path) -> Path:
         points = sorted((r["length"], r["decode_ms_p50"]) for r in latency if r["strategy"] == strategy)
         if points:
             ax.plot(*zip(*points), marker="o", label=strategy)
-    ax.set_xlabel("context tokens")
-    ax.set_ylabel("decode ms/token (p50)")
-    ax.set_title("Decode latency vs context")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    path = out / "latency_vs_context.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, "context tokens", "decode ms/token (p50)", "Decode latency vs context",
+                   out / "latency_vs_context.png")

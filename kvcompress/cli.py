@@ -90,6 +90,7 @@ def _report(args: argparse.Namespace) -> None:
             model=args.model, tasks=args.tasks.split(","), lengths=[_tokens(x) for x in args.lengths.split(",")],
             depths=args.depths, seeds=args.seeds, device=args.device, dtype=args.dtype, sessions=args.sessions,
             context=_tokens(args.context), decode_steps=args.decode_steps, fidelity_steps=args.fidelity_steps,
+            fidelity_text=args.fidelity_text,
             thresholds=Thresholds(args.max_recall_loss, args.max_decode_latency, args.min_top1),
             **({"strategies": split_strategies(args.strategies)} if args.strategies else {}),
         )
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", default="32k", help="tokens per session for the at-scale column")
     p.add_argument("--decode-steps", type=int, default=24)
     p.add_argument("--fidelity-steps", type=int, default=100)
+    p.add_argument("--fidelity-text", help="text file for teacher-forced fidelity (default: a shipped public-domain text)")
     p.add_argument("--max-recall-loss", type=float, default=2.0, help="guardrail, points")
     p.add_argument("--max-decode-latency", type=float, default=15.0, help="guardrail, percent slower than full")
     p.add_argument("--min-top1", type=float, default=0.98, help="guardrail, teacher-forced top-1 agreement")

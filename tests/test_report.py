@@ -171,6 +171,8 @@ def test_bad_report_settings():
         ReportConfig(depths=0)
     with pytest.raises(ValueError, match="unknown report setting"):
         ReportConfig.from_dict({"lenghts": [1]})
+    with pytest.raises(ValueError, match="fidelity_text must be a readable text file"):
+        ReportConfig(fidelity_text="/nonexistent.txt")
 
 
 def test_sweeps_expand_their_grids(tmp_path):
@@ -184,3 +186,11 @@ def test_sweeps_expand_their_grids(tmp_path):
     bad.write_text("sweep:\n  - template: 'window:window={w}'\n    grid: {size: [1]}\n")
     with pytest.raises(ValueError, match="template uses 'w' but its grid has no such key"):
         load_sweep(bad)
+
+
+def test_fidelity_text_from_a_file(tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea. " * 5)
+    harness = harness_module.Harness(ReportConfig(**TINY, fidelity_text=str(text)))
+    ids = harness._text_ids(12)
+    assert ids.shape == (1, 12) and harness.tokenizer.decode(ids[0]).startswith("Call me Ishmael")
