@@ -114,6 +114,37 @@ def _sweep(args: argparse.Namespace) -> None:
     print(path.read_text())
 
 
+def _plan(args: argparse.Namespace) -> None:
+    import json
+
+    from .accounting import config_dtype
+    from .models import load_config
+    from .planner import GIB, as_json, gpu_memory, parse_memory, plan, sizing_table
+    from .strategy import split_strategies
+
+    gpu_bytes = parse_memory(args.gpu_mem) if args.gpu_mem else gpu_memory(args.gpu)
+    config = load_config(args.model)
+    context, strategies = _tokens(args.context), split_strategies(args.strategies)
+    rows = plan(config, strategies, gpu_bytes, context, args.sessions, args.weights, args.reserve)
+    if args.json:
+        print(json.dumps({"model": args.model, "gpu_bytes": round(gpu_bytes), "context": context,
+                          "sessions": args.sessions, "weights": args.weights, "rows": as_json(rows)}, indent=1))
+        return
+    first = rows[0]
+    print(f"{args.model} on {args.gpu_mem or args.gpu} ({gpu_bytes / GIB:.1f} GiB): weights {args.weights} "
+          f"{first.weights_bytes / GIB:.1f} GiB, runtime reserve {first.reserve_bytes / GIB:.1f} GiB, "
+          f"KV in {config_dtype(config)}; {args.sessions} sessions x {context} tokens")
+    _print_table(
+        ("strategy", "bytes/token", "KV GiB", "max sessions", "max context", "verdict"),
+        [(r.strategy, f"{r.bytes_per_token:,}", f"{r.kv_bytes / GIB:,.1f}", f"{r.max_sessions:,}",
+          "unbounded (budget)" if r.max_context is None else f"{r.max_context:,}", r.verdict) for r in rows],
+    )
+    print()
+    _print_table(("context", "sessions", "strategy", "KV GiB", "lesson"),
+                 [(f"{r['context']:,}", r["sessions"], r["strategy"], f"{r['kv_gib']:,.1f}", r["lesson"])
+                  for r in sizing_table(config, gpu_bytes, args.weights, args.reserve)])
+
+
 def _print_table(header, rows) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *rows]:
@@ -139,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("plan", help="KV memory at a target context x concurrency against a GPU (config only)")
+    p.add_argument("--model", default="default", help="architecture name, HF id, local dir or config.json")
+    p.add_argument("--gpu", default="H100-80GB", help="GPU preset (see the error for the list)")
+    p.add_argument("--gpu-mem", help="GPU memory instead of a preset, e.g. 80GiB")
+    p.add_argument("--context", default="32k")
+    p.add_argument("--sessions", type=int, default=32)
+    p.add_argument("--strategies", default="full,int8,fp8,sink:window=4096")
+    p.add_argument("--weights", default="bf16", help="fp32, bf16, fp16, int8, nf4")
+    p.add_argument("--reserve", type=float, default=0.1, help="fraction of GPU memory kept for activations/runtime")
+    p.add_argument("--json", action="store_true", help="machine-readable figures (bytes as integers)")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("report", help="the pressure-transfer report: HBM saved vs latency vs recall vs fidelity")
     p.add_argument("--model", default="default")

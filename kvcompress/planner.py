@@ -1,0 +1,134 @@
+"""Capacity planning: KV memory at a target context x concurrency, beside the weights, against a GPU's memory.
+Pure arithmetic over a model config (no weights are loaded) and the same analytic formula the cache's measured
+bytes are tested against."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .accounting import expected_kv_bytes
+from .strategy import StrategySpec, parse_strategy
+
+GIB = 2**30
+# Usable memory as sold (GB) in bytes; GPUs report slightly less, so the runtime reserve absorbs the difference.
+GPUS = {
+    "A10G-24GB": 24e9, "L4-24GB": 24e9, "RTX4090-24GB": 24e9, "A100-40GB": 40e9, "L40S-48GB": 48e9,
+    "A100-80GB": 80e9, "H100-80GB": 80e9, "H200-141GB": 141e9, "MI300X-192GB": 192e9, "B200-192GB": 192e9,
+}
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 * 0.5}  # nf4: absmax per 64
+
+
+def parse_memory(text: str) -> float:
+    """'80GiB', '80GB', '141e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*(gib|gb|mib|mb)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"gpu-mem must look like 80GiB, 80GB or 8e10 (bytes), got {text!r}")
+    unit = {"gib": GIB, "gb": 1e9, "mib": 2**20, "mb": 1e6, None: 1}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def gpu_memory(gpu: str) -> float:
+    if gpu not in GPUS:
+        close = difflib.get_close_matches(gpu, GPUS, n=1)
+        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(GPUS)}" + (f". Did you mean {close[0]!r}?" if close
+                                                                             else "; or pass --gpu-mem 80GiB"))
+    return GPUS[gpu]
+
+
+def parameter_count(config) -> int:
+    """Parameters counted on the meta device: no memory is allocated for weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    strategy: str
+    bytes_per_token: int
+    kv_bytes: int
+    weights_bytes: int
+    reserve_bytes: int
+    gpu_bytes: int
+    fits: bool
+    max_sessions: int
+    max_context: int | None  # None: a retention budget caps KV, so context no longer limits memory
+    verdict: str
+
+
+def plan(config, strategies: list[str | StrategySpec], gpu_bytes: float, context: int, sessions: int,
+         weights: str = "bf16", reserve_fraction: float = 0.1, kv_dtype: torch.dtype | None = None) -> list[PlanRow]:
+    if weights not in WEIGHT_BYTES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_BYTES)}, got {weights!r}")
+    if context <= 0 or sessions <= 0:
+        raise ValueError(f"context and sessions must be positive, got context={context}, sessions={sessions}")
+    weights_bytes = round(parameter_count(config) * WEIGHT_BYTES[weights])
+    reserve = round(gpu_bytes * reserve_fraction)
+    free = gpu_bytes - weights_bytes - reserve
+    rows = []
+    for strategy in strategies:
+        spec = parse_strategy(strategy)
+        kv = expected_kv_bytes(config, spec, context, sessions, kv_dtype)
+        per_session = expected_kv_bytes(config, spec, context, 1, kv_dtype)
+        max_sessions = max(0, math.floor(free / per_session)) if per_session else 0
+        max_context = _max_context(config, spec, free, sessions, kv_dtype)
+        fits = kv <= free
+        if free <= 0:
+            verdict = "weights alone do not fit: shard or quantize the weights"
+        elif fits:
+            verdict = "fits"
+        else:
+            verdict = f"allocation failures: {kv / free:.1f}x the free memory; fewer sessions, compress, shard or offload"
+        rows.append(PlanRow(str(spec), round(expected_kv_bytes(config, spec, 1, 1, kv_dtype)), kv, weights_bytes,
+                            reserve, round(gpu_bytes), fits, max_sessions, max_context, verdict))
+    return rows
+
+
+def _max_context(config, spec: StrategySpec, free: float, sessions: int, kv_dtype) -> int | None:
+    """Longest context whose KV for `sessions` sessions fits in `free` bytes (binary search on the formula)."""
+    if spec.retention.budget is not None:
+        at_budget = expected_kv_bytes(config, spec, spec.retention.budget, sessions, kv_dtype)
+        if at_budget <= free:
+            return None
+    lo, hi = 0, 1 << 24
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if expected_kv_bytes(config, spec, mid, sessions, kv_dtype) <= free:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+SCENARIOS = [(8192, 8, "full"), (32768, 8, "full"), (32768, 32, "full"), (32768, 32, "window:window=8192"),
+             (32768, 32, "int8"), (32768, 32, "fp8")]
+
+
+def sizing_table(config, gpu_bytes: float, weights: str = "bf16", reserve_fraction: float = 0.1,
+                 kv_dtype: torch.dtype | None = None) -> list[dict]:
+    """The classic rows: context x sessions, a sliding window, int8/fp8, each with KV GB and its lesson."""
+    rows = []
+    for context, sessions, strategy in SCENARIOS:
+        row = plan(config, [strategy], gpu_bytes, context, sessions, weights, reserve_fraction, kv_dtype)[0]
+        free = gpu_bytes - row.weights_bytes - row.reserve_bytes
+        if row.kv_bytes > gpu_bytes:
+            lesson = "KV alone exceeds the GPU: needs sharding or offload"
+        elif not row.fits:
+            lesson = "memory-bound: allocation failures at this load"
+        else:
+            lesson = f"fits ({row.kv_bytes / free:.0%} of free memory)"
+        rows.append({"context": context, "sessions": sessions, "strategy": row.strategy,
+                     "kv_gib": row.kv_bytes / GIB, "lesson": lesson})
+    return rows
+
+
+def as_json(rows: list[PlanRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
