@@ -37,11 +37,41 @@ class KVGeometry:
 def bytes_per_token(model_or_config, strategy: str | StrategySpec = "full", dtype: torch.dtype | None = None) -> float:
     """Resident bytes of one stored token of one sequence across all layers, K and V, in encoded form (scales and
     position bookkeeping included; the codec's full-precision residual is not)."""
+    sizer = kv_sizer(model_or_config, strategy, dtype)
+    return sizer.layers * (sizer.encoded_token + sizer.position_token)
+
+
+@dataclass(frozen=True)
+class KVSizer:
+    """Per-token constants of one (model, strategy): resident bytes for any number of seen tokens in O(1)."""
+
+    layers: int
+    full_token: int  # one token of one layer, K and V, in the model dtype
+    encoded_token: float  # the same, encoded by the codec
+    position_token: int  # position bookkeeping per token per layer (retentions that track positions)
+    budget: int | None
+    residual: int | None  # None: the codec is lossless, every stored token stays in the model dtype
+
+    def stored(self, seen: int) -> int:
+        return seen if self.budget is None else min(seen, self.budget)
+
+    def bytes(self, seen: int, batch: int = 1) -> int:
+        stored = self.stored(seen)
+        recent = stored if self.residual is None else min(stored, self.residual)
+        per_layer = recent * self.full_token + (stored - recent) * self.encoded_token + stored * self.position_token
+        return round(self.layers * batch * per_layer)
+
+
+def kv_sizer(model_or_config, strategy: str | StrategySpec, dtype: torch.dtype | None = None) -> KVSizer:
     spec, geo = parse_strategy(strategy), KVGeometry.of(model_or_config, dtype)
-    per_layer = 2 * geo.kv_heads * spec.codec.bytes_per_token(geo.head_dim, geo.dtype)
-    if spec.retention.needs_positions:
-        per_layer += POSITION_BYTES
-    return geo.layers * per_layer
+    return KVSizer(
+        layers=geo.layers,
+        full_token=2 * geo.kv_heads * geo.head_dim * geo.dtype.itemsize,
+        encoded_token=2 * geo.kv_heads * spec.codec.bytes_per_token(geo.head_dim, geo.dtype),
+        position_token=POSITION_BYTES if spec.retention.needs_positions else 0,
+        budget=spec.retention.budget,
+        residual=None if spec.codec.lossless else spec.codec.residual_tokens,
+    )
 
 
 def expected_kv_bytes(
@@ -49,15 +79,4 @@ def expected_kv_bytes(
 ) -> int:
     """Resident bytes after `seen` tokens per sequence: retention caps what is stored, the codec's residual holds the
     most recent tokens in the model dtype, the rest is encoded."""
-    spec, geo = parse_strategy(strategy), KVGeometry.of(model_or_config, dtype)
-    budget = spec.retention.budget
-    stored = seen if budget is None else min(seen, budget)
-    recent = stored if spec.codec.lossless else min(stored, spec.codec.residual_tokens)
-    full_token = 2 * geo.kv_heads * geo.head_dim * geo.dtype.itemsize
-    encoded_token = bytes_per_token(model_or_config, spec, geo.dtype) / geo.layers
-    if spec.retention.needs_positions:
-        encoded_token -= POSITION_BYTES
-    per_layer = recent * full_token + (stored - recent) * encoded_token
-    if spec.retention.needs_positions:
-        per_layer += stored * POSITION_BYTES
-    return round(geo.layers * batch * per_layer)
+    return kv_sizer(model_or_config, strategy, dtype).bytes(seen, batch)

@@ -145,6 +145,52 @@ def _plan(args: argparse.Namespace) -> None:
                   for r in sizing_table(config, gpu_bytes, args.weights, args.reserve)])
 
 
+def _simulate(args: argparse.Namespace) -> None:
+    import json
+    import statistics
+
+    from .models import load_config
+    from .planner import GIB, WEIGHT_BYTES, gpu_memory, parameter_count, parse_memory
+    from .provenance import provenance
+    from .simulator import SimConfig, load_routes, plot_memory, simulate
+    from .strategy import split_strategies
+
+    gpu_bytes = parse_memory(args.gpu_mem) if args.gpu_mem else gpu_memory(args.gpu)
+    config = load_config(args.model)
+    if args.weights not in WEIGHT_BYTES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_BYTES)}, got {args.weights!r}")
+    kv_capacity = gpu_bytes * (1 - args.reserve) - parameter_count(config) * WEIGHT_BYTES[args.weights]
+    if kv_capacity <= 0:
+        raise ValueError(f"the weights ({args.weights}) and reserve leave no memory for KV on {args.gpu_mem or args.gpu}")
+    sim = SimConfig(kv_capacity, args.minutes, args.seed, args.allocator, args.block, args.admission,
+                    args.idle_policy, args.ttl)
+    results = simulate(config, split_strategies(args.strategies), load_routes(args.routes), sim)
+    print(f"{args.model} on {args.gpu_mem or args.gpu}: {kv_capacity / GIB:.1f} GiB for KV after weights and reserve; "
+          f"{args.allocator} allocator, admission {args.admission}, idle policy {args.idle_policy} "
+          f"(ttl {args.ttl:g} s), {args.minutes:g} min, seed {args.seed}")
+    rows = []
+    for r in results:
+        waits = r.queue_waits_s or [0.0]
+        p95 = statistics.quantiles(waits, n=20)[-1] if len(waits) > 1 else waits[0]
+        print(f"\n{r.strategy}: peak {r.peak_bytes / GIB:.1f} GiB, allocation failures {r.allocation_failures}, "
+              f"evictions {r.evictions}, fragmentation {r.fragmentation_pct:.1f}%, queue wait p50 "
+              f"{statistics.median(waits):.1f} s / p95 {p95:.1f} s")
+        _print_table(("route", "active sessions", "avg active tokens", "KV GiB", "outcome"),
+                     [(name, f"{v['active_sessions']:.2f}", f"{v['avg_active_tokens']:,}",
+                       f"{v['kv_bytes'] / GIB:.2f}", v["outcome"]) for name, v in r.per_route.items()])
+        rows.append({"strategy": r.strategy, "peak_bytes": r.peak_bytes, "allocation_failures": r.allocation_failures,
+                     "evictions": r.evictions, "fragmentation_pct": r.fragmentation_pct,
+                     "queue_wait_p50_s": statistics.median(waits), "queue_wait_p95_s": p95, "routes": r.per_route,
+                     "samples": r.samples})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**provenance(args.model, "cpu", ["kvcompress", *sys.argv[1:]]), "gpu": args.gpu_mem or args.gpu,
+            "kv_capacity_bytes": round(kv_capacity)}
+    (out / "simulate.json").write_text(json.dumps({"meta": meta, "results": rows}) + "\n")
+    png = plot_memory(results, kv_capacity, out / "kv_memory.png")
+    print(f"\nwrote {out / 'simulate.json'}" + (f" and {png}" if png else ""))
+
+
 def _print_table(header, rows) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *rows]:
@@ -182,6 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve", type=float, default=0.1, help="fraction of GPU memory kept for activations/runtime")
     p.add_argument("--json", action="store_true", help="machine-readable figures (bytes as integers)")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("simulate", help="one GPU's KV memory under a mix of routes, per strategy (discrete events)")
+    p.add_argument("--routes", required=True, help="routes YAML, e.g. experiments/routes/support_fleet.yaml")
+    p.add_argument("--model", default="random:llama-3.1-8b")
+    p.add_argument("--gpu", default="H100-80GB")
+    p.add_argument("--gpu-mem", help="GPU memory instead of a preset, e.g. 80GiB")
+    p.add_argument("--weights", default="bf16")
+    p.add_argument("--reserve", type=float, default=0.1)
+    p.add_argument("--strategies", default="full,int8,sink:window=8192")
+    p.add_argument("--minutes", type=float, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allocator", default="paged", help="paged or contiguous (max-length reservation)")
+    p.add_argument("--block", type=int, default=16, help="paged block size in tokens")
+    p.add_argument("--admission", default="reject", help="reject or queue")
+    p.add_argument("--idle-policy", default="ttl", help="ttl (keep state until --ttl) or release")
+    p.add_argument("--ttl", type=float, default=120, help="seconds an ended or disconnected session's KV is kept")
+    p.add_argument("--out", default="results/simulate")
+    p.set_defaults(func=_simulate)
 
     p = sub.add_parser("report", help="the pressure-transfer report: HBM saved vs latency vs recall vs fidelity")
     p.add_argument("--model", default="default")
