@@ -147,6 +147,7 @@ class Simulation:
         self.rng = random.Random(config.seed)
         self.live: dict[int, _Session] = {}  # sessions holding KV (active or idle)
         self._failures: dict[str, int] = defaultdict(int)
+        self._evictions: dict[str, int] = defaultdict(int)
         self.events: list = []
         self.held = 0
         self.queue: list[_Session] = []
@@ -192,6 +193,7 @@ class Simulation:
                 return
             needed -= session.bytes
             self.result.evictions += 1
+            self._evictions[session.route.name] += 1
             self._free(session)
 
     # -- events --------------------------------------------------------------------------------------------
@@ -323,12 +325,15 @@ class Simulation:
                 outcome = f"leaked state ({leaked:.0%} of its KV held for disconnected clients)"
             elif waits and max(waits) > 0:
                 outcome = "queueing"
+            elif self._evictions[route.name]:
+                outcome = f"memory-bound ({self._evictions[route.name]} idle sessions evicted before their TTL)"
             else:
                 outcome = "healthy"
             table[route.name] = {
                 "active_sessions": round(stats["active"] / span, 2),
                 "avg_active_tokens": round(stats["tokens"] / stats["active"]) if stats["active"] else 0,
                 "kv_bytes": round(stats["bytes"] / span),
+                "evictions": self._evictions[route.name],
                 "outcome": outcome,
             }
         return table
