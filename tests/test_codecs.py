@@ -52,6 +52,15 @@ def test_fp8_relative_error(fmt, mantissa_bits):
     assert (err <= x.abs() * 2.0 ** -(mantissa_bits + 1) * 1.01 + absmax * 2e-3).all()
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_table_decode_equals_conversion(fmt):
+    spec = parse_strategy(f"fp8:format={fmt}").codec
+    x = _kv_like()
+    packed = spec.encode(x)
+    direct = packed["q"].float() * packed["scale"].float().repeat_interleave(64 // packed["scale"].shape[-1], -1)
+    assert torch.equal(spec.decode(packed, torch.empty_like(x)), direct)
+
+
 def test_nibbles_round_trip():
     q = torch.randint(0, 16, (2, 3, 5, 32), dtype=torch.uint8)
     packed = pack_nibbles(q)
