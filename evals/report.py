@@ -12,6 +12,7 @@ import torch
 
 from ..accounting import expected_kv_bytes
 from ..models import load_config
+from ..provenance import provenance_lines
 from ..strategy import parse_strategy
 from .harness import ReportConfig, Thresholds
 from .records import RecordStore
@@ -162,10 +163,7 @@ def write_report(out: Path) -> Path:
     header = [
         "# Pressure-transfer table",
         "",
-        f"- command: `{meta['command']}`",
-        f"- model: {meta['model']}; device: {meta['device']}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-        f"- git commit: {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}; started {meta['date']}",
+        *provenance_lines(meta),
         f"- recall: {', '.join(config.tasks)} at {', '.join(map(str, config.lengths))} tokens, {config.depths} depths, "
         f"{config.seeds} seed(s); exact match; loss in points against `full` on the same prompts",
         f"- HBM saved: measured resident KV after prefill + decode at the longest length; at scale: "

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 import kvcompress
 from kvcompress.evals import reference_text
 from kvcompress.evals.latency import percentile, time_generation
-from kvcompress.provenance import provenance
+from kvcompress.provenance import provenance, provenance_lines
 from kvcompress.strategy import split_strategies
 
 STRATEGIES = ["full", "int8", "fp8", "int4", "int8:residual=128", "window:window=512", "sink:sinks=4,window=508",
@@ -98,10 +98,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         "# Core benchmark: resident KV and decode latency vs transformers DynamicCache",
         "",
-        f"- command: `{meta['command']}`",
-        f"- model: {meta['model']}; device: {meta['device']}",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
-        f"- git commit: {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}; date: {meta['date']}",
+        *provenance_lines(meta),
         f"- decode: median over {meta['rounds']} interleaved passes x {meta['steps'] - meta['warmup']} timed steps",
         "",
         "| context | strategy | resident KV MiB | saved vs full | decode ms/token p50 | p95 | vs DynamicCache | TTFT s |",

@@ -119,19 +119,19 @@ def _plan(args: argparse.Namespace) -> None:
 
     from .accounting import config_dtype
     from .models import load_config
-    from .planner import GIB, as_json, gpu_memory, parse_memory, plan, sizing_table
+    from .planner import GIB, as_json, plan, resolve_gpu_memory, sizing_table
     from .strategy import split_strategies
 
-    gpu_bytes = parse_memory(args.gpu_mem) if args.gpu_mem else gpu_memory(args.gpu)
+    memory = resolve_gpu_memory(args.gpu, args.gpu_mem)
     config = load_config(args.model)
     context, strategies = _tokens(args.context), split_strategies(args.strategies)
-    rows = plan(config, strategies, gpu_bytes, context, args.sessions, args.weights, args.reserve)
+    rows = plan(config, strategies, memory, context, args.sessions, args.weights, args.reserve)
     if args.json:
-        print(json.dumps({"model": args.model, "gpu_bytes": round(gpu_bytes), "context": context,
+        print(json.dumps({"model": args.model, "gpu_bytes": round(memory), "context": context,
                           "sessions": args.sessions, "weights": args.weights, "rows": as_json(rows)}, indent=1))
         return
     first = rows[0]
-    print(f"{args.model} on {args.gpu_mem or args.gpu} ({gpu_bytes / GIB:.1f} GiB): weights {args.weights} "
+    print(f"{args.model} on {args.gpu_mem or args.gpu} ({memory / GIB:.1f} GiB): weights {args.weights} "
           f"{first.weights_bytes / GIB:.1f} GiB, runtime reserve {first.reserve_bytes / GIB:.1f} GiB, "
           f"KV in {config_dtype(config)}; {args.sessions} sessions x {context} tokens")
     _print_table(
@@ -142,7 +142,7 @@ def _plan(args: argparse.Namespace) -> None:
     print()
     _print_table(("context", "sessions", "strategy", "KV GiB", "lesson"),
                  [(f"{r['context']:,}", r["sessions"], r["strategy"], f"{r['kv_gib']:,.1f}", r["lesson"])
-                  for r in sizing_table(config, gpu_bytes, args.weights, args.reserve)])
+                  for r in sizing_table(config, memory, args.weights, args.reserve)])
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -150,16 +150,13 @@ def _simulate(args: argparse.Namespace) -> None:
     import statistics
 
     from .models import load_config
-    from .planner import GIB, WEIGHT_BYTES, gpu_memory, parameter_count, parse_memory
+    from .planner import GIB, resolve_gpu_memory, weights_bytes
     from .provenance import provenance
     from .simulator import SimConfig, load_routes, plot_memory, simulate
     from .strategy import split_strategies
 
-    gpu_bytes = parse_memory(args.gpu_mem) if args.gpu_mem else gpu_memory(args.gpu)
     config = load_config(args.model)
-    if args.weights not in WEIGHT_BYTES:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHT_BYTES)}, got {args.weights!r}")
-    kv_capacity = gpu_bytes * (1 - args.reserve) - parameter_count(config) * WEIGHT_BYTES[args.weights]
+    kv_capacity = resolve_gpu_memory(args.gpu, args.gpu_mem) * (1 - args.reserve) - weights_bytes(config, args.weights)
     if kv_capacity <= 0:
         raise ValueError(f"the weights ({args.weights}) and reserve leave no memory for KV on {args.gpu_mem or args.gpu}")
     sim = SimConfig(kv_capacity, args.minutes, args.seed, args.allocator, args.block, args.admission,

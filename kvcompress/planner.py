@@ -32,6 +32,17 @@ def parse_memory(text: str) -> float:
     return float(match.group(1)) * unit
 
 
+def resolve_gpu_memory(gpu: str, gpu_mem: str | None = None) -> float:
+    """Memory of a GPU preset, or of an explicit size such as '80GiB' when one is given."""
+    return parse_memory(gpu_mem) if gpu_mem else gpu_memory(gpu)
+
+
+def weights_bytes(config, weights: str = "bf16") -> int:
+    if weights not in WEIGHT_BYTES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_BYTES)}, got {weights!r}")
+    return round(parameter_count(config) * WEIGHT_BYTES[weights])
+
+
 def gpu_memory(gpu: str) -> float:
     if gpu not in GPUS:
         close = difflib.get_close_matches(gpu, GPUS, n=1)
@@ -66,13 +77,11 @@ class PlanRow:
 
 def plan(config, strategies: list[str | StrategySpec], gpu_bytes: float, context: int, sessions: int,
          weights: str = "bf16", reserve_fraction: float = 0.1, kv_dtype: torch.dtype | None = None) -> list[PlanRow]:
-    if weights not in WEIGHT_BYTES:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHT_BYTES)}, got {weights!r}")
     if context <= 0 or sessions <= 0:
         raise ValueError(f"context and sessions must be positive, got context={context}, sessions={sessions}")
-    weights_bytes = round(parameter_count(config) * WEIGHT_BYTES[weights])
+    weights_total = weights_bytes(config, weights)
     reserve = round(gpu_bytes * reserve_fraction)
-    free = gpu_bytes - weights_bytes - reserve
+    free = gpu_bytes - weights_total - reserve
     rows = []
     for strategy in strategies:
         spec = parse_strategy(strategy)
@@ -87,7 +96,7 @@ def plan(config, strategies: list[str | StrategySpec], gpu_bytes: float, context
             verdict = "fits"
         else:
             verdict = f"allocation failures: {kv / free:.1f}x the free memory; fewer sessions, compress, shard or offload"
-        rows.append(PlanRow(str(spec), round(expected_kv_bytes(config, spec, 1, 1, kv_dtype)), kv, weights_bytes,
+        rows.append(PlanRow(str(spec), round(expected_kv_bytes(config, spec, 1, 1, kv_dtype)), kv, weights_total,
                             reserve, round(gpu_bytes), fits, max_sessions, max_context, verdict))
     return rows
 

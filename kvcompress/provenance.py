@@ -49,3 +49,13 @@ def provenance(model: str, device: str | torch.device, command: list[str] | None
         },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def provenance_lines(meta: dict) -> list[str]:
+    """The Markdown bullet lines every results file opens with."""
+    return [
+        f"- command: `{meta['command']}`",
+        f"- model: {meta['model']}; device: {meta['device']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        f"- git commit: {meta['git_commit']}{' (dirty)' if meta['git_dirty'] else ''}; started {meta['date']}",
+    ]
