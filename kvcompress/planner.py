@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .accounting import expected_kv_bytes
+from .accounting import KVSizer, kv_sizer
 from .strategy import StrategySpec, parse_strategy
 
 GIB = 2**30
@@ -51,14 +51,20 @@ def gpu_memory(gpu: str) -> float:
     return GPUS[gpu]
 
 
-def parameter_count(config) -> int:
-    """Parameters counted on the meta device: no memory is allocated for weights."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+_PARAMETER_COUNTS: dict[str, int] = {}
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+
+def parameter_count(config) -> int:
+    """Parameters counted on the meta device: no memory is allocated for weights. Counted once per config."""
+    key = config.to_json_string()
+    if key not in _PARAMETER_COUNTS:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        _PARAMETER_COUNTS[key] = sum(p.numel() for p in model.parameters())
+    return _PARAMETER_COUNTS[key]
 
 
 @dataclass(frozen=True)
@@ -85,10 +91,11 @@ def plan(config, strategies: list[str | StrategySpec], gpu_bytes: float, context
     rows = []
     for strategy in strategies:
         spec = parse_strategy(strategy)
-        kv = expected_kv_bytes(config, spec, context, sessions, kv_dtype)
-        per_session = expected_kv_bytes(config, spec, context, 1, kv_dtype)
+        sizer = kv_sizer(config, spec, kv_dtype)
+        kv = sizer.bytes(context, sessions)
+        per_session = sizer.bytes(context)
         max_sessions = max(0, math.floor(free / per_session)) if per_session else 0
-        max_context = _max_context(config, spec, free, sessions, kv_dtype)
+        max_context = _max_context(sizer, free, sessions)
         fits = kv <= free
         if free <= 0:
             verdict = "weights alone do not fit: shard or quantize the weights"
@@ -96,21 +103,19 @@ def plan(config, strategies: list[str | StrategySpec], gpu_bytes: float, context
             verdict = "fits"
         else:
             verdict = f"allocation failures: {kv / free:.1f}x the free memory; fewer sessions, compress, shard or offload"
-        rows.append(PlanRow(str(spec), round(expected_kv_bytes(config, spec, 1, 1, kv_dtype)), kv, weights_total,
+        rows.append(PlanRow(str(spec), sizer.bytes(1), kv, weights_total,
                             reserve, round(gpu_bytes), fits, max_sessions, max_context, verdict))
     return rows
 
 
-def _max_context(config, spec: StrategySpec, free: float, sessions: int, kv_dtype) -> int | None:
+def _max_context(sizer: KVSizer, free: float, sessions: int) -> int | None:
     """Longest context whose KV for `sessions` sessions fits in `free` bytes (binary search on the formula)."""
-    if spec.retention.budget is not None:
-        at_budget = expected_kv_bytes(config, spec, spec.retention.budget, sessions, kv_dtype)
-        if at_budget <= free:
-            return None
+    if sizer.budget is not None and sizer.bytes(sizer.budget, sessions) <= free:
+        return None
     lo, hi = 0, 1 << 24
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if expected_kv_bytes(config, spec, mid, sessions, kv_dtype) <= free:
+        if sizer.bytes(mid, sessions) <= free:
             lo = mid
         else:
             hi = mid - 1
