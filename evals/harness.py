@@ -22,7 +22,7 @@ from . import reference_text
 from .fidelity import compare, step_logits
 from .latency import percentile, time_generation
 from .records import RecordStore
-from .tasks import depths, make_case, render, score
+from .tasks import TASKS, depths, make_case, render, score
 
 # Presets sized for the quick grid: budgets well below its longest context, so eviction is visible.
 QUICK_STRATEGIES = ["full", "int8", "fp8", "int4", "window:window=256", "sink:sinks=4,window=252"]
@@ -56,6 +56,9 @@ class ReportConfig:
 
     def __post_init__(self):
         self.strategies = [str(parse_strategy(s)) for s in self.strategies]  # bad strategies fail before any work
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:  # checked here, not at the cell that needs it, so a run never stops half-way on a typo
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; allowed: {', '.join(TASKS)}")
         if "full" not in self.strategies:
             self.strategies.insert(0, "full")  # every loss is measured against it
         for name, value in (("lengths", min(self.lengths)), ("depths", self.depths), ("seeds", self.seeds),

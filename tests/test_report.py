@@ -167,6 +167,8 @@ def test_torn_last_line_is_dropped_on_resume(tmp_path):
 def test_bad_report_settings():
     with pytest.raises(ValueError, match="unknown strategy part 'int9'"):
         ReportConfig(strategies=["int9"])
+    with pytest.raises(ValueError, match="unknown task\\(s\\) needle; allowed: passkey, multikey"):
+        ReportConfig(tasks=["passkey", "needle"])
     with pytest.raises(ValueError, match="depths must be positive"):
         ReportConfig(depths=0)
     with pytest.raises(ValueError, match="unknown report setting"):
