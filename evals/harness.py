@@ -18,7 +18,7 @@ from ..cache import make_cache
 from ..models import load_model
 from ..provenance import provenance
 from ..strategy import parse_strategy
-from . import reference_text
+from . import reference_text, text_ids
 from .fidelity import compare, step_logits
 from .latency import percentile, time_generation
 from .records import RecordStore
@@ -106,6 +106,7 @@ class Harness:
         if self.tokenizer is None:
             raise ValueError(f"model {config.model!r} has no tokenizer: recall tasks need one")
         self._full_logits: torch.Tensor | None = None
+        self._text_token_ids: torch.Tensor | None = None
 
     def cells(self) -> list[tuple[dict, Callable[[], dict]]]:
         c = self.config
@@ -156,10 +157,11 @@ class Harness:
                 "seen_tokens": cache.get_seq_length(), "process_peak_rss_bytes": _peak_rss_bytes()}
 
     def _text_ids(self, length: int) -> torch.Tensor:
-        path = self.config.fidelity_text
-        text = Path(path).read_text() if path else reference_text()
-        ids = self.tokenizer(text, return_tensors="pt").input_ids[0]
-        return ids.repeat(length // len(ids) + 1)[:length][None].to(self.model.device)
+        if self._text_token_ids is None:  # tokenized once, sliced for every latency and fidelity cell
+            path = self.config.fidelity_text
+            text = Path(path).read_text() if path else reference_text()
+            self._text_token_ids = self.tokenizer(text, return_tensors="pt").input_ids[0]
+        return text_ids(self._text_token_ids, length).to(self.model.device)
 
     def latency(self, strategy: str, length: int) -> dict:
         warmup = min(4, self.config.decode_steps // 4)

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 import kvcompress
-from kvcompress.evals import reference_text
+from kvcompress.evals import reference_text, text_ids
 from kvcompress.evals.latency import percentile, time_generation
 from kvcompress.provenance import provenance, provenance_lines
 from kvcompress.strategy import split_strategies
@@ -49,11 +49,11 @@ def main() -> None:
     meta = provenance(args.model, args.device, ["python", "experiments/bench_core.py", *sys.argv[1:]])
     model, tokenizer = kvcompress.load_model(args.model, dtype=args.dtype, device=args.device)
     names = [BASELINE, *split_strategies(args.strategies)]
-    text_ids = tokenizer(reference_text(), return_tensors="pt").input_ids[0] if tokenizer else None
+    token_ids = tokenizer(reference_text(), return_tensors="pt").input_ids[0] if tokenizer else None
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
-        if text_ids is not None:
-            ids = text_ids.repeat(length // len(text_ids) + 1)[:length][None].to(args.device)
+        if token_ids is not None:
+            ids = text_ids(token_ids, length).to(args.device)
         else:
             ids = torch.randint(0, model.config.vocab_size, (1, length), device=args.device)
         samples = {n: {"decode_s": [], "ttft_s": []} for n in names}
