@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import decoder_config
+from .cache import decoder_config, head_dim
 from .strategy import StrategySpec, parse_strategy
 
 POSITION_BYTES = torch.int32.itemsize  # per stored token, per layer, for retentions that track positions
@@ -29,9 +29,8 @@ class KVGeometry:
     @classmethod
     def of(cls, model_or_config, dtype: torch.dtype | None = None) -> KVGeometry:
         config = decoder_config(model_or_config)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.num_hidden_layers, kv_heads, head_dim, dtype or config_dtype(config))
+        return cls(config.num_hidden_layers, kv_heads, head_dim(config), dtype or config_dtype(config))
 
 
 def bytes_per_token(model_or_config, strategy: str | StrategySpec = "full", dtype: torch.dtype | None = None) -> float:

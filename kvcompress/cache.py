@@ -275,10 +275,13 @@ def decoder_config(model_or_config: Any):
     return text
 
 
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def make_cache(model_or_config: Any, strategy: str | StrategySpec = "full") -> KVCache:
     """A fresh cache for one generation: `model.generate(**inputs, cache=make_cache(model, "sink+int8"))`."""
     spec = parse_strategy(strategy)
     config = decoder_config(model_or_config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    spec.codec.check(head_dim, torch.float32)
+    spec.codec.check(head_dim(config), torch.float32)
     return KVCache(spec, config.num_hidden_layers)
