@@ -9,31 +9,16 @@ instead (DESIGN.md: AttentionInterface + AttentionMaskInterface).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from .codecs import Codec, Packed
+from .codecs import Codec
 from .retention import Retention
 from .strategy import StrategySpec, parse_strategy
-from .tiers import Tier
-
-# A view that pins more than this fraction of dead bytes in its storage is copied out, so evicted tokens are freed
-# now rather than at the next append (and so resident bytes equal what the layer holds).
-_MAX_DEAD_FRACTION = 1 / 64
-
-
-def _own(t: torch.Tensor) -> torch.Tensor:
-    return t.clone() if t.untyped_storage().nbytes() - t.nbytes > t.nbytes * _MAX_DEAD_FRACTION else t
-
-
-def _take(t: torch.Tensor, keep: slice | torch.Tensor, dim: int = 2) -> torch.Tensor:
-    """Keep tokens along `dim` by a slice (same in every row) or per-row indices [batch, kept]."""
-    if isinstance(keep, slice):
-        return _own(t[(slice(None),) * dim + (keep,)])
-    index = keep.view(keep.shape + (1,) * (t.dim() - 2)) if dim == 1 else keep[:, None, :, None]
-    return t.gather(dim, index.expand(*t.shape[:dim], keep.shape[1], *t.shape[dim + 1 :]))
+from .tiers import DevicePart, Part, Store, merge_bytes, no_tokens, take_tokens
 
 
 def _split_keep(keep: slice | torch.Tensor, n_encoded: int, stored: int):
@@ -51,20 +36,23 @@ def _split_keep(keep: slice | torch.Tensor, n_encoded: int, stored: int):
 
 
 class KVLayer(CacheLayerMixin):
-    """One decoder layer's KV under a (retention, codec, tier) strategy."""
+    """One decoder layer's KV under a (retention, codec, tier) strategy. Its tokens live in parts its tier's store
+    makes: the encoded tensors, and the model-dtype ones (every token for a lossless codec; else the codec's
+    full-precision residual, which stays on the device: it is the hottest data and at most `residual` tokens)."""
 
     is_sliding = False  # the mask is the model's plain causal one, sized by get_mask_sizes
     is_compileable = False
 
-    def __init__(self, retention: Retention, codec: Codec, tier: Tier):
+    def __init__(self, retention: Retention, codec: Codec, store: Store):
         super().__init__()
-        self.retention, self.codec, self.tier = retention, codec, tier
+        self.retention, self.codec, self.store = retention, codec, store
         self.seen = 0  # tokens seen (what positions and the query offset derive from), not tokens stored
-        self.encoded_k: Packed = {}
-        self.encoded_v: Packed = {}
-        self.recent_k: torch.Tensor | None = None
-        self.recent_v: torch.Tensor | None = None
+        self.encoded_k: dict[str, Part] = {}
+        self.encoded_v: dict[str, Part] = {}
+        self.recent_k: Part | None = None
+        self.recent_v: Part | None = None
         self.positions: torch.Tensor | None = None  # [batch, stored] int32, only when the retention reads them
+        self.next_layer: KVLayer | None = None  # prefetched at the start of this layer's update (offloading tiers)
 
     @property
     def is_croppable(self) -> bool:
@@ -73,8 +61,8 @@ class KVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         self.codec.check(key_states.shape[-1], key_states.dtype)
-        self.recent_k = self.tier.place(key_states[:, :, :0].clone())
-        self.recent_v = self.tier.place(value_states[:, :, :0].clone())
+        part = self.store.part if self.codec.lossless else DevicePart
+        self.recent_k, self.recent_v = part(no_tokens(key_states)), part(no_tokens(value_states))
         if self.retention.needs_positions:
             self.positions = torch.empty(key_states.shape[0], 0, dtype=torch.int32, device=self.device)
         self.is_initialized = True
@@ -82,11 +70,11 @@ class KVLayer(CacheLayerMixin):
     # -- sizes -------------------------------------------------------------------------------------------------
     @property
     def n_encoded(self) -> int:
-        return next(iter(self.encoded_k.values())).shape[2] if self.encoded_k else 0
+        return len(next(iter(self.encoded_k.values()))) if self.encoded_k else 0
 
     @property
     def stored(self) -> int:
-        return self.n_encoded + (self.recent_k.shape[2] if self.recent_k is not None else 0)
+        return self.n_encoded + (len(self.recent_k) if self.recent_k is not None else 0)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -103,16 +91,17 @@ class KVLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.next_layer is not None:
+            self.next_layer.prefetch()
         seen_before = self.seen
         self.seen += key_states.shape[2]
-        keys = self._with_history(self.encoded_k, self.recent_k, key_states)
-        values = self._with_history(self.encoded_v, self.recent_v, value_states)
-
         if self.encoded_k:
-            self.recent_k = torch.cat([self.recent_k, key_states], dim=2)
-            self.recent_v = torch.cat([self.recent_v, value_states], dim=2)
+            keys = self._with_history(self.encoded_k, self.recent_k, key_states)
+            values = self._with_history(self.encoded_v, self.recent_v, value_states)
+            self.recent_k.append(key_states)
+            self.recent_v.append(value_states)
         else:  # nothing encoded: what attention sees is exactly what is stored
-            self.recent_k, self.recent_v = keys, values
+            keys, values = self.recent_k.extend(key_states), self.recent_v.extend(value_states)
         if self.positions is not None:
             new = torch.arange(seen_before, self.seen, dtype=torch.int32, device=self.device)
             self.positions = torch.cat([self.positions, new.expand(self.positions.shape[0], -1)], dim=1)
@@ -122,22 +111,23 @@ class KVLayer(CacheLayerMixin):
             self._evict(self._left_padding(kwargs))
         if not self.codec.lossless:
             self._encode_overflow()
+        if self.store.offloads:
+            for part in self._parts():
+                part.release()
         return keys, values
 
-    def _with_history(self, encoded: Packed, recent: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        if not encoded:
-            return torch.cat([recent, new], dim=2)
-        n_encoded = self.n_encoded
-        out = new.new_empty(*new.shape[:2], n_encoded + recent.shape[2] + new.shape[2], new.shape[3])
-        self.codec.decode({k: self.tier.fetch(t, self.device) for k, t in encoded.items()}, out[:, :, :n_encoded])
-        out[:, :, n_encoded : n_encoded + recent.shape[2]] = recent
-        out[:, :, n_encoded + recent.shape[2] :] = new
+    def _with_history(self, encoded: dict[str, Part], recent: Part, new: torch.Tensor) -> torch.Tensor:
+        n_encoded, held = len(next(iter(encoded.values()))) if encoded else 0, recent.read()
+        out = new.new_empty(*new.shape[:2], n_encoded + held.shape[2] + new.shape[2], new.shape[3])
+        self.codec.decode({name: part.read() for name, part in encoded.items()}, out[:, :, :n_encoded])
+        out[:, :, n_encoded : n_encoded + held.shape[2]] = held
+        out[:, :, n_encoded + held.shape[2] :] = new
         return out
 
     def _left_padding(self, kwargs: dict[str, Any]) -> torch.Tensor:
         """Left-padding length per row, from the position ids generate derives from the attention mask: the last
         token of a row with p pad tokens sits at position seen - 1 - p."""
-        batch = self.recent_k.shape[0]
+        batch = self.positions.shape[0] if self.positions is not None else 1
         position_ids = kwargs.get("kwargs", kwargs).get("position_ids")
         if position_ids is None or position_ids.shape[0] != batch or not self.retention.needs_positions:
             return torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -149,48 +139,56 @@ class KVLayer(CacheLayerMixin):
         if keep is None:
             return
         if self.positions is not None:
-            self.positions = _take(self.positions, keep, dim=1)
+            self.positions = take_tokens(self.positions, keep, dim=1)
         parts = _split_keep(keep, n_encoded, stored) if n_encoded else (None, keep)
         if parts is None:  # rows keep different numbers of encoded tokens: decode them back, then evict as one
-            self.recent_k = self._with_history(self.encoded_k, self.recent_k[:, :, :0], self.recent_k)
-            self.recent_v = self._with_history(self.encoded_v, self.recent_v[:, :, :0], self.recent_v)
-            self.encoded_k, self.encoded_v = {}, {}
+            for name in ("k", "v"):
+                encoded, recent = getattr(self, f"encoded_{name}"), getattr(self, f"recent_{name}")
+                decoded = self._with_history(encoded, recent, recent.read()[:, :, :0])
+                for part in encoded.values():
+                    part.close()
+                setattr(self, f"encoded_{name}", {})
+                setattr(self, f"recent_{name}", DevicePart(decoded))
             parts = (None, keep)
         keep_encoded, keep_recent = parts
-        if keep_encoded is not None:
-            self.encoded_k = {k: _take(t, keep_encoded) for k, t in self.encoded_k.items()}
-            self.encoded_v = {k: _take(t, keep_encoded) for k, t in self.encoded_v.items()}
-        self.recent_k = _take(self.recent_k, keep_recent)
-        self.recent_v = _take(self.recent_v, keep_recent)
+        for part in self._parts():
+            part.keep(keep_recent if part in (self.recent_k, self.recent_v) else keep_encoded)
 
     def _encode_overflow(self) -> None:
-        overflow = self.recent_k.shape[2] - self.codec.residual_tokens
+        overflow = len(self.recent_k) - self.codec.residual_tokens
         if overflow <= 0:
             return
         for name in ("k", "v"):
             recent = getattr(self, f"recent_{name}")
-            new = {k: self.tier.place(t) for k, t in self.codec.encode(recent[:, :, :overflow]).items()}
-            old = getattr(self, f"encoded_{name}")
-            setattr(self, f"encoded_{name}", {k: torch.cat([old[k], t], dim=2) if old else t for k, t in new.items()})
-            setattr(self, f"recent_{name}", _own(recent[:, :, overflow:]))
+            encoded = self.codec.encode(recent.read()[:, :, :overflow])
+            parts = getattr(self, f"encoded_{name}")
+            for key, tensor in encoded.items():
+                if key not in parts:
+                    parts[key] = self.store.part(no_tokens(tensor))
+                parts[key].append(tensor)
+            recent.keep(slice(overflow, len(recent)))
 
     # -- bookkeeping that generate and beam search call --------------------------------------------------------
-    def _tensors(self) -> list[torch.Tensor]:
-        held = [*self.encoded_k.values(), *self.encoded_v.values(), self.recent_k, self.recent_v, self.positions]
-        return [t for t in held if t is not None]
+    def _parts(self) -> list[Part]:
+        held = [*self.encoded_k.values(), *self.encoded_v.values(), self.recent_k, self.recent_v]
+        return [part for part in held if part is not None]
+
+    def prefetch(self) -> None:
+        for part in self._parts():
+            part.prefetch()
 
     def kv_bytes(self) -> dict[str, int]:
         """Bytes this layer holds, per tier: encoded payload, scales, residual buffers and positions, counted by the
         storage the tensors keep alive (so a view pinning evicted tokens counts them)."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._tensors()}
-        return {self.tier.name: sum(storages.values())}
+        positions = {"device": self.positions.untyped_storage().nbytes()} if self.positions is not None else {}
+        return merge_bytes(positions, *(part.nbytes() for part in self._parts()))
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if not self.is_initialized:
             return
-        self.encoded_k = {k: fn(t) for k, t in self.encoded_k.items()}
-        self.encoded_v = {k: fn(t) for k, t in self.encoded_v.items()}
-        self.recent_k, self.recent_v = fn(self.recent_k), fn(self.recent_v)
+        for part in self._parts():
+            part.map(fn)
+            part.release()
         if self.positions is not None:
             self.positions = fn(self.positions)
 
@@ -212,40 +210,61 @@ class KVLayer(CacheLayerMixin):
             raise RuntimeError(f"cannot crop a {self.retention.name} cache that has already evicted tokens")
         keep = slice(0, self.stored + tokens_to_remove)
         self.seen = keep.stop
-        encoded_keep, recent_keep = _split_keep(keep, self.n_encoded, self.stored)
-        self.encoded_k = {k: _take(t, encoded_keep) for k, t in self.encoded_k.items()}
-        self.encoded_v = {k: _take(t, encoded_keep) for k, t in self.encoded_v.items()}
-        self.recent_k, self.recent_v = _take(self.recent_k, recent_keep), _take(self.recent_v, recent_keep)
+        keep_encoded, keep_recent = _split_keep(keep, self.n_encoded, self.stored)
+        for part in self._parts():
+            part.keep(keep_recent if part in (self.recent_k, self.recent_v) else keep_encoded)
+            part.release()
         if self.positions is not None:
             self.positions = self.positions[:, keep]
 
+    def close(self) -> None:
+        for part in self._parts():
+            part.close()
+
     def reset(self) -> None:
-        self.__init__(self.retention, self.codec, self.tier)
+        self.close()
+        next_layer = self.next_layer
+        self.__init__(self.retention, self.codec, self.store)
+        self.next_layer = next_layer
 
     def offload(self):
-        raise NotImplementedError("use a host or disk tier (issue 4), not Cache(offloading=True)")
-
-    prefetch = offload
+        raise NotImplementedError("use a host or disk tier (kvcompress strategy `...+host`), not Cache(offloading=True)")
 
 
 class KVCache(Cache):
-    """A transformers Cache whose every layer follows one StrategySpec."""
+    """A transformers Cache whose every layer follows one StrategySpec. Close it (or use it as a context manager)
+    to release offload files and pinned blocks now rather than at garbage collection."""
 
-    def __init__(self, spec: StrategySpec, num_layers: int):
-        super().__init__(layers=[KVLayer(spec.retention, spec.codec, spec.tier) for _ in range(num_layers)])
+    def __init__(self, spec: StrategySpec, num_layers: int, planned_bytes: int = 0):
         self.spec = spec
+        self.store = spec.tier.open(planned_bytes)
+        super().__init__(layers=[KVLayer(spec.retention, spec.codec, self.store) for _ in range(num_layers)])
+        if self.store.offloads:  # each layer prefetches the next; the last one the first, for the next step
+            for layer, following in zip(self.layers, self.layers[1:] + self.layers[:1]):
+                layer.next_layer = following
 
     def kv_bytes(self) -> dict[str, int]:
-        """Exact resident bytes per tier name, summed over layers."""
-        total: dict[str, int] = {}
-        for layer in self.layers:
-            for tier, nbytes in layer.kv_bytes().items():
-                total[tier] = total.get(tier, 0) + nbytes
-        return total
+        """Exact resident bytes per tier name (device, host, disk), summed over layers, plus the store's staging."""
+        return merge_bytes(*(layer.kv_bytes() for layer in self.layers), self.store.nbytes())
+
+    def transfer_stats(self) -> dict[str, float]:
+        """Bytes moved device<->host and to/from disk, seconds spent copying, seconds the host waited, so far."""
+        return self.store.stats()
 
     def stored_tokens(self) -> int:
         """Tokens resident per sequence (layer 0; every layer keeps the same set)."""
         return self.layers[0].stored if self.layers else 0
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+        self.store.close()
+
+    def __enter__(self) -> KVCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"KVCache({self.spec}, layers={len(self.layers)}, seen={self.get_seq_length()})"
@@ -279,9 +298,31 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def make_cache(model_or_config: Any, strategy: str | StrategySpec = "full") -> KVCache:
-    """A fresh cache for one generation: `model.generate(**inputs, cache=make_cache(model, "sink+int8"))`."""
+def make_cache(
+    model_or_config: Any,
+    strategy: str | StrategySpec = "full",
+    *,
+    offload_dir: str | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+) -> KVCache:
+    """A fresh cache for one generation: `model.generate(**inputs, cache=make_cache(model, "sink+int8"))`.
+
+    offload_dir: directory of the disk tier's file (same as `disk:dir=`). max_tokens, batch_size: the most KV the
+    cache will hold, which the disk tier checks for room before generation starts (default: the model's context).
+    """
     spec = parse_strategy(strategy)
     config = decoder_config(model_or_config)
     spec.codec.check(head_dim(config), torch.float32)
-    return KVCache(spec, config.num_hidden_layers)
+    if offload_dir is not None:
+        if spec.tier.name != "disk":
+            raise ValueError(f"offload_dir applies to the disk tier only; strategy {str(spec)!r} uses {spec.tier.name}")
+        spec = dataclasses.replace(spec, tier=dataclasses.replace(spec.tier, dir=str(offload_dir)))
+    planned = 0
+    if spec.tier.name == "disk":
+        from .accounting import expected_kv_bytes
+
+        tokens = max_tokens or getattr(config, "max_position_embeddings", None) or 4096
+        dtype = getattr(model_or_config, "dtype", None)
+        planned = expected_kv_bytes(config, spec, tokens, batch_size, dtype if isinstance(dtype, torch.dtype) else None)
+    return KVCache(spec, config.num_hidden_layers, planned)

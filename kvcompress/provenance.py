@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import shlex
 import subprocess
@@ -38,7 +39,8 @@ def provenance(model: str, device: str | torch.device, command: list[str] | None
         "command": shlex.join(command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": model,
         "device": device_name(device),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # a copy of the repo without .git (a GPU box) names its commit through the environment
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("KVCOMPRESS_GIT_COMMIT", ""),
         # results/ holds outputs, not code: a run writing there does not make the code that ran dirty
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")),
         "versions": {

@@ -1,26 +1,147 @@
-"""Tier: where stored tokens live. The layer hands every tensor it keeps to its tier and asks it back before
-attention, so host and disk tiers (issue 4) slot in without touching retention or codecs."""
+"""Tier: where stored tokens live.
+
+A tier is a frozen config. `tier.open(...)` gives one cache its `Store` (what its layers share: streams, files,
+pinned blocks), and the store makes `Part`s: one growing token sequence [batch, heads, tokens, width] each (a layer's
+K, V, or one tensor of their encoded form). The layer only appends, keeps, reads and maps parts, so retention and
+codecs never see where the tokens are.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..registry import Registry
+
+# A view that pins more than this fraction of dead bytes in its storage is copied out, so evicted tokens are freed
+# now rather than at the next append (and so resident bytes equal what the layer holds).
+_MAX_DEAD_FRACTION = 1 / 64
+
+
+def own(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.untyped_storage().nbytes() - t.nbytes > t.nbytes * _MAX_DEAD_FRACTION else t
+
+
+def take_tokens(t: torch.Tensor, keep: slice | torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """Keep tokens along `dim` by a slice (same in every row) or per-row indices [batch, kept]."""
+    if isinstance(keep, slice):
+        return own(t[(slice(None),) * dim + (keep,)])
+    index = keep.view(keep.shape + (1,) * (t.dim() - 2)) if dim == 1 else keep[:, None, :, None]
+    return t.gather(dim, index.expand(*t.shape[:dim], keep.shape[1], *t.shape[dim + 1 :]))
+
+
+def no_tokens(x: torch.Tensor) -> torch.Tensor:
+    """An empty [batch, heads, 0, width] tensor like `x` that shares no storage with it (so it pins nothing)."""
+    return x.new_empty(x.shape[:2] + (0,) + x.shape[3:])
+
+
+def merge_bytes(*counts: dict[str, int]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for tier, nbytes in count.items():
+            total[tier] = total.get(tier, 0) + nbytes
+    return total
+
+
+class Part:
+    """One stored token sequence of a layer. `read()` gives it on the compute device, valid until `release()`."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def append(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def extend(self, x: torch.Tensor) -> torch.Tensor:
+        """Append `x` and return the whole sequence on the device (what attention sees for a lossless layer)."""
+        full = torch.cat([self.read(), x], dim=2)
+        self.append(x)
+        return full
+
+    def keep(self, keep: slice | torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def nbytes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def prefetch(self) -> None:
+        """Start bringing the sequence to the device, so the next `read()` waits less (offloading tiers)."""
+
+    def release(self) -> None:
+        """The step is done with what `read()` returned: drop device copies of off-device tokens."""
+
+    def close(self) -> None:
+        """Free what the part holds outside the device (pinned blocks, file blocks)."""
+
+
+class DevicePart(Part):
+    """Tokens in one tensor on the compute device."""
+
+    def __init__(self, template: torch.Tensor):
+        self.tensor = template
+
+    def __len__(self) -> int:
+        return self.tensor.shape[2]
+
+    def read(self) -> torch.Tensor:
+        return self.tensor
+
+    def append(self, x: torch.Tensor) -> None:
+        self.tensor = torch.cat([self.tensor, x], dim=2)
+
+    def extend(self, x: torch.Tensor) -> torch.Tensor:
+        self.append(x)
+        return self.tensor
+
+    def keep(self, keep: slice | torch.Tensor) -> None:
+        self.tensor = take_tokens(self.tensor, keep)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.tensor = fn(self.tensor)
+
+    def nbytes(self) -> dict[str, int]:
+        return {"device": self.tensor.untyped_storage().nbytes()}
+
+
+class Store:
+    """What one cache's layers share on a tier; makes their parts."""
+
+    offloads = False  # whether parts live off the device (then layers prefetch and release them)
+
+    def __init__(self, tier: Tier):
+        self.tier = tier
+
+    def part(self, template: torch.Tensor) -> Part:
+        """A new empty part for tokens shaped like `template` ([batch, heads, 0, width] on the compute device)."""
+        return DevicePart(template)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes the store holds besides its parts (staging buffers)."""
+        return {}
+
+    def stats(self) -> dict[str, float]:
+        """Transfer counters since the store opened (bytes moved per direction, seconds spent, seconds stalled)."""
+        return {}
+
+    def close(self) -> None:
+        """Release files and pinned blocks; the store is unusable afterwards."""
 
 
 @dataclass(frozen=True)
 class Tier:
     name = "base"
 
-    def place(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Move a tensor the layer keeps to this tier; returns the resident handle."""
-        raise NotImplementedError
-
-    def fetch(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Bring a resident tensor to the compute device."""
-        raise NotImplementedError
+    def open(self, planned_bytes: int = 0) -> Store:
+        """The store of one cache. `planned_bytes` is the most KV the cache expects to hold (disk checks room)."""
+        return Store(self)
 
 
 TIERS: Registry[Tier] = Registry("tier")

@@ -7,9 +7,3 @@ from .base import TIERS, Tier
 @dataclass(frozen=True)
 class DeviceTier(Tier):
     """Everything stays on the compute device (the tier whose bytes are HBM on a GPU)."""
-
-    def place(self, tensor):
-        return tensor
-
-    def fetch(self, tensor, device):
-        return tensor
