@@ -97,15 +97,15 @@ def test_appending_encodes_only_the_new_token():
     try:
         with torch.no_grad():
             out = model(input_ids=torch.randint(3, 512, (1, 30)), cache=cache, use_cache=True)
-            history = cache.layers[0].encoded_k["q"].clone()
+            history = cache.layers[0].encoded_k["q"].read().clone()
             encoded_lengths.clear()
             for _ in range(10):
                 out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
     finally:
         type(spec).encode = original_encode
     assert encoded_lengths == [1] * (10 * 2 * 2)  # steps x layers x (K, V)
-    assert torch.equal(cache.layers[0].encoded_k["q"][:, :, :26], history)  # old codes never re-quantized
-    assert cache.layers[0].recent_k.shape[2] == 4
+    assert torch.equal(cache.layers[0].encoded_k["q"].read()[:, :, :26], history)  # old codes never re-quantized
+    assert cache.layers[0].recent_k.read().shape[2] == 4
 
 
 # Teacher-forced fidelity on the default model: 512 tokens of the shipped text are prefilled, then 200 are fed
