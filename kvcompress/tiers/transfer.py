@@ -107,10 +107,12 @@ class TransferStats:
 
     def timed(self, start, end) -> None:
         self._timed.append((start, end))
-        if len(self._timed) > 4096:  # read finished pairs so the list stays short on long runs
-            done = [pair for pair in self._timed if pair[1].query()]
-            self._collect(done)
-            self._timed = [pair for pair in self._timed if pair not in done]
+        if len(self._timed) > 4096:  # read the finished pairs so the list stays short on long runs
+            done = 0
+            while done < len(self._timed) and self._timed[done][1].query():
+                done += 1
+            self._collect(self._timed[:done])
+            del self._timed[:done]
 
     def _collect(self, pairs) -> None:
         self.add(transfer_s=sum(start.elapsed_time(end) for start, end in pairs) / 1e3)
