@@ -18,6 +18,7 @@ import time
 import uuid
 import weakref
 import zlib
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from .offload import OffloadStore, OffloadTier, Rows
 from .transfer import PAGE, Fetch, HostMemory, TransferStats, timed_wait
 
 BLOCK_BYTES = 64 * 1024
+MAX_PENDING_WRITES = 64
 MAGIC = b"KVCOMPRESS-KV"
 HEADER = struct.Struct("<13sH16sQd")  # magic, format version, session id, pid, creation time; then its CRC32
 
@@ -44,12 +46,6 @@ class DiskFile:
         path = Path(directory)
         if not path.is_dir():
             raise ValueError(f"disk:dir {directory!r} does not exist or is not a directory; create it first")
-        free = shutil.disk_usage(path).free
-        if planned_bytes > free:
-            raise ValueError(
-                f"disk:dir {directory!r} has {free:,} bytes free but the planned KV needs {planned_bytes:,} bytes; "
-                "free space, choose another directory, or plan fewer tokens (make_cache(..., max_tokens=N))"
-            )
         self.session = uuid.uuid4()
         self.path = path / f"kvcompress-{os.getpid()}-{self.session.hex}.kv"
         self.stats = stats
@@ -57,10 +53,19 @@ class DiskFile:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as error:
             raise ValueError(f"cannot create an offload file in disk:dir {directory!r}: {error.strerror}") from None
+        free = shutil.disk_usage(path).free
+        if planned_bytes > free:
+            os.close(self.fd)
+            self.path.unlink()
+            raise ValueError(
+                f"disk:dir {directory!r} has {free:,} bytes free but the planned KV needs {planned_bytes:,} bytes; "
+                "free space, choose another directory, or plan fewer tokens (make_cache(..., max_tokens=N))"
+            )
         self.direct_fd = self._open_direct()
         self.io = ThreadPoolExecutor(1, thread_name_prefix="kvcompress-disk")
         self.end = PAGE  # block offsets start after the header page
         self._free: dict[int, list[int]] = {}
+        self._pending: deque[Future] = deque()
         header = HEADER.pack(MAGIC, 1, self.session.bytes, os.getpid(), time.time())
         page = HostMemory.pageable(PAGE)
         page[: HEADER.size + 4] = torch.tensor(list(header + struct.pack("<I", zlib.crc32(header))), dtype=torch.uint8)
@@ -118,8 +123,14 @@ class DiskFile:
         return zlib.crc32(view)
 
     def write(self, buffer: torch.Tensor, offset: int, aligned: bool) -> Future:
-        """Write a block (the thread owns `buffer` from now on); the future gives its CRC32."""
-        return self.io.submit(self._write_job, self.direct_fd if aligned and self.direct_fd is not None else self.fd, buffer, offset)
+        """Write a block (the thread owns `buffer` from now on); the future gives its CRC32. At most
+        MAX_PENDING_WRITES blocks wait in RAM: a long prefill waits for the disk rather than piling up."""
+        while len(self._pending) >= MAX_PENDING_WRITES:
+            self._pending.popleft().result()
+        fd = self.direct_fd if aligned and self.direct_fd is not None else self.fd
+        future = self.io.submit(self._write_job, fd, buffer, offset)
+        self._pending.append(future)
+        return future
 
     def read(self, blocks: list[tuple[int, Future]], size: int, into: torch.Tensor, aligned: bool) -> Future:
         """Read blocks back to back into `into`, checking each one's length and checksum."""
