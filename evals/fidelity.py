@@ -13,11 +13,11 @@ from ..strategy import StrategySpec
 def step_logits(model, input_ids: torch.Tensor, strategy: str | StrategySpec, prefill: int) -> torch.Tensor:
     """Prefill `prefill` tokens in one forward, then feed the rest one token per step through the strategy's cache.
     Returns float32 logits [steps, vocab] predicting tokens prefill .. end (batch 1)."""
-    cache = make_cache(model, strategy)
-    out = model(input_ids=input_ids[:, :prefill], cache=cache, use_cache=True)
-    logits = [out.logits[:, -1]]
-    for t in range(prefill, input_ids.shape[1] - 1):
-        logits.append(model(input_ids=input_ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
+    with make_cache(model, strategy) as cache:
+        out = model(input_ids=input_ids[:, :prefill], cache=cache, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for t in range(prefill, input_ids.shape[1] - 1):
+            logits.append(model(input_ids=input_ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
     return torch.cat(logits).float()
 
 

@@ -25,7 +25,7 @@ from .records import RecordStore
 from .tasks import TASKS, depths, make_case, render, score
 
 # Presets sized for the quick grid: budgets well below its longest context, so eviction is visible.
-QUICK_STRATEGIES = ["full", "int8", "fp8", "int4", "window:window=256", "sink:sinks=4,window=252"]
+QUICK_STRATEGIES = ["full", "int8", "fp8", "int4", "window:window=256", "sink:sinks=4,window=252", "full+disk"]
 
 
 @dataclass
@@ -141,7 +141,11 @@ class Harness:
         case = make_case(task, self.tokenizer, length, depth, seed)
         context, question = render(self.tokenizer, case.messages, case.question)
         device = self.model.device
-        cache = make_cache(self.model, strategy)
+        with make_cache(self.model, strategy) as cache:
+            record = self._answer(cache, context, question, device)
+        return {"answer": case.answer, "correct": score(case.answer, record["output"]), **record}
+
+    def _answer(self, cache, context: list[int], question: list[int], device) -> dict:
         self._sync_peak()
         self.model(input_ids=torch.tensor([context], device=device), cache=cache, use_cache=True)
         prefill = {"kv_bytes_prefill": cache.kv_bytes(), "peak_device_bytes_prefill": self._peak()}
@@ -151,8 +155,7 @@ class Harness:
                                   max_new_tokens=self.config.max_new_tokens, do_sample=False,
                                   pad_token_id=self.tokenizer.eos_token_id)
         output = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        return {"prompt_tokens": ids.shape[1], "answer": case.answer, "output": output,
-                "correct": score(case.answer, output), **prefill, "kv_bytes_final": cache.kv_bytes(),
+        return {"prompt_tokens": ids.shape[1], "output": output, **prefill, "kv_bytes_final": cache.kv_bytes(),
                 "peak_device_bytes_decode": self._peak(), "stored_tokens": cache.stored_tokens(),
                 "seen_tokens": cache.get_seq_length(), "process_peak_rss_bytes": _peak_rss_bytes()}
 
@@ -165,12 +168,19 @@ class Harness:
 
     def latency(self, strategy: str, length: int) -> dict:
         warmup = min(4, self.config.decode_steps // 4)
-        timing = time_generation(self.model, self._text_ids(length), make_cache(self.model, strategy),
-                                 self.config.decode_steps + warmup)
+        steps = self.config.decode_steps + warmup
+        with make_cache(self.model, strategy) as cache:
+            timing = time_generation(self.model, self._text_ids(length), cache, steps)
         decode = timing["decode_s"][warmup:]
         p50 = statistics.median(decode)
-        return {"ttft_s": timing["ttft_s"], "decode_ms_p50": p50 * 1e3, "decode_ms_p95": percentile(decode, 95) * 1e3,
-                "tokens_per_s": 1 / p50}
+        record = {"ttft_s": timing["ttft_s"], "decode_ms_p50": p50 * 1e3,
+                  "decode_ms_p95": percentile(decode, 95) * 1e3, "tokens_per_s": 1 / p50}
+        if timing["transfer"]:  # offloading tiers: what one decode step moves, and how long the host waited for it
+            per_step = {key: value / steps for key, value in timing["transfer"].items()}
+            record.update(moved_bytes_per_step=sum(v for k, v in per_step.items() if k.endswith("_bytes")),
+                          transfer_ms_per_step=1e3 * (per_step["transfer_s"] + per_step["disk_s"]),
+                          stall_ms_per_step=1e3 * per_step["stall_s"], transfer_per_step=per_step)
+        return record
 
     def fidelity(self, strategy: str) -> dict:
         c = self.config

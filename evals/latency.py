@@ -16,13 +16,15 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def time_generation(model, input_ids: torch.Tensor, cache, decode_steps: int) -> dict:
     """Prefill `input_ids` into `cache` (timed: TTFT), then greedy-decode `decode_steps` tokens one at a time.
-    Returns ttft_s and decode_s (one entry per step)."""
+    Returns ttft_s, decode_s (one entry per step) and, for offloading caches, the transfer counters of the decode
+    steps (bytes per direction, seconds copying, seconds the host waited)."""
     device = input_ids.device
     _sync(device)
     start = time.perf_counter()
     logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits[:, -1:]
     _sync(device)
     ttft = time.perf_counter() - start
+    moved_before = cache.transfer_stats() if hasattr(cache, "transfer_stats") else {}
     decode = []
     for _ in range(decode_steps):
         token = logits.argmax(-1)
@@ -30,7 +32,9 @@ def time_generation(model, input_ids: torch.Tensor, cache, decode_steps: int) ->
         logits = model(input_ids=token, cache=cache, use_cache=True).logits
         _sync(device)
         decode.append(time.perf_counter() - start)
-    return {"ttft_s": ttft, "decode_s": decode}
+    moved = cache.transfer_stats() if hasattr(cache, "transfer_stats") else {}
+    transfer = {key: value - moved_before.get(key, 0) for key, value in moved.items()}
+    return {"ttft_s": ttft, "decode_s": decode, "transfer": transfer}
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -19,7 +19,7 @@ from .records import RecordStore
 
 GB = 1e9
 COLUMNS = ["strategy", "HBM saved", "at scale", "decode latency", "TTFT", "recall loss", "fidelity",
-           "host RAM / disk added", "relieved pressure", "created pressure", "guardrail verdict", "rollback trigger"]
+           "host RAM / disk added, transfers", "relieved pressure", "created pressure", "guardrail verdict", "rollback trigger"]
 
 
 def _mean(values):
@@ -50,7 +50,8 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
         full_longest = [r for r in recall if r["strategy"] == "full" and r["length"] == longest]
         device_bytes = _mean([r["kv_bytes_final"].get("device", 0) for r in at_longest])
         full_bytes = _mean([r["kv_bytes_final"].get("device", 0) for r in full_longest])
-        off_device = _mean([sum(v for k, v in r["kv_bytes_final"].items() if k != "device") for r in at_longest])
+        host_bytes = _mean([r["kv_bytes_final"].get("host", 0) for r in at_longest])
+        disk_bytes = _mean([r["kv_bytes_final"].get("disk", 0) for r in at_longest])
         lat, lat_full = latency.get((strategy, latency_length)), latency.get(("full", latency_length))
         at_scale = expected_kv_bytes(model_config, spec, config.context, config.sessions, dtype)
         row = {
@@ -70,7 +71,10 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
             "ttft_change_pct": 100 * (lat["ttft_s"] / lat_full["ttft_s"] - 1) if lat and lat_full else None,
             "kl": fidelity.get(strategy, {}).get("kl"),
             "top1": fidelity.get(strategy, {}).get("top1"),
-            "off_device_bytes": off_device or 0,
+            "host_bytes": host_bytes or 0,
+            "disk_bytes": disk_bytes or 0,
+            "moved_bytes_per_step": lat and lat.get("moved_bytes_per_step"),
+            "stall_ms_per_step": lat and lat.get("stall_ms_per_step"),
             "allocation_failures": sum(1 for r in records if r.get("strategy") == strategy
                                        and r.get("outcome") == "allocation_failure"),
         }
@@ -96,8 +100,10 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
         created.append(f"fidelity: top-1 {row['top1']:.1%}, KL {row['kl']:.1e}")
     if row["decode_change_pct"] is not None and row["decode_change_pct"] > 1:
         created.append(f"decode latency +{row['decode_change_pct']:.0f}%")
-    if row["off_device_bytes"]:
-        created.append("host RAM / disk and PCIe traffic")
+    if row["host_bytes"] or row["disk_bytes"]:
+        where = " + ".join(f"{name} {row[f'{name}_bytes'] / GB:.3f} GB" for name in ("host", "disk") if row[f"{name}_bytes"])
+        created.append(f"{where} holding KV" + (f"; {row['moved_bytes_per_step'] / 1e6:.1f} MB moved per decode step"
+                                                 if row["moved_bytes_per_step"] else ""))
     failures = []
     if row["recall_loss_pts"] is not None and row["recall_loss_pts"] > t.recall_loss_pts:
         failures.append(f"recall loss {row['recall_loss_pts']:.1f} > {t.recall_loss_pts:g} pts")
@@ -129,6 +135,15 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _offload_cell(r: dict) -> str:
+    if not (r["host_bytes"] or r["disk_bytes"]):
+        return "0 GB"
+    cell = f"host {r['host_bytes'] / GB:.3f} GB, disk {r['disk_bytes'] / GB:.3f} GB"
+    if r["moved_bytes_per_step"] is not None:
+        cell += f"; {r['moved_bytes_per_step'] / 1e6:.1f} MB/step moved, host waits {r['stall_ms_per_step']:.1f} ms/step"
+    return cell
+
+
 def table(rows: list[dict], config: ReportConfig) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
@@ -140,7 +155,7 @@ def table(rows: list[dict], config: ReportConfig) -> str:
             _fmt(r["ttft_change_pct"], "+.1f", "%"),
             f"{_fmt(r['recall_loss_pts'], '.1f', ' pts')} (n={r['recall_n']})",
             f"top-1 {_fmt(r['top1'], '.1%')}, KL {_fmt(r['kl'], '.1e')}",
-            f"{r['off_device_bytes'] / GB:.3f} GB",
+            _offload_cell(r),
             r["relieved"], r["created"], r["verdict"], r["rollback"],
         ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")

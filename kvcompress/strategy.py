@@ -9,6 +9,7 @@ Axes left out take their default (full retention, no codec, device tier).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,7 @@ def split_strategies(text: str) -> list[str]:
     items: list[str] = []
     for piece in text.split(","):
         piece = piece.strip()
-        is_parameter = "=" in piece and ":" not in piece.split("+")[0]
+        is_parameter = re.match(r"\w+=", piece) is not None  # `key=value`, not `member:key=value` nor `a+b:k=v`
         if is_parameter and items:
             items[-1] += "," + piece
         elif piece:

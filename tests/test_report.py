@@ -50,7 +50,8 @@ def test_score_and_depths():
 
 def _row(**overrides):
     row = {"strategy": "int8", "recall_loss_pts": 0.0, "recall_n": 10, "hbm_saved_pct": 47.0, "decode_change_pct": 5.0,
-           "top1": 0.99, "kl": 1e-3, "off_device_bytes": 0, "allocation_failures": 0}
+           "top1": 0.99, "kl": 1e-3, "host_bytes": 0, "disk_bytes": 0, "moved_bytes_per_step": None,
+           "stall_ms_per_step": None, "allocation_failures": 0}
     row.update(overrides)
     return row
 
@@ -71,6 +72,10 @@ def test_guardrail_verdicts():
     assert "facts older than 256 tokens" in words["rollback"]
     assert pressures(_row(hbm_saved_pct=0.0), int8, t)["verdict"] == "incomplete: cannot name relieved pressure"
     assert pressures(_row(strategy="full"), parse_strategy("full"), t)["verdict"] == "baseline"
+    disk = pressures(_row(strategy="full+disk", hbm_saved_pct=100.0, top1=1.0, host_bytes=2e7, disk_bytes=5e8,
+                          moved_bytes_per_step=1.2e7, stall_ms_per_step=3.0), parse_strategy("full+disk"), t)
+    assert disk["relieved"] == "HBM -100.0% of KV" and disk["verdict"] == "pass"
+    assert disk["created"] == "decode latency +5%; host 0.020 GB + disk 0.500 GB holding KV; 12.0 MB moved per decode step"
 
 
 TINY = dict(strategies=["full", "window:window=64"], tasks=["passkey"], lengths=[160], depths=2,

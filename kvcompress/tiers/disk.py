@@ -31,8 +31,13 @@ from .transfer import PAGE, Fetch, HostMemory, TransferStats, timed_wait
 
 BLOCK_BYTES = 64 * 1024
 MAX_PENDING_WRITES = 64
+EXTENT_BLOCKS = 16  # blocks a part reserves at once, so its blocks sit side by side and read back in long runs
+MAX_READ_BLOCKS = 128  # at most 8 MiB per read call
 MAGIC = b"KVCOMPRESS-KV"
 HEADER = struct.Struct("<13sH16sQd")  # magic, format version, session id, pid, creation time; then its CRC32
+
+
+_CHECKSUMS = ThreadPoolExecutor(1, thread_name_prefix="kvcompress-crc")  # zlib releases the GIL: runs beside reads
 
 
 class CorruptOffloadError(IOError):
@@ -105,9 +110,12 @@ class DiskFile:
         return uuid.UUID(bytes=session)
 
     def alloc(self, size: int) -> int:
+        """A freed block of `size` bytes, or None."""
         free = self._free.get(size)
-        if free:
-            return free.pop()
+        return free.pop() if free else None
+
+    def reserve(self, size: int) -> int:
+        """A new extent of `size` bytes at the end of the file."""
         offset, self.end = self.end, self.end + size
         return offset
 
@@ -138,16 +146,28 @@ class DiskFile:
 
         def job() -> None:
             start, view = time.perf_counter(), memoryview(into.numpy())
-            for i, (offset, crc) in enumerate(blocks):
-                block = view[i * size : (i + 1) * size]
-                got = os.preadv(fd, [block], offset)
-                if got != size:
-                    raise CorruptOffloadError(f"short read: {got} of {size} bytes at offset {offset} of {self.path}")
-                if zlib.crc32(block) != crc.result():
-                    raise CorruptOffloadError(f"checksum mismatch in the block at offset {offset} of {self.path}")
+            first, checks = 0, []
+            while first < len(blocks):  # one read per run of adjacent blocks (extents keep a part's blocks adjacent)
+                last = first + 1
+                while (last < len(blocks) and last - first < MAX_READ_BLOCKS
+                       and blocks[last][0] == blocks[last - 1][0] + size):
+                    last += 1
+                run, offset = view[first * size : last * size], blocks[first][0]
+                got = os.preadv(fd, [run], offset)
+                if got != len(run):
+                    raise CorruptOffloadError(f"short read: {got} of {len(run)} bytes at offset {offset} of {self.path}")
+                checks.append(_CHECKSUMS.submit(self._check, view, blocks, first, last, size))  # while the next run reads
+                first = last
+            for check in checks:
+                check.result()
             self.stats.add(disk_read_bytes=len(blocks) * size, disk_s=time.perf_counter() - start)
 
         return self.io.submit(job)
+
+    def _check(self, view: memoryview, blocks: list[tuple[int, Future]], first: int, last: int, size: int) -> None:
+        for i in range(first, last):
+            if zlib.crc32(view[i * size : (i + 1) * size]) != blocks[i][1].result():
+                raise CorruptOffloadError(f"checksum mismatch in the block at offset {blocks[i][0]} of {self.path}")
 
     def close(self) -> None:
         self._remove()
@@ -217,6 +237,7 @@ class DiskRows(Rows):
             self.block_rows = max(1, BLOCK_BYTES // self.row_bytes)
             self.block_bytes = self.block_rows * self.row_bytes
         self.blocks: list[tuple[int, Future]] = []
+        self._extent: list[int] = []  # offsets of free blocks this part holds, next one last
         self.tail: torch.Tensor | None = None
         self.tail_rows = self.start = 0
 
@@ -237,9 +258,18 @@ class DiskRows(Rows):
             self.tail_rows += count
             done += count
             if self.tail_rows == self.block_rows:
-                offset = self.store.file.alloc(self.block_bytes)
+                offset = self._next_block()
                 self.blocks.append((offset, self.store.file.write(self.tail, offset, self.aligned)))
                 self.tail, self.tail_rows = None, 0
+
+    def _next_block(self) -> int:
+        if not self._extent:
+            reused = self.store.file.alloc(self.block_bytes)  # a block a closed part gave back
+            if reused is not None:
+                return reused
+            start = self.store.file.reserve(EXTENT_BLOCKS * self.block_bytes)
+            self._extent = [start + i * self.block_bytes for i in range(EXTENT_BLOCKS - 1, -1, -1)]
+        return self._extent.pop()
 
     def fetch(self) -> Fetch:
         on_disk = len(self.blocks) * self.block_bytes
@@ -254,19 +284,20 @@ class DiskRows(Rows):
         self.start += count
         while self.blocks and self.start >= self.block_rows:
             offset, _ = self.blocks.pop(0)
-            self.store.file.free(offset, self.block_bytes)
+            self._extent.insert(0, offset)  # reused by this part, after the rest of its extent
             self.start -= self.block_rows
         if not self.blocks and self.start >= self.tail_rows:
             self.start = self.tail_rows = 0
 
     def clear(self) -> None:
-        for offset, _ in self.blocks:
-            self.store.file.free(offset, self.block_bytes)
+        self._extent = [offset for offset, _ in reversed(self.blocks)] + self._extent
         self.blocks, self.tail_rows, self.start = [], 0, 0
 
     def close(self) -> None:
         self.clear()
-        self.tail = None
+        for offset in self._extent:
+            self.store.file.free(offset, self.block_bytes)
+        self._extent, self.tail = [], None
 
     def nbytes(self) -> dict[str, int]:
         counts = {"disk": len(self.blocks) * self.block_bytes}
