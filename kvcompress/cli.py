@@ -267,10 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the file's `out`)")
     p.add_argument("--resume", action="store_true", help="finish the sweep's existing records instead of refusing")
     p.set_defaults(func=_sweep)
+
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-evaluation-harness's CLI with --model kvcompress and the kvc_* tasks registered; "
+                        "--strategies a,b,c runs each and builds one pressure-transfer table")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # lm-eval's own arguments and --help, passed through untouched
+        from .evals.lm_eval import main as lm_eval_main
+
+        lm_eval_main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     from transformers.utils import logging
 

@@ -31,7 +31,7 @@ from .transfer import PAGE, Fetch, HostMemory, TransferStats, timed_wait
 
 BLOCK_BYTES = 64 * 1024
 MAX_PENDING_WRITES = 64
-EXTENT_BLOCKS = 16  # blocks a part reserves at once, so its blocks sit side by side and read back in long runs
+EXTENT_BLOCKS = 64  # blocks a part reserves at once, so its blocks sit side by side and read back in long runs
 MAX_READ_BLOCKS = 128  # at most 8 MiB per read call
 MAGIC = b"KVCOMPRESS-KV"
 HEADER = struct.Struct("<13sH16sQd")  # magic, format version, session id, pid, creation time; then its CRC32

@@ -1,0 +1,408 @@
+"""lm-evaluation-harness glue: the model `kvcompress` (any `load_model` spec under any strategy) and the recall tasks
+as lm-eval tasks (`kvc_passkey`, `kvc_multikey`, `kvc_vartrack`, `kvc_multiturn`).
+
+lm-eval 0.4.13 finds a model only once its module is imported, so `kvcompress lm-eval ...` imports this module,
+makes TaskManager include our task directory, then hands the arguments to lm-eval's own CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+except ImportError as error:  # pragma: no cover - the message is the point
+    raise ImportError(f"the lm-eval integration needs lm-eval: pip install -e '.[eval]' ({error})") from None
+
+from ..cache import make_cache
+from ..models import _pretrained_source, load_model
+from ..strategy import AXES, parse_strategy
+from .tasks import TASKS, make_case, render, score
+from .tasks import depths as depth_grid
+
+TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+REQUESTS_FILE = "kvcompress_requests.jsonl"
+_STRATEGY_KEYS = {f.name for registry in AXES.values() for name in registry.names()
+                  for f in dataclasses.fields(registry.get(name)) if f.init}
+
+
+# -- the model ---------------------------------------------------------------------------------------------------
+class _StepClock(LogitsProcessor):
+    """Called once per generated token: time to the first one (TTFT) and between the next ones (decode)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stamps = device, [time.perf_counter()]
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def summary(self) -> dict[str, float | None]:
+        gaps = [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]
+        return {"ttft_s": self.stamps[1] - self.stamps[0] if len(self.stamps) > 1 else None,
+                "decode_ms_per_token": 1e3 * sum(gaps) / len(gaps) if gaps else None}
+
+
+@register_model("kvcompress")
+class KVCompressLM(HFLM):
+    """lm-eval's HF model whose every request runs through a fresh kvcompress cache.
+
+    generate_until goes through `generate(cache=...)`; log-likelihoods prefill the context into the cache and score
+    the continuation token by token through it (lm-eval's HF model scores in one uncompressed forward). Per request it
+    records resident KV bytes per tier, TTFT and decode ms/token, in `self.requests` and, with `requests_file`, one
+    JSON line each.
+    """
+
+    def __init__(self, pretrained: str = "default", strategy: str = "full", dtype: str | None = None,
+                 device: str | None = None, batch_size: int | str = 1, requests_file: str | None = None,
+                 offload_dir: str | None = None, **kwargs: Any):
+        strategy_parts = [str(strategy)]
+        for key in [k for k in kwargs if k in _STRATEGY_KEYS]:  # lm-eval split `strategy=sink:sinks=4,window=512`
+            strategy_parts.append(f"{key}={kwargs.pop(key)}")
+        self.spec = parse_strategy(",".join(strategy_parts))
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer for the kvcompress model, got {batch_size!r}")
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            warnings.warn(f"device={device!r} but CUDA is not available: running on the CPU", stacklevel=2)
+            device = "cpu"
+        model, tokenizer = load_model(pretrained, dtype=dtype, device=device or "cpu")
+        if tokenizer is None:
+            raise ValueError(f"pretrained={pretrained!r} has no tokenizer; lm-eval needs text in and out")
+        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
+        self.pretrained, self.offload_dir = pretrained, offload_dir
+        self.requests_file = Path(requests_file) if requests_file else None
+        self.requests: list[dict] = []
+
+    def _cache(self):
+        return make_cache(self.model, self.spec, offload_dir=self.offload_dir)
+
+    def _record(self, kind: str, cache, tokens: int, **timing: float | None) -> None:
+        record = {"strategy": str(self.spec), "kind": kind, "seen_tokens": cache.get_seq_length(),
+                  "stored_tokens": cache.stored_tokens(), "kv_bytes": cache.kv_bytes(), "new_tokens": tokens, **timing}
+        self.requests.append(record)
+        if self.requests_file is not None:
+            self.requests_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.requests_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        clock = _StepClock(self.model.device)
+        with self._cache() as cache:
+            out = super()._model_generate(context, max_length, stop, cache=cache,
+                                          logits_processor=LogitsProcessorList([clock]), **generation_kwargs)
+            self._record("generate_until", cache, out.shape[1] - context.shape[1], **clock.summary())
+        return out
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        results = []
+        for request, context_enc, continuation_enc in tqdm(requests, disable=disable_tqdm or self.rank != 0,
+                                                            desc="Running loglikelihood requests"):
+            tokens = (context_enc + continuation_enc)[-(self.max_length + 1):]
+            count = min(len(continuation_enc), len(tokens) - 1)
+            inputs, targets = tokens[:-1], torch.tensor(tokens[-count:], device=self.model.device)
+            split = len(inputs) - count + 1  # the context, through the token that predicts the first target
+            with self._cache() as cache:
+                start = time.perf_counter()
+                logits = [self.model(input_ids=torch.tensor([inputs[:split]], device=self.model.device),
+                                     cache=cache).logits[0, -1:]]
+                prefilled = time.perf_counter()
+                for token in inputs[split:]:
+                    step = torch.tensor([[token]], device=self.model.device)
+                    logits.append(self.model(input_ids=step, cache=cache).logits[0, -1:])
+                logprobs = F.log_softmax(torch.cat(logits).to(self.softmax_dtype or torch.float32), dim=-1)
+                answer = (logprobs.gather(-1, targets[:, None]).sum().item(),
+                          bool((logprobs.argmax(-1) == targets).all()))
+                steps = len(inputs) - split
+                self._record("loglikelihood", cache, count, ttft_s=prefilled - start,
+                             decode_ms_per_token=1e3 * (time.perf_counter() - prefilled) / steps if steps else None)
+            results.append(answer)
+            if request is not None:
+                self.cache_hook.add_partial("loglikelihood", request, answer)
+        return results
+
+
+# -- the tasks ---------------------------------------------------------------------------------------------------
+def cell_metric(length: int, depth: float) -> str:
+    return f"acc_L{length}_D{round(100 * depth)}"
+
+
+def _as_list(value) -> list:
+    if isinstance(value, str):
+        return [v for v in value.replace(";", ",").split(",") if v.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def load_tokenizer(spec: str):
+    if spec.startswith("random:"):
+        raise ValueError(f"tokenizer {spec!r}: random models have no tokenizer; pass --metadata "
+                         "'{\"tokenizer\": \"default\"}' or an HF id")
+    source, kwargs = _pretrained_source(spec)
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def recall_docs(task: str, tokenizer, lengths: list[int], depth_count: int, seeds: int) -> list[dict]:
+    """One lm-eval doc per (length, depth, seed) cell, the chat flattened to text (lm-eval's --apply_chat_template
+    puts it in one user turn)."""
+    docs = []
+    for length in lengths:
+        for depth in depth_grid(depth_count):
+            for seed in range(seeds):
+                case = make_case(task, tokenizer, length, depth, seed)
+                if len(case.messages) == 1:
+                    text = case.messages[0]["content"]
+                else:
+                    text = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in case.messages[:-1])
+                    text += f"\nUser: {case.question}"
+                docs.append({"input": text, "answer": case.answer, "length": length, "depth": depth, "seed": seed,
+                             "prompt_tokens": sum(map(len, render(tokenizer, case.messages, case.question)))})
+    return docs
+
+
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    correct = float(score(doc["answer"], results[0]))
+    return {"acc": correct, cell_metric(doc["length"], doc["depth"]): correct}
+
+
+class KVCTask(ConfigurableTask):
+    """A recall task whose cells come from metadata: lengths (tokens, chat template included), depths (how many,
+    spread over [0, 1]), seeds, tokenizer (default: the model's `pretrained`). Metrics: `acc` and one
+    `acc_L{length}_D{depth %}` per cell, so a heatmap can be drawn from lm-eval's results alone."""
+
+    def __init__(self, config: dict | None = None, **kwargs):
+        config = dict(config or {})
+        meta = dict(config.get("metadata") or {})
+        task = config["task"].removeprefix("kvc_")
+        if task not in TASKS:
+            raise ValueError(f"unknown kvcompress task {config['task']!r}; allowed: "
+                             + ", ".join(f"kvc_{t}" for t in TASKS))
+        lengths = [int(x) for x in _as_list(meta.get("lengths", [512, 1024]))]
+        depth_count, seeds = int(meta.get("depths", 5)), int(meta.get("seeds", 1))
+        tokenizer_spec = str(meta.get("tokenizer") or meta.get("pretrained") or "default")
+        metrics = ["acc"] + [cell_metric(length, d) for length in lengths for d in depth_grid(depth_count)]
+        config.update(
+            output_type="generate_until", test_split="test", doc_to_text="{{input}}", doc_to_target="{{answer}}",
+            custom_dataset=lambda **_: {"test": datasets.Dataset.from_list(
+                recall_docs(task, load_tokenizer(tokenizer_spec), lengths, depth_count, seeds))},
+            process_results=process_results,
+            metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
+            # answers are 5-7 digits: a short budget and a newline stop keep a CPU run quick
+            generation_kwargs={"until": ["\n"], "max_gen_toks": 16, "do_sample": False},
+        )
+        config.pop("class", None)
+        super().__init__(config=config, **kwargs)
+
+
+def include_our_tasks() -> None:
+    """Every TaskManager built from now on also indexes TASKS_DIR (idempotent)."""
+    if getattr(TaskManager.__init__, "_kvcompress", False):
+        return
+    original = TaskManager.__init__
+
+    def __init__(self, *args, include_path=None, **kwargs):
+        paths = [] if include_path is None else list(include_path) if isinstance(include_path, list) else [include_path]
+        original(self, *args, include_path=[*paths, str(TASKS_DIR)], **kwargs)
+
+    __init__._kvcompress = True
+    TaskManager.__init__ = __init__
+
+
+def task_manager(**kwargs) -> TaskManager:
+    """A TaskManager that knows our tasks, for `simple_evaluate(..., task_manager=kvcompress.lm_eval.task_manager())`."""
+    include_our_tasks()
+    return TaskManager(**kwargs)
+
+
+# -- the CLI -----------------------------------------------------------------------------------------------------
+def run_cli(argv: list[str]) -> None:
+    """lm-eval's own CLI (same arguments, outputs and --help), with our model and tasks registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    include_our_tasks()
+    argv = _with_requests_file(argv)
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _with_requests_file(argv: list[str]) -> list[str]:
+    """Point the kvcompress model's per-request records next to lm-eval's output, when there is one."""
+    out, model_args = _option(argv, "--output_path"), _option(argv, "--model_args")
+    if _option(argv, "--model") != "kvcompress" or out is None or "requests_file=" in (model_args or ""):
+        return argv
+    extra = f"requests_file={Path(out) / REQUESTS_FILE}"
+    if model_args is None:
+        return [*argv, "--model_args", extra]
+    i = next(i for i, a in enumerate(argv) if a == "--model_args" or a.startswith("--model_args="))
+    if argv[i] == "--model_args":
+        return [*argv[: i + 1], f"{model_args},{extra}", *argv[i + 2 :]]
+    return [*argv[:i], f"--model_args={model_args},{extra}", *argv[i + 1 :]]
+
+
+def main(argv: list[str]) -> None:
+    """`kvcompress lm-eval ...`: lm-eval's CLI as is, or with `--strategies a,b,c` one run per strategy (a finished
+    one is not redone) and one pressure-transfer table over them."""
+    from ..strategy import split_strategies
+
+    strategies = _option(argv, "--strategies")
+    if strategies is None:
+        run_cli(argv)
+        return
+    argv = _without(argv, "--strategies", "--model", "--output_path")
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    model_args = _option(argv, "--model_args") or "pretrained=default"
+    argv = _without(argv, "--model_args")
+    out = Path(_option(sys.argv, "--output_path") or _option(argv, "--output_path") or "results/lm-eval")
+    names = split_strategies(strategies)
+    for name in names:
+        parse_strategy(name)  # every strategy checked before the first run starts
+    for name in names:
+        folder = out / _slug(name)
+        if _results_file(folder) is not None:
+            print(f"kvcompress lm-eval: {name}: results found in {folder}, not rerun", file=sys.stderr)
+            continue
+        run_cli(["run", "--model", "kvcompress", "--model_args", f"{model_args},strategy={name}",
+                 "--output_path", str(folder), *argv])
+    print(write_table(out, names, model_args, ["kvcompress", "lm-eval", *sys.argv[2:]] if len(sys.argv) > 2 else None))
+
+
+def _without(argv: list[str], *names: str) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not any(arg.startswith(name + "=") for name in names):
+            kept.append(arg)
+    return kept
+
+
+def _slug(strategy: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in strategy)
+
+
+def _results_file(folder: Path) -> Path | None:
+    found = sorted(folder.glob("**/results_*.json"))
+    return found[-1] if found else None
+
+
+def write_table(out: Path, strategies: list[str], model_args: str, command: list[str] | None = None) -> Path:
+    """out/pressure_transfer.md and out/summary.json from each strategy's lm-eval results and request records."""
+    from ..accounting import expected_kv_bytes
+    from ..models import load_config
+    from ..provenance import provenance, provenance_lines
+    from . import reference_text, text_ids
+    from .fidelity import compare, step_logits
+    from .harness import ReportConfig, Thresholds
+    from .report import GB, pressures, table
+
+    args = dict(item.split("=", 1) for item in model_args.split(",") if "=" in item)
+    pretrained = args.get("pretrained", "default")
+    config = load_config(pretrained)
+    runs = {}
+    for name in strategies:
+        folder = out / _slug(name)
+        results = json.loads(_results_file(folder).read_text())
+        requests = [json.loads(line) for line in (folder / REQUESTS_FILE).read_text().splitlines() if line.strip()]
+        runs[name] = (results, requests)
+
+    model, tokenizer = load_model(pretrained, dtype=args.get("dtype"))
+    text = text_ids(tokenizer(reference_text(), return_tensors="pt").input_ids[0], 712)
+    full_logits = step_logits(model, text, "full", 512)
+
+    def accuracy(results: dict) -> dict[str, float]:
+        return {task: metrics["acc,none"] for task, metrics in results["results"].items() if "acc,none" in metrics}
+
+    def samples(results: dict) -> int:
+        return sum(n.get("effective", 0) for n in results.get("n-samples", {}).values())
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    full = runs.get("full")
+    rows = []
+    for name in strategies:
+        results, requests = runs[name]
+        spec = parse_strategy(name)
+        generated = [r for r in requests if r["kind"] == "generate_until"]
+        device = sum(r["kv_bytes"].get("device", 0) for r in generated)
+        full_bytes = sum(expected_kv_bytes(config, "full", r["seen_tokens"], dtype=model.dtype) for r in generated)
+        acc = accuracy(results)
+        loss = None
+        if full is not None:
+            full_acc = accuracy(full[0])
+            loss = 100 * mean([full_acc[t] - acc[t] for t in acc if t in full_acc])
+        decode = mean([r["decode_ms_per_token"] for r in generated])
+        ttft = mean([r["ttft_s"] for r in generated])
+        full_gen = [r for r in full[1] if r["kind"] == "generate_until"] if full else []
+        full_decode, full_ttft = mean([r["decode_ms_per_token"] for r in full_gen]), mean([r["ttft_s"] for r in full_gen])
+        fidelity = compare(full_logits, step_logits(model, text, spec, 512))
+        row = {
+            "strategy": name, "recall_n": samples(results), "accuracy": acc,
+            "recall_pct": 100 * mean(list(acc.values())) if acc else None, "recall_loss_pts": loss,
+            "measured_length": max((r["seen_tokens"] for r in generated), default=None),
+            "kv_bytes": device / max(len(generated), 1),
+            "hbm_saved_pct": 100 * (1 - device / full_bytes) if full_bytes else None,
+            "hbm_saved_gb": (full_bytes - device) / max(len(generated), 1) / GB if full_bytes else None,
+            "decode_ms_p50": decode, "decode_change_pct": 100 * (decode / full_decode - 1) if decode and full_decode else None,
+            "ttft_change_pct": 100 * (ttft / full_ttft - 1) if ttft and full_ttft else None,
+            "top1": fidelity["top1"], "kl": fidelity["kl"],
+            "host_bytes": mean([r["kv_bytes"].get("host", 0) for r in generated]) or 0,
+            "disk_bytes": mean([r["kv_bytes"].get("disk", 0) for r in generated]) or 0,
+            "moved_bytes_per_step": None, "stall_ms_per_step": None,
+            "allocation_failures": 0, "cells": {k: v for task in results["results"].values() for k, v in task.items()
+                                                 if k.startswith("acc_L")},
+        }
+        report = ReportConfig(model=pretrained, strategies=strategies)
+        row["scale_kv_gb"] = expected_kv_bytes(config, spec, report.context, report.sessions, model.dtype) / GB
+        row["scale_saved_gb"] = (expected_kv_bytes(config, "full", report.context, report.sessions, model.dtype)
+                                 / GB - row["scale_kv_gb"])
+        row.update(pressures(row, spec, Thresholds()))
+        rows.append(row)
+    meta = provenance(pretrained, str(model.device), command)
+    tasks = sorted({t for _, (results, _) in runs.items() for t in accuracy(results)})
+    lines = ["# Pressure-transfer table from lm-evaluation-harness runs", "", *provenance_lines(meta),
+             f"- per strategy: `kvcompress lm-eval run --model kvcompress --model_args {model_args},strategy=S` into "
+             f"`{out}/S/`; recall = lm-eval `acc` on {', '.join(tasks)}, loss in points against `full`",
+             "- HBM saved: resident KV after each generate_until request against the full cache's bytes at the same "
+             "length (analytic, tested equal to measured); decode/TTFT from the per-request records "
+             f"(`{REQUESTS_FILE}`); fidelity: teacher-forced top-1/KL vs `full` over 200 steps of the shipped text",
+             "", table(rows, report), "", "| strategy | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines += [f"| `{r['strategy']}` | " + " | ".join(f"{r['accuracy'].get(t, float('nan')):.2f}" for t in tasks) + " |"
+              for r in rows]
+    path = out / "pressure_transfer.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
+    return path

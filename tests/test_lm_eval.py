@@ -1,0 +1,91 @@
+"""lm-evaluation-harness integration: model plugin, cache-routed log-likelihoods, recall tasks, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval integration needs the eval extra")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from kvcompress.cli import main  # noqa: E402
+from kvcompress.evals.lm_eval import KVCompressLM, recall_docs  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def full_lm():
+    return KVCompressLM(pretrained="default", strategy="full", device="cpu")
+
+
+def _chat(lm, text: str) -> str:
+    return lm.apply_chat_template([{"role": "user", "content": text}])
+
+
+def _loglikelihood_requests():
+    pairs = [("The capital of France is", " Paris"), ("1, 2, 3, 4,", " 5, 6"), ("We hold these truths", " to be"),
+             ("Question: what colour is grass? Answer:", " green"), ("", "Hello world"), ("The sky is", " blue."),
+             ("def add(a, b):\n    return", " a + b"), ("Once upon a", " time there was"),
+             ("The quick brown fox", " jumps over the lazy dog"), ("Water boils at 100 degrees", " Celsius")]
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
+def test_full_matches_lm_evals_hf_model(full_lm):
+    reference = HFLM(pretrained=full_lm.model, tokenizer=full_lm.tokenizer, batch_size=1)
+    requests = _loglikelihood_requests()
+    ours, theirs = full_lm.loglikelihood(requests), reference.loglikelihood(requests)
+    assert max(abs(a[0] - b[0]) for a, b in zip(ours, theirs)) <= 1e-4
+    assert [a[1] for a in ours] == [b[1] for b in theirs]
+    assert sum(r["kind"] == "loglikelihood" for r in full_lm.requests) == len(requests)  # each through a cache
+
+    gen = [Instance("generate_until", {}, (_chat(full_lm, doc["input"]), {"until": ["\n"], "max_gen_toks": 12}), i)
+           for i, doc in enumerate(recall_docs("passkey", full_lm.tokenizer, [200], 2, 1))]
+    gen.append(Instance("generate_until", {}, ("The three primary colours are", {"until": ["."], "max_gen_toks": 12}), 2))
+    outputs = full_lm.generate_until(gen)
+    assert outputs == reference.generate_until(gen) and all(outputs)
+    record = full_lm.requests[-1]
+    assert record["kind"] == "generate_until" and record["kv_bytes"]["device"] > 0 and record["ttft_s"] > 0
+
+
+def test_window_loses_a_needle_outside_it(full_lm):
+    docs = recall_docs("passkey", full_lm.tokenizer, [300], 2, 1)  # depth 0: the needle opens the context
+    request = [Instance("generate_until", docs[0], (_chat(full_lm, docs[0]["input"]), {"until": ["\n"], "max_gen_toks": 12}),
+                        0)]
+    window = KVCompressLM(pretrained="default", strategy="window:window=64", device="cpu")
+    assert docs[0]["answer"] in full_lm.generate_until(request)[0]
+    assert docs[0]["answer"] not in window.generate_until(request)[0]
+
+
+def test_recall_tasks_are_deterministic_for_a_seed(full_lm):
+    first = recall_docs("multikey", full_lm.tokenizer, [200, 300], 2, 2)
+    assert first == recall_docs("multikey", full_lm.tokenizer, [200, 300], 2, 2)
+    assert len(first) == 2 * 2 * 2 and len({d["answer"] for d in first}) > 1
+    assert all(d["prompt_tokens"] <= d["length"] for d in first)
+
+
+def test_bad_model_arguments_name_the_parameter():
+    with pytest.raises(ValueError, match="unknown retention|unknown strategy part 'sinc'"):
+        KVCompressLM(pretrained="default", strategy="sinc")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        KVCompressLM(pretrained="default", batch_size="auto")
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        KVCompressLM(pretrained="random:tiny")
+
+
+def test_cli_runs_lm_eval_end_to_end_with_per_cell_metrics(tmp_path, monkeypatch):
+    for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(offline, "1")  # the tasks are generated here: nothing is downloaded
+    out = tmp_path / "run"
+    main(["lm-eval", "run", "--model", "kvcompress", "--model_args",
+          "pretrained=default,strategy=sink:sinks=4,window=128+int8", "--tasks", "kvc_passkey,kvc_vartrack",
+          "--metadata", json.dumps({"lengths": [200], "depths": 2}), "--apply_chat_template", "--device", "cpu",
+          "--output_path", str(out)])
+    results = json.loads(next(out.glob("**/results_*.json")).read_text())["results"]
+    assert set(results) == {"kvc_passkey", "kvc_vartrack"}
+    assert {"acc,none", "acc_L200_D0,none", "acc_L200_D100,none"} <= set(results["kvc_passkey"])
+    records = [json.loads(line) for line in (out / "kvcompress_requests.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {r["strategy"] for r in records} == {"sink:window=128+int8"}
+    assert all(r["kv_bytes"]["device"] > 0 and r["decode_ms_per_token"] > 0 for r in records)
