@@ -177,9 +177,12 @@ class Harness:
                   "decode_ms_p95": percentile(decode, 95) * 1e3, "tokens_per_s": 1 / p50}
         if timing["transfer"]:  # offloading tiers: what one decode step moves, and how long the host waited for it
             per_step = {key: value / steps for key, value in timing["transfer"].items()}
+            busy = per_step["transfer_s"] + per_step["disk_s"]
             record.update(moved_bytes_per_step=sum(v for k, v in per_step.items() if k.endswith("_bytes")),
-                          transfer_ms_per_step=1e3 * (per_step["transfer_s"] + per_step["disk_s"]),
-                          stall_ms_per_step=1e3 * per_step["stall_s"], transfer_per_step=per_step)
+                          transfer_ms_per_step=1e3 * busy, stall_ms_per_step=1e3 * per_step["stall_s"],
+                          # the share of copy/I-O time the host did not wait for: hidden behind compute
+                          overlap=max(0.0, 1 - per_step["stall_s"] / busy) if busy else None,
+                          transfer_per_step=per_step)
         return record
 
     def fidelity(self, strategy: str) -> dict:

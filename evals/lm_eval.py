@@ -286,6 +286,11 @@ def main(argv: list[str]) -> None:
     names = split_strategies(strategies)
     for name in names:
         parse_strategy(name)  # every strategy checked before the first run starts
+    from ..provenance import provenance
+
+    args = dict(item.split("=", 1) for item in model_args.split(",") if "=" in item)
+    meta = provenance(args.get("pretrained", "default"), "cpu", ["kvcompress", "lm-eval", *sys.argv[2:]]
+                      if len(sys.argv) > 2 else None)
     for name in names:
         folder = out / _slug(name)
         if _results_file(folder) is not None:
@@ -293,7 +298,7 @@ def main(argv: list[str]) -> None:
             continue
         run_cli(["run", "--model", "kvcompress", "--model_args", f"{model_args},strategy={name}",
                  "--output_path", str(folder), *argv])
-    print(write_table(out, names, model_args, ["kvcompress", "lm-eval", *sys.argv[2:]] if len(sys.argv) > 2 else None))
+    print(write_table(out, names, model_args, meta))
 
 
 def _without(argv: list[str], *names: str) -> list[str]:
@@ -317,11 +322,12 @@ def _results_file(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def write_table(out: Path, strategies: list[str], model_args: str, command: list[str] | None = None) -> Path:
-    """out/pressure_transfer.md and out/summary.json from each strategy's lm-eval results and request records."""
+def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -> Path:
+    """out/pressure_transfer.md and out/summary.json from each strategy's lm-eval results and request records;
+    `meta`: provenance taken when the command started."""
     from ..accounting import expected_kv_bytes
     from ..models import load_config
-    from ..provenance import provenance, provenance_lines
+    from ..provenance import device_name, provenance_lines
     from . import reference_text, text_ids
     from .fidelity import compare, step_logits
     from .harness import ReportConfig, Thresholds
@@ -391,11 +397,13 @@ def write_table(out: Path, strategies: list[str], model_args: str, command: list
                                  / GB - row["scale_kv_gb"])
         row.update(pressures(row, spec, Thresholds()))
         rows.append(row)
-    meta = provenance(pretrained, str(model.device), command)
+    meta = {**meta, "device": device_name(model.device),
+            "lm_eval_runs": {name: runs[name][0].get("git_hash") for name in strategies}}
     tasks = sorted({t for _, (results, _) in runs.items() for t in accuracy(results)})
     lines = ["# Pressure-transfer table from lm-evaluation-harness runs", "", *provenance_lines(meta),
              f"- per strategy: `kvcompress lm-eval run --model kvcompress --model_args {model_args},strategy=S` into "
-             f"`{out}/S/`; recall = lm-eval `acc` on {', '.join(tasks)}, loss in points against `full`",
+             f"`{out}/S/` (commits of the runs: {', '.join(sorted({str(h) for h in meta['lm_eval_runs'].values()}))}); "
+             f"recall = lm-eval `acc` on {', '.join(tasks)}, loss in points against `full`",
              "- HBM saved: resident KV after each generate_until request against the full cache's bytes at the same "
              "length (analytic, tested equal to measured); decode/TTFT from the per-request records "
              f"(`{REQUESTS_FILE}`); fidelity: teacher-forced top-1/KL vs `full` over 200 steps of the shipped text",

@@ -75,6 +75,7 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
             "disk_bytes": disk_bytes or 0,
             "moved_bytes_per_step": lat and lat.get("moved_bytes_per_step"),
             "stall_ms_per_step": lat and lat.get("stall_ms_per_step"),
+            "overlap": lat and lat.get("overlap"),
             "allocation_failures": sum(1 for r in records if r.get("strategy") == strategy
                                        and r.get("outcome") == "allocation_failure"),
         }
@@ -94,7 +95,7 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
     if budget is not None:
         created.append(f"recall: tokens older than the {budget}-token budget are gone"
                        + (f" (-{row['recall_loss_pts']:.1f} pts measured)" if row["recall_loss_pts"] else ""))
-    elif row["recall_loss_pts"]:
+    elif row["recall_loss_pts"] and row["recall_loss_pts"] > 0:
         created.append(f"recall -{row['recall_loss_pts']:.1f} pts")
     if not spec.codec.lossless and row["top1"] is not None:
         created.append(f"fidelity: top-1 {row['top1']:.1%}, KL {row['kl']:.1e}")
@@ -141,6 +142,8 @@ def _offload_cell(r: dict) -> str:
     cell = f"host {r['host_bytes'] / GB:.3f} GB, disk {r['disk_bytes'] / GB:.3f} GB"
     if r["moved_bytes_per_step"] is not None:
         cell += f"; {r['moved_bytes_per_step'] / 1e6:.1f} MB/step moved, host waits {r['stall_ms_per_step']:.1f} ms/step"
+        if r.get("overlap") is not None:
+            cell += f" ({r['overlap']:.0%} of transfer time hidden)"
     return cell
 
 

@@ -51,7 +51,7 @@ def test_score_and_depths():
 def _row(**overrides):
     row = {"strategy": "int8", "recall_loss_pts": 0.0, "recall_n": 10, "hbm_saved_pct": 47.0, "decode_change_pct": 5.0,
            "top1": 0.99, "kl": 1e-3, "host_bytes": 0, "disk_bytes": 0, "moved_bytes_per_step": None,
-           "stall_ms_per_step": None, "allocation_failures": 0}
+           "stall_ms_per_step": None, "overlap": None, "allocation_failures": 0}
     row.update(overrides)
     return row
 
@@ -78,7 +78,7 @@ def test_guardrail_verdicts():
     assert disk["created"] == "decode latency +5%; host 0.020 GB + disk 0.500 GB holding KV; 12.0 MB moved per decode step"
 
 
-TINY = dict(strategies=["full", "window:window=64"], tasks=["passkey"], lengths=[160], depths=2,
+TINY = dict(strategies=["full", "window:window=64", "full+disk"], tasks=["passkey"], lengths=[160], depths=2,
             decode_steps=4, fidelity_prefill=64, fidelity_steps=8, max_new_tokens=8)
 
 
@@ -91,18 +91,24 @@ def test_report_writes_every_column_for_every_row(tmp_path):
     lines = path.read_text().splitlines()
     table = [line for line in lines if line.startswith("|")]
     assert [c.strip() for c in table[0].strip("|").split("|")] == COLUMNS
-    assert len(table) == 2 + 2
+    assert len(table) == 2 + 3
     for line in table[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert len(cells) == len(COLUMNS) and all(cells)
         assert "n/a" not in line
     records = _records(tmp_path)
     assert records[0]["kind"] == "meta" and records[0]["command"] and records[0]["git_commit"] is not None
-    assert len(records) == 1 + 2 * 2 + 2 + 2
+    assert len(records) == 1 + 3 * 2 + 3 + 3
     full = [r for r in records[1:] if r["kind"] == "recall" and r["strategy"] == "full"]
     window = [r for r in records[1:] if r["kind"] == "recall" and r["strategy"] == "window:window=64"]
     assert all(r["stored_tokens"] == r["seen_tokens"] for r in full)
     assert all(r["stored_tokens"] == 64 for r in window)
+    disk = [r for r in records[1:] if r["strategy"] == "disk"]  # the canonical form of full+disk
+    assert all(r["kv_bytes_final"]["disk"] > 0 and not r["kv_bytes_final"].get("device") for r in disk
+               if r["kind"] == "recall")
+    latency = next(r for r in disk if r["kind"] == "latency")
+    assert latency["moved_bytes_per_step"] > 0 and 0 <= latency["overlap"] <= 1
+    assert "MB/step moved" in table[-1] and "disk" in table[-1]
     for name in ("summary.csv", "summary.json", "pareto.png", "recall_heatmap.png", "latency_vs_context.png"):
         assert (tmp_path / name).stat().st_size > 0
 
