@@ -137,7 +137,7 @@ def test_interrupted_run_resumes_without_redoing_anything(tmp_path, monkeypatch)
     run_report(None, tmp_path, resume=True)
     records = _records(tmp_path)
     assert records[:3] == kept
-    assert len(records) == 1 + 2 * 2 + 2 + 2 and len(done) == len(records) - 3
+    assert len(records) == 1 + 3 * 2 + 3 + 3 and len(done) == len(records) - 3
     keys = [RecordStore.key(r) for r in records[1:]]
     assert len(keys) == len(set(keys))
 
