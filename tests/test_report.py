@@ -151,7 +151,7 @@ def test_allocation_failure_is_recorded_and_the_run_goes_on(tmp_path, monkeypatc
         return original(self, strategy, length)
 
     monkeypatch.setattr(harness_module.Harness, "latency", out_of_memory)
-    path = run_report(ReportConfig(**TINY), tmp_path)
+    path = run_report(ReportConfig(**{**TINY, "strategies": ["full", "window:window=64"]}), tmp_path)
     failed = [r for r in _records(tmp_path) if r.get("outcome") == "allocation_failure"]
     assert len(failed) == 1 and failed[0]["kind"] == "latency" and "20.00 GiB" in failed[0]["error"]
     assert "incomplete: no decode_change_pct" in path.read_text()
