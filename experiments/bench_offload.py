@@ -85,22 +85,26 @@ def read_bandwidth(directory: str, total: int = 512 << 20, reps: int = 5) -> dic
         return on_disk / (time.perf_counter() - start)
 
     fd = store.file.direct_fd if store.file.direct_fd is not None else store.file.fd
-    buffer = HostMemory.pageable(4 << 20)
-    view = memoryview(buffer.numpy())
+    whole = HostMemory.pageable(store.file.end)
+    whole.fill_(0)  # touched once, like the tier's reused staging
+    views = {"whole": memoryview(whole.numpy()), "chunk": memoryview(HostMemory.pageable(4 << 20).numpy())}
 
-    def plain() -> float:
-        start, offset, end = time.perf_counter(), 4096, store.file.end
+    def plain(into: str) -> float:
+        """4 MiB reads into one buffer the file's size (the data lands in RAM, as it must for a loader), or
+        into the same 4 MiB buffer over and over (the data is dropped: the disk's ceiling)."""
+        start, offset, end, view = time.perf_counter(), 4096, store.file.end, views[into]
         while offset < end:
-            offset += os.preadv(fd, [view[: min(len(view), end - offset)]], offset)
+            size = min(4 << 20, end - offset)
+            offset += os.preadv(fd, [view[offset : offset + size] if into == "whole" else view[:size]], offset)
         return (end - 4096) / (time.perf_counter() - start)
 
-    ours(), plain()  # first touch of the staging buffer and of the file's extents, not measured
-    samples = [(ours(), plain()) for _ in range(reps)]  # interleaved: both see the same disk state
-    ours_gbps = statistics.median(s[0] for s in samples) / GB
-    plain_gbps = statistics.median(s[1] for s in samples) / GB
+    ours(), plain("whole"), plain("chunk")  # first touch of buffers and extents, not measured
+    samples = [(ours(), plain("whole"), plain("chunk")) for _ in range(reps)]  # interleaved: same disk state
+    ours_gbps, whole_gbps, chunk_gbps = (statistics.median(s[i] for s in samples) / GB for i in range(3))
     result = {"bytes": on_disk, "o_direct": store.file.direct_fd is not None, "block_bytes": rows.block_bytes,
-              "disk_tier_GBps": round(ours_gbps, 3), "plain_sequential_GBps": round(plain_gbps, 3),
-              "ratio": round(ours_gbps / plain_gbps, 3)}
+              "disk_tier_GBps": round(ours_gbps, 3), "plain_sequential_GBps": round(whole_gbps, 3),
+              "ratio": round(ours_gbps / whole_gbps, 3), "plain_reused_4MiB_GBps": round(chunk_gbps, 3),
+              "ratio_vs_reused_4MiB": round(ours_gbps / chunk_gbps, 3)}
     part.close()
     store.close()
     return result
@@ -123,8 +127,10 @@ def markdown(meta: dict, rows: list[dict], bandwidth: dict) -> str:
     b = bandwidth
     lines += ["", "## Sustained read bandwidth", "",
               f"{b['bytes'] / 2**20:.0f} MiB in {b['block_bytes'] // 1024} KiB blocks, O_DIRECT: {b['o_direct']}: "
-              f"disk tier {b['disk_tier_GBps']:.2f} GB/s (checksums verified) vs plain sequential read of the same file "
-              f"{b['plain_sequential_GBps']:.2f} GB/s: **{b['ratio']:.0%}** (target >= 70 %)."]
+              f"disk tier {b['disk_tier_GBps']:.2f} GB/s (checksums verified) vs a plain sequential read of the same "
+              f"file into one buffer of its size {b['plain_sequential_GBps']:.2f} GB/s: **{b['ratio']:.0%}** (target "
+              f">= 70 %). Against 4 MiB reads into one reused buffer (data dropped, the disk's ceiling here) "
+              f"{b['plain_reused_4MiB_GBps']:.2f} GB/s: {b['ratio_vs_reused_4MiB']:.0%}."]
     return "\n".join(lines) + "\n"
 
 

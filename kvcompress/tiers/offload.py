@@ -107,8 +107,9 @@ class OffloadPart(Part):
             self.replace(take_tokens(self.read(), keep))
 
     def replace(self, x: torch.Tensor) -> None:
-        self.release()
-        self._pending = None
+        # `x` may be a view of what the last fetch brought (a staging buffer on the CPU): that fetch is released with
+        # the step, not here
+        self._pending = self._device = None
         if self.rows is not None:
             self.rows.clear()
         self.template = no_tokens(x)
