@@ -325,7 +325,7 @@ def _results_file(folder: Path) -> Path | None:
 def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -> Path:
     """out/pressure_transfer.md and out/summary.json from each strategy's lm-eval results and request records;
     `meta`: provenance taken when the command started."""
-    from ..accounting import expected_kv_bytes
+    from ..accounting import expected_kv_bytes, kv_sizer
     from ..models import load_config
     from ..provenance import device_name, provenance_lines
     from . import reference_text, text_ids
@@ -392,7 +392,7 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -
                                                  if k.startswith("acc_L")},
         }
         report = ReportConfig(model=pretrained, strategies=strategies)
-        row["scale_kv_gb"] = expected_kv_bytes(config, spec, report.context, report.sessions, model.dtype) / GB
+        row["scale_kv_gb"] = kv_sizer(config, spec, model.dtype).device_bytes(report.context, report.sessions) / GB
         row["scale_saved_gb"] = (expected_kv_bytes(config, "full", report.context, report.sessions, model.dtype)
                                  / GB - row["scale_kv_gb"])
         row.update(pressures(row, spec, Thresholds()))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..accounting import expected_kv_bytes
+from ..accounting import expected_kv_bytes, kv_sizer
 from ..models import load_config
 from ..provenance import provenance_lines
 from ..strategy import parse_strategy
@@ -53,7 +53,7 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
         host_bytes = _mean([r["kv_bytes_final"].get("host", 0) for r in at_longest])
         disk_bytes = _mean([r["kv_bytes_final"].get("disk", 0) for r in at_longest])
         lat, lat_full = latency.get((strategy, latency_length)), latency.get(("full", latency_length))
-        at_scale = expected_kv_bytes(model_config, spec, config.context, config.sessions, dtype)
+        at_scale = kv_sizer(model_config, spec, dtype).device_bytes(config.context, config.sessions)
         row = {
             "strategy": strategy,
             "recall_n": len(paired),
@@ -153,7 +153,7 @@ def table(rows: list[dict], config: ReportConfig) -> str:
         cells = [
             f"`{r['strategy']}`",
             f"{_fmt(r['hbm_saved_pct'], '.1f', '%')} ({_fmt(r['hbm_saved_gb'], '.4f', ' GB')} at {r['measured_length']} tok)",
-            f"{r['scale_kv_gb']:.1f} GB KV, {r['scale_saved_gb']:.1f} GB saved ({config.sessions} x {config.context} tok)",
+            f"{r['scale_kv_gb']:.1f} GB KV on device, {r['scale_saved_gb']:.1f} GB saved ({config.sessions} x {config.context} tok)",
             _fmt(r["decode_change_pct"], "+.1f", "%"),
             _fmt(r["ttft_change_pct"], "+.1f", "%"),
             f"{_fmt(r['recall_loss_pts'], '.1f', ' pts')} (n={r['recall_n']})",

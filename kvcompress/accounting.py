@@ -50,6 +50,7 @@ class KVSizer:
     position_token: int  # position bookkeeping per token per layer (retentions that track positions)
     budget: int | None
     residual: int | None  # None: the codec is lossless, every stored token stays in the model dtype
+    device_tokens: int | None = None  # tokens per sequence the tier keeps on the device (None: every one)
 
     def stored(self, seen: int) -> int:
         return seen if self.budget is None else min(seen, self.budget)
@@ -59,6 +60,10 @@ class KVSizer:
         recent = stored if self.residual is None else min(stored, self.residual)
         per_layer = recent * self.full_token + (stored - recent) * self.encoded_token + stored * self.position_token
         return round(self.layers * batch * per_layer)
+
+    def device_bytes(self, seen: int, batch: int = 1) -> int:
+        """The part of `bytes` that stays on the device (HBM on a GPU); the rest lives on the host or disk tier."""
+        return self.bytes(seen if self.device_tokens is None else min(seen, self.device_tokens), batch)
 
 
 def kv_sizer(model_or_config, strategy: str | StrategySpec, dtype: torch.dtype | None = None) -> KVSizer:
@@ -70,6 +75,7 @@ def kv_sizer(model_or_config, strategy: str | StrategySpec, dtype: torch.dtype |
         position_token=POSITION_BYTES if spec.retention.needs_positions else 0,
         budget=spec.retention.budget,
         residual=None if spec.codec.lossless else spec.codec.residual_tokens,
+        device_tokens=spec.tier.device_tokens,
     )
 
 

@@ -130,9 +130,10 @@ def _plan(args: argparse.Namespace) -> None:
           f"{first.weights_bytes / GIB:.1f} GiB, runtime reserve {first.reserve_bytes / GIB:.1f} GiB, "
           f"KV in {config_dtype(config)}; {args.sessions} sessions x {context} tokens")
     _print_table(
-        ("strategy", "bytes/token", "KV GiB", "max sessions", "max context", "verdict"),
-        [(r.strategy, f"{r.bytes_per_token:,}", f"{r.kv_bytes / GIB:,.1f}", f"{r.max_sessions:,}",
-          "unbounded (budget)" if r.max_context is None else f"{r.max_context:,}", r.verdict) for r in rows],
+        ("strategy", "bytes/token", "device KV GiB", "max sessions", "max context", "verdict"),
+        [(r.strategy, f"{r.bytes_per_token:,}", f"{r.kv_bytes / GIB:,.1f}",
+          "unbounded" if r.max_sessions is None else f"{r.max_sessions:,}",
+          "unbounded" if r.max_context is None else f"{r.max_context:,}", r.verdict) for r in rows],
     )
     print()
     _print_table(("context", "sessions", "strategy", "KV GiB", "lesson"),

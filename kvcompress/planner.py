@@ -76,8 +76,8 @@ class PlanRow:
     reserve_bytes: int
     gpu_bytes: int
     fits: bool
-    max_sessions: int
-    max_context: int | None  # None: a retention budget caps KV, so context no longer limits memory
+    max_sessions: int | None
+    max_context: int | None  # None: a retention budget or an offload tier caps device KV: context no longer limits it
     verdict: str
 
 
@@ -92,9 +92,9 @@ def plan(config, strategies: list[str | StrategySpec], gpu_bytes: float, context
     for strategy in strategies:
         spec = parse_strategy(strategy)
         sizer = kv_sizer(config, spec, kv_dtype)
-        kv = sizer.bytes(context, sessions)
-        per_session = sizer.bytes(context)
-        max_sessions = max(0, math.floor(free / per_session)) if per_session else 0
+        kv = sizer.device_bytes(context, sessions)
+        per_session = sizer.device_bytes(context)
+        max_sessions = max(0, math.floor(free / per_session)) if per_session else None  # None: KV stays off device
         max_context = _max_context(sizer, free, sessions)
         fits = kv <= free
         if free <= 0:
@@ -103,6 +103,9 @@ def plan(config, strategies: list[str | StrategySpec], gpu_bytes: float, context
             verdict = "fits"
         else:
             verdict = f"allocation failures: {kv / free:.1f}x the free memory; fewer sessions, compress, shard or offload"
+        off_device = sizer.bytes(context, sessions) - kv
+        if off_device:
+            verdict += f"; {spec.tier.name} holds {off_device / 2**30:,.1f} GiB"
         rows.append(PlanRow(str(spec), sizer.bytes(1), kv, weights_total,
                             reserve, round(gpu_bytes), fits, max_sessions, max_context, verdict))
     return rows
@@ -110,12 +113,12 @@ def plan(config, strategies: list[str | StrategySpec], gpu_bytes: float, context
 
 def _max_context(sizer: KVSizer, free: float, sessions: int) -> int | None:
     """Longest context whose KV for `sessions` sessions fits in `free` bytes (binary search on the formula)."""
-    if sizer.budget is not None and sizer.bytes(sizer.budget, sessions) <= free:
-        return None
     lo, hi = 0, 1 << 24
+    if sizer.device_bytes(hi, sessions) <= free:  # a retention budget or an offload tier caps device KV
+        return None
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if sizer.bytes(mid, sessions) <= free:
+        if sizer.device_bytes(mid, sessions) <= free:
             lo = mid
         else:
             hi = mid - 1

@@ -160,7 +160,7 @@ class Simulation:
 
     # -- memory --------------------------------------------------------------------------------------------
     def kv_bytes(self, tokens: int) -> int:
-        return self.sizer.bytes(tokens)
+        return self.sizer.device_bytes(tokens)
 
     def allocation(self, session: _Session, tokens: int) -> int:
         """Bytes the allocator holds for a session whose context is `tokens` long."""

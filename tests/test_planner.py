@@ -77,6 +77,15 @@ def test_cli_tables(capsys):
     main(["plan", "--model", "random:llama-3.1-8b", "--gpu-mem", "80GiB"])
     out = capsys.readouterr().out
     assert "128.0" in out and "KV alone exceeds the GPU: needs sharding or offload" in out
-    assert "unbounded (budget)" in out and "fits (" in out
+    assert "unbounded" in out and "fits (" in out
     with pytest.raises(SystemExit, match="unknown gpu 'X1'"):
         main(["plan", "--gpu", "X1"])
+
+
+def test_offload_tiers_keep_kv_off_the_gpu():
+    full, host, cold = plan(load_config("llama-3.1-8b"), ["full", "full+host", "full+disk:policy=cold,window=4096"],
+                            80e9, 32768, 32)
+    assert host.kv_bytes == 0 and host.fits and host.max_sessions is None and host.max_context is None
+    assert "host holds 128.0 GiB" in host.verdict and "disk holds 112.0 GiB" in cold.verdict
+    assert cold.kv_bytes == 32 * 131_072 * (4 + 4096)  # sinks + window of each sequence stay on the device
+    assert not full.fits

@@ -139,6 +139,11 @@ class Store:
 class Tier:
     name = "base"
 
+    @property
+    def device_tokens(self) -> int | None:
+        """Tokens per sequence and layer kept on the compute device between steps (None: all of them)."""
+        return None
+
     def open(self, planned_bytes: int = 0) -> Store:
         """The store of one cache. `planned_bytes` is the most KV the cache expects to hold (disk checks room)."""
         return Store(self)

@@ -221,6 +221,11 @@ class OffloadTier(Tier):
     sinks: int = 4
     window: int = 1024
 
+    @property
+    def device_tokens(self) -> int:
+        # `layers` holds at most two layers' history on the device, and only while they compute
+        return self.sinks + self.window if self.policy == "cold" else 0
+
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"{self.name}:policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
