@@ -55,16 +55,16 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         inputs = tokenizer(args.prompt, return_tensors="pt")
     inputs = inputs.to(args.device)
-    cache = make_cache(model, spec)
-    with torch.no_grad():
+    with make_cache(model, spec) as cache, torch.no_grad():
         out = model.generate(**inputs, cache=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+        tiers, stored, seen = cache.kv_bytes(), cache.stored_tokens(), cache.get_seq_length()
     print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
-    resident = sum(cache.kv_bytes().values())
-    full = expected_kv_bytes(model, "full", cache.get_seq_length())
-    tiers = ", ".join(f"{t} {b / MIB:.2f} MiB" for t, b in cache.kv_bytes().items())
+    device = tiers.get("device", 0)
+    full = expected_kv_bytes(model, "full", seen)
+    where = ", ".join(f"{t} {b / MIB:.2f} MiB" for t, b in tiers.items())
     print(
-        f"\n[kv] {cache.spec}: {tiers} resident for {cache.stored_tokens()} of {cache.get_seq_length()} tokens; "
-        f"full cache {full / MIB:.2f} MiB; saved {1 - resident / full:.1%}",
+        f"\n[kv] {cache.spec}: {where} resident for {stored} of {seen} tokens; "
+        f"full cache {full / MIB:.2f} MiB; device KV saved {1 - device / full:.1%}",
         file=sys.stderr,
     )
 
