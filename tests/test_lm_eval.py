@@ -89,3 +89,12 @@ def test_cli_runs_lm_eval_end_to_end_with_per_cell_metrics(tmp_path, monkeypatch
     records = [json.loads(line) for line in (out / "kvcompress_requests.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {r["strategy"] for r in records} == {"sink:window=128+int8"}
     assert all(r["kv_bytes"]["device"] > 0 and r["decode_ms_per_token"] > 0 for r in records)
+
+
+def test_left_padded_batches_match_batch_one(full_lm):
+    docs = recall_docs("passkey", full_lm.tokenizer, [120, 200], 1, 1)
+    requests = [Instance("generate_until", d, (_chat(full_lm, d["input"]), {"until": ["\n"], "max_gen_toks": 10}), i)
+                for i, d in enumerate(docs)]
+    batched = KVCompressLM(pretrained="default", strategy="sink:sinks=4,window=64", device="cpu", batch_size=2)
+    single = KVCompressLM(pretrained="default", strategy="sink:sinks=4,window=64", device="cpu", batch_size=1)
+    assert batched.generate_until(requests) == single.generate_until(requests)
