@@ -42,6 +42,13 @@ _STRATEGY_KEYS = {f.name for registry in AXES.values() for name in registry.name
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
+def usable_device(device: str | None) -> str:
+    """The device asked for, or the CPU where it is CUDA and there is none (lm-eval's CLI defaults to cuda:0)."""
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"
+    return device or "cpu"
+
+
 class _StepClock(LogitsProcessor):
     """Called once per generated token: time to the first one (TTFT) and between the next ones (decode)."""
 
@@ -79,10 +86,9 @@ class KVCompressLM(HFLM):
         self.spec = parse_strategy(",".join(strategy_parts))
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer for the kvcompress model, got {batch_size!r}")
-        if device and device.startswith("cuda") and not torch.cuda.is_available():
+        if usable_device(device) != (device or "cpu"):
             warnings.warn(f"device={device!r} but CUDA is not available: running on the CPU", stacklevel=2)
-            device = "cpu"
-        model, tokenizer = load_model(pretrained, dtype=dtype, device=device or "cpu")
+        model, tokenizer = load_model(pretrained, dtype=dtype, device=usable_device(device))
         if tokenizer is None:
             raise ValueError(f"pretrained={pretrained!r} has no tokenizer; lm-eval needs text in and out")
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
@@ -232,17 +238,37 @@ def task_manager(**kwargs) -> TaskManager:
 
 # -- the CLI -----------------------------------------------------------------------------------------------------
 def run_cli(argv: list[str]) -> None:
-    """lm-eval's own CLI (same arguments, outputs and --help), with our model and tasks registered."""
+    """lm-eval's own CLI (same arguments, outputs and --help), with our model and tasks registered. A run of the
+    kvcompress model with an output path records how it was made (command, model, device, versions, commit) as the
+    first line of its request records and under "kvcompress" in lm-eval's results files."""
     from lm_eval.__main__ import cli_evaluate
+
+    from ..provenance import provenance
 
     include_our_tasks()
     argv = _with_requests_file(argv)
-    saved = sys.argv
+    out, model_args = _option(argv, "--output_path"), _model_args(_option(argv, "--model_args") or "")
+    meta = None
+    if _option(argv, "--model") == "kvcompress" and out is not None:
+        meta = provenance(model_args.get("pretrained", "default"), usable_device(_option(argv, "--device")),
+                          ["kvcompress", "lm-eval", *argv])
+        requests = Path(model_args["requests_file"])
+        requests.parent.mkdir(parents=True, exist_ok=True)
+        with requests.open("a") as f:
+            f.write(json.dumps({"kind": "meta", **meta}) + "\n")
+    started, saved = time.time(), sys.argv
     sys.argv = ["lm-eval", *argv]
     try:
         cli_evaluate()
     finally:
         sys.argv = saved
+    for path in Path(out).glob("**/results_*.json") if meta else []:
+        if path.stat().st_mtime >= started:
+            path.write_text(json.dumps({**json.loads(path.read_text()), "kvcompress": meta}, indent=2) + "\n")
+
+
+def _model_args(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
 
 
 def _option(argv: list[str], name: str) -> str | None:
@@ -277,20 +303,18 @@ def main(argv: list[str]) -> None:
     if strategies is None:
         run_cli(argv)
         return
-    argv = _without(argv, "--strategies", "--model", "--output_path")
-    if argv and argv[0] == "run":
-        argv = argv[1:]
+    from ..provenance import provenance
+
+    out = Path(_option(argv, "--output_path") or "results/lm-eval")
     model_args = _option(argv, "--model_args") or "pretrained=default"
-    argv = _without(argv, "--model_args")
-    out = Path(_option(sys.argv, "--output_path") or _option(argv, "--output_path") or "results/lm-eval")
+    meta = provenance(_model_args(model_args).get("pretrained", "default"), usable_device(_option(argv, "--device")),
+                      ["kvcompress", "lm-eval", *argv])
     names = split_strategies(strategies)
     for name in names:
         parse_strategy(name)  # every strategy checked before the first run starts
-    from ..provenance import provenance
-
-    args = dict(item.split("=", 1) for item in model_args.split(",") if "=" in item)
-    meta = provenance(args.get("pretrained", "default"), "cpu", ["kvcompress", "lm-eval", *sys.argv[2:]]
-                      if len(sys.argv) > 2 else None)
+    argv = _without(argv, "--strategies", "--model", "--output_path", "--model_args")
+    if argv and argv[0] == "run":
+        argv = argv[1:]
     for name in names:
         folder = out / _slug(name)
         if _results_file(folder) is not None:
@@ -332,15 +356,17 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -
     from .fidelity import compare, step_logits
     from .harness import ReportConfig, Thresholds
     from .report import GB, pressures, table
+    from .report import _mean as mean
 
-    args = dict(item.split("=", 1) for item in model_args.split(",") if "=" in item)
+    args = _model_args(model_args)
     pretrained = args.get("pretrained", "default")
     config = load_config(pretrained)
     runs = {}
     for name in strategies:
         folder = out / _slug(name)
         results = json.loads(_results_file(folder).read_text())
-        requests = [json.loads(line) for line in (folder / REQUESTS_FILE).read_text().splitlines() if line.strip()]
+        requests = [record for line in (folder / REQUESTS_FILE).read_text().splitlines() if line.strip()
+                    if (record := json.loads(line))["kind"] != "meta"]
         runs[name] = (results, requests)
 
     model, tokenizer = load_model(pretrained, dtype=args.get("dtype"))
@@ -353,48 +379,43 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -
     def samples(results: dict) -> int:
         return sum(n.get("effective", 0) for n in results.get("n-samples", {}).values())
 
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
+    def generated(name: str) -> list[dict]:
+        return [r for r in runs[name][1] if r["kind"] == "generate_until"] if name in runs else []
 
-    full = runs.get("full")
+    full_acc = accuracy(runs["full"][0]) if "full" in runs else None
+    full_decode = mean([r["decode_ms_per_token"] for r in generated("full")])
+    full_ttft = mean([r["ttft_s"] for r in generated("full")])
+    report = ReportConfig(model=pretrained, strategies=strategies)
+    full_at_scale = expected_kv_bytes(config, "full", report.context, report.sessions, model.dtype) / GB
     rows = []
     for name in strategies:
-        results, requests = runs[name]
+        results, mine = runs[name][0], generated(name)
         spec = parse_strategy(name)
-        generated = [r for r in requests if r["kind"] == "generate_until"]
-        device = sum(r["kv_bytes"].get("device", 0) for r in generated)
-        full_bytes = sum(expected_kv_bytes(config, "full", r["seen_tokens"], dtype=model.dtype) for r in generated)
+        device = sum(r["kv_bytes"].get("device", 0) for r in mine)
+        full_bytes = sum(expected_kv_bytes(config, "full", r["seen_tokens"], dtype=model.dtype) for r in mine)
         acc = accuracy(results)
-        loss = None
-        if full is not None:
-            full_acc = accuracy(full[0])
-            loss = 100 * mean([full_acc[t] - acc[t] for t in acc if t in full_acc])
-        decode = mean([r["decode_ms_per_token"] for r in generated])
-        ttft = mean([r["ttft_s"] for r in generated])
-        full_gen = [r for r in full[1] if r["kind"] == "generate_until"] if full else []
-        full_decode, full_ttft = mean([r["decode_ms_per_token"] for r in full_gen]), mean([r["ttft_s"] for r in full_gen])
+        loss = 100 * mean([full_acc[t] - acc[t] for t in acc if t in full_acc]) if full_acc is not None else None
+        decode = mean([r["decode_ms_per_token"] for r in mine])
+        ttft = mean([r["ttft_s"] for r in mine])
         fidelity = compare(full_logits, step_logits(model, text, spec, 512))
         row = {
             "strategy": name, "recall_n": samples(results), "accuracy": acc,
             "recall_pct": 100 * mean(list(acc.values())) if acc else None, "recall_loss_pts": loss,
-            "measured_length": max((r["seen_tokens"] for r in generated), default=None),
-            "kv_bytes": device / max(len(generated), 1),
+            "measured_length": max((r["seen_tokens"] for r in mine), default=None),
+            "kv_bytes": device / max(len(mine), 1),
             "hbm_saved_pct": 100 * (1 - device / full_bytes) if full_bytes else None,
-            "hbm_saved_gb": (full_bytes - device) / max(len(generated), 1) / GB if full_bytes else None,
+            "hbm_saved_gb": (full_bytes - device) / max(len(mine), 1) / GB if full_bytes else None,
             "decode_ms_p50": decode, "decode_change_pct": 100 * (decode / full_decode - 1) if decode and full_decode else None,
             "ttft_change_pct": 100 * (ttft / full_ttft - 1) if ttft and full_ttft else None,
             "top1": fidelity["top1"], "kl": fidelity["kl"],
-            "host_bytes": mean([r["kv_bytes"].get("host", 0) for r in generated]) or 0,
-            "disk_bytes": mean([r["kv_bytes"].get("disk", 0) for r in generated]) or 0,
+            "host_bytes": mean([r["kv_bytes"].get("host", 0) for r in mine]) or 0,
+            "disk_bytes": mean([r["kv_bytes"].get("disk", 0) for r in mine]) or 0,
             "moved_bytes_per_step": None, "stall_ms_per_step": None,
             "allocation_failures": 0, "cells": {k: v for task in results["results"].values() for k, v in task.items()
                                                  if k.startswith("acc_L")},
         }
-        report = ReportConfig(model=pretrained, strategies=strategies)
         row["scale_kv_gb"] = kv_sizer(config, spec, model.dtype).device_bytes(report.context, report.sessions) / GB
-        row["scale_saved_gb"] = (expected_kv_bytes(config, "full", report.context, report.sessions, model.dtype)
-                                 / GB - row["scale_kv_gb"])
+        row["scale_saved_gb"] = full_at_scale - row["scale_kv_gb"]
         row.update(pressures(row, spec, Thresholds()))
         rows.append(row)
     meta = {**meta, "device": device_name(model.device),

@@ -150,9 +150,7 @@ class KVLayer(CacheLayerMixin):
                 setattr(self, f"encoded_{name}", {})
                 setattr(self, f"recent_{name}", DevicePart(decoded))
             parts = (None, keep)
-        keep_encoded, keep_recent = parts
-        for part in self._parts():
-            part.keep(keep_recent if part in (self.recent_k, self.recent_v) else keep_encoded)
+        self._keep(*parts)
 
     def _encode_overflow(self) -> None:
         overflow = len(self.recent_k) - self.codec.residual_tokens
@@ -167,6 +165,10 @@ class KVLayer(CacheLayerMixin):
                     parts[key] = self.store.part(no_tokens(tensor))
                 parts[key].append(tensor)
             recent.keep(slice(overflow, len(recent)))
+
+    def _keep(self, keep_encoded: slice | torch.Tensor | None, keep_recent: slice | torch.Tensor) -> None:
+        for part in self._parts():
+            part.keep(keep_recent if part in (self.recent_k, self.recent_v) else keep_encoded)
 
     # -- bookkeeping that generate and beam search call --------------------------------------------------------
     def _parts(self) -> list[Part]:
@@ -210,9 +212,8 @@ class KVLayer(CacheLayerMixin):
             raise RuntimeError(f"cannot crop a {self.retention.name} cache that has already evicted tokens")
         keep = slice(0, self.stored + tokens_to_remove)
         self.seen = keep.stop
-        keep_encoded, keep_recent = _split_keep(keep, self.n_encoded, self.stored)
+        self._keep(*_split_keep(keep, self.n_encoded, self.stored))
         for part in self._parts():
-            part.keep(keep_recent if part in (self.recent_k, self.recent_v) else keep_encoded)
             part.release()
         if self.positions is not None:
             self.positions = self.positions[:, keep]
@@ -318,11 +319,9 @@ def make_cache(
         if spec.tier.name != "disk":
             raise ValueError(f"offload_dir applies to the disk tier only; strategy {str(spec)!r} uses {spec.tier.name}")
         spec = dataclasses.replace(spec, tier=dataclasses.replace(spec.tier, dir=str(offload_dir)))
-    planned = 0
-    if spec.tier.name == "disk":
-        from .accounting import expected_kv_bytes
+    from .accounting import expected_kv_bytes  # (imports this module)
 
-        tokens = max_tokens or getattr(config, "max_position_embeddings", None) or 4096
-        dtype = getattr(model_or_config, "dtype", None)
-        planned = expected_kv_bytes(config, spec, tokens, batch_size, dtype if isinstance(dtype, torch.dtype) else None)
+    tokens = max_tokens or getattr(config, "max_position_embeddings", None) or 4096
+    dtype = getattr(model_or_config, "dtype", None)
+    planned = expected_kv_bytes(config, spec, tokens, batch_size, dtype if isinstance(dtype, torch.dtype) else None)
     return KVCache(spec, config.num_hidden_layers, planned)

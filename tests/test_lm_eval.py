@@ -83,10 +83,13 @@ def test_cli_runs_lm_eval_end_to_end_with_per_cell_metrics(tmp_path, monkeypatch
           "pretrained=default,strategy=sink:sinks=4,window=128+int8", "--tasks", "kvc_passkey,kvc_vartrack",
           "--metadata", json.dumps({"lengths": [200], "depths": 2}), "--apply_chat_template", "--device", "cpu",
           "--output_path", str(out)])
-    results = json.loads(next(out.glob("**/results_*.json")).read_text())["results"]
+    written = json.loads(next(out.glob("**/results_*.json")).read_text())
+    assert written["kvcompress"]["command"].startswith("kvcompress lm-eval run --model kvcompress")
+    results = written["results"]
     assert set(results) == {"kvc_passkey", "kvc_vartrack"}
     assert {"acc,none", "acc_L200_D0,none", "acc_L200_D100,none"} <= set(results["kvc_passkey"])
-    records = [json.loads(line) for line in (out / "kvcompress_requests.jsonl").read_text().splitlines()]
+    meta, *records = [json.loads(line) for line in (out / "kvcompress_requests.jsonl").read_text().splitlines()]
+    assert meta["kind"] == "meta" and meta["git_commit"] is not None and "versions" in meta
     assert len(records) == 4 and {r["strategy"] for r in records} == {"sink:window=128+int8"}
     assert all(r["kv_bytes"]["device"] > 0 and r["decode_ms_per_token"] > 0 for r in records)
 

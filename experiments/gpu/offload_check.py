@@ -118,7 +118,7 @@ def _peak(reset: bool = False) -> int:
 
 
 @torch.no_grad()
-def decode(model, context: int, strategy: str, steps: int, warmup: int) -> dict:
+def decode(model, context: int, strategy: str, steps: int, warmup: int) -> tuple[dict, torch.Tensor]:
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=model.device,
                         generator=torch.Generator(model.device).manual_seed(context))
     cache = (DynamicCache(config=model.config, offloading=True) if strategy == HF_OFFLOAD

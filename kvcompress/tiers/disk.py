@@ -213,7 +213,7 @@ class DiskFetch(Fetch):
 
     def wait(self) -> torch.Tensor:
         store = self.rows.store
-        timed_wait(store.engine.stats, self.future.result)
+        timed_wait(store.transfer, self.future.result)
         typed = self.rows._typed(self.staging)
         return store.engine.to_device(typed[self.start : self.start + self.count]).wait()
 
@@ -310,22 +310,13 @@ class DiskStore(OffloadStore):
     def __init__(self, tier: DiskTier, planned_bytes: int):
         super().__init__(tier)
         self.staging = StagingPool()
-        self._stats = TransferStats()
-        self.file = DiskFile(tier.dir or tempfile.gettempdir(), planned_bytes, self._stats)
-
-    def open_engine(self, device: torch.device):
-        engine = super().open_engine(device)
-        engine.stats = self._stats  # one set of counters for the file thread and the copies
-        return engine
+        self.file = DiskFile(tier.dir or tempfile.gettempdir(), planned_bytes, self.transfer)
 
     def rows(self, row_shape: torch.Size, dtype: torch.dtype) -> Rows:
         return DiskRows(self, row_shape, dtype)
 
     def nbytes(self) -> dict[str, int]:
         return {"host": self.staging.nbytes()}
-
-    def stats(self) -> dict[str, float]:
-        return self._stats.snapshot()
 
     def close(self) -> None:
         self.staging.free.clear()

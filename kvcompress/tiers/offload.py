@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .base import DevicePart, Part, Store, Tier, merge_bytes, no_tokens, take_tokens
-from .transfer import Engine, Fetch, engine_for
+from .transfer import Engine, Fetch, TransferStats, engine_for
 
 POLICIES = ("layers", "cold")
 
@@ -87,14 +87,13 @@ class OffloadPart(Part):
             return
         if self.rows is None:
             self.rows = self.store.rows(x.shape[:2] + x.shape[3:], x.dtype)
-        if self._device is not None:
-            self._device = torch.cat([self._device, x], dim=2)
+        # a device copy read earlier this step is now short of `x`: a later read fetches again (the copy stream
+        # orders it after this write); the fetch it came through stays held until release
+        self._device = None
         self.rows.write(x.permute(2, 0, 1, 3).contiguous())
 
     def extend(self, x: torch.Tensor) -> torch.Tensor:
-        full = torch.cat([self.read(), x], dim=2)
-        self._device = None
-        self.append(x)
+        full = super().extend(x)
         self._device = full
         return full
 
@@ -193,7 +192,7 @@ class OffloadStore(Store):
     def __init__(self, tier: OffloadTier):
         super().__init__(tier)
         self.engine: Engine | None = None
-        self._stats_before: dict[str, float] = {}
+        self.transfer = TransferStats()  # shared by the engine's copies and the disk tier's I/O thread
 
     def part(self, template: torch.Tensor) -> Part:
         if self.engine is None:
@@ -203,13 +202,13 @@ class OffloadStore(Store):
         return OffloadPart(self, template)
 
     def open_engine(self, device: torch.device) -> Engine:
-        return engine_for(device, getattr(self.tier, "engine", "auto"))
+        return engine_for(device, self.transfer, getattr(self.tier, "engine", "auto"))
 
     def rows(self, row_shape: torch.Size, dtype: torch.dtype) -> Rows:
         raise NotImplementedError
 
     def stats(self) -> dict[str, float]:
-        return self.engine.stats.snapshot() if self.engine is not None else {}
+        return self.transfer.snapshot()
 
 
 @dataclass(frozen=True)
