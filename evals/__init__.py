@@ -12,6 +12,9 @@ def reference_text() -> str:
     return (DATA_DIR / "declaration_of_independence.txt").read_text()
 
 
-def text_ids(token_ids: torch.Tensor, length: int) -> torch.Tensor:
-    """A [1, length] batch of a text's token ids, repeated as often as `length` needs."""
-    return token_ids.repeat(length // len(token_ids) + 1)[:length][None]
+def text_ids(token_ids: torch.Tensor, length: int, windows: int = 1) -> torch.Tensor:
+    """A [windows, length] batch of a text's token ids: windows start at evenly spread offsets of the text, which is
+    repeated as often as they need."""
+    stride = len(token_ids) // windows
+    repeated = token_ids.repeat((windows - 1) * stride // len(token_ids) + length // len(token_ids) + 2)
+    return torch.stack([repeated[w * stride : w * stride + length] for w in range(windows)])

@@ -7,18 +7,22 @@ import torch
 
 from ..cache import make_cache
 from ..strategy import StrategySpec
+from .prefill import Prefill
 
 
 @torch.no_grad()
-def step_logits(model, input_ids: torch.Tensor, strategy: str | StrategySpec, prefill: int) -> torch.Tensor:
-    """Prefill `prefill` tokens in one forward, then feed the rest one token per step through the strategy's cache.
-    Returns float32 logits [steps, vocab] predicting tokens prefill .. end (batch 1)."""
+def step_logits(model, input_ids: torch.Tensor, strategy: str | StrategySpec, prefill: int,
+                prefix: Prefill | None = None) -> torch.Tensor:
+    """Prefill `prefill` tokens of each row (windows of a text, equal lengths, no padding), then feed the rest one
+    token per step through the strategy's cache. Returns float32 logits [rows * steps, vocab] predicting tokens
+    prefill .. end of each row. `prefix`: the rows' prefill, made once (`Prefill.of`) and shared by strategies."""
+    prefix = prefix or Prefill.of(model, input_ids[:, :prefill])
     with make_cache(model, strategy) as cache:
-        out = model(input_ids=input_ids[:, :prefill], cache=cache, use_cache=True)
-        logits = [out.logits[:, -1]]
+        prefix.replay(cache)
+        logits = [prefix.last_logits]
         for t in range(prefill, input_ids.shape[1] - 1):
             logits.append(model(input_ids=input_ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
-    return torch.cat(logits).float()
+    return torch.stack(logits, 1).flatten(0, 1).float()
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:

@@ -7,76 +7,25 @@ import dataclasses
 import resource
 import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..cache import make_cache
+from ..dtypes import cpu_capability
 from ..models import load_model
 from ..provenance import provenance
-from ..strategy import parse_strategy
 from . import reference_text, text_ids
+from .config import ReportConfig
 from .fidelity import compare, step_logits
 from .latency import percentile, time_generation
+from .prefill import Prefill
 from .records import RecordStore
-from .tasks import TASKS, depths, make_case, render, score
-
-# Presets sized for the quick grid: budgets well below its longest context, so eviction is visible.
-QUICK_STRATEGIES = ["full", "int8", "fp8", "int4", "window:window=256", "sink:sinks=4,window=252", "full+disk"]
-
-
-@dataclass
-class Thresholds:
-    recall_loss_pts: float = 2.0
-    decode_latency_pct: float = 15.0
-    top1: float = 0.98
-
-
-@dataclass
-class ReportConfig:
-    model: str = "default"
-    strategies: list[str] = field(default_factory=lambda: list(QUICK_STRATEGIES))
-    tasks: list[str] = field(default_factory=lambda: ["passkey", "multikey"])
-    lengths: list[int] = field(default_factory=lambda: [512, 1024])
-    depths: int = 5
-    seeds: int = 1
-    max_new_tokens: int = 24
-    decode_steps: int = 24
-    fidelity_prefill: int = 512
-    fidelity_steps: int = 100
-    fidelity_text: str | None = None  # a text file; None: the shipped public-domain text
-    device: str = "cpu"
-    dtype: str | None = "bfloat16"  # KV as GPUs hold it; None keeps the checkpoint's dtype
-    sessions: int = 32
-    context: int = 32768
-    thresholds: Thresholds = field(default_factory=Thresholds)
-
-    def __post_init__(self):
-        self.strategies = [str(parse_strategy(s)) for s in self.strategies]  # bad strategies fail before any work
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:  # checked here, not at the cell that needs it, so a run never stops half-way on a typo
-            raise ValueError(f"unknown task(s) {', '.join(unknown)}; allowed: {', '.join(TASKS)}")
-        if "full" not in self.strategies:
-            self.strategies.insert(0, "full")  # every loss is measured against it
-        for name, value in (("lengths", min(self.lengths)), ("depths", self.depths), ("seeds", self.seeds),
-                            ("sessions", self.sessions), ("context", self.context)):
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if self.fidelity_text is not None and not Path(self.fidelity_text).is_file():
-            raise ValueError(f"fidelity_text must be a readable text file, got {self.fidelity_text!r}")
-        if isinstance(self.thresholds, dict):
-            self.thresholds = Thresholds(**self.thresholds)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ReportConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown report setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-        return cls(**data)
+from .report import write_report
+from .tasks import depths, make_case, render, score
 
 
 def _is_allocation_failure(err: BaseException) -> bool:
@@ -99,34 +48,46 @@ def _guarded(base: dict, cell: Callable[[], dict]) -> dict:
         return {**base, "outcome": "allocation_failure", "error": str(err).splitlines()[0][:300]}
 
 
+def cell_keys(config: ReportConfig) -> list[dict]:
+    """Every cell of a run, in the order it runs: recall case by case (strategies innermost, so one prefill of a
+    case's context serves them all), then latency, then fidelity."""
+    cells = [{"kind": "recall", "strategy": strategy, "task": task, "length": length, "depth": depth, "seed": seed}
+             for task in config.tasks for length in config.lengths for depth in depths(config.depths)
+             for seed in range(config.seeds) for strategy in config.strategies]
+    cells += [{"kind": "latency", "strategy": s, "length": length} for length in config.lengths for s in config.strategies]
+    return cells + [{"kind": "fidelity", "strategy": s} for s in config.strategies]
+
+
+class AnswerFound(StoppingCriteria):
+    """Stops generation once the planted answer appears: scoring is "the answer appears anywhere in the output", so
+    the tokens after it cannot change the outcome, only the run time."""
+
+    def __init__(self, tokenizer, prompt_tokens: int, answer: str):
+        self.tokenizer, self.prompt_tokens, self.answer = tokenizer, prompt_tokens, answer
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        text = self.tokenizer.decode(input_ids[0, self.prompt_tokens:], skip_special_tokens=True)
+        return torch.full((input_ids.shape[0],), score(self.answer, text), dtype=torch.bool, device=input_ids.device)
+
+
 class Harness:
     def __init__(self, config: ReportConfig):
         self.config = config
-        self.model, self.tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+        self.model, self.tokenizer = load_model(config.model, dtype=config.compute_dtype, device=config.device,
+                                                kv_dtype=config.kv_dtype)
         if self.tokenizer is None:
             raise ValueError(f"model {config.model!r} has no tokenizer: recall tasks need one")
         self._full_logits: torch.Tensor | None = None
+        self._fidelity_prefill: Prefill | None = None
         self._text_token_ids: torch.Tensor | None = None
+        self._case_prefill: tuple[tuple, Prefill] | None = None  # the last recall case's context, for its strategies
 
-    def cells(self) -> list[tuple[dict, Callable[[], dict]]]:
-        c = self.config
-        cells = []
-        for task in c.tasks:
-            for length in c.lengths:
-                for depth in depths(c.depths):
-                    for seed in range(c.seeds):
-                        for strategy in c.strategies:
-                            base = {"kind": "recall", "strategy": strategy, "task": task, "length": length,
-                                    "depth": depth, "seed": seed}
-                            cells.append((base, lambda s=strategy, t=task, l=length, d=depth, e=seed:
-                                          self.recall(s, t, l, d, e)))
-        for length in c.lengths:
-            for strategy in c.strategies:
-                cells.append(({"kind": "latency", "strategy": strategy, "length": length},
-                              lambda s=strategy, l=length: self.latency(s, l)))
-        for strategy in c.strategies:
-            cells.append(({"kind": "fidelity", "strategy": strategy}, lambda s=strategy: self.fidelity(s)))
-        return cells
+    def dtypes(self) -> dict[str, str]:
+        return {**self.model.dtype_plan.as_record(), "cpu_capability": cpu_capability()}
+
+    def run(self, base: dict) -> dict:
+        args = {k: v for k, v in base.items() if k not in ("kind",)}
+        return _guarded(base, lambda: getattr(self, base["kind"])(**args))
 
     def _sync_peak(self) -> None:
         if self.model.device.type == "cuda":
@@ -136,45 +97,51 @@ class Harness:
     def _peak(self) -> int | None:
         return torch.cuda.max_memory_allocated() if self.model.device.type == "cuda" else None
 
+    def _context_prefill(self, key: tuple, context: list[int]) -> Prefill:
+        if self._case_prefill is None or self._case_prefill[0] != key:
+            self._case_prefill = None  # the last case's K/V go before this one's are made
+            ids = torch.tensor([context], device=self.model.device)
+            self._case_prefill = (key, Prefill.of(self.model, ids))
+        return self._case_prefill[1]
+
     @torch.no_grad()
     def recall(self, strategy: str, task: str, length: int, depth: float, seed: int) -> dict:
         case = make_case(task, self.tokenizer, length, depth, seed)
         context, question = render(self.tokenizer, case.messages, case.question)
-        device = self.model.device
+        prefill = self._context_prefill(case.key, context)
         with make_cache(self.model, strategy) as cache:
-            record = self._answer(cache, context, question, device)
-        return {"answer": case.answer, "correct": score(case.answer, record["output"]), **record}
+            prefill.replay(cache)
+            kv_bytes_prefill = cache.kv_bytes()
+            ids = torch.tensor([context + question], device=self.model.device)
+            stop = AnswerFound(self.tokenizer, ids.shape[1], case.answer)
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache,
+                                      max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                                      stopping_criteria=StoppingCriteriaList([stop]),
+                                      pad_token_id=self.tokenizer.eos_token_id)
+            output = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            return {"answer": case.answer, "correct": score(case.answer, output), "prompt_tokens": ids.shape[1],
+                    "output": output, "kv_bytes_prefill": kv_bytes_prefill, "kv_bytes_final": cache.kv_bytes(),
+                    "stored_tokens": cache.stored_tokens(), "seen_tokens": cache.get_seq_length(),
+                    "process_peak_rss_bytes": _peak_rss_bytes()}
 
-    def _answer(self, cache, context: list[int], question: list[int], device) -> dict:
-        self._sync_peak()
-        self.model(input_ids=torch.tensor([context], device=device), cache=cache, use_cache=True)
-        prefill = {"kv_bytes_prefill": cache.kv_bytes(), "peak_device_bytes_prefill": self._peak()}
-        self._sync_peak()
-        ids = torch.tensor([context + question], device=device)
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache,
-                                  max_new_tokens=self.config.max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.eos_token_id)
-        output = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        return {"prompt_tokens": ids.shape[1], "output": output, **prefill, "kv_bytes_final": cache.kv_bytes(),
-                "peak_device_bytes_decode": self._peak(), "stored_tokens": cache.stored_tokens(),
-                "seen_tokens": cache.get_seq_length(), "process_peak_rss_bytes": _peak_rss_bytes()}
-
-    def _text_ids(self, length: int) -> torch.Tensor:
+    def _text_ids(self, length: int, windows: int = 1) -> torch.Tensor:
         if self._text_token_ids is None:  # tokenized once, sliced for every latency and fidelity cell
             path = self.config.fidelity_text
             text = Path(path).read_text() if path else reference_text()
             self._text_token_ids = self.tokenizer(text, return_tensors="pt").input_ids[0]
-        return text_ids(self._text_token_ids, length).to(self.model.device)
+        return text_ids(self._text_token_ids, length, windows).to(self.model.device)
 
     def latency(self, strategy: str, length: int) -> dict:
         warmup = min(4, self.config.decode_steps // 4)
         steps = self.config.decode_steps + warmup
+        self._sync_peak()
         with make_cache(self.model, strategy) as cache:
             timing = time_generation(self.model, self._text_ids(length), cache, steps)
         decode = timing["decode_s"][warmup:]
         p50 = statistics.median(decode)
         record = {"ttft_s": timing["ttft_s"], "decode_ms_p50": p50 * 1e3,
-                  "decode_ms_p95": percentile(decode, 95) * 1e3, "tokens_per_s": 1 / p50}
+                  "decode_ms_p95": percentile(decode, 95) * 1e3, "tokens_per_s": 1 / p50,
+                  "peak_device_bytes": self._peak()}
         if timing["transfer"]:  # offloading tiers: what one decode step moves, and how long the host waited for it
             per_step = {key: value / steps for key, value in timing["transfer"].items()}
             busy = per_step["transfer_s"] + per_step["disk_s"]
@@ -187,25 +154,28 @@ class Harness:
 
     def fidelity(self, strategy: str) -> dict:
         c = self.config
-        ids = self._text_ids(c.fidelity_prefill + c.fidelity_steps)
+        ids = self._text_ids(c.fidelity_prefill + c.fidelity_steps, c.fidelity_windows)
         if self._full_logits is None:
-            self._full_logits = step_logits(self.model, ids, "full", c.fidelity_prefill)
-        return compare(self._full_logits, step_logits(self.model, ids, strategy, c.fidelity_prefill))
+            self._fidelity_prefill = Prefill.of(self.model, ids[:, :c.fidelity_prefill])
+            self._full_logits = step_logits(self.model, ids, "full", c.fidelity_prefill, self._fidelity_prefill)
+        candidate = step_logits(self.model, ids, strategy, c.fidelity_prefill, self._fidelity_prefill)
+        return compare(self._full_logits, candidate)
 
 
 def run_report(config: ReportConfig | None, out: Path, resume: bool = False, command: list[str] | None = None) -> Path:
-    """Run (or finish, with resume=True) every cell into out/records.jsonl, then write the report."""
-    from .report import write_report
-
+    """Run (or finish, with resume=True) every cell into out/records.jsonl, then write the report. A records file
+    holding no finished cell (a run that failed before its first) is started over."""
     out = Path(out)
     if resume:
         store = RecordStore(out / "records.jsonl")
         config = ReportConfig.from_dict(store.meta["config"])
+        harness = Harness(config)
     else:
-        meta = provenance(config.model, config.device, command)
-        store = RecordStore(out / "records.jsonl", {**meta, "config": dataclasses.asdict(config)})
-    harness = Harness(config)
-    todo = [(base, cell) for base, cell in harness.cells() if RecordStore.key(base) not in store]
-    for base, cell in tqdm(todo, desc="kvcompress report", unit="cell", file=sys.stderr, dynamic_ncols=True):
-        store.append(_guarded(base, cell))
+        harness = Harness(config)  # a bad model or device fails here, before a records file exists
+        meta = {**provenance(config.model, config.device, command), **harness.dtypes(),
+                "config": dataclasses.asdict(config)}
+        store = RecordStore(out / "records.jsonl", meta)
+    todo = [base for base in cell_keys(config) if RecordStore.key(base) not in store]
+    for base in tqdm(todo, desc="kvcompress report", unit="cell", file=sys.stderr, dynamic_ncols=True):
+        store.append(harness.run(base))
     return write_report(out)

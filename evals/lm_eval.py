@@ -8,7 +8,9 @@ makes TaskManager include our task directory, then hands the arguments to lm-eva
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 import sys
 import time
 import warnings
@@ -32,11 +34,14 @@ except ImportError as error:  # pragma: no cover - the message is the point
 from ..cache import make_cache
 from ..models import _pretrained_source, load_model
 from ..strategy import AXES, parse_strategy
+from ..units import parse_token_list
 from .tasks import TASKS, make_case, render, score
 from .tasks import depths as depth_grid
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 REQUESTS_FILE = "kvcompress_requests.jsonl"
+FIDELITY_FILE = "fidelity.json"
+FIDELITY_TOKENS, FIDELITY_PREFILL = 712, 512  # 200 teacher-forced steps after a 512-token prefill
 _STRATEGY_KEYS = {f.name for registry in AXES.values() for name in registry.names()
                   for f in dataclasses.fields(registry.get(name)) if f.init}
 
@@ -78,8 +83,8 @@ class KVCompressLM(HFLM):
     """
 
     def __init__(self, pretrained: str = "default", strategy: str = "full", dtype: str | None = None,
-                 device: str | None = None, batch_size: int | str = 1, requests_file: str | None = None,
-                 offload_dir: str | None = None, **kwargs: Any):
+                 kv_dtype: str | None = None, device: str | None = None, batch_size: int | str = 1,
+                 requests_file: str | None = None, offload_dir: str | None = None, **kwargs: Any):
         strategy_parts = [str(strategy)]
         for key in [k for k in kwargs if k in _STRATEGY_KEYS]:  # lm-eval split `strategy=sink:sinks=4,window=512`
             strategy_parts.append(f"{key}={kwargs.pop(key)}")
@@ -88,7 +93,7 @@ class KVCompressLM(HFLM):
             raise ValueError(f"batch_size must be a positive integer for the kvcompress model, got {batch_size!r}")
         if usable_device(device) != (device or "cpu"):
             warnings.warn(f"device={device!r} but CUDA is not available: running on the CPU", stacklevel=2)
-        model, tokenizer = load_model(pretrained, dtype=dtype, device=usable_device(device))
+        model, tokenizer = load_model(pretrained, dtype=dtype, device=usable_device(device), kv_dtype=kv_dtype)
         if tokenizer is None:
             raise ValueError(f"pretrained={pretrained!r} has no tokenizer; lm-eval needs text in and out")
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
@@ -199,7 +204,7 @@ class KVCTask(ConfigurableTask):
         if task not in TASKS:
             raise ValueError(f"unknown kvcompress task {config['task']!r}; allowed: "
                              + ", ".join(f"kvc_{t}" for t in TASKS))
-        lengths = [int(x) for x in _as_list(meta.get("lengths", [512, 1024]))]
+        lengths = parse_token_list(_as_list(meta.get("lengths", [512, 1024])), "metadata lengths")
         depth_count, seeds = int(meta.get("depths", 5)), int(meta.get("seeds", 1))
         tokenizer_spec = str(meta.get("tokenizer") or meta.get("pretrained") or "default")
         metrics = ["acc"] + [cell_metric(length, d) for length in lengths for d in depth_grid(depth_count)]
@@ -257,7 +262,7 @@ def run_cli(argv: list[str]) -> None:
         with requests.open("a") as f:
             f.write(json.dumps({"kind": "meta", **meta}) + "\n")
     started, saved = time.time(), sys.argv
-    sys.argv = ["lm-eval", *argv]
+    sys.argv = ["lm-eval", *(_quote_strategy(argv) if _option(argv, "--model") == "kvcompress" else argv)]
     try:
         cli_evaluate()
     finally:
@@ -267,8 +272,49 @@ def run_cli(argv: list[str]) -> None:
             path.write_text(json.dumps({**json.loads(path.read_text()), "kvcompress": meta}, indent=2) + "\n")
 
 
+_ARG_ITEM = re.compile(r"""(?:[^,"']|"[^"]*"|'[^']*')+""")  # a `key=value` between commas outside quotes
+
+
+def _arg_items(text: str) -> list[str]:
+    """--model_args split at its commas outside quotes, but for those between a strategy's parameters:
+    `pretrained=default,strategy=sink:sinks=4,window=512+int8,dtype=float32`
+    -> ['pretrained=default', 'strategy=sink:sinks=4,window=512+int8', 'dtype=float32']."""
+    items: list[str] = []
+    for item in _ARG_ITEM.findall(text):
+        if items and item.partition("=")[0].strip() in _STRATEGY_KEYS and re.match(r"\s*strategy=[^\"']", items[-1]):
+            items[-1] += "," + item
+        else:
+            items.append(item)
+    return items
+
+
+def _unquoted(value: str) -> str:
+    value = value.strip()
+    return value[1:-1] if len(value) > 1 and value[0] == value[-1] and value[0] in "\"'" else value
+
+
 def _model_args(text: str) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+    return {key.strip(): _unquoted(value) for key, eq, value in (i.partition("=") for i in _arg_items(text)) if eq}
+
+
+def _quote_strategy(argv: list[str]) -> list[str]:
+    """lm-eval's CLI splits --model_args at every comma outside quotes, so `strategy=sink:sinks=4,window=512` would
+    reach it (and its log and results config) as `{'strategy': 'sink:sinks=4', 'window': '512'}`: quote the strategy."""
+    def quoted(text: str) -> str:
+        if text.lstrip().startswith("{"):  # JSON: lm-eval reads it whole
+            return text
+        return ",".join(f'strategy="{_unquoted(item.split("=", 1)[1])}"' if re.match(r"\s*strategy=.*,", item) else item
+                        for item in _arg_items(text))
+
+    rewritten, in_model_args = [], False
+    for arg in argv:
+        if arg.startswith("--model_args="):
+            arg = "--model_args=" + quoted(arg.split("=", 1)[1])
+        elif in_model_args and not arg.startswith("-"):  # --model_args takes one or more values
+            arg = quoted(arg)
+        in_model_args = arg == "--model_args" or (in_model_args and not arg.startswith("-"))
+        rewritten.append(arg)
+    return rewritten
 
 
 def _option(argv: list[str], name: str) -> str | None:
@@ -346,15 +392,53 @@ def _results_file(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def fidelity(out: Path, strategies: list[str], model, tokenizer, pretrained: str) -> dict[str, dict]:
+    """Teacher-forced top-1/KL of each strategy against `full` over the shipped text, kept in out/<strategy>/
+    fidelity.json and reused while its settings (strategy, model, dtype, prefill, text) match; the full cache's logits
+    are computed only when some strategy needs computing. One line per strategy on stderr."""
+    from . import reference_text, text_ids
+    from .fidelity import compare, step_logits
+
+    text = text_ids(tokenizer(reference_text(), return_tensors="pt").input_ids[0], FIDELITY_TOKENS).to(model.device)
+    settings = {"model": pretrained, "dtype": str(model.dtype).removeprefix("torch."),
+                "kv_dtype": str(model.kv_dtype).removeprefix("torch."), "prefill": FIDELITY_PREFILL,
+                "text": hashlib.sha256(json.dumps(text[0].tolist()).encode()).hexdigest()[:16]}
+    found, todo = {}, {}
+    for name in strategies:
+        path = out / _slug(name) / FIDELITY_FILE
+        mine = {"strategy": str(parse_strategy(name)), **settings}
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        if {k: cached.get(k) for k in mine} == mine:
+            found[name] = cached
+            print(f"kvcompress lm-eval: fidelity of {name}: top-1 {cached['top1']:.3f}, KL {cached['kl']:.4f} "
+                  f"(found in {path})", file=sys.stderr)
+        else:
+            todo[name] = mine
+    if todo:
+        print(f"kvcompress lm-eval: fidelity of {len(todo)} strategies against the full cache, "
+              f"{FIDELITY_TOKENS - FIDELITY_PREFILL} teacher-forced steps each", file=sys.stderr)
+        start = time.perf_counter()
+        full_logits = step_logits(model, text, "full", FIDELITY_PREFILL)
+        print(f"kvcompress lm-eval: fidelity: full-cache logits ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    for name, mine in todo.items():
+        start = time.perf_counter()
+        candidate = full_logits if mine["strategy"] == "full" else step_logits(model, text, name, FIDELITY_PREFILL)
+        found[name] = {**mine, **compare(full_logits, candidate)}
+        path = out / _slug(name) / FIDELITY_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(found[name], indent=1) + "\n")
+        print(f"kvcompress lm-eval: fidelity of {name}: top-1 {found[name]['top1']:.3f}, KL {found[name]['kl']:.4f} "
+              f"({time.perf_counter() - start:.1f} s, kept in {path})", file=sys.stderr)
+    return found
+
+
 def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -> Path:
     """out/pressure_transfer.md and out/summary.json from each strategy's lm-eval results and request records;
     `meta`: provenance taken when the command started."""
     from ..accounting import expected_kv_bytes, kv_sizer
     from ..models import load_config
     from ..provenance import device_name, provenance_lines
-    from . import reference_text, text_ids
-    from .fidelity import compare, step_logits
-    from .harness import ReportConfig, Thresholds
+    from .config import ReportConfig, Thresholds
     from .report import GB, pressures, table
     from .report import _mean as mean
 
@@ -369,9 +453,8 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -
                     if (record := json.loads(line))["kind"] != "meta"]
         runs[name] = (results, requests)
 
-    model, tokenizer = load_model(pretrained, dtype=args.get("dtype"))
-    text = text_ids(tokenizer(reference_text(), return_tensors="pt").input_ids[0], 712)
-    full_logits = step_logits(model, text, "full", 512)
+    model, tokenizer = load_model(pretrained, dtype=args.get("dtype"), kv_dtype=args.get("kv_dtype"))
+    fidelities = fidelity(out, strategies, model, tokenizer, pretrained)
 
     def accuracy(results: dict) -> dict[str, float]:
         return {task: metrics["acc,none"] for task, metrics in results["results"].items() if "acc,none" in metrics}
@@ -386,18 +469,17 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -
     full_decode = mean([r["decode_ms_per_token"] for r in generated("full")])
     full_ttft = mean([r["ttft_s"] for r in generated("full")])
     report = ReportConfig(model=pretrained, strategies=strategies)
-    full_at_scale = expected_kv_bytes(config, "full", report.context, report.sessions, model.dtype) / GB
+    full_at_scale = expected_kv_bytes(config, "full", report.context, report.sessions, model.kv_dtype) / GB
     rows = []
     for name in strategies:
         results, mine = runs[name][0], generated(name)
         spec = parse_strategy(name)
         device = sum(r["kv_bytes"].get("device", 0) for r in mine)
-        full_bytes = sum(expected_kv_bytes(config, "full", r["seen_tokens"], dtype=model.dtype) for r in mine)
+        full_bytes = sum(expected_kv_bytes(config, "full", r["seen_tokens"], dtype=model.kv_dtype) for r in mine)
         acc = accuracy(results)
         loss = 100 * mean([full_acc[t] - acc[t] for t in acc if t in full_acc]) if full_acc is not None else None
         decode = mean([r["decode_ms_per_token"] for r in mine])
         ttft = mean([r["ttft_s"] for r in mine])
-        fidelity = compare(full_logits, step_logits(model, text, spec, 512))
         row = {
             "strategy": name, "recall_n": samples(results), "accuracy": acc,
             "recall_pct": 100 * mean(list(acc.values())) if acc else None, "recall_loss_pts": loss,
@@ -407,14 +489,14 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -
             "hbm_saved_gb": (full_bytes - device) / max(len(mine), 1) / GB if full_bytes else None,
             "decode_ms_p50": decode, "decode_change_pct": 100 * (decode / full_decode - 1) if decode and full_decode else None,
             "ttft_change_pct": 100 * (ttft / full_ttft - 1) if ttft and full_ttft else None,
-            "top1": fidelity["top1"], "kl": fidelity["kl"],
+            "top1": fidelities[name]["top1"], "kl": fidelities[name]["kl"],
             "host_bytes": mean([r["kv_bytes"].get("host", 0) for r in mine]) or 0,
             "disk_bytes": mean([r["kv_bytes"].get("disk", 0) for r in mine]) or 0,
             "moved_bytes_per_step": None, "stall_ms_per_step": None,
             "allocation_failures": 0, "cells": {k: v for task in results["results"].values() for k, v in task.items()
                                                  if k.startswith("acc_L")},
         }
-        row["scale_kv_gb"] = kv_sizer(config, spec, model.dtype).device_bytes(report.context, report.sessions) / GB
+        row["scale_kv_gb"] = kv_sizer(config, spec, model.kv_dtype).device_bytes(report.context, report.sessions) / GB
         row["scale_saved_gb"] = full_at_scale - row["scale_kv_gb"]
         row.update(pressures(row, spec, Thresholds()))
         rows.append(row)

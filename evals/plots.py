@@ -20,13 +20,16 @@ def plot_all(records: list[dict], rows: list[dict], config, out: Path) -> list[P
 
 def _pareto(plt, rows, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    labels_at: dict[tuple, int] = defaultdict(int)  # strategies that land on the same spot (int8 and fp8 often do)
     for r in rows:
         if r["hbm_saved_pct"] is None or r["recall_loss_pts"] is None:
             continue
         size = 40 + 4 * max(0.0, 100 + (r["decode_change_pct"] or 0))
-        ax.scatter(r["hbm_saved_pct"], r["recall_loss_pts"], s=size, alpha=0.6)
-        ax.annotate(r["strategy"], (r["hbm_saved_pct"], r["recall_loss_pts"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        point = (r["hbm_saved_pct"], r["recall_loss_pts"])
+        ax.scatter(*point, s=size, alpha=0.6)
+        spot = (round(point[0] / 3), round(point[1] / 3))  # within ~3 units the labels would overprint: stack them
+        ax.annotate(r["strategy"], point, fontsize=8, xytext=(4, 4 + 10 * labels_at[spot]), textcoords="offset points")
+        labels_at[spot] += 1
     return _finish(plt, fig, ax, "HBM saved (% of full KV, measured)", "recall loss (points vs full)",
                    "Pressure transfer: HBM relieved vs recall lost\n(marker area grows with decode latency)",
                    out / "pareto.png")

@@ -12,15 +12,19 @@ FORMAT = "kvcompress-records/1"
 
 class RecordStore:
     def __init__(self, path: Path, meta: dict | None = None):
-        """Open `path`: with `meta`, start a new file (refusing to overwrite one); without, resume an existing one."""
+        """Open `path`: with `meta`, start a new file (refusing to overwrite finished records; a file holding none, left
+        by a run that failed before its first cell, is started over); without, resume an existing one."""
         self.path = Path(path)
         self.records: list[dict] = []
         if meta is None:
             self.meta = self._load()
         else:
-            if self.path.exists() and self.path.stat().st_size:
+            if self.path.exists() and self.path.stat().st_size and RecordStore(self.path).records:
                 raise FileExistsError(f"{self.path} already holds records: resume it or choose another output folder")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"output folder {str(self.path.parent)!r} cannot be made: {err.strerror}") from None
             self.meta = {"kind": "meta", "format": FORMAT, **meta}
             self.path.write_text(json.dumps(self.meta) + "\n")
         self.done = {self.key(r) for r in self.records}

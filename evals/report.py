@@ -8,13 +8,12 @@ import json
 import statistics
 from pathlib import Path
 
-import torch
-
 from ..accounting import expected_kv_bytes, kv_sizer
+from ..dtypes import parse_dtype
 from ..models import load_config
 from ..provenance import provenance_lines
 from ..strategy import parse_strategy
-from .harness import ReportConfig, Thresholds
+from .config import ReportConfig, Thresholds
 from .records import RecordStore
 
 GB = 1e9
@@ -38,7 +37,7 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
     full_correct = {(r["task"], r["length"], r["depth"], r["seed"]): r["correct"] for r in recall
                     if r["strategy"] == "full"}
     model_config = load_config(config.model)
-    dtype = None if config.dtype is None else getattr(torch, config.dtype)
+    dtype = parse_dtype(config.kv_dtype)
     full_at_scale = expected_kv_bytes(model_config, "full", config.context, config.sessions, dtype)
     rows = []
     for strategy in config.strategies:
@@ -178,24 +177,38 @@ def write_report(out: Path) -> Path:
         writer.writeheader()
         writer.writerows({**r, **{k: meta[k] for k in ("command", "model", "device", "git_commit")}} for r in rows)
     t = config.thresholds
+    dtypes = (f"- dtypes: KV stored as {meta['kv_dtype']}, model computes in {meta['compute_dtype']} "
+              f"({meta['dtype_reason']}); bytes are the stored bytes" if "kv_dtype" in meta else None)
     header = [
         "# Pressure-transfer table",
         "",
         *provenance_lines(meta),
+        *([dtypes] if dtypes else []),
         f"- recall: {', '.join(config.tasks)} at {', '.join(map(str, config.lengths))} tokens, {config.depths} depths, "
         f"{config.seeds} seed(s); exact match; loss in points against `full` on the same prompts",
         f"- HBM saved: measured resident KV after prefill + decode at the longest length; at scale: "
         f"{config.sessions} sessions x {config.context} tokens from the analytic formula the measurement is tested against",
         f"- latency: decode ms/token p50 vs `full` at {rows[0]['latency_length']} tokens; fidelity: teacher-forced "
-        f"top-1 / KL vs `full` over {config.fidelity_steps} steps after {config.fidelity_prefill} tokens",
+        f"top-1 / KL vs `full` over {config.fidelity_windows} windows of the text x {config.fidelity_steps} steps "
+        f"after {config.fidelity_prefill} tokens",
         f"- guardrails: recall loss <= {t.recall_loss_pts:g} pts, decode latency <= +{t.decode_latency_pct:g}%, "
         f"top-1 >= {t.top1:.0%}",
         "",
     ]
     path = out / "pressure_transfer.md"
-    path.write_text("\n".join(header) + table(rows, config))
+    # CommonMark needs a blank line between the list and the table, or the table is swallowed by the last item
+    path.write_text("\n".join(header) + "\n" + table(rows, config))
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     from .plots import plot_all
 
     plot_all(store.records, rows, config, out)
     return path
+
+
+def terminal_rows(out: Path) -> tuple[list[str], list[list[str]]]:
+    """The table's headline columns for a terminal (the Markdown file keeps every column)."""
+    rows = json.loads((Path(out) / "summary.json").read_text())["rows"]
+    header = ["strategy", "HBM saved", "decode", "recall loss", "top-1, KL", "verdict"]
+    return header, [[r["strategy"], _fmt(r["hbm_saved_pct"], ".1f", "%"), _fmt(r["decode_change_pct"], "+.1f", "%"),
+                     f"{_fmt(r['recall_loss_pts'], '.1f', ' pts')} (n={r['recall_n']})",
+                     f"{_fmt(r['top1'], '.1%')}, {_fmt(r['kl'], '.1e')}", r["verdict"]] for r in rows]

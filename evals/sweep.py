@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from .harness import ReportConfig
+from .config import ReportConfig
 
 
 def load_sweep(path: str | Path) -> tuple[ReportConfig, Path]:

@@ -42,7 +42,7 @@ def decode_rows(model, tokenizer, lengths, names, steps, warmup, rounds, directo
         info = {}
         for round_ in range(rounds):
             for name in names if round_ % 2 == 0 else names[::-1]:
-                with kvcompress.make_cache(model, name, **({"offload_dir": directory} if "disk" in name else {})) as cache:
+                with kvcompress.make_cache(model, name, offload_dir=directory) as cache:
                     timing = time_generation(model, ids, cache, steps + warmup)
                     info[name] = (cache.kv_bytes(), timing["transfer"])
                 samples[name] += timing["decode_s"][warmup:]
@@ -66,7 +66,7 @@ def decode_rows(model, tokenizer, lengths, names, steps, warmup, rounds, directo
 
 
 def read_bandwidth(directory: str, total: int = 512 << 20, reps: int = 5) -> dict:
-    store = DiskTier(dir=directory).open(total)
+    store = DiskTier().open(total, directory)
     part = store.part(torch.zeros(1, 8, 0, 128))
     chunk = torch.randn(1, 8, 4096, 128)  # 16 MiB
     for _ in range(total // chunk.nbytes):

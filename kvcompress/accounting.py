@@ -7,30 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import decoder_config, head_dim
+from .geometry import KVGeometry
 from .strategy import StrategySpec, parse_strategy
 
 POSITION_BYTES = torch.int32.itemsize  # per stored token, per layer, for retentions that track positions
-
-
-def config_dtype(config) -> torch.dtype:
-    """The dtype a config declares for its weights (and so its KV), float32 when it declares none."""
-    dtype = getattr(config, "dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-@dataclass(frozen=True)
-class KVGeometry:
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    @classmethod
-    def of(cls, model_or_config, dtype: torch.dtype | None = None) -> KVGeometry:
-        config = decoder_config(model_or_config)
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.num_hidden_layers, kv_heads, head_dim(config), dtype or config_dtype(config))
 
 
 def bytes_per_token(model_or_config, strategy: str | StrategySpec = "full", dtype: torch.dtype | None = None) -> float:

@@ -9,13 +9,15 @@ instead (DESIGN.md: AttentionInterface + AttentionMaskInterface).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .accounting import kv_sizer
 from .codecs import Codec
+from .dtypes import parse_dtype
+from .geometry import decoder_config, head_dim
 from .retention import Retention
 from .strategy import StrategySpec, parse_strategy
 from .tiers import DevicePart, Part, Store, merge_bytes, no_tokens, take_tokens
@@ -43,9 +45,10 @@ class KVLayer(CacheLayerMixin):
     is_sliding = False  # the mask is the model's plain causal one, sized by get_mask_sizes
     is_compileable = False
 
-    def __init__(self, retention: Retention, codec: Codec, store: Store):
+    def __init__(self, retention: Retention, codec: Codec, store: Store, kv_dtype: torch.dtype | None = None):
         super().__init__()
         self.retention, self.codec, self.store = retention, codec, store
+        self.kv_dtype = kv_dtype  # the dtype K/V are stored in (None: as they arrive); attention gets its own back
         self.seen = 0  # tokens seen (what positions and the query offset derive from), not tokens stored
         self.encoded_k: dict[str, Part] = {}
         self.encoded_v: dict[str, Part] = {}
@@ -59,7 +62,7 @@ class KVLayer(CacheLayerMixin):
         return self.retention.budget is None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device, self.dtype = key_states.device, key_states.dtype
+        self.device, self.dtype = key_states.device, key_states.dtype  # already in the KV dtype (update casts)
         self.codec.check(key_states.shape[-1], key_states.dtype)
         part = self.store.part if self.codec.lossless else DevicePart
         self.recent_k, self.recent_v = part(no_tokens(key_states)), part(no_tokens(value_states))
@@ -89,6 +92,9 @@ class KVLayer(CacheLayerMixin):
 
     # -- update ------------------------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        compute = key_states.dtype
+        if self.kv_dtype is not None and compute != self.kv_dtype:  # cast on write, widened on read
+            key_states, value_states = key_states.to(self.kv_dtype), value_states.to(self.kv_dtype)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.next_layer is not None:
@@ -96,12 +102,13 @@ class KVLayer(CacheLayerMixin):
         seen_before = self.seen
         self.seen += key_states.shape[2]
         if self.encoded_k:
-            keys = self._with_history(self.encoded_k, self.recent_k, key_states)
-            values = self._with_history(self.encoded_v, self.recent_v, value_states)
+            keys = self._with_history(self.encoded_k, self.recent_k, key_states, compute)
+            values = self._with_history(self.encoded_v, self.recent_v, value_states, compute)
             self.recent_k.append(key_states)
             self.recent_v.append(value_states)
         else:  # nothing encoded: what attention sees is exactly what is stored
             keys, values = self.recent_k.extend(key_states), self.recent_v.extend(value_states)
+            keys, values = keys.to(compute), values.to(compute)
         if self.positions is not None:
             new = torch.arange(seen_before, self.seen, dtype=torch.int32, device=self.device)
             self.positions = torch.cat([self.positions, new.expand(self.positions.shape[0], -1)], dim=1)
@@ -116,9 +123,10 @@ class KVLayer(CacheLayerMixin):
                 part.release()
         return keys, values
 
-    def _with_history(self, encoded: dict[str, Part], recent: Part, new: torch.Tensor) -> torch.Tensor:
+    def _with_history(self, encoded: dict[str, Part], recent: Part, new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[encoded history decoded | recent | new] in `dtype`, the compute dtype."""
         n_encoded, held = len(next(iter(encoded.values()))) if encoded else 0, recent.read()
-        out = new.new_empty(*new.shape[:2], n_encoded + held.shape[2] + new.shape[2], new.shape[3])
+        out = new.new_empty(*new.shape[:2], n_encoded + held.shape[2] + new.shape[2], new.shape[3], dtype=dtype)
         self.codec.decode({name: part.read() for name, part in encoded.items()}, out[:, :, :n_encoded])
         out[:, :, n_encoded : n_encoded + held.shape[2]] = held
         out[:, :, n_encoded + held.shape[2] :] = new
@@ -144,7 +152,7 @@ class KVLayer(CacheLayerMixin):
         if parts is None:  # rows keep different numbers of encoded tokens: decode them back, then evict as one
             for name in ("k", "v"):
                 encoded, recent = getattr(self, f"encoded_{name}"), getattr(self, f"recent_{name}")
-                decoded = self._with_history(encoded, recent, recent.read()[:, :, :0])
+                decoded = self._with_history(encoded, recent, recent.read()[:, :, :0], self.dtype)
                 for part in encoded.values():
                     part.close()
                 setattr(self, f"encoded_{name}", {})
@@ -225,7 +233,7 @@ class KVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.close()
         next_layer = self.next_layer
-        self.__init__(self.retention, self.codec, self.store)
+        self.__init__(self.retention, self.codec, self.store, self.kv_dtype)
         self.next_layer = next_layer
 
     def offload(self):
@@ -236,10 +244,11 @@ class KVCache(Cache):
     """A transformers Cache whose every layer follows one StrategySpec. Close it (or use it as a context manager)
     to release offload files and pinned blocks now rather than at garbage collection."""
 
-    def __init__(self, spec: StrategySpec, num_layers: int, planned_bytes: int = 0):
-        self.spec = spec
-        self.store = spec.tier.open(planned_bytes)
-        super().__init__(layers=[KVLayer(spec.retention, spec.codec, self.store) for _ in range(num_layers)])
+    def __init__(self, spec: StrategySpec, num_layers: int, planned_bytes: int = 0, offload_dir: str | None = None,
+                 kv_dtype: torch.dtype | None = None):
+        self.spec, self.kv_dtype = spec, kv_dtype
+        self.store = spec.tier.open(planned_bytes, offload_dir)
+        super().__init__(layers=[KVLayer(spec.retention, spec.codec, self.store, kv_dtype) for _ in range(num_layers)])
         if self.store.offloads:  # each layer prefetches the next; the last one the first, for the next step
             for layer, following in zip(self.layers, self.layers[1:] + self.layers[:1]):
                 layer.next_layer = following
@@ -271,57 +280,29 @@ class KVCache(Cache):
         return f"KVCache({self.spec}, layers={len(self.layers)}, seen={self.get_seq_length()})"
 
 
-def decoder_config(model_or_config: Any):
-    """The text decoder's config of a causal LM, or a ValueError saying why there is no KV to compress."""
-    config = getattr(model_or_config, "config", model_or_config)
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"model type {config.model_type!r} is encoder-decoder; kvcompress handles decoder-only models")
-    can_generate = getattr(model_or_config, "can_generate", None)
-    if can_generate is not None and not can_generate():
-        raise ValueError(
-            f"{type(model_or_config).__name__} cannot generate (encoder-only or not a causal LM): there is no KV "
-            "cache to compress; load it with AutoModelForCausalLM"
-        )
-    text = config.get_text_config(decoder=True)
-    if getattr(text, "is_causal", True) is False:
-        raise ValueError(f"model type {text.model_type!r} is not causal: there is no KV cache to compress")
-    layer_types, _ = get_layer_types_and_kwargs(text)
-    other = sorted(set(layer_types) - {"full_attention"})
-    if other:
-        raise ValueError(
-            f"model type {text.model_type!r} has {', '.join(other)} layers; kvcompress compresses full-attention "
-            "layers only (yet)"
-        )
-    return text
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def make_cache(
     model_or_config: Any,
     strategy: str | StrategySpec = "full",
     *,
+    kv_dtype: str | torch.dtype | None = None,
     offload_dir: str | None = None,
     max_tokens: int | None = None,
     batch_size: int = 1,
 ) -> KVCache:
     """A fresh cache for one generation: `model.generate(**inputs, cache=make_cache(model, "sink+int8"))`.
 
-    offload_dir: directory of the disk tier's file (same as `disk:dir=`). max_tokens, batch_size: the most KV the
-    cache will hold, which the disk tier checks for room before generation starts (default: the model's context).
+    kv_dtype: the dtype full-precision K/V are stored in, whatever the model computes in (default: the model's
+    `kv_dtype` attribute, which `load_model` sets, else K/V stay as they arrive). offload_dir: where the disk tier
+    puts its file (default: the system temporary directory; strategies without a disk tier write no file).
+    max_tokens, batch_size: the most KV the cache will hold, which the disk tier checks for room before generation
+    starts (default: the model's context).
     """
     spec = parse_strategy(strategy)
     config = decoder_config(model_or_config)
-    spec.codec.check(head_dim(config), torch.float32)
-    if offload_dir is not None:
-        if spec.tier.name != "disk":
-            raise ValueError(f"offload_dir applies to the disk tier only; strategy {str(spec)!r} uses {spec.tier.name}")
-        spec = dataclasses.replace(spec, tier=dataclasses.replace(spec.tier, dir=str(offload_dir)))
-    from .accounting import expected_kv_bytes  # (imports this module)
-
+    kv_dtype = parse_dtype(kv_dtype, "kv_dtype") or getattr(model_or_config, "kv_dtype", None)
+    model_dtype = getattr(model_or_config, "dtype", None)
+    stored_dtype = kv_dtype or (model_dtype if isinstance(model_dtype, torch.dtype) else None)
+    spec.codec.check(head_dim(config), stored_dtype or torch.float32)
     tokens = max_tokens or getattr(config, "max_position_embeddings", None) or 4096
-    dtype = getattr(model_or_config, "dtype", None)
-    planned = expected_kv_bytes(config, spec, tokens, batch_size, dtype if isinstance(dtype, torch.dtype) else None)
-    return KVCache(spec, config.num_hidden_layers, planned)
+    planned = kv_sizer(config, spec, stored_dtype).bytes(tokens, batch_size)
+    return KVCache(spec, config.num_hidden_layers, planned, offload_dir, kv_dtype)

@@ -3,32 +3,51 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
+from .units import parse_tokens
+
 MIB = 2**20
+RUNS_DIR = Path("results/runs")  # fresh run folders (git-ignored); committed reference results live beside it
+LATEST = "latest"
+# report flag (argparse dest) -> ReportConfig setting; defaults live in ReportConfig alone
+REPORT_FLAGS = {
+    "model": "model", "strategies": "strategies", "tasks": "tasks", "lengths": "lengths", "depths": "depths",
+    "seeds": "seeds", "device": "device", "kv_dtype": "kv_dtype", "compute_dtype": "compute_dtype",
+    "sessions": "sessions", "context": "context", "max_new_tokens": "max_new_tokens", "decode_steps": "decode_steps",
+    "fidelity_steps": "fidelity_steps", "fidelity_text": "fidelity_text",
+    "max_recall_loss": "thresholds.recall_loss_pts", "max_decode_latency": "thresholds.decode_latency_pct",
+    "min_top1": "thresholds.top1",
+}
 
 
 def _strategies(args: argparse.Namespace) -> None:
-    from .accounting import bytes_per_token, config_dtype, expected_kv_bytes
+    from .accounting import bytes_per_token, expected_kv_bytes
+    from .dtypes import dtype_name, parse_dtype
+    from .geometry import config_dtype
     from .models import load_config
     from .strategy import parse_strategy, split_strategies
 
     config = load_config(args.model)
+    dtype = parse_dtype(args.kv_dtype, "--kv-dtype") or config_dtype(config)
     names = split_strategies(args.strategies) if args.strategies else None
     specs = [parse_strategy(n) for n in names] if names else _presets()
-    full = expected_kv_bytes(config, "full", args.context)
+    full = expected_kv_bytes(config, "full", args.context, dtype=dtype)
     header = ("strategy", "retention", "codec", "tier", "bytes/token", f"KV MiB @ {args.context}", "saved vs full")
     rows = []
     for spec in specs:
-        resident = expected_kv_bytes(config, spec, args.context)
+        resident = expected_kv_bytes(config, spec, args.context, dtype=dtype)
         rows.append((
             str(spec), spec.retention.name, spec.codec.name, spec.tier.name,
-            f"{bytes_per_token(config, spec):,.0f}", f"{resident / MIB:,.2f}", f"{1 - resident / full:.1%}",
+            f"{bytes_per_token(config, spec, dtype):,.0f}", f"{resident / MIB:,.2f}", f"{1 - resident / full:.1%}",
         ))
-    print(f"model {args.model}: {config.num_hidden_layers} layers, KV in {config_dtype(config)}; "
-          f"one sequence of {args.context} tokens")
-    _print_table(header, rows)
+    print(f"model {args.model}: {config.num_hidden_layers} layers, KV stored as {dtype_name(dtype)} "
+          f"({'--kv-dtype' if args.kv_dtype else 'as its config declares'}); one sequence of {args.context} tokens")
+    print_table(header, rows)
 
 
 def _presets():
@@ -46,7 +65,7 @@ def _generate(args: argparse.Namespace) -> None:
     from .strategy import parse_strategy
 
     spec = parse_strategy(args.strategy)  # bad strategies fail before the model loads
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, kv_dtype=args.kv_dtype)
     if tokenizer is None:
         raise SystemExit(f"model {args.model!r} has no tokenizer: use a pretrained model for `generate`")
     if tokenizer.chat_template and not args.no_chat:
@@ -60,7 +79,7 @@ def _generate(args: argparse.Namespace) -> None:
         tiers, stored, seen = cache.kv_bytes(), cache.stored_tokens(), cache.get_seq_length()
     print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     device = tiers.get("device", 0)
-    full = expected_kv_bytes(model, "full", seen)
+    full = expected_kv_bytes(model, "full", seen, dtype=model.kv_dtype)
     where = ", ".join(f"{t} {b / MIB:.2f} MiB" for t, b in tiers.items())
     print(
         f"\n[kv] {cache.spec}: {where} resident for {stored} of {seen} tokens; "
@@ -69,33 +88,70 @@ def _generate(args: argparse.Namespace) -> None:
     )
 
 
-def _tokens(text: str) -> int:
-    """'4k' -> 4096, '512' -> 512."""
-    text = text.strip().lower()
-    try:
-        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-    except ValueError:
-        raise ValueError(f"token counts are integers or NNk (e.g. 512, 4k), got {text!r}") from None
-
-
 def _report(args: argparse.Namespace) -> None:
-    from .evals.harness import ReportConfig, Thresholds, run_report
-    from .strategy import split_strategies
+    from .evals.config import SMOKE, ReportConfig
+    from .evals.harness import run_report
+    from .evals.report import terminal_rows
 
-    command = ["kvcompress", *sys.argv[1:]]
     if args.resume:
-        path = run_report(None, Path(args.resume), resume=True, command=command)
+        out = _unfinished_run(args.resume)
+        path = run_report(None, out, resume=True, command=args.command_line)
     else:
-        config = ReportConfig(
-            model=args.model, tasks=args.tasks.split(","), lengths=[_tokens(x) for x in args.lengths.split(",")],
-            depths=args.depths, seeds=args.seeds, device=args.device, dtype=args.dtype, sessions=args.sessions,
-            context=_tokens(args.context), decode_steps=args.decode_steps, fidelity_steps=args.fidelity_steps,
-            fidelity_text=args.fidelity_text,
-            thresholds=Thresholds(args.max_recall_loss, args.max_decode_latency, args.min_top1),
-            **({"strategies": split_strategies(args.strategies)} if args.strategies else {}),
-        )
-        path = run_report(config, Path(args.out), command=command)
-    print(path.read_text())
+        settings = {**(SMOKE if args.smoke else {}), **_given(args, REPORT_FLAGS)}
+        if "thresholds" in settings:
+            settings["thresholds"] = {**ReportConfig.default("thresholds").__dict__, **settings["thresholds"]}
+        config = ReportConfig.from_dict(settings)  # every setting checked before the model loads
+        out = Path(args.out) if args.out else _fresh_run_folder("report")
+        _check_writable(out, "--out")
+        path = run_report(config, out, command=args.command_line)
+    header, rows = terminal_rows(path.parent)
+    print_table(header, rows)
+    print(f"\nwrote {path} (and records.jsonl, summary.csv, summary.json, plots) in {path.parent}")
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+    """ReportConfig settings for the flags given on the command line; the rest keep the config's defaults."""
+    settings: dict = {}
+    for dest, setting in flags.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if setting.startswith("thresholds."):
+            settings.setdefault("thresholds", {})[setting.split(".", 1)[1]] = value
+        else:
+            settings[setting] = value
+    return settings
+
+
+def _fresh_run_folder(kind: str) -> Path:
+    """results/runs/<kind>-<UTC time>: a new folder per run, never one that holds committed results."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    folder, n = RUNS_DIR / f"{kind}-{stamp}", 1
+    while folder.exists():
+        n += 1
+        folder = RUNS_DIR / f"{kind}-{stamp}-{n}"
+    return folder
+
+
+def _unfinished_run(resume: str) -> Path:
+    """The folder named, or with `--resume` alone the newest run under results/runs that has no report yet."""
+    if resume != LATEST:
+        return Path(resume)
+    unfinished = sorted((p.parent for p in RUNS_DIR.glob("*/records.jsonl")
+                         if not (p.parent / "pressure_transfer.md").exists()), key=lambda p: p.stat().st_mtime)
+    if not unfinished:
+        raise ValueError(f"--resume: no unfinished run under {RUNS_DIR}/; name the folder: --resume DIR")
+    print(f"resuming {unfinished[-1]}", file=sys.stderr)
+    return unfinished[-1]
+
+
+def _check_writable(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {str(folder)!r}: cannot create the folder ({err.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {str(folder)!r}: the folder is not writable")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -105,21 +161,23 @@ def _sweep(args: argparse.Namespace) -> None:
     config, out = load_sweep(args.file)
     out = Path(args.out) if args.out else out
     resume = (out / "records.jsonl").exists() and args.resume
-    path = run_report(None if resume else config, out, resume=resume, command=["kvcompress", *sys.argv[1:]])
+    if not resume:
+        _check_writable(out, "--out")
+    path = run_report(None if resume else config, out, resume=resume, command=args.command_line)
     print(path.read_text())
 
 
 def _plan(args: argparse.Namespace) -> None:
     import json
 
-    from .accounting import config_dtype
+    from .geometry import config_dtype
     from .models import load_config
     from .planner import GIB, as_json, plan, resolve_gpu_memory, sizing_table
     from .strategy import split_strategies
 
     memory = resolve_gpu_memory(args.gpu, args.gpu_mem)
     config = load_config(args.model)
-    context, strategies = _tokens(args.context), split_strategies(args.strategies)
+    context, strategies = args.context, split_strategies(args.strategies)
     rows = plan(config, strategies, memory, context, args.sessions, args.weights, args.reserve)
     if args.json:
         print(json.dumps({"model": args.model, "gpu_bytes": round(memory), "context": context,
@@ -129,14 +187,14 @@ def _plan(args: argparse.Namespace) -> None:
     print(f"{args.model} on {args.gpu_mem or args.gpu} ({memory / GIB:.1f} GiB): weights {args.weights} "
           f"{first.weights_bytes / GIB:.1f} GiB, runtime reserve {first.reserve_bytes / GIB:.1f} GiB, "
           f"KV in {config_dtype(config)}; {args.sessions} sessions x {context} tokens")
-    _print_table(
+    print_table(
         ("strategy", "bytes/token", "device KV GiB", "max sessions", "max context", "verdict"),
         [(r.strategy, f"{r.bytes_per_token:,}", f"{r.kv_bytes / GIB:,.1f}",
           "unbounded" if r.max_sessions is None else f"{r.max_sessions:,}",
           "unbounded" if r.max_context is None else f"{r.max_context:,}", r.verdict) for r in rows],
     )
     print()
-    _print_table(("context", "sessions", "strategy", "KV GiB", "lesson"),
+    print_table(("context", "sessions", "strategy", "KV GiB", "lesson"),
                  [(f"{r['context']:,}", r["sessions"], r["strategy"], f"{r['kv_gib']:,.1f}", r["lesson"])
                   for r in sizing_table(config, memory, args.weights, args.reserve)])
 
@@ -146,17 +204,23 @@ def _simulate(args: argparse.Namespace) -> None:
     import statistics
 
     from .models import load_config
-    from .planner import GIB, resolve_gpu_memory, weights_bytes
+    from .planner import GIB, parse_memory, resolve_gpu_memory, weights_bytes
     from .provenance import provenance
     from .simulator import SimConfig, load_routes, plot_memory, simulate
     from .strategy import split_strategies
 
+    out = Path(args.out) if args.out else _fresh_run_folder("simulate")
+    if (out / "simulate.json").exists():
+        raise ValueError(f"--out {str(out)!r} already holds simulate.json: choose another folder or remove it first")
+    _check_writable(out, "--out")
     config = load_config(args.model)
     kv_capacity = resolve_gpu_memory(args.gpu, args.gpu_mem) * (1 - args.reserve) - weights_bytes(config, args.weights)
     if kv_capacity <= 0:
         raise ValueError(f"the weights ({args.weights}) and reserve leave no memory for KV on {args.gpu_mem or args.gpu}")
     sim = SimConfig(kv_capacity, args.minutes, args.seed, args.allocator, args.block, args.admission,
-                    args.idle_policy, args.ttl)
+                    args.idle_policy, args.ttl, host_bytes=parse_memory(args.host_mem, "--host-mem"),
+                    pcie_bytes_per_s=args.pcie_gbps * 1e9, disk_bytes=parse_memory(args.disk_mem, "--disk-mem"),
+                    disk_bytes_per_s=args.disk_gbps * 1e9)
     results = simulate(config, split_strategies(args.strategies), load_routes(args.routes), sim)
     print(f"{args.model} on {args.gpu_mem or args.gpu}: {kv_capacity / GIB:.1f} GiB for KV after weights and reserve; "
           f"{args.allocator} allocator, admission {args.admission}, idle policy {args.idle_policy} "
@@ -165,39 +229,64 @@ def _simulate(args: argparse.Namespace) -> None:
     for r in results:
         waits = r.queue_waits_s or [0.0]
         p95 = statistics.quantiles(waits, n=20)[-1] if len(waits) > 1 else waits[0]
-        print(f"\n{r.strategy}: peak {r.peak_bytes / GIB:.1f} GiB, allocation failures {r.allocation_failures}, "
-              f"evictions {r.evictions}, fragmentation {r.fragmentation_pct:.1f}%, queue wait p50 "
-              f"{statistics.median(waits):.1f} s / p95 {p95:.1f} s")
-        _print_table(("route", "active sessions", "avg active tokens", "KV GiB", "outcome"),
+        offload = (f"; off the GPU: peak host {r.peak_host_bytes / GIB:.1f} GiB, disk {r.peak_disk_bytes / GIB:.1f} GiB, "
+                   f"link demand {r.link_utilisation['mean']:.0%} mean / {r.link_utilisation['peak']:.0%} peak of what "
+                   f"it carries, decode speed {r.decode_speed['mean']:.2f}x"
+                   if r.peak_host_bytes or r.peak_disk_bytes else "")
+        failures = ", ".join(f"{n} short of {memory}" for memory, n in r.failures_by_memory.items() if n)
+        print(f"\n{r.strategy}: peak {r.peak_bytes / GIB:.1f} GiB on the GPU, allocation failures "
+              f"{r.allocation_failures}{f' ({failures})' if failures else ''}, evictions {r.evictions}, fragmentation "
+              f"{r.fragmentation_pct:.1f}%, queue wait p50 {statistics.median(waits):.1f} s / p95 {p95:.1f} s{offload}")
+        print_table(("route", "active sessions", "avg active tokens", "KV GiB", "outcome"),
                      [(name, f"{v['active_sessions']:.2f}", f"{v['avg_active_tokens']:,}",
                        f"{v['kv_bytes'] / GIB:.2f}", v["outcome"]) for name, v in r.per_route.items()])
         rows.append({"strategy": r.strategy, "peak_bytes": r.peak_bytes, "allocation_failures": r.allocation_failures,
                      "evictions": r.evictions, "fragmentation_pct": r.fragmentation_pct,
                      "queue_wait_p50_s": statistics.median(waits), "queue_wait_p95_s": p95, "routes": r.per_route,
-                     "samples": r.samples})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {**provenance(args.model, "cpu", ["kvcompress", *sys.argv[1:]]), "gpu": args.gpu_mem or args.gpu,
+                     "failures_by_memory": r.failures_by_memory, "peak_host_bytes": r.peak_host_bytes,
+                     "peak_disk_bytes": r.peak_disk_bytes, "link_utilisation": r.link_utilisation,
+                     "decode_speed": r.decode_speed, "samples": r.samples, "offload_samples": r.offload_samples})
+    meta = {**provenance(args.model, "cpu", args.command_line), "gpu": args.gpu_mem or args.gpu,
             "kv_capacity_bytes": round(kv_capacity)}
     (out / "simulate.json").write_text(json.dumps({"meta": meta, "results": rows}) + "\n")
     png = plot_memory(results, kv_capacity, out / "kv_memory.png")
     print(f"\nwrote {out / 'simulate.json'}" + (f" and {png}" if png else ""))
 
 
-def _print_table(header, rows) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+def print_table(header, rows) -> None:
+    """A table as wide as the terminal (120 columns when there is none), long cells wrapped within their column."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name in header:
+        table.add_column(str(name), overflow="fold")
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    Console(width=shutil.get_terminal_size((120, 24)).columns, soft_wrap=False).print(table)
+
+
+def _token_count(text: str) -> int:
+    try:
+        return parse_tokens(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .dtypes import DTYPES
+    from .evals.config import ReportConfig, Thresholds
+
     parser = argparse.ArgumentParser(prog="kvcompress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    dtypes = list(DTYPES)
 
     p = sub.add_parser("strategies", help="list strategies with their KV bytes on a model (config only, no weights)")
     p.add_argument("--model", default="default", help="default, an architecture name (random:<arch>), HF id or path")
     p.add_argument("--strategies", help="comma-separated strategy strings (default: the presets)")
-    p.add_argument("--context", type=int, default=4096, help="tokens per sequence for the resident column")
+    p.add_argument("--context", type=_token_count, default=4096, help="tokens per sequence for the resident column, e.g. 32k")
+    p.add_argument("--kv-dtype", choices=dtypes, help="dtype of full-precision KV (default: what the config declares)")
     p.set_defaults(func=_strategies)
 
     p = sub.add_parser("generate", help="generate text under a strategy and print its KV bytes against full")
@@ -205,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="full", help="e.g. int8, sink:sinks=4,window=256+int8")
     p.add_argument("--model", default="default", help="default, HF id, local directory or .gguf path")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=dtypes, help="compute dtype (default: the KV dtype where this device computes "
+                   "it natively, else float32)")
+    p.add_argument("--kv-dtype", choices=dtypes, help="dtype full-precision KV is stored in (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     p.set_defaults(func=_generate)
@@ -214,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="architecture name, HF id, local dir or config.json")
     p.add_argument("--gpu", default="H100-80GB", help="GPU preset (see the error for the list)")
     p.add_argument("--gpu-mem", help="GPU memory instead of a preset, e.g. 80GiB")
-    p.add_argument("--context", default="32k")
+    p.add_argument("--context", type=_token_count, default=32768, help="tokens per session, e.g. 32k")
     p.add_argument("--sessions", type=int, default=32)
     p.add_argument("--strategies", default="full,int8,fp8,sink:window=4096")
     p.add_argument("--weights", default="bf16", help="fp32, bf16, fp16, int8, nf4")
@@ -237,30 +328,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admission", default="reject", help="reject or queue")
     p.add_argument("--idle-policy", default="ttl", help="ttl (keep state until --ttl) or release")
     p.add_argument("--ttl", type=float, default=120, help="seconds an ended or disconnected session's KV is kept")
-    p.add_argument("--out", default="results/simulate")
+    p.add_argument("--host-mem", default="256GiB", help="host RAM for offloaded KV (host tier), e.g. 256GiB")
+    p.add_argument("--pcie-gbps", type=float, default=55.0, help="host->GPU GB/s (55: pinned H2D measured on an H200)")
+    p.add_argument("--disk-mem", default="2TiB", help="disk space for offloaded KV (disk tier)")
+    p.add_argument("--disk-gbps", type=float, default=3.0, help="disk read GB/s (an NVMe through a file system)")
+    p.add_argument("--out", help=f"output folder, refused if it holds results (default: a new {RUNS_DIR}/simulate-<time>)")
     p.set_defaults(func=_simulate)
 
+    d = ReportConfig.default
     p = sub.add_parser("report", help="the pressure-transfer report: HBM saved vs latency vs recall vs fidelity")
-    p.add_argument("--model", default="default")
-    p.add_argument("--strategies", help="comma-separated strategies (default: full, int8, fp8, int4, window:window=256,"
-                   " sink:sinks=4,window=252)")
-    p.add_argument("--tasks", default="passkey,multikey", help="passkey, multikey, vartrack, multiturn")
-    p.add_argument("--lengths", default="512,1024", help="context lengths in model tokens, e.g. 4k,16k")
-    p.add_argument("--depths", type=int, default=5, help="needle depths spread over [0, 1]")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
-                   help="model and KV dtype (default bfloat16, as KV caches are held on GPUs)")
-    p.add_argument("--sessions", type=int, default=32, help="concurrent sessions for the at-scale column")
-    p.add_argument("--context", default="32k", help="tokens per session for the at-scale column")
-    p.add_argument("--decode-steps", type=int, default=24)
-    p.add_argument("--fidelity-steps", type=int, default=100)
+    p.add_argument("--model", help=f"default, HF id, local directory, .gguf path (default: {d('model')})")
+    p.add_argument("--strategies", type=_strategy_list,
+                   help=f"comma-separated strategies (default: {','.join(d('strategies'))})")
+    p.add_argument("--tasks", type=lambda text: text.split(","),
+                   help=f"passkey, multikey, vartrack, multiturn (default: {','.join(d('tasks'))})")
+    p.add_argument("--lengths", type=_token_counts,
+                   help=f"context lengths in model tokens, e.g. 512,4k (default: {','.join(map(str, d('lengths')))})")
+    p.add_argument("--depths", type=int, help=f"needle depths spread over [0, 1] (default: {d('depths')})")
+    p.add_argument("--seeds", type=int, help=f"(default: {d('seeds')})")
+    p.add_argument("--device", help=f"cpu, cuda, cuda:N (default: {d('device')})")
+    p.add_argument("--kv-dtype", choices=dtypes, help=f"dtype full-precision KV is stored in, as the deployment holds "
+                   f"it (default: {d('kv_dtype')})")
+    p.add_argument("--compute-dtype", choices=dtypes, help="dtype the model computes in (default: the KV dtype where "
+                   "the device computes it natively, else float32; the records say which and why)")
+    p.add_argument("--sessions", type=int, help=f"concurrent sessions for the at-scale column (default: {d('sessions')})")
+    p.add_argument("--context", type=_token_count, help=f"tokens per session for the at-scale column (default: {d('context')})")
+    p.add_argument("--max-new-tokens", type=int, help=f"answer budget of a recall case (default: {d('max_new_tokens')})")
+    p.add_argument("--decode-steps", type=int, help=f"(default: {d('decode_steps')})")
+    p.add_argument("--fidelity-steps", type=int, help=f"(default: {d('fidelity_steps')})")
     p.add_argument("--fidelity-text", help="text file for teacher-forced fidelity (default: a shipped public-domain text)")
-    p.add_argument("--max-recall-loss", type=float, default=2.0, help="guardrail, points")
-    p.add_argument("--max-decode-latency", type=float, default=15.0, help="guardrail, percent slower than full")
-    p.add_argument("--min-top1", type=float, default=0.98, help="guardrail, teacher-forced top-1 agreement")
-    p.add_argument("--out", default="results/default")
-    p.add_argument("--resume", metavar="DIR", help="finish an interrupted run in DIR; nothing finished is redone")
+    t = Thresholds()
+    p.add_argument("--max-recall-loss", type=float, help=f"guardrail, points (default: {t.recall_loss_pts:g})")
+    p.add_argument("--max-decode-latency", type=float,
+                   help=f"guardrail, percent slower than full (default: {t.decode_latency_pct:g})")
+    p.add_argument("--min-top1", type=float, help=f"guardrail, teacher-forced top-1 agreement (default: {t.top1:g})")
+    p.add_argument("--smoke", action="store_true", help="a one-minute grid (3 strategies, one short task) that checks "
+                   "the pipeline end to end; its numbers mean nothing. Flags given beside it still apply")
+    p.add_argument("--out", help=f"output folder, refused if it holds finished records (default: a new "
+                   f"{RUNS_DIR}/report-<time>)")
+    p.add_argument("--resume", nargs="?", const=LATEST, metavar="DIR",
+                   help=f"finish an interrupted run in DIR (alone: the newest unfinished run under {RUNS_DIR}/); "
+                        "nothing finished is redone")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("sweep", help="run a YAML grid of strategy parameters through the report")
@@ -275,14 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _token_counts(text: str) -> list[int]:
+    return [_token_count(item) for item in text.split(",") if item.strip()]
+
+
+def _strategy_list(text: str) -> list[str]:
+    from .strategy import split_strategies
+
+    return split_strategies(text)
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # lm-eval's own arguments and --help, passed through untouched
         from .evals.lm_eval import main as lm_eval_main
 
         lm_eval_main(argv[1:])
         return
     args = build_parser().parse_args(argv)
+    args.command_line = ["kvcompress", *argv]  # what the results record: these arguments, not the process's
     from transformers.utils import logging
 
     logging.disable_progress_bar()

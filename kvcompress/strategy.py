@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .codecs import CODECS, Codec
-from .registry import Registry
+from .registry import Registry, did_you_mean
 from .retention import RETENTIONS, Retention
 from .tiers import TIERS, Tier
 
@@ -69,7 +69,8 @@ def parse_strategy(text: str | StrategySpec) -> StrategySpec:
         axis = next((a for a, reg in AXES.items() if name in reg), None)
         if axis is None:
             allowed = "; ".join(f"{a}: {', '.join(reg.names())}" for a, reg in AXES.items())
-            raise ValueError(f"unknown strategy part {name!r} in {text!r}; allowed ({allowed})")
+            raise ValueError(f"unknown strategy part {name!r} in {text!r}; allowed ({allowed})."
+                             + did_you_mean(name, [n for reg in AXES.values() for n in reg.names()]))
         if axis in members:
             raise ValueError(f"strategy {text!r} names two {axis} members: {members[axis].name} and {name}")
         params = {}

@@ -11,14 +11,16 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from kvcompress.cli import main  # noqa: E402
-from kvcompress.evals.lm_eval import KVCompressLM, recall_docs  # noqa: E402
+from kvcompress.evals import fidelity  # noqa: E402
+from kvcompress.evals.lm_eval import KVCompressLM, recall_docs, task_manager  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def full_lm():
-    return KVCompressLM(pretrained="default", strategy="full", device="cpu")
+    # float32: the 1e-4 agreement with lm-eval's one-forward scoring holds in float32 (bfloat16 steps drift ~0.5 nats)
+    return KVCompressLM(pretrained="default", strategy="full", device="cpu", dtype="float32")
 
 
 def _chat(lm, text: str) -> str:
@@ -75,16 +77,24 @@ def test_bad_model_arguments_name_the_parameter():
         KVCompressLM(pretrained="random:tiny")
 
 
-def test_cli_runs_lm_eval_end_to_end_with_per_cell_metrics(tmp_path, monkeypatch):
+def _offline(monkeypatch):
     for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(offline, "1")  # the tasks are generated here: nothing is downloaded
+
+
+def test_cli_runs_lm_eval_end_to_end_with_per_cell_metrics(tmp_path, monkeypatch, capsys):
+    _offline(monkeypatch)
     out = tmp_path / "run"
     main(["lm-eval", "run", "--model", "kvcompress", "--model_args",
-          "pretrained=default,strategy=sink:sinks=4,window=128+int8", "--tasks", "kvc_passkey,kvc_vartrack",
+          "pretrained=default,strategy=sink:sinks=4,window=128+int8,dtype=float32",
+          "--tasks", "kvc_passkey,kvc_vartrack",
           "--metadata", json.dumps({"lengths": [200], "depths": 2}), "--apply_chat_template", "--device", "cpu",
           "--output_path", str(out)])
     written = json.loads(next(out.glob("**/results_*.json")).read_text())
     assert written["kvcompress"]["command"].startswith("kvcompress lm-eval run --model kvcompress")
+    # lm-eval splits --model_args at commas: its results config and printout still show the strategy whole
+    assert written["config"]["model_args"]["strategy"] == "sink:sinks=4,window=128+int8"
+    assert "'strategy': 'sink:sinks=4,window=128+int8'" in capsys.readouterr().out
     results = written["results"]
     assert set(results) == {"kvc_passkey", "kvc_vartrack"}
     assert {"acc,none", "acc_L200_D0,none", "acc_L200_D100,none"} <= set(results["kvc_passkey"])
@@ -101,3 +111,42 @@ def test_left_padded_batches_match_batch_one(full_lm):
     batched = KVCompressLM(pretrained="default", strategy="sink:sinks=4,window=64", device="cpu", batch_size=2)
     single = KVCompressLM(pretrained="default", strategy="sink:sinks=4,window=64", device="cpu", batch_size=1)
     assert batched.generate_until(requests) == single.generate_until(requests)
+
+
+def test_metadata_lengths_accept_k_counts():
+    task = task_manager(metadata={"lengths": ["1k"], "depths": 1}).load(["kvc_passkey"])["tasks"]["kvc_passkey"]
+    assert [(d["length"], d["depth"]) for d in task.test_docs()] == [(1024, 0.5)]
+    assert "acc_L1024_D50" in task.aggregation()
+
+
+def test_strategies_fidelity_is_cached_per_strategy(tmp_path, monkeypatch):
+    _offline(monkeypatch)
+    computed = []
+
+    def step_logits(model, input_ids, strategy, prefill):  # fast stand-in: 200 steps of a 16-token vocabulary
+        computed.append((str(strategy), str(model.dtype)))
+        gen = torch.Generator().manual_seed(len(computed))
+        return torch.randn(input_ids.shape[1] - prefill, 16, generator=gen)
+
+    monkeypatch.setattr(fidelity, "step_logits", step_logits)
+    out = tmp_path / "strategies"
+
+    def run(model_args: str) -> list[dict]:
+        main(["lm-eval", "--strategies", "full,window:window=64", "--model_args", model_args, "--tasks", "kvc_passkey",
+              "--metadata", json.dumps({"lengths": [120], "depths": 1}), "--apply_chat_template", "--device", "cpu",
+              "--output_path", str(out)])
+        return json.loads((out / "summary.json").read_text())["rows"]
+
+    first = run("pretrained=default,dtype=float32")
+    assert computed == [("full", "torch.float32"), ("window:window=64", "torch.float32")]  # full reuses its logits
+    assert first[0]["top1"] == 1.0 and first[0]["kl"] == 0.0 and first[1]["top1"] < 1.0
+    cached = json.loads((out / "window_window_64" / "fidelity.json").read_text())
+    assert cached["strategy"] == "window:window=64" and cached["prefill"] == 512 and cached["steps"] == 200
+
+    computed.clear()
+    again = run("pretrained=default,dtype=float32")
+    assert computed == [] and [(r["top1"], r["kl"]) for r in again] == [(r["top1"], r["kl"]) for r in first]
+
+    run("pretrained=default,dtype=bfloat16")  # another setting: every strategy is measured again
+    assert computed == [("full", "torch.bfloat16"), ("window:window=64", "torch.bfloat16")]
+    assert json.loads((out / "full" / "fidelity.json").read_text())["dtype"] == "bfloat16"

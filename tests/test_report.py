@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvcompress.evals import harness as harness_module
-from kvcompress.evals.harness import ReportConfig, Thresholds, run_report
+from kvcompress.evals.config import ReportConfig, Thresholds
+from kvcompress.evals.harness import run_report
 from kvcompress.evals.records import RecordStore
 from kvcompress.evals.report import COLUMNS, pressures
 from kvcompress.evals.sweep import load_sweep
@@ -79,7 +80,7 @@ def test_guardrail_verdicts():
 
 
 TINY = dict(strategies=["full", "window:window=64", "full+disk"], tasks=["passkey"], lengths=[160], depths=2,
-            decode_steps=4, fidelity_prefill=64, fidelity_steps=8, max_new_tokens=8)
+            decode_steps=4, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8, max_new_tokens=8)
 
 
 def _records(out):
@@ -117,11 +118,11 @@ def test_interrupted_run_resumes_without_redoing_anything(tmp_path, monkeypatch)
     calls = {"n": 0}
     original = harness_module.Harness.recall
 
-    def interrupted(self, *args):
+    def interrupted(self, **cell):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, *args)
+        return original(self, **cell)
 
     monkeypatch.setattr(harness_module.Harness, "recall", interrupted)
     with pytest.raises(KeyboardInterrupt):

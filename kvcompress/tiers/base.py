@@ -144,8 +144,9 @@ class Tier:
         """Tokens per sequence and layer kept on the compute device between steps (None: all of them)."""
         return None
 
-    def open(self, planned_bytes: int = 0) -> Store:
-        """The store of one cache. `planned_bytes` is the most KV the cache expects to hold (disk checks room)."""
+    def open(self, planned_bytes: int = 0, offload_dir: str | None = None) -> Store:
+        """The store of one cache. `planned_bytes` is the most KV the cache expects to hold (disk checks room);
+        `offload_dir` where a tier that writes files puts them (the others write none and ignore it)."""
         return Store(self)
 
 

@@ -50,20 +50,20 @@ class DiskFile:
     def __init__(self, directory: str, planned_bytes: int, stats: TransferStats):
         path = Path(directory)
         if not path.is_dir():
-            raise ValueError(f"disk:dir {directory!r} does not exist or is not a directory; create it first")
+            raise ValueError(f"offload_dir {directory!r} does not exist or is not a directory; create it first")
         self.session = uuid.uuid4()
         self.path = path / f"kvcompress-{os.getpid()}-{self.session.hex}.kv"
         self.stats = stats
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as error:
-            raise ValueError(f"cannot create an offload file in disk:dir {directory!r}: {error.strerror}") from None
+            raise ValueError(f"cannot create an offload file in offload_dir {directory!r}: {error.strerror}") from None
         free = shutil.disk_usage(path).free
         if planned_bytes > free:
             os.close(self.fd)
             self.path.unlink()
             raise ValueError(
-                f"disk:dir {directory!r} has {free:,} bytes free but the planned KV needs {planned_bytes:,} bytes; "
+                f"offload_dir {directory!r} has {free:,} bytes free but the planned KV needs {planned_bytes:,} bytes; "
                 "free space, choose another directory, or plan fewer tokens (make_cache(..., max_tokens=N))"
             )
         self.direct_fd = self._open_direct()
@@ -78,7 +78,7 @@ class DiskFile:
             self._write_header(page)
         except OSError as error:
             _remove(self.fd, self.direct_fd, str(self.path), self.io)
-            raise ValueError(f"cannot write an offload file in disk:dir {directory!r}: {error.strerror}") from None
+            raise ValueError(f"cannot write an offload file in offload_dir {directory!r}: {error.strerror}") from None
         self._remove = weakref.finalize(self, _remove, self.fd, self.direct_fd, str(self.path), self.io)
 
     def _write_header(self, page: torch.Tensor) -> None:
@@ -307,10 +307,10 @@ class DiskRows(Rows):
 
 
 class DiskStore(OffloadStore):
-    def __init__(self, tier: DiskTier, planned_bytes: int):
+    def __init__(self, tier: DiskTier, planned_bytes: int, directory: str | None):
         super().__init__(tier)
         self.staging = StagingPool()
-        self.file = DiskFile(tier.dir or tempfile.gettempdir(), planned_bytes, self.transfer)
+        self.file = DiskFile(str(directory or tempfile.gettempdir()), planned_bytes, self.transfer)
 
     def rows(self, row_shape: torch.Size, dtype: torch.dtype) -> Rows:
         return DiskRows(self, row_shape, dtype)
@@ -326,9 +326,8 @@ class DiskStore(OffloadStore):
 @TIERS.register("disk")
 @dataclass(frozen=True)
 class DiskTier(OffloadTier):
-    """One file per cache in `dir` (default: the system temporary directory)."""
+    """One file per cache in the cache's `offload_dir` (default: the system temporary directory). Where the file goes
+    is a property of the machine, not of the strategy, so it is no strategy parameter."""
 
-    dir: str = ""
-
-    def open(self, planned_bytes: int = 0) -> DiskStore:
-        return DiskStore(self, planned_bytes)
+    def open(self, planned_bytes: int = 0, offload_dir: str | None = None) -> DiskStore:
+        return DiskStore(self, planned_bytes, offload_dir)

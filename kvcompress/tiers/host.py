@@ -83,5 +83,5 @@ class HostTier(OffloadTier):
         if self.engine not in ENGINES:
             raise ValueError(f"host:engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
 
-    def open(self, planned_bytes: int = 0) -> HostStore:
+    def open(self, planned_bytes: int = 0, offload_dir: str | None = None) -> HostStore:
         return HostStore(self)

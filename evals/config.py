@@ -1,0 +1,89 @@
+"""What a report run measures: the one place its settings and their defaults live (the CLI's flags, sweep files
+and resumed runs all build a ReportConfig)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..dtypes import parse_dtype
+from ..strategy import parse_strategy
+from ..units import parse_token_list, parse_tokens
+from .tasks import TASKS
+
+# Presets sized for the quick grid: budgets well below its longest context, so eviction is visible.
+QUICK_STRATEGIES = ["full", "int8", "fp8", "int4", "window:window=256", "sink:sinks=4,window=252", "full+disk"]
+
+
+@dataclass
+class Thresholds:
+    recall_loss_pts: float = 2.0
+    decode_latency_pct: float = 15.0
+    top1: float = 0.98
+
+
+@dataclass
+class ReportConfig:
+    model: str = "default"
+    strategies: list[str] = field(default_factory=lambda: list(QUICK_STRATEGIES))
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "multikey"])
+    lengths: list[int] = field(default_factory=lambda: [512, 1024])
+    depths: int = 5
+    seeds: int = 1
+    max_new_tokens: int = 24
+    decode_steps: int = 24
+    fidelity_windows: int = 8  # windows of the text, run as one batch: more predictions for the same decode steps
+    fidelity_prefill: int = 384
+    fidelity_steps: int = 32  # per window
+    fidelity_text: str | None = None  # a text file; None: the shipped public-domain text
+    device: str = "cpu"
+    kv_dtype: str = "bfloat16"  # KV as GPUs hold it
+    compute_dtype: str | None = None  # None: the KV dtype where the device computes it natively, else float32
+    sessions: int = 32
+    context: int = 32768
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def __post_init__(self):
+        self.strategies = [str(parse_strategy(s)) for s in self.strategies]  # bad strategies fail before any work
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:  # checked here, not at the cell that needs it, so a run never stops half-way on a typo
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; allowed: {', '.join(TASKS)}")
+        if "full" not in self.strategies:
+            self.strategies.insert(0, "full")  # every loss is measured against it
+        self.lengths = parse_token_list(self.lengths, "lengths")
+        self.context = parse_tokens(self.context, "context")
+        if not self.lengths:
+            raise ValueError("lengths must list at least one token count")
+        for name, value in (("lengths", min(self.lengths)), ("depths", self.depths), ("seeds", self.seeds),
+                            ("sessions", self.sessions), ("context", self.context),
+                            ("max_new_tokens", self.max_new_tokens), ("decode_steps", self.decode_steps),
+                            ("fidelity_windows", self.fidelity_windows), ("fidelity_prefill", self.fidelity_prefill),
+                            ("fidelity_steps", self.fidelity_steps)):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        parse_dtype(self.kv_dtype, "kv_dtype")
+        parse_dtype(self.compute_dtype, "compute_dtype")
+        if self.fidelity_text is not None and not Path(self.fidelity_text).is_file():
+            raise ValueError(f"fidelity_text must be a readable text file, got {self.fidelity_text!r}")
+        if isinstance(self.thresholds, dict):
+            self.thresholds = Thresholds(**self.thresholds)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ReportConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown report setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def default(cls, name: str):
+        """A setting's default, for the CLI's flags and help."""
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+# `kvcompress report --smoke`: the whole pipeline in about a minute on 2 CPU cores (CI runs it); numbers mean nothing
+SMOKE = dict(strategies=["full", "int8", "window:window=64"], tasks=["passkey"], lengths=[256], depths=2,
+             max_new_tokens=8, decode_steps=4, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8)
