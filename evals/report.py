@@ -177,8 +177,8 @@ def write_report(out: Path) -> Path:
         writer.writeheader()
         writer.writerows({**r, **{k: meta[k] for k in ("command", "model", "device", "git_commit")}} for r in rows)
     t = config.thresholds
-    dtypes = (f"- dtypes: KV stored as {meta['kv_dtype']}, model computes in {meta['compute_dtype']} "
-              f"({meta['dtype_reason']}); bytes are the stored bytes" if "kv_dtype" in meta else None)
+    dtypes = (f"- dtypes: KV stored as {meta['kv_dtype']}, computed in {meta['compute_dtype']}: {meta['dtype_reason']}; "
+              f"every byte counted is a stored byte" if "kv_dtype" in meta else None)
     header = [
         "# Pressure-transfer table",
         "",

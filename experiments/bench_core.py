@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--dtype", default="float32", help="compute and KV dtype (float32: what the committed run used)")
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--warmup", type=int, default=8)

@@ -150,7 +150,7 @@ def main() -> None:
     directory = args.dir or tempfile.gettempdir()
     bandwidth = read_bandwidth(directory)
     print(json.dumps(bandwidth), file=sys.stderr)
-    model, tokenizer = kvcompress.load_model(args.model)
+    model, tokenizer = kvcompress.load_model(args.model, dtype="float32")  # float32 compute and KV, as documented
     rows = decode_rows(model, tokenizer, [int(x) for x in args.lengths.split(",")], split_strategies(args.strategies),
                        args.steps, args.warmup, args.rounds, directory)
     out = Path(args.out)

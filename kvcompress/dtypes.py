@@ -86,6 +86,7 @@ def plan_dtypes(kv_dtype: str | torch.dtype, device: str | torch.device = "cpu",
         return DtypePlan(kv, kv, f"{torch.device(device).type} computes in the KV dtype")
     if cpu_computes_natively(kv):
         return DtypePlan(kv, kv, f"this CPU ({cpu_capability()}) computes {dtype_name(kv)} natively")
-    forced = f", ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}" if "ATEN_CPU_CAPABILITY" in os.environ else ""
+    forced = "".join(f", {name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                     if name in os.environ)  # lowered by hand, e.g. to time what an AVX2 machine does
     return DtypePlan(torch.float32, kv, f"this CPU ({cpu_capability()}{forced}) has no native {dtype_name(kv)} "
-                                        f"arithmetic: the model computes in float32, KV is stored as {dtype_name(kv)}")
+                                        "arithmetic, so the model computes in float32")
