@@ -141,6 +141,7 @@ class Harness:
         p50 = statistics.median(decode)
         record = {"ttft_s": timing["ttft_s"], "decode_ms_p50": p50 * 1e3,
                   "decode_ms_p95": percentile(decode, 95) * 1e3, "tokens_per_s": 1 / p50,
+                  "decode_ms": [round(1e3 * s, 4) for s in decode],  # every step: the spread verdicts are judged on
                   "peak_device_bytes": self._peak()}
         if timing["transfer"]:  # offloading tiers: what one decode step moves, and how long the host waited for it
             per_step = {key: value / steps for key, value in timing["transfer"].items()}

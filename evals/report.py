@@ -15,6 +15,8 @@ from ..provenance import provenance_lines
 from ..strategy import parse_strategy
 from .config import ReportConfig, Thresholds
 from .records import RecordStore
+from . import stats
+from .stats import FAIL, INCONCLUSIVE, paired_recall, proportion_interval, ratio_interval
 
 GB = 1e9
 COLUMNS = ["strategy", "HBM saved", "at scale", "decode latency", "TTFT", "recall loss", "fidelity",
@@ -53,11 +55,16 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
         disk_bytes = _mean([r["kv_bytes_final"].get("disk", 0) for r in at_longest])
         lat, lat_full = latency.get((strategy, latency_length)), latency.get(("full", latency_length))
         at_scale = kv_sizer(model_config, spec, dtype).device_bytes(config.context, config.sessions)
+        recall_stats = paired_recall([f for f, _ in paired], [c for _, c in paired]) if paired else None
+        decode = _decode_change(lat, lat_full)
+        top1_interval = _top1_interval(fidelity.get(strategy))
         row = {
             "strategy": strategy,
             "recall_n": len(paired),
             "recall_pct": 100 * _mean([c for _, c in paired]) if paired else None,
-            "recall_loss_pts": 100 * _mean([f - c for f, c in paired]) if paired else None,
+            "recall_loss_pts": recall_stats and recall_stats.loss_pts,
+            "recall_loss_interval": recall_stats and (recall_stats.low_pts, recall_stats.high_pts),
+            "recall_p_value": recall_stats and recall_stats.p_value,
             "measured_length": longest,
             "kv_bytes": device_bytes,
             "hbm_saved_pct": 100 * (1 - device_bytes / full_bytes) if device_bytes is not None and full_bytes else None,
@@ -66,10 +73,12 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
             "scale_saved_gb": (full_at_scale - at_scale) / GB,
             "latency_length": latency_length,
             "decode_ms_p50": lat and lat["decode_ms_p50"],
-            "decode_change_pct": 100 * (lat["decode_ms_p50"] / lat_full["decode_ms_p50"] - 1) if lat and lat_full else None,
+            "decode_change_pct": decode and decode[0],
+            "decode_change_interval": decode and decode[1:],
             "ttft_change_pct": 100 * (lat["ttft_s"] / lat_full["ttft_s"] - 1) if lat and lat_full else None,
             "kl": fidelity.get(strategy, {}).get("kl"),
             "top1": fidelity.get(strategy, {}).get("top1"),
+            "top1_interval": top1_interval,
             "host_bytes": host_bytes or 0,
             "disk_bytes": disk_bytes or 0,
             "moved_bytes_per_step": lat and lat.get("moved_bytes_per_step"),
@@ -81,6 +90,30 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
         row.update(pressures(row, spec, config.thresholds))
         rows.append(row)
     return rows
+
+
+def _decode_change(lat: dict | None, lat_full: dict | None) -> tuple[float, float, float] | None:
+    """Decode latency change in percent against `full` (ratio of medians) with a bootstrap interval over the steps
+    both cells timed; records without per-step times give the point alone."""
+    if not (lat and lat_full):
+        return None
+    if lat.get("decode_ms") and lat_full.get("decode_ms"):
+        return tuple(100 * (x - 1) for x in ratio_interval(lat_full["decode_ms"], lat["decode_ms"]))
+    change = 100 * (lat["decode_ms_p50"] / lat_full["decode_ms_p50"] - 1)
+    return change, change, change
+
+
+def _top1_interval(record: dict | None) -> tuple[float, float] | None:
+    if not record or record.get("top1") is None:
+        return None
+    return proportion_interval(round(record["top1"] * record["steps"]), record["steps"])
+
+
+def _judged(name: str, value: float, interval, limit: float, higher_is_better: bool, text: str) -> tuple[str, str]:
+    """(verdict, words) of one guardrail, judged on the interval (a point is its own interval)."""
+    low, high = interval or (value, value)
+    shown = text.format(value) + (f" (95% CI {text.format(low)} to {text.format(high)})" if low != high else "")
+    return stats.verdict(low, high, limit, higher_is_better), f"{name} {shown}"
 
 
 def pressures(row: dict, spec, t: Thresholds) -> dict:
@@ -104,13 +137,20 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
         where = " + ".join(f"{name} {row[f'{name}_bytes'] / GB:.3f} GB" for name in ("host", "disk") if row[f"{name}_bytes"])
         created.append(f"{where} holding KV" + (f"; {row['moved_bytes_per_step'] / 1e6:.1f} MB moved per decode step"
                                                  if row["moved_bytes_per_step"] else ""))
-    failures = []
-    if row["recall_loss_pts"] is not None and row["recall_loss_pts"] > t.recall_loss_pts:
-        failures.append(f"recall loss {row['recall_loss_pts']:.1f} > {t.recall_loss_pts:g} pts")
-    if row["decode_change_pct"] is not None and row["decode_change_pct"] > t.decode_latency_pct:
-        failures.append(f"decode +{row['decode_change_pct']:.0f}% > +{t.decode_latency_pct:g}%")
-    if row["top1"] is not None and row["top1"] < t.top1:
-        failures.append(f"top-1 {row['top1']:.1%} < {t.top1:.0%}")
+    # a guardrail fails only when its whole 95% interval is on the wrong side, passes only when the whole of it is
+    # on the right side, and is inconclusive (n too small) otherwise
+    judged = []
+    if row["recall_loss_pts"] is not None:
+        judged.append(_judged("recall loss", row["recall_loss_pts"], row.get("recall_loss_interval"),
+                              t.recall_loss_pts, False, "{:.1f}") + (f" pts vs <= {t.recall_loss_pts:g}",))
+    if row["decode_change_pct"] is not None:
+        judged.append(_judged("decode", row["decode_change_pct"], row.get("decode_change_interval"),
+                              t.decode_latency_pct, False, "{:+.0f}%") + (f" vs <= +{t.decode_latency_pct:g}%",))
+    if row["top1"] is not None:
+        judged.append(_judged("top-1", row["top1"], row.get("top1_interval"), t.top1, True, "{:.1%}")
+                      + (f" vs >= {t.top1:.0%}",))
+    failures = [words + limit for outcome, words, limit in judged if outcome == FAIL]
+    unsure = [words + limit for outcome, words, limit in judged if outcome == INCONCLUSIVE]
     if row["allocation_failures"]:
         failures.append(f"{row['allocation_failures']} allocation failures")
     missing = [name for name in ("recall_loss_pts", "decode_change_pct", "top1", "hbm_saved_pct") if row[name] is None]
@@ -119,7 +159,8 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
     elif missing:
         verdict = "incomplete: no " + ", ".join(missing)
     else:
-        verdict = "pass" if not failures else "fail: " + "; ".join(failures)
+        verdict = ("fail: " + "; ".join(failures) if failures else
+                   "inconclusive (n too small): " + "; ".join(unsure) if unsure else "pass")
     rollback = (f"roll back to full when live needle probes lose > {t.recall_loss_pts:g} pts, decode p95 rises "
                 f"> {t.decode_latency_pct:g}% or top-1 agreement drops < {t.top1:.0%}")
     if budget is not None:
@@ -133,6 +174,13 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
 
 def _fmt(value, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _with_interval(value, interval, spec: str, suffix: str = "") -> str:
+    """'5.0 pts [-27.2, 27.9]': the value and its 95% interval, where there is one."""
+    if value is None or not interval or interval[0] == interval[1]:
+        return _fmt(value, spec, suffix)
+    return f"{value:{spec}}{suffix} [{interval[0]:{spec}}, {interval[1]:{spec}}]"
 
 
 def _offload_cell(r: dict) -> str:
@@ -153,10 +201,10 @@ def table(rows: list[dict], config: ReportConfig) -> str:
             f"`{r['strategy']}`",
             f"{_fmt(r['hbm_saved_pct'], '.1f', '%')} ({_fmt(r['hbm_saved_gb'], '.4f', ' GB')} at {r['measured_length']} tok)",
             f"{r['scale_kv_gb']:.1f} GB KV on device, {r['scale_saved_gb']:.1f} GB saved ({config.sessions} x {config.context} tok)",
-            _fmt(r["decode_change_pct"], "+.1f", "%"),
+            _with_interval(r["decode_change_pct"], r.get("decode_change_interval"), "+.1f", "%"),
             _fmt(r["ttft_change_pct"], "+.1f", "%"),
-            f"{_fmt(r['recall_loss_pts'], '.1f', ' pts')} (n={r['recall_n']})",
-            f"top-1 {_fmt(r['top1'], '.1%')}, KL {_fmt(r['kl'], '.1e')}",
+            f"{_with_interval(r['recall_loss_pts'], r.get('recall_loss_interval'), '.1f', ' pts')} (n={r['recall_n']})",
+            f"top-1 {_with_interval(r['top1'], r.get('top1_interval'), '.1%')}, KL {_fmt(r['kl'], '.1e')}",
             _offload_cell(r),
             r["relieved"], r["created"], r["verdict"], r["rollback"],
         ]
@@ -192,7 +240,11 @@ def write_report(out: Path) -> Path:
         f"top-1 / KL vs `full` over {config.fidelity_windows} windows of the text x {config.fidelity_steps} steps "
         f"after {config.fidelity_prefill} tokens",
         f"- guardrails: recall loss <= {t.recall_loss_pts:g} pts, decode latency <= +{t.decode_latency_pct:g}%, "
-        f"top-1 >= {t.top1:.0%}",
+        f"top-1 >= {t.top1:.0%}; each judged on its 95% interval [in brackets]: recall loss paired against `full` "
+        f"(exact, McNemar-consistent), top-1 Clopper-Pearson over the predictions, decode a bootstrap of the ratio of "
+        f"median step times; `fail` only when the whole interval breaks the guardrail, `pass` only when the whole of "
+        f"it keeps it, else `inconclusive (n too small)` (identical recall passes a 2-point guardrail from "
+        f"{stats.min_cases_for_pass(t.recall_loss_pts)} cases)",
         "",
     ]
     path = out / "pressure_transfer.md"
@@ -209,6 +261,9 @@ def terminal_rows(out: Path) -> tuple[list[str], list[list[str]]]:
     """The table's headline columns for a terminal (the Markdown file keeps every column)."""
     rows = json.loads((Path(out) / "summary.json").read_text())["rows"]
     header = ["strategy", "HBM saved", "decode", "recall loss", "top-1, KL", "verdict"]
-    return header, [[r["strategy"], _fmt(r["hbm_saved_pct"], ".1f", "%"), _fmt(r["decode_change_pct"], "+.1f", "%"),
-                     f"{_fmt(r['recall_loss_pts'], '.1f', ' pts')} (n={r['recall_n']})",
-                     f"{_fmt(r['top1'], '.1%')}, {_fmt(r['kl'], '.1e')}", r["verdict"]] for r in rows]
+    return header, [[r["strategy"], _fmt(r["hbm_saved_pct"], ".1f", "%"),
+                     _with_interval(r["decode_change_pct"], r.get("decode_change_interval"), "+.1f", "%"),
+                     f"{_with_interval(r['recall_loss_pts'], r.get('recall_loss_interval'), '.1f', ' pts')} "
+                     f"(n={r['recall_n']})",
+                     f"{_with_interval(r['top1'], r.get('top1_interval'), '.1%')}, {_fmt(r['kl'], '.1e')}",
+                     r["verdict"]] for r in rows]

@@ -10,6 +10,7 @@ from kvcompress.evals.config import ReportConfig, Thresholds
 from kvcompress.evals.harness import run_report
 from kvcompress.evals.records import RecordStore
 from kvcompress.evals.report import COLUMNS, pressures
+from kvcompress.evals.stats import paired_recall
 from kvcompress.evals.sweep import load_sweep
 from kvcompress.evals.tasks import TASKS, depths, make_case, render, score
 from kvcompress.strategy import parse_strategy
@@ -57,13 +58,33 @@ def _row(**overrides):
     return row
 
 
+def _paired(n: int, lost: int, won: int = 0) -> dict:
+    """A row's recall figures from `n` paired cases: full right everywhere but where the candidate wins."""
+    result = paired_recall([True] * (n - won) + [False] * won, [False] * lost + [True] * (n - lost))
+    return {"recall_loss_pts": result.loss_pts, "recall_loss_interval": (result.low_pts, result.high_pts), "recall_n": n}
+
+
+def test_verdicts_are_judged_on_intervals():
+    t, int8 = Thresholds(), parse_strategy("int8")
+    one_in_twenty = pressures(_row(**_paired(20, 1)), int8, t)["verdict"]
+    assert one_in_twenty.startswith("inconclusive (n too small): recall loss 5.0 (95% CI")
+    assert pressures(_row(**_paired(60, 15)), int8, t)["verdict"].startswith("fail: recall loss 25.0 (95% CI 6.7 to")
+    assert pressures(_row(**_paired(240, 0)), int8, t)["verdict"] == "pass"  # identical outcomes, n large enough
+    assert pressures(_row(**_paired(60, 0)), int8, t)["verdict"].startswith("inconclusive")  # identical, n too small
+    # top-1 over 256 predictions: 96.9% cannot be told from 98%, 90% can
+    assert "inconclusive" in pressures(_row(top1=0.969, top1_interval=(0.939, 0.986)), int8, t)["verdict"]
+    assert pressures(_row(top1=0.90, top1_interval=(0.86, 0.93)), int8, t)["verdict"].startswith("fail: top-1 90.0%")
+    latency = pressures(_row(decode_change_pct=20.0, decode_change_interval=(12.0, 30.0)), int8, t)["verdict"]
+    assert latency.startswith("inconclusive") and "decode +20% (95% CI +12% to +30%)" in latency
+
+
 def test_guardrail_verdicts():
     t = Thresholds()
     int8, window = parse_strategy("int8"), parse_strategy("window:window=256")
     assert pressures(_row(), int8, t)["verdict"] == "pass"
-    assert pressures(_row(recall_loss_pts=2.5), int8, t)["verdict"] == "fail: recall loss 2.5 > 2 pts"
-    assert "decode +20% > +15%" in pressures(_row(decode_change_pct=20.0), int8, t)["verdict"]
-    assert "top-1 97.0% < 98%" in pressures(_row(top1=0.97), int8, t)["verdict"]
+    assert pressures(_row(recall_loss_pts=2.5), int8, t)["verdict"] == "fail: recall loss 2.5 pts vs <= 2"
+    assert "decode +20% vs <= +15%" in pressures(_row(decode_change_pct=20.0), int8, t)["verdict"]
+    assert "top-1 97.0% vs >= 98%" in pressures(_row(top1=0.97), int8, t)["verdict"]
     assert "1 allocation failures" in pressures(_row(allocation_failures=1), int8, t)["verdict"]
     assert pressures(_row(top1=None), int8, t)["verdict"] == "incomplete: no top1"
     assert pressures(_row(recall_loss_pts=2.5), int8, Thresholds(recall_loss_pts=5))["verdict"] == "pass"
