@@ -109,11 +109,13 @@ def _top1_interval(record: dict | None) -> tuple[float, float] | None:
     return proportion_interval(round(record["top1"] * record["steps"]), record["steps"])
 
 
-def _judged(name: str, value: float, interval, limit: float, higher_is_better: bool, text: str) -> tuple[str, str]:
+def _judged(name: str, value: float, interval, limit: float, higher_is_better: bool, text: str,
+            unit: str = "") -> tuple[str, str]:
     """(verdict, words) of one guardrail, judged on the interval (a point is its own interval)."""
     low, high = interval or (value, value)
-    shown = text.format(value) + (f" (95% CI {text.format(low)} to {text.format(high)})" if low != high else "")
-    return stats.verdict(low, high, limit, higher_is_better), f"{name} {shown}"
+    shown = text.format(value) + unit + (f" (95% CI {text.format(low)} to {text.format(high)})" if low != high else "")
+    bound = (">= " if higher_is_better else "<= ") + text.format(limit) + unit
+    return stats.verdict(low, high, limit, higher_is_better), f"{name} {shown} vs {bound}"
 
 
 def pressures(row: dict, spec, t: Thresholds) -> dict:
@@ -142,15 +144,14 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
     judged = []
     if row["recall_loss_pts"] is not None:
         judged.append(_judged("recall loss", row["recall_loss_pts"], row.get("recall_loss_interval"),
-                              t.recall_loss_pts, False, "{:.1f}") + (f" pts vs <= {t.recall_loss_pts:g}",))
+                              t.recall_loss_pts, False, "{:.1f}", " pts"))
     if row["decode_change_pct"] is not None:
         judged.append(_judged("decode", row["decode_change_pct"], row.get("decode_change_interval"),
-                              t.decode_latency_pct, False, "{:+.0f}%") + (f" vs <= +{t.decode_latency_pct:g}%",))
+                              t.decode_latency_pct, False, "{:+.0f}", "%"))
     if row["top1"] is not None:
-        judged.append(_judged("top-1", row["top1"], row.get("top1_interval"), t.top1, True, "{:.1%}")
-                      + (f" vs >= {t.top1:.0%}",))
-    failures = [words + limit for outcome, words, limit in judged if outcome == FAIL]
-    unsure = [words + limit for outcome, words, limit in judged if outcome == INCONCLUSIVE]
+        judged.append(_judged("top-1", row["top1"], row.get("top1_interval"), t.top1, True, "{:.1%}"))
+    failures = [words for outcome, words in judged if outcome == FAIL]
+    unsure = [words for outcome, words in judged if outcome == INCONCLUSIVE]
     if row["allocation_failures"]:
         failures.append(f"{row['allocation_failures']} allocation failures")
     missing = [name for name in ("recall_loss_pts", "decode_change_pct", "top1", "hbm_saved_pct") if row[name] is None]

@@ -67,24 +67,24 @@ def _paired(n: int, lost: int, won: int = 0) -> dict:
 def test_verdicts_are_judged_on_intervals():
     t, int8 = Thresholds(), parse_strategy("int8")
     one_in_twenty = pressures(_row(**_paired(20, 1)), int8, t)["verdict"]
-    assert one_in_twenty.startswith("inconclusive (n too small): recall loss 5.0 (95% CI")
-    assert pressures(_row(**_paired(60, 15)), int8, t)["verdict"].startswith("fail: recall loss 25.0 (95% CI 6.7 to")
+    assert one_in_twenty.startswith("inconclusive (n too small): recall loss 5.0 pts (95% CI")
+    assert pressures(_row(**_paired(60, 15)), int8, t)["verdict"].startswith("fail: recall loss 25.0 pts (95% CI 6.7 to")
     assert pressures(_row(**_paired(240, 0)), int8, t)["verdict"] == "pass"  # identical outcomes, n large enough
     assert pressures(_row(**_paired(60, 0)), int8, t)["verdict"].startswith("inconclusive")  # identical, n too small
     # top-1 over 256 predictions: 96.9% cannot be told from 98%, 90% can
     assert "inconclusive" in pressures(_row(top1=0.969, top1_interval=(0.939, 0.986)), int8, t)["verdict"]
     assert pressures(_row(top1=0.90, top1_interval=(0.86, 0.93)), int8, t)["verdict"].startswith("fail: top-1 90.0%")
     latency = pressures(_row(decode_change_pct=20.0, decode_change_interval=(12.0, 30.0)), int8, t)["verdict"]
-    assert latency.startswith("inconclusive") and "decode +20% (95% CI +12% to +30%)" in latency
+    assert latency.startswith("inconclusive") and "decode +20% (95% CI +12 to +30) vs <= +15%" in latency
 
 
 def test_guardrail_verdicts():
     t = Thresholds()
     int8, window = parse_strategy("int8"), parse_strategy("window:window=256")
     assert pressures(_row(), int8, t)["verdict"] == "pass"
-    assert pressures(_row(recall_loss_pts=2.5), int8, t)["verdict"] == "fail: recall loss 2.5 pts vs <= 2"
+    assert pressures(_row(recall_loss_pts=2.5), int8, t)["verdict"] == "fail: recall loss 2.5 pts vs <= 2.0 pts"
     assert "decode +20% vs <= +15%" in pressures(_row(decode_change_pct=20.0), int8, t)["verdict"]
-    assert "top-1 97.0% vs >= 98%" in pressures(_row(top1=0.97), int8, t)["verdict"]
+    assert "top-1 97.0% vs >= 98.0%" in pressures(_row(top1=0.97), int8, t)["verdict"]
     assert "1 allocation failures" in pressures(_row(allocation_failures=1), int8, t)["verdict"]
     assert pressures(_row(top1=None), int8, t)["verdict"] == "incomplete: no top1"
     assert pressures(_row(recall_loss_pts=2.5), int8, Thresholds(recall_loss_pts=5))["verdict"] == "pass"
