@@ -71,11 +71,14 @@ class ReportConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ReportConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(cls.fields()))
         if unknown:
-            raise ValueError(f"unknown report setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown report setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(cls.fields()))}")
         return cls(**data)
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
     def default(cls, name: str):

@@ -14,15 +14,9 @@ from .units import parse_tokens
 MIB = 2**20
 RUNS_DIR = Path("results/runs")  # fresh run folders (git-ignored); committed reference results live beside it
 LATEST = "latest"
-# report flag (argparse dest) -> ReportConfig setting; defaults live in ReportConfig alone
-REPORT_FLAGS = {
-    "model": "model", "strategies": "strategies", "tasks": "tasks", "lengths": "lengths", "depths": "depths",
-    "seeds": "seeds", "device": "device", "kv_dtype": "kv_dtype", "compute_dtype": "compute_dtype",
-    "sessions": "sessions", "context": "context", "max_new_tokens": "max_new_tokens", "decode_steps": "decode_steps",
-    "fidelity_steps": "fidelity_steps", "fidelity_text": "fidelity_text",
-    "max_recall_loss": "thresholds.recall_loss_pts", "max_decode_latency": "thresholds.decode_latency_pct",
-    "min_top1": "thresholds.top1",
-}
+# report flags named apart from their Thresholds field; every other flag is its ReportConfig setting's name, and
+# defaults live in ReportConfig alone
+THRESHOLD_FLAGS = {"max_recall_loss": "recall_loss_pts", "max_decode_latency": "decode_latency_pct", "min_top1": "top1"}
 
 
 def _strategies(args: argparse.Namespace) -> None:
@@ -97,10 +91,7 @@ def _report(args: argparse.Namespace) -> None:
         out = _unfinished_run(args.resume)
         path = run_report(None, out, resume=True, command=args.command_line)
     else:
-        settings = {**(SMOKE if args.smoke else {}), **_given(args, REPORT_FLAGS)}
-        if "thresholds" in settings:
-            settings["thresholds"] = {**ReportConfig.default("thresholds").__dict__, **settings["thresholds"]}
-        config = ReportConfig.from_dict(settings)  # every setting checked before the model loads
+        config = ReportConfig.from_dict({**(SMOKE if args.smoke else {}), **_given(args)})  # checked before any work
         out = Path(args.out) if args.out else _fresh_run_folder("report")
         _check_writable(out, "--out")
         path = run_report(config, out, command=args.command_line)
@@ -109,17 +100,15 @@ def _report(args: argparse.Namespace) -> None:
     print(f"\nwrote {path} (and records.jsonl, summary.csv, summary.json, plots) in {path.parent}")
 
 
-def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+def _given(args: argparse.Namespace) -> dict:
     """ReportConfig settings for the flags given on the command line; the rest keep the config's defaults."""
-    settings: dict = {}
-    for dest, setting in flags.items():
-        value = getattr(args, dest)
-        if value is None:
-            continue
-        if setting.startswith("thresholds."):
-            settings.setdefault("thresholds", {})[setting.split(".", 1)[1]] = value
-        else:
-            settings[setting] = value
+    from .evals.config import ReportConfig, Thresholds
+
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    settings = {name: given[name] for name in ReportConfig.fields() if name in given}
+    thresholds = {field: given[flag] for flag, field in THRESHOLD_FLAGS.items() if flag in given}
+    if thresholds:
+        settings["thresholds"] = Thresholds(**{**vars(Thresholds()), **thresholds})
     return settings
 
 
