@@ -32,6 +32,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
     raise ImportError(f"the lm-eval integration needs lm-eval: pip install -e '.[eval]' ({error})") from None
 
 from ..cache import make_cache
+from ..dtypes import dtype_name
 from ..models import _pretrained_source, load_model
 from ..strategy import AXES, parse_strategy
 from ..units import parse_token_list
@@ -400,8 +401,8 @@ def fidelity(out: Path, strategies: list[str], model, tokenizer, pretrained: str
     from .fidelity import compare, step_logits
 
     text = text_ids(tokenizer(reference_text(), return_tensors="pt").input_ids[0], FIDELITY_TOKENS).to(model.device)
-    settings = {"model": pretrained, "dtype": str(model.dtype).removeprefix("torch."),
-                "kv_dtype": str(model.kv_dtype).removeprefix("torch."), "prefill": FIDELITY_PREFILL,
+    settings = {"model": pretrained, "dtype": dtype_name(model.dtype), "kv_dtype": dtype_name(model.kv_dtype),
+                "prefill": FIDELITY_PREFILL,
                 "text": hashlib.sha256(json.dumps(text[0].tolist()).encode()).hexdigest()[:16]}
     found, todo = {}, {}
     for name in strategies:

@@ -184,6 +184,18 @@ def _with_interval(value, interval, spec: str, suffix: str = "") -> str:
     return f"{value:{spec}}{suffix} [{interval[0]:{spec}}, {interval[1]:{spec}}]"
 
 
+def _decode_cell(r: dict) -> str:
+    return _with_interval(r["decode_change_pct"], r.get("decode_change_interval"), "+.1f", "%")
+
+
+def _recall_cell(r: dict) -> str:
+    return f"{_with_interval(r['recall_loss_pts'], r.get('recall_loss_interval'), '.1f', ' pts')} (n={r['recall_n']})"
+
+
+def _fidelity_cell(r: dict) -> str:
+    return f"{_with_interval(r['top1'], r.get('top1_interval'), '.1%')}, KL {_fmt(r['kl'], '.1e')}"
+
+
 def _offload_cell(r: dict) -> str:
     if not (r["host_bytes"] or r["disk_bytes"]):
         return "0 GB"
@@ -202,10 +214,10 @@ def table(rows: list[dict], config: ReportConfig) -> str:
             f"`{r['strategy']}`",
             f"{_fmt(r['hbm_saved_pct'], '.1f', '%')} ({_fmt(r['hbm_saved_gb'], '.4f', ' GB')} at {r['measured_length']} tok)",
             f"{r['scale_kv_gb']:.1f} GB KV on device, {r['scale_saved_gb']:.1f} GB saved ({config.sessions} x {config.context} tok)",
-            _with_interval(r["decode_change_pct"], r.get("decode_change_interval"), "+.1f", "%"),
+            _decode_cell(r),
             _fmt(r["ttft_change_pct"], "+.1f", "%"),
-            f"{_with_interval(r['recall_loss_pts'], r.get('recall_loss_interval'), '.1f', ' pts')} (n={r['recall_n']})",
-            f"top-1 {_with_interval(r['top1'], r.get('top1_interval'), '.1%')}, KL {_fmt(r['kl'], '.1e')}",
+            _recall_cell(r),
+            f"top-1 {_fidelity_cell(r)}",
             _offload_cell(r),
             r["relieved"], r["created"], r["verdict"], r["rollback"],
         ]
@@ -262,9 +274,5 @@ def terminal_rows(out: Path) -> tuple[list[str], list[list[str]]]:
     """The table's headline columns for a terminal (the Markdown file keeps every column)."""
     rows = json.loads((Path(out) / "summary.json").read_text())["rows"]
     header = ["strategy", "HBM saved", "decode", "recall loss", "top-1, KL", "verdict"]
-    return header, [[r["strategy"], _fmt(r["hbm_saved_pct"], ".1f", "%"),
-                     _with_interval(r["decode_change_pct"], r.get("decode_change_interval"), "+.1f", "%"),
-                     f"{_with_interval(r['recall_loss_pts'], r.get('recall_loss_interval'), '.1f', ' pts')} "
-                     f"(n={r['recall_n']})",
-                     f"{_with_interval(r['top1'], r.get('top1_interval'), '.1%')}, {_fmt(r['kl'], '.1e')}",
-                     r["verdict"]] for r in rows]
+    return header, [[r["strategy"], _fmt(r["hbm_saved_pct"], ".1f", "%"), _decode_cell(r), _recall_cell(r),
+                     _fidelity_cell(r), r["verdict"]] for r in rows]

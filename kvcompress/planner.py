@@ -4,7 +4,6 @@ bytes are tested against."""
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -12,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .accounting import KVSizer, kv_sizer
+from .registry import did_you_mean
 from .strategy import StrategySpec, parse_strategy
 
 GIB = 2**30
@@ -45,9 +45,9 @@ def weights_bytes(config, weights: str = "bf16") -> int:
 
 def gpu_memory(gpu: str) -> float:
     if gpu not in GPUS:
-        close = difflib.get_close_matches(gpu, GPUS, n=1)
-        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(GPUS)}" + (f". Did you mean {close[0]!r}?" if close
-                                                                             else "; or pass --gpu-mem 80GiB"))
+        hint = did_you_mean(gpu, GPUS)
+        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(GPUS)}" + (f".{hint}" if hint else
+                                                                             "; or pass --gpu-mem 80GiB"))
     return GPUS[gpu]
 
 
