@@ -125,9 +125,11 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
     if row["hbm_saved_pct"] is not None and row["hbm_saved_pct"] > 0.5:
         relieved.append(f"HBM -{row['hbm_saved_pct']:.1f}% of KV")
     created = []
-    budget = spec.retention.budget
-    if budget is not None:
-        created.append(f"recall: tokens older than the {budget}-token budget are gone"
+    retention = spec.retention
+    if retention.evicts:
+        kept = (f"tokens outside each head's top {retention.budget or f'{retention.ratio:.0%}'} by score are gone"
+                if retention.seam else f"tokens older than the {retention.capacity(0)}-token budget are gone")
+        created.append(f"recall: {kept}"
                        + (f" (-{row['recall_loss_pts']:.1f} pts measured)" if row["recall_loss_pts"] else ""))
     elif row["recall_loss_pts"] and row["recall_loss_pts"] > 0:
         created.append(f"recall -{row['recall_loss_pts']:.1f} pts")

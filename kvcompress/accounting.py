@@ -8,38 +8,41 @@ from dataclasses import dataclass
 import torch
 
 from .geometry import KVGeometry
+from .retention import Retention
 from .strategy import StrategySpec, parse_strategy
-
-POSITION_BYTES = torch.int32.itemsize  # per stored token, per layer, for retentions that track positions
-
 
 def bytes_per_token(model_or_config, strategy: str | StrategySpec = "full", dtype: torch.dtype | None = None) -> float:
     """Resident bytes of one stored token of one sequence across all layers, K and V, in encoded form (scales and
-    position bookkeeping included; the codec's full-precision residual is not)."""
+    position/score bookkeeping included; the codec's full-precision residual is not)."""
     sizer = kv_sizer(model_or_config, strategy, dtype)
-    return sizer.layers * (sizer.encoded_token + sizer.position_token)
+    return sizer.layers * (sizer.encoded_token + sizer.state_token)
 
 
 @dataclass(frozen=True)
 class KVSizer:
-    """Per-token constants of one (model, strategy): resident bytes for any number of seen tokens in O(1)."""
+    """Per-token constants of one (model, strategy): resident bytes for any number of seen tokens in O(layers)."""
 
     layers: int
     full_token: int  # one token of one layer, K and V, in the model dtype
     encoded_token: float  # the same, encoded by the codec
-    position_token: int  # position bookkeeping per token per layer (retentions that track positions)
-    budget: int | None
+    state_token: int  # retention bookkeeping per token per layer (positions, score state)
+    retention: Retention
     residual: int | None  # None: the codec is lossless, every stored token stays in the model dtype
     device_tokens: int | None = None  # tokens per sequence the tier keeps on the device (None: every one)
 
-    def stored(self, seen: int) -> int:
-        return seen if self.budget is None else min(seen, self.budget)
+    def stored(self, seen: int, layer: int = 0) -> int:
+        """Tokens layer `layer` holds per sequence (and KV head) once `seen` were seen, evicting whenever over
+        capacity (a retention evicting less often holds more between evictions; adakv pads heads to the widest)."""
+        capacity = self.retention.capacity(seen, layer, self.layers)
+        return seen if capacity is None else min(seen, capacity)
 
     def bytes(self, seen: int, batch: int = 1) -> int:
-        stored = self.stored(seen)
-        recent = stored if self.residual is None else min(stored, self.residual)
-        per_layer = recent * self.full_token + (stored - recent) * self.encoded_token + stored * self.position_token
-        return round(self.layers * batch * per_layer)
+        total = 0.0
+        for layer in range(self.layers):
+            stored = self.stored(seen, layer)
+            recent = stored if self.residual is None else min(stored, self.residual)
+            total += recent * self.full_token + (stored - recent) * self.encoded_token + stored * self.state_token
+        return round(batch * total)
 
     def device_bytes(self, seen: int, batch: int = 1) -> int:
         """The part of `bytes` that stays on the device (HBM on a GPU); the rest lives on the host or disk tier."""
@@ -52,8 +55,8 @@ def kv_sizer(model_or_config, strategy: str | StrategySpec, dtype: torch.dtype |
         layers=geo.layers,
         full_token=2 * geo.kv_heads * geo.head_dim * geo.dtype.itemsize,
         encoded_token=2 * geo.kv_heads * spec.codec.bytes_per_token(geo.head_dim, geo.dtype),
-        position_token=POSITION_BYTES if spec.retention.needs_positions else 0,
-        budget=spec.retention.budget,
+        state_token=spec.retention.state_bytes_per_token(geo.kv_heads),
+        retention=spec.retention,
         residual=None if spec.codec.lossless else spec.codec.residual_tokens,
         device_tokens=spec.tier.device_tokens,
     )

@@ -5,6 +5,10 @@ A layer holds, per stored token, either its encoded form (`encoded_k/v`, older t
 each update on the whole stored sequence, then the residual's overflow is encoded: only new tokens are ever
 quantized. `update` returns decoded K/V for attention; a fused attention path can later take the encoded form
 instead (DESIGN.md: AttentionInterface + AttentionMaskInterface).
+
+A retention that reads attention or keys runs on the attention seam (`attention.py`): `update` only hands the step's
+K/V over, and `attend` runs the step: attention over [stored | step] with the layer's own mask (heads may keep
+different tokens), the statistics the retention asked for, eviction, encoding; with `prefill_chunk`, chunk by chunk.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .accounting import kv_sizer
+from .attention import grouped_attention, hand_over, new_token_valid, route
 from .codecs import Codec
 from .dtypes import parse_dtype
 from .geometry import decoder_config, head_dim
-from .retention import Retention
+from .retention import RETENTIONS, Retention
+from .retention.base import Kept, RetentionView
 from .strategy import StrategySpec, parse_strategy
 from .tiers import DevicePart, Part, Store, merge_bytes, no_tokens, take_tokens
 
@@ -30,11 +36,11 @@ def _split_keep(keep: slice | torch.Tensor, n_encoded: int, stored: int):
     if isinstance(keep, slice):
         start, stop = keep.start, keep.stop
         return slice(min(start, n_encoded), min(stop, n_encoded)), slice(max(start - n_encoded, 0), stop - n_encoded)
-    in_encoded = (keep < n_encoded).sum(1)
-    if (in_encoded != in_encoded[0]).any():
+    in_encoded = (keep < n_encoded).sum(-1)
+    if (in_encoded != in_encoded.flatten()[0]).any():
         return None
-    cut = int(in_encoded[0])
-    return keep[:, :cut], keep[:, cut:] - n_encoded
+    cut = int(in_encoded.flatten()[0])
+    return keep[..., :cut], keep[..., cut:] - n_encoded
 
 
 class KVLayer(CacheLayerMixin):
@@ -45,21 +51,30 @@ class KVLayer(CacheLayerMixin):
     is_sliding = False  # the mask is the model's plain causal one, sized by get_mask_sizes
     is_compileable = False
 
-    def __init__(self, retention: Retention, codec: Codec, store: Store, kv_dtype: torch.dtype | None = None):
+    def __init__(self, retention: Retention, codec: Codec, store: Store, kv_dtype: torch.dtype | None = None,
+                 layer_idx: int = 0, layers: int = 1, prefill_chunk: int | None = None):
         super().__init__()
         self.retention, self.codec, self.store = retention, codec, store
         self.kv_dtype = kv_dtype  # the dtype K/V are stored in (None: as they arrive); attention gets its own back
+        self.layer_idx, self.layers, self.prefill_chunk = layer_idx, layers, prefill_chunk
         self.seen = 0  # tokens seen (what positions and the query offset derive from), not tokens stored
         self.encoded_k: dict[str, Part] = {}
         self.encoded_v: dict[str, Part] = {}
         self.recent_k: Part | None = None
         self.recent_v: Part | None = None
-        self.positions: torch.Tensor | None = None  # [batch, stored] int32, only when the retention reads them
+        # positional retentions: [batch, stored] index in the padded sequence; seam retentions: [batch, heads, stored]
+        # position id of each token in its row, -1 for padding and filler
+        self.positions: torch.Tensor | None = None
+        self.mass: torch.Tensor | None = None  # [batch, heads, stored] float32 accumulated attention ("mass")
+        self.steps = self.last_eviction = 0  # finished steps, and the step count at the last eviction
+        self.resident_bytes = 0  # what kv_bytes() summed to after the last step (for the cache's peak)
+        self.on_step: Callable[[int], None] | None = None  # told each step's transient bytes (the cache's peak)
         self.next_layer: KVLayer | None = None  # prefetched at the start of this layer's update (offloading tiers)
+        self._stash: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # seam: the step's K/V until attend
 
     @property
     def is_croppable(self) -> bool:
-        return self.retention.budget is None
+        return not self.retention.evicts
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype  # already in the KV dtype (update casts)
@@ -67,7 +82,10 @@ class KVLayer(CacheLayerMixin):
         part = self.store.part if self.codec.lossless else DevicePart
         self.recent_k, self.recent_v = part(no_tokens(key_states)), part(no_tokens(value_states))
         if self.retention.needs_positions:
-            self.positions = torch.empty(key_states.shape[0], 0, dtype=torch.int32, device=self.device)
+            shape = key_states.shape[:2] if self.retention.seam else key_states.shape[:1]
+            self.positions = torch.empty(*shape, 0, dtype=torch.int32, device=self.device)
+        if "mass" in self.retention.needs:
+            self.mass = torch.empty(*key_states.shape[:2], 0, dtype=torch.float32, device=self.device)
         self.is_initialized = True
 
     # -- sizes -------------------------------------------------------------------------------------------------
@@ -99,6 +117,10 @@ class KVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.next_layer is not None:
             self.next_layer.prefetch()
+        if self.retention.seam:
+            self._stash = (key_states, value_states, compute)
+            hand_over(self, key_states)
+            return key_states, value_states
         seen_before = self.seen
         self.seen += key_states.shape[2]
         if self.encoded_k:
@@ -113,15 +135,88 @@ class KVLayer(CacheLayerMixin):
             new = torch.arange(seen_before, self.seen, dtype=torch.int32, device=self.device)
             self.positions = torch.cat([self.positions, new.expand(self.positions.shape[0], -1)], dim=1)
 
-        budget = self.retention.budget
-        if budget is not None and self.stored > budget:
-            self._evict(self._left_padding(kwargs))
+        if self._due(key_states.shape[2]):
+            view = RetentionView(self.seen, self.stored, self.positions, self._left_padding(kwargs), self.layer_idx,
+                                 self.layers)
+            self._evict(view)
         if not self.codec.lossless:
             self._encode_overflow()
+        self.steps += 1
+        shares_storage = self.codec.lossless and not self.store.offloads and keys.dtype == self.dtype
+        self._end_step(0 if shares_storage else keys.nbytes + values.nbytes)  # else decoded/widened copies
+        return keys, values
+
+    def _due(self, step_tokens: int) -> bool:
+        return self.retention.due(self.stored, self.seen, self.layer_idx, self.layers, step_tokens > 1,
+                                  self.steps - self.last_eviction)
+
+    def _end_step(self, transient_bytes: int) -> None:
         if self.store.offloads:
             for part in self._parts():
                 part.release()
-        return keys, values
+        self.resident_bytes = sum(self.kv_bytes().values())
+        if self.on_step is not None:
+            self.on_step(transient_bytes)
+
+    # -- the seam: attention, statistics and eviction of a retention that reads them --------------------------------
+    def attend(self, query: torch.Tensor, attention_mask, scaling: float, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Run this step's attention for `query` [batch, query heads, q, dim] over what the layer stores plus the
+        step's K/V (handed over by `update`), chunk by chunk under `prefill_chunk`, evicting after each chunk.
+        Returns the attention output [batch, q, query heads, dim]."""
+        new_k, new_v, compute = self._stash
+        self._stash = None
+        batch, q = query.shape[0], query.shape[2]
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None or position_ids.shape != (batch, q):
+            position_ids = torch.arange(self.seen, self.seen + q, device=self.device).expand(batch, q)
+        valid = new_token_valid(attention_mask, batch, q, self.device)
+        positions = position_ids.to(self.device, torch.int32).masked_fill(~valid, -1)
+        softcap = kwargs.get("softcap")
+        chunk = self.prefill_chunk or q
+        outputs = []
+        for start in range(0, q, chunk):
+            step = slice(start, min(start + chunk, q))
+            outputs.append(self._attend_chunk(query[:, :, step], new_k[:, :, step], new_v[:, :, step],
+                                              positions[:, step], scaling, softcap, compute, q > 1))
+        self.steps += 1
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _attend_chunk(self, query, new_k, new_v, new_positions, scaling, softcap, compute, prompt) -> torch.Tensor:
+        batch, heads, n = new_k.shape[:3]
+        if self.encoded_k:
+            keys = self._with_history(self.encoded_k, self.recent_k, new_k, compute)
+            values = self._with_history(self.encoded_v, self.recent_v, new_v, compute)
+        else:
+            keys = torch.cat([self.recent_k.read(), new_k], dim=2).to(compute)
+            values = torch.cat([self.recent_v.read(), new_v], dim=2).to(compute)
+        held = (self.positions >= 0)[:, :, None, :].expand(batch, heads, n, self.stored)
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        step = (causal & (new_positions >= 0)[:, None, None, :]) | torch.eye(n, dtype=torch.bool, device=self.device)
+        visible = torch.cat([held, step.expand(batch, heads, n, n)], dim=-1)
+        needs = self.retention.needs
+        out, probs = grouped_attention(query, keys, values, visible, scaling, softcap,
+                                       weights="attention" in needs or "mass" in needs)
+        attention = probs.mean(dim=2) if probs is not None else None  # pooled over the query heads of a KV head
+
+        self.seen += n
+        self.recent_k.append(new_k)
+        self.recent_v.append(new_v)
+        self.positions = torch.cat([self.positions, new_positions[:, None, :].expand(batch, heads, n)], dim=-1)
+        if self.mass is not None:
+            self.mass = torch.cat([self.mass, self.mass.new_zeros(batch, heads, n)], dim=-1) + attention.sum(dim=2)
+        if not self.codec.lossless:  # first, so that the residual left is within the protected window
+            self._encode_overflow()
+        if self._due(2 if prompt else 1):
+            view = RetentionView(self.seen, self.stored, self.positions, None, self.layer_idx, self.layers,
+                                 attention=attention, mass=self.mass, keys=lambda: self._read_keys(compute))
+            self._evict(view)
+        self._end_step(keys.nbytes + values.nbytes + (probs.nbytes if probs is not None else 0))
+        return out
+
+    def _read_keys(self, dtype: torch.dtype) -> torch.Tensor:
+        if not self.encoded_k:
+            return self.recent_k.read().to(dtype)
+        return self._with_history(self.encoded_k, self.recent_k, self.recent_k.read()[:, :, :0], dtype)
 
     def _with_history(self, encoded: dict[str, Part], recent: Part, new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[encoded history decoded | recent | new] in `dtype`, the compute dtype."""
@@ -141,13 +236,19 @@ class KVLayer(CacheLayerMixin):
             return torch.zeros(batch, dtype=torch.long, device=self.device)
         return (self.seen - 1 - position_ids[:, -1]).to(self.device)
 
-    def _evict(self, pad: torch.Tensor) -> None:
+    def _evict(self, view: RetentionView) -> None:
         stored, n_encoded = self.stored, self.n_encoded
-        keep = self.retention.keep(stored, self.positions, self.seen, pad)
+        keep = self.retention.keep(view)
+        self.last_eviction = self.steps
         if keep is None:
             return
+        keep, live = keep if isinstance(keep, Kept) else (keep, None)
         if self.positions is not None:
-            self.positions = take_tokens(self.positions, keep, dim=1)
+            self.positions = take_tokens(self.positions, keep, dim=self.positions.dim() - 1)
+            if live is not None:
+                self.positions = self.positions.masked_fill(~live, -1)
+        if self.mass is not None:
+            self.mass = take_tokens(self.mass, keep)
         parts = _split_keep(keep, n_encoded, stored) if n_encoded else (None, keep)
         if parts is None:  # rows keep different numbers of encoded tokens: decode them back, then evict as one
             for name in ("k", "v"):
@@ -190,8 +291,9 @@ class KVLayer(CacheLayerMixin):
     def kv_bytes(self) -> dict[str, int]:
         """Bytes this layer holds, per tier: encoded payload, scales, residual buffers and positions, counted by the
         storage the tensors keep alive (so a view pinning evicted tokens counts them)."""
-        positions = {"device": self.positions.untyped_storage().nbytes()} if self.positions is not None else {}
-        return merge_bytes(positions, *(part.nbytes() for part in self._parts()))
+        state = [t for t in (self.positions, self.mass) if t is not None]
+        bookkeeping = {"device": sum(t.untyped_storage().nbytes() for t in state)} if state else {}
+        return merge_bytes(bookkeeping, *(part.nbytes() for part in self._parts()))
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if not self.is_initialized:
@@ -201,6 +303,8 @@ class KVLayer(CacheLayerMixin):
             part.release()
         if self.positions is not None:
             self.positions = fn(self.positions)
+        if self.mass is not None:
+            self.mass = fn(self.mass)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -224,7 +328,9 @@ class KVLayer(CacheLayerMixin):
         for part in self._parts():
             part.release()
         if self.positions is not None:
-            self.positions = self.positions[:, keep]
+            self.positions = self.positions[..., keep]
+        if self.mass is not None:
+            self.mass = self.mass[..., keep]
 
     def close(self) -> None:
         for part in self._parts():
@@ -232,9 +338,10 @@ class KVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.close()
-        next_layer = self.next_layer
-        self.__init__(self.retention, self.codec, self.store, self.kv_dtype)
-        self.next_layer = next_layer
+        next_layer, on_step = self.next_layer, self.on_step
+        self.__init__(self.retention, self.codec, self.store, self.kv_dtype, self.layer_idx, self.layers,
+                      self.prefill_chunk)
+        self.next_layer, self.on_step = next_layer, on_step
 
     def offload(self):
         raise NotImplementedError("use a host or disk tier (kvcompress strategy `...+host`), not Cache(offloading=True)")
@@ -245,13 +352,22 @@ class KVCache(Cache):
     to release offload files and pinned blocks now rather than at garbage collection."""
 
     def __init__(self, spec: StrategySpec, num_layers: int, planned_bytes: int = 0, offload_dir: str | None = None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, prefill_chunk: int | None = None):
         self.spec, self.kv_dtype = spec, kv_dtype
         self.store = spec.tier.open(planned_bytes, offload_dir)
-        super().__init__(layers=[KVLayer(spec.retention, spec.codec, self.store, kv_dtype) for _ in range(num_layers)])
+        layers = [KVLayer(spec.retention, spec.codec, self.store, kv_dtype, i, num_layers, prefill_chunk)
+                  for i in range(num_layers)]
+        super().__init__(layers=layers)
+        self.peak_bytes = 0  # most KV bytes held at once: resident in every layer plus the step's transient copies
+        for layer in self.layers:
+            layer.on_step = self._note_step
         if self.store.offloads:  # each layer prefetches the next; the last one the first, for the next step
             for layer, following in zip(self.layers, self.layers[1:] + self.layers[:1]):
                 layer.next_layer = following
+
+    def _note_step(self, transient_bytes: int) -> None:
+        resident = sum(layer.resident_bytes for layer in self.layers)
+        self.peak_bytes = max(self.peak_bytes, resident + transient_bytes)
 
     def kv_bytes(self) -> dict[str, int]:
         """Exact resident bytes per tier name (device, host, disk), summed over layers, plus the store's staging."""
@@ -288,6 +404,7 @@ def make_cache(
     offload_dir: str | None = None,
     max_tokens: int | None = None,
     batch_size: int = 1,
+    prefill_chunk: int | None = None,
 ) -> KVCache:
     """A fresh cache for one generation: `model.generate(**inputs, cache=make_cache(model, "sink+int8"))`.
 
@@ -295,9 +412,21 @@ def make_cache(
     `kv_dtype` attribute, which `load_model` sets, else K/V stay as they arrive). offload_dir: where the disk tier
     puts its file (default: the system temporary directory; strategies without a disk tier write no file).
     max_tokens, batch_size: the most KV the cache will hold, which the disk tier checks for room before generation
-    starts (default: the model's context).
+    starts (default: the model's context). prefill_chunk: a score-based retention prefills prompts this many tokens
+    at a time, evicting between chunks, so the KV a prompt holds stays within budget + chunk.
+
+    A score-based retention (h2o, snapkv, ...) routes the model's attention through the kvcompress seam, so pass
+    the model, not its config; the model's own attention still serves every call without a kvcompress cache.
     """
     spec = parse_strategy(strategy)
+    if prefill_chunk is not None:
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
+        if not spec.retention.seam:
+            raise ValueError(f"prefill_chunk needs a score-based retention ({', '.join(seam_retentions())}); "
+                             f"{spec.retention.name!r} already evicts before each step's attention")
+    if spec.retention.seam:
+        route(model_or_config)
     config = decoder_config(model_or_config)
     kv_dtype = parse_dtype(kv_dtype, "kv_dtype") or getattr(model_or_config, "kv_dtype", None)
     model_dtype = getattr(model_or_config, "dtype", None)
@@ -305,4 +434,8 @@ def make_cache(
     spec.codec.check(head_dim(config), stored_dtype or torch.float32)
     tokens = max_tokens or getattr(config, "max_position_embeddings", None) or 4096
     planned = kv_sizer(config, spec, stored_dtype).bytes(tokens, batch_size)
-    return KVCache(spec, config.num_hidden_layers, planned, offload_dir, kv_dtype)
+    return KVCache(spec, config.num_hidden_layers, planned, offload_dir, kv_dtype, prefill_chunk)
+
+
+def seam_retentions() -> list[str]:
+    return [name for name in RETENTIONS.names() if RETENTIONS.get(name).seam]

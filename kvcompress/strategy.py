@@ -27,7 +27,7 @@ def _member_params(member: Any) -> dict[str, Any]:
 
 
 def _format_member(member: Any) -> str:
-    defaults = _member_params(type(member)())
+    defaults = {f.name: f.default for f in dataclasses.fields(member) if f.init}
     changed = {k: v for k, v in _member_params(member).items() if v != defaults[k]}
     return member.name + (":" + ",".join(f"{k}={v}" for k, v in changed.items()) if changed else "")
 
@@ -39,11 +39,14 @@ class StrategySpec:
     tier: Tier = field(default_factory=lambda: TIERS.build("device", {}))
 
     def __post_init__(self):
-        budget = self.retention.budget
-        if budget is not None and self.codec.residual_tokens > budget:
+        residual, retention = self.codec.residual_tokens, self.retention
+        if retention.seam and residual > retention.window:  # per-head eviction never splits the residual
+            raise ValueError(f"{self.codec.name}:residual ({residual}) must not exceed {retention.name}:window "
+                             f"({retention.window}): the residual tokens must be the protected recent ones")
+        budget = retention.capacity(residual + 1)
+        if budget is not None and residual > budget:
             raise ValueError(
-                f"{self.codec.name}:residual ({self.codec.residual_tokens}) must not exceed the "
-                f"{self.retention.name} budget ({budget} tokens)"
+                f"{self.codec.name}:residual ({residual}) must not exceed the {retention.name} budget ({budget} tokens)"
             )
 
     @property

@@ -15,7 +15,7 @@ def resident(retention, seen: int, pad: int) -> set[int]:
     """What the retention keeps after `seen` tokens of a row with `pad` left-padding tokens, from its definition."""
     if retention.name == "window":
         return set(range(max(0, seen - retention.window), seen))
-    if seen <= retention.budget:
+    if seen <= retention.capacity(seen):
         return set(range(seen))
     sinks = range(pad, min(pad + retention.sinks, seen))
     return set(sinks) | set(range(seen - retention.window, seen))
@@ -61,7 +61,7 @@ def cached_logits(model, ids, mask, steps, cache, budget):
 def test_matches_masked_full_forward_left_padded(tiny, strategy, steps):
     ids, mask = left_padded([60, 47, 31])
     retention = parse_strategy(strategy).retention
-    ours = cached_logits(tiny, ids, mask, steps, make_cache(tiny, strategy), retention.budget)
+    ours = cached_logits(tiny, ids, mask, steps, make_cache(tiny, strategy), retention.capacity(0))
     reference = reference_logits(tiny, ids, mask, steps, retention)
     real = mask.bool()
     assert (ours - reference)[real].abs().max() <= 1e-4
@@ -95,7 +95,7 @@ def test_budget_holds_over_300_generated_tokens(tiny, strategy):
     recorder = _RecordStored(cache)
     out = tiny.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=300, min_new_tokens=300,
                         do_sample=False, logits_processor=LogitsProcessorList([recorder]), pad_token_id=0)
-    budget = parse_strategy(strategy).retention.budget
+    budget = parse_strategy(strategy).retention.capacity(0)
     assert len(recorder.stored) == 300 and max(recorder.stored) <= budget
     assert cache.get_seq_length() == out.shape[1] - 1
 

@@ -28,7 +28,7 @@ def test_grammar_round_trips(text, canonical):
 def test_members_and_params():
     spec = parse_strategy("sink:sinks=2,window=64+int8:residual=16")
     assert (spec.retention.name, spec.codec.name, spec.tier.name) == ("sink", "int8", "device")
-    assert spec.retention.budget == 66
+    assert spec.retention.capacity(1000) == 66
     assert spec.params["retention"] == {"sinks": 2, "window": 64}
     assert spec.params["codec"]["residual"] == 16
 

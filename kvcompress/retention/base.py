@@ -1,36 +1,171 @@
-"""Retention: which token positions stay resident."""
+"""Retention: which token positions stay resident.
+
+A retention is a frozen config. After each step the layer hands it one `RetentionView` of what it stores and gets
+back what to keep: None (everything), a slice (the same storage range in every row), a LongTensor of sorted storage
+indices per row [batch, kept] or per (row, KV head) [batch, heads, kept], or a `Kept` (per-head indices plus which of
+them are live, for heads that keep fewer tokens than the storage is wide).
+
+Positional members (`window`, `sink`) run inside `update`, before attention. Members that read keys or attention
+(`ScoreRetention`) run on the attention seam (`kvcompress/attention.py`), after the step's attention, and see it.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
 from ..registry import Registry
 
-# `keep` returns None to keep everything, a slice to keep the same storage range in every row, or a LongTensor
-# [batch, kept] of per-row storage indices (sorted; the same count in every row).
+
+@dataclass
+class RetentionView:
+    """What a layer stores, as its retention sees it after a step.
+
+    seen: tokens seen so far (this step's included); stored: tokens held per row (and head), this step's included.
+    positions: positional members: [batch, stored] index of each token in the padded sequence; score members:
+      [batch, heads, stored] position of each token in its row (its position id), -1 for padding and filler.
+    pad: [batch] left padding of each row (positional members). layer, layers: this layer's index and the count.
+    attention: [batch, heads, step tokens, stored] the step's attention weights, the mean over the query heads that
+      share each KV head (members that declare "attention"). mass: [batch, heads, stored] attention accumulated by
+      each stored token over every query so far (members that declare "mass"). keys(): [batch, heads, stored, dim]
+      the stored keys as attention reads them (decoded; computed on demand).
+    """
+
+    seen: int
+    stored: int
+    positions: torch.Tensor | None = None
+    pad: torch.Tensor | None = None
+    layer: int = 0
+    layers: int = 1
+    attention: torch.Tensor | None = None
+    mass: torch.Tensor | None = None
+    keys: Callable[[], torch.Tensor] | None = None
+
+
+class Kept(NamedTuple):
+    index: torch.Tensor  # [batch, heads, width] sorted storage indices
+    live: torch.Tensor  # [batch, heads, width] bool: False marks filler that pads a head to the widest one
 
 
 @dataclass(frozen=True)
 class Retention:
-    """Decides, after each update, which stored tokens stay. Frozen config; per-layer state lives in the layer."""
+    """Decides, after each step, which stored tokens stay. Frozen config; per-layer state lives in the layer."""
 
     name = "base"
-    needs_positions = False  # whether `keep` reads the absolute position of every stored token
+    needs_positions = False  # whether `keep` reads the position of every stored token
+    seam = False  # whether it runs on the attention seam (after attention) rather than inside `update`
+    needs = ()  # statistics the seam computes for it: "attention", "mass"
 
     @property
-    def budget(self) -> int | None:
-        """Most tokens resident after an update, or None for unbounded."""
+    def evicts(self) -> bool:
+        return True
+
+    def capacity(self, seen: int, layer: int = 0, layers: int = 1) -> int | None:
+        """Most tokens a row (and KV head) keeps after a step once `seen` tokens were seen, or None for unbounded."""
         return None
 
-    def keep(
-        self, stored: int, positions: torch.Tensor | None, seen: int, pad: torch.Tensor
-    ) -> None | slice | torch.Tensor:
-        """stored: tokens held before eviction (this step's included); positions: [batch, stored] absolute positions
-        in the padded sequence, given when `needs_positions`; seen: tokens seen so far, this step's included;
-        pad: [batch] left-padding length of each row."""
+    def due(self, stored: int, seen: int, layer: int, layers: int, prompt: bool, since_eviction: int) -> bool:
+        """Whether to evict now: `prompt` says the step brought more than one token, `since_eviction` counts the
+        layer's steps since its last eviction."""
+        capacity = self.capacity(seen, layer, layers)
+        return capacity is not None and stored > capacity
+
+    def keep(self, view: RetentionView) -> None | slice | torch.Tensor | Kept:
         raise NotImplementedError
+
+    def state_bytes_per_token(self, kv_heads: int) -> int:
+        """Bookkeeping bytes per stored token per layer (positions, score state), counted in kv_bytes()."""
+        return torch.int32.itemsize if self.needs_positions else 0
+
+
+WHEN = ("budget", "prefill", "interval")
+
+
+@dataclass(frozen=True)
+class ScoreRetention(Retention):
+    """Base of the score-based members (kvpress's ScorerPress, on the seam): a member writes `score(view)`, higher
+    for tokens worth keeping, [batch, heads, stored] (or [batch, 1, stored] to keep the same tokens in every head);
+    this class protects the first `sinks` real tokens of each row and its last `window`, never keeps padding, and
+    keeps each head's top `capacity` tokens in position order.
+
+    budget: tokens kept per row and head, or ratio: that fraction of the tokens seen (one of the two).
+    when: "budget" evicts whenever more than the capacity is stored; "prefill" only after a prompt (a step of more
+    than one token, and between its chunks under chunked prefill), never while decoding: kvpress's protocol;
+    "interval" after a prompt and every `interval` decode steps (up to `interval` tokens more are held between).
+    """
+
+    budget: int = 0
+    ratio: float = 0.0
+    sinks: int = 4
+    window: int = 32
+    when: str = "budget"
+    interval: int = 64
+    needs_positions = True
+    seam = True
+
+    def __post_init__(self):
+        name = self.name
+        if (self.budget > 0) == (self.ratio > 0):
+            raise ValueError(f"{name}: give exactly one of {name}:budget=N (tokens kept) or {name}:ratio=r "
+                             f"(fraction of the tokens seen, in (0, 1]), got budget={self.budget}, ratio={self.ratio}")
+        if self.sinks < 0 or self.window < 1:
+            raise ValueError(f"{name}:sinks must be >= 0 and {name}:window >= 1, got sinks={self.sinks}, "
+                             f"window={self.window}")
+        if self.budget and self.budget <= self.sinks + self.window:
+            raise ValueError(f"{name}:budget ({self.budget}) must exceed {name}:sinks + {name}:window "
+                             f"({self.sinks} + {self.window}), else no token is chosen by score")
+        if self.budget < 0 or not 0 <= self.ratio <= 1:
+            raise ValueError(f"{name}:ratio must be in (0, 1] and {name}:budget > 0, got ratio={self.ratio}, "
+                             f"budget={self.budget}")
+        if self.when not in WHEN:
+            raise ValueError(f"{name}:when must be one of {', '.join(WHEN)}, got {self.when!r}")
+        if self.interval < 1:
+            raise ValueError(f"{name}:interval must be >= 1, got {self.interval}")
+
+    def capacity(self, seen: int, layer: int = 0, layers: int = 1) -> int:
+        if self.budget:
+            return self.budget
+        return max(math.ceil(self.ratio * seen), self.sinks + self.window + 1)
+
+    def due(self, stored, seen, layer, layers, prompt, since_eviction) -> bool:
+        if stored <= self.capacity(seen, layer, layers):
+            return False
+        if self.when == "prefill":
+            return prompt
+        if self.when == "interval":
+            return prompt or since_eviction >= self.interval
+        return True
+
+    def state_bytes_per_token(self, kv_heads: int) -> int:
+        per_head = torch.int32.itemsize + (torch.float32.itemsize if "mass" in self.needs else 0)
+        return kv_heads * per_head
+
+    def score(self, view: RetentionView) -> torch.Tensor:
+        raise NotImplementedError
+
+    def protected_scores(self, view: RetentionView) -> torch.Tensor:
+        """The member's scores as float32 [batch, heads, stored], +inf where protected, -inf on padding/filler."""
+        positions = view.positions
+        scores = self.score(view).float().expand(positions.shape)
+        newest = positions.amax(dim=(1, 2), keepdim=True)
+        protected = (positions >= 0) & ((positions < self.sinks) | (positions > newest - self.window))
+        scores = scores.masked_fill(protected, float("inf"))
+        return scores.masked_fill(positions < 0, float("-inf"))
+
+    def keep(self, view: RetentionView) -> torch.Tensor | Kept | None:
+        capacity = self.capacity(view.seen, view.layer, view.layers)
+        if view.stored <= capacity:
+            return None
+        return top(self.protected_scores(view), capacity).sort(dim=-1).values
+
+
+def top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores along the last dim; ties go to the lower index (a stable sort, where topk's
+    order is unspecified), so kept sets are reproducible."""
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 RETENTIONS: Registry[Retention] = Registry("retention")

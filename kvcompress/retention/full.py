@@ -8,5 +8,9 @@ from .base import RETENTIONS, Retention
 class FullRetention(Retention):
     """Keep every token (the baseline all savings are measured against)."""
 
-    def keep(self, stored, positions, seen, pad):
+    @property
+    def evicts(self) -> bool:
+        return False
+
+    def keep(self, view):
         return None

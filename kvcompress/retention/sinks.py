@@ -28,14 +28,14 @@ class SinkRetention(Retention):
         if self.sinks > self.window:
             raise ValueError(f"sink:sinks ({self.sinks}) must not exceed sink:window ({self.window})")
 
-    @property
-    def budget(self) -> int:
+    def capacity(self, seen: int, layer: int = 0, layers: int = 1) -> int:
         return self.sinks + self.window
 
-    def keep(self, stored, positions, seen, pad):
-        if stored <= self.budget:
+    def keep(self, view):
+        budget, positions = self.sinks + self.window, view.positions
+        if view.stored <= budget:
             return None
-        sink_start = torch.clamp(pad, max=seen - self.budget)[:, None]
+        sink_start = torch.clamp(view.pad, max=view.seen - budget)[:, None]
         is_sink = (positions >= sink_start) & (positions < sink_start + self.sinks)
-        keep = is_sink | (positions >= seen - self.window)
-        return keep.nonzero()[:, 1].view(positions.shape[0], self.budget)
+        keep = is_sink | (positions >= view.seen - self.window)
+        return keep.nonzero()[:, 1].view(positions.shape[0], budget)

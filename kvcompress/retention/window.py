@@ -15,9 +15,8 @@ class WindowRetention(Retention):
         if self.window <= 0:
             raise ValueError(f"window:window must be > 0, got {self.window}")
 
-    @property
-    def budget(self) -> int:
+    def capacity(self, seen: int, layer: int = 0, layers: int = 1) -> int:
         return self.window
 
-    def keep(self, stored, positions, seen, pad):
-        return slice(stored - self.window, stored) if stored > self.window else None
+    def keep(self, view):
+        return slice(view.stored - self.window, view.stored) if view.stored > self.window else None

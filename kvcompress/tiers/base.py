@@ -25,11 +25,13 @@ def own(t: torch.Tensor) -> torch.Tensor:
 
 
 def take_tokens(t: torch.Tensor, keep: slice | torch.Tensor, dim: int = 2) -> torch.Tensor:
-    """Keep tokens along `dim` by a slice (same in every row) or per-row indices [batch, kept]."""
+    """Keep tokens along `dim` by a slice (same in every row), per-row indices [batch, kept] or, for dim 2, per-(row,
+    head) indices [batch, heads, kept]."""
     if isinstance(keep, slice):
         return own(t[(slice(None),) * dim + (keep,)])
-    index = keep.view(keep.shape + (1,) * (t.dim() - 2)) if dim == 1 else keep[:, None, :, None]
-    return t.gather(dim, index.expand(*t.shape[:dim], keep.shape[1], *t.shape[dim + 1 :]))
+    index = keep[:, None, :] if dim == 2 and keep.dim() == 2 else keep
+    index = index.view(index.shape + (1,) * (t.dim() - index.dim()))
+    return t.gather(dim, index.expand(*t.shape[:dim], index.shape[dim], *t.shape[dim + 1 :]))
 
 
 def no_tokens(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""The attention seam: an attention function registered with transformers that hands a kvcompress layer the step's
+queries, so the layer can attend over what it stores and give its retention the attention it needs (no extra pass).
+
+`route(model)` switches the model to `kvcompress_<its attention>`: when the keys a call receives are the ones a
+kvcompress layer just returned from `update`, the layer runs the step (`KVLayer.attend`); every other call goes to
+the model's own attention with the model's own mask, so a model routed once behaves as before with any other cache.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PREFIX = "kvcompress_"
+_pending = threading.local()  # (layer, keys) of the last seam-managed update in this thread; its attention is next
+
+
+def hand_over(layer, keys: torch.Tensor) -> None:
+    """Called by a seam-managed layer's `update`: the next attention call with these keys is the layer's."""
+    if getattr(_pending, "layer", None) is not None:
+        raise RuntimeError(
+            "a kvcompress layer's update was not followed by its attention: the model's attention is not routed "
+            "through the kvcompress seam (build the cache with make_cache(model, ...), which routes the model)"
+        )
+    _pending.layer, _pending.keys = layer, keys
+
+
+def _take_pending(keys: torch.Tensor):
+    layer = getattr(_pending, "layer", None)
+    if layer is None or _pending.keys is not keys:
+        return None
+    _pending.layer = _pending.keys = None
+    return layer
+
+
+def _own_attention(name: str, module):
+    if name != "eager":
+        return ALL_ATTENTION_FUNCTIONS[name]
+    return sys.modules[type(module).__module__].eager_attention_forward  # each modeling file has its own eager
+
+
+def _register(base: str) -> str:
+    name = PREFIX + base
+    if name in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        return name
+
+    def seam_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = _take_pending(key)
+        if layer is None:
+            own = _own_attention(base, module)
+            return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if dropout and module.training:
+            raise ValueError("kvcompress caches are for inference: dropout must be 0 (call model.eval())")
+        scaling = module.scaling if scaling is None else scaling
+        return layer.attend(query, attention_mask, scaling, kwargs), None
+
+    AttentionInterface.register(name, seam_attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS.get(base, eager_mask))
+    return name
+
+
+def route(model) -> None:
+    """Route the model's attention through the seam (idempotent). Raises ValueError for a model whose attention does
+    not go through transformers' AttentionInterface."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current is None or not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"this retention needs the model's attention routed through the kvcompress seam, but "
+                         f"{type(model).__name__} is not a transformers model with an attention implementation "
+                         "(pass the model to make_cache, not its config)")
+    if current.startswith(PREFIX):
+        return
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
+                         "AttentionInterface, so score-based retention cannot see its attention")
+    model.set_attn_implementation(_register(current))
+
+
+def is_routed(model) -> bool:
+    return str(getattr(getattr(model, "config", None), "_attn_implementation", "")).startswith(PREFIX)
+
+
+def new_token_valid(attention_mask, batch: int, q: int, device) -> torch.Tensor:
+    """[batch, q] bool: which of the step's tokens are real (not padding), read from the model's own mask (the last q
+    columns are the step's tokens whatever the layer stores): bool masks say True, additive ones 0."""
+    if not isinstance(attention_mask, torch.Tensor):
+        return torch.ones(batch, q, dtype=torch.bool, device=device)
+    block = attention_mask[:, 0, -q:, -q:].diagonal(dim1=-2, dim2=-1)
+    valid = block if block.dtype == torch.bool else block == 0
+    return valid.expand(batch, q).to(device)
+
+
+def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
+                      scaling: float, softcap: float | None = None, weights: bool = False):
+    """Attention of query [b, hq, q, d] over keys/values [b, h, s, d] (h KV heads shared by hq/h query heads each),
+    visible [b, h, q, s] bool. Returns the output [b, q, hq, d] and, if asked, the float32 attention weights
+    [b, h, hq/h, q, s]; without weights and softcap it is torch's fused sdpa."""
+    b, hq, q, d = query.shape
+    h = keys.shape[1]
+    group = hq // h
+    if not weights and softcap is None:
+        mask = visible.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(query, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1),
+                                             attn_mask=mask, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    grouped = query.view(b, h, group, q, d).float()
+    scores = grouped @ keys.float()[:, :, None].transpose(-1, -2) * scaling  # [b, h, g, q, s]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)  # a query that sees nothing (a pad query) attends to nothing
+    out = (probs @ values.float()[:, :, None]).to(query.dtype).view(b, hq, q, d)
+    return out.transpose(1, 2).contiguous(), probs

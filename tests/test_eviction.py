@@ -1,0 +1,328 @@
+"""Score-based retention on the attention seam, against a plain-torch reference written from each paper's definition.
+
+The reference runs the whole sequence through the model at every step with an attention function that applies an
+explicit per-(layer, row, KV head) visibility and records the attention weights; from those weights (and keys) it
+chooses what each head keeps, token by token in Python. The cached model must keep exactly the same tokens and give
+the same logits. MEMBERS drives every test here: adding a member adds its cases.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+from kvcompress import expected_kv_bytes, make_cache, parse_strategy
+from kvcompress.retention import RETENTIONS
+
+from .conftest import left_padded, tiny_model
+
+# member -> a strategy small enough that the tiny model evicts at prefill and at most decode steps
+MEMBERS = {
+    "h2o": "h2o:budget=20,sinks=2,window=4",
+    "tova": "tova:budget=20,sinks=2,window=4",
+    "snapkv": "snapkv:budget=20,sinks=2,window=4,observe=8,kernel=3",
+    "knorm": "knorm:budget=20,sinks=2,window=4",
+    "pyramid": "pyramid:budget=20,sinks=2,window=4,observe=8,kernel=3,beta=4",
+    "adakv": "adakv:budget=20,sinks=2,window=4,observe=8,kernel=3,when=prefill",
+}
+RATIO = {"h2o": "h2o:ratio=0.4,sinks=2,window=4", "snapkv": "snapkv:ratio=0.4,sinks=2,window=4,when=interval,interval=5"}
+STEPS = [[(0, 40)] + [(t, t + 1) for t in range(40, 52)],                  # prefill, then decode
+         [(0, 9), (9, 30), (30, 31), (31, 44), (44, 45), (45, 46)]]        # multi-token steps
+
+
+def test_members_table_covers_every_score_member():
+    assert set(MEMBERS) == {n for n in RETENTIONS.names() if RETENTIONS.get(n).seam}
+
+
+# -- the reference ---------------------------------------------------------------------------------------------------
+_visible: dict[int, torch.Tensor] = {}  # layer -> [batch, kv heads, T, T] bool
+_seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (weights [b, kv heads, T, T], keys [b, h, T, d])
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    b, hq, t, d = query.shape
+    h = key.shape[1]
+    scores = query.view(b, h, hq // h, t, d) @ key[:, :, None].transpose(-1, -2) * scaling
+    scores = scores.masked_fill(~_visible[module.layer_idx][:, :, None], float("-inf"))
+    probs = scores.softmax(-1)
+    _seen[module.layer_idx] = (probs.mean(2), key)
+    out = (probs @ value[:, :, None]).view(b, hq, t, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("kvc_reference", _reference_attention)
+AttentionMaskInterface.register("kvc_reference", sdpa_mask)
+
+
+def _pooled(votes: list[float], kernel: int) -> list[float]:
+    half = kernel // 2
+    return [max(votes[max(0, i - half): i + half + 1]) for i in range(len(votes))]
+
+
+def _choose(retention, entries, score, capacity, sinks, window, newest):
+    """Storage indices kept, from `entries` [(t, position or -1)], by the member's score: sinks and the recent window
+    protected, padding never chosen over a real token, ties to the older entry."""
+    def rank(i):
+        position = entries[i][1]
+        if position < 0:
+            return -math.inf
+        if position < sinks or position > newest - window:
+            return math.inf
+        return score[i]
+    order = sorted(range(len(entries)), key=lambda i: -rank(i))
+    return sorted(order[:capacity])
+
+
+class Reference:
+    """What each (layer, row, KV head) stores, step by step, by the papers' definitions."""
+
+    def __init__(self, model, strategy, ids, mask):
+        self.model, self.retention, self.ids, self.mask = model, parse_strategy(strategy).retention, ids, mask
+        self.layers, self.heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = ids.shape[0]
+        # per layer, row, head: list of [t, live]; mass per t
+        self.store = [[[[] for _ in range(self.heads)] for _ in range(batch)] for _ in range(self.layers)]
+        self.mass = [[[{} for _ in range(self.heads)] for _ in range(batch)] for _ in range(self.layers)]
+        self.steps = 0
+        self.last_eviction = [0] * self.layers
+        total = ids.shape[1]
+        self.visible = [torch.zeros(batch, self.heads, total, total, dtype=torch.bool) for _ in range(self.layers)]
+
+    def position(self, row, t, live=True):
+        return int(self.positions[row, t]) if live and self.mask[row, t] else -1
+
+    @torch.no_grad()
+    def step(self, start, stop):
+        batch = self.ids.shape[0]
+        for layer in range(self.layers):
+            # a query keeps the visibility of its own step, so earlier tokens' hidden states are recomputed as they were
+            visible = self.visible[layer][:, :, :stop, :stop]
+            for row in range(batch):
+                for head in range(self.heads):
+                    held = [t for t, live in self.store[layer][row][head] if live and self.mask[row, t]]
+                    for q in range(start, stop):
+                        keys = held + [t for t in range(start, q + 1) if self.mask[row, t]]
+                        visible[row, head, q, keys] = True
+                        visible[row, head, q, q] = True
+            _visible[layer] = visible
+        logits = self.model(input_ids=self.ids[:, :stop], attention_mask=self.mask[:, :stop],
+                            position_ids=self.positions[:, :stop]).logits[:, start:stop]
+        seen = stop
+        for layer in range(self.layers):
+            weights, keys = _seen[layer]
+            capacity = self.retention.capacity(seen, layer, self.layers)
+            for row in range(batch):
+                for head in range(self.heads):
+                    self.store[layer][row][head] += [[t, True] for t in range(start, stop)]
+            stored = len(self.store[layer][0][0])
+            due = self.retention.due(stored, seen, layer, self.layers, stop - start > 1,
+                                     self.steps - self.last_eviction[layer])
+            chosen = {}
+            for row in range(batch):
+                newest = int(self.positions[row, stop - 1])
+                for head in range(self.heads):
+                    entries = [(t, self.position(row, t, live)) for t, live in self.store[layer][row][head]]
+                    mass = self.mass[layer][row][head]
+                    for t, _ in entries:
+                        mass[t] = mass.get(t, 0.0) + float(weights[row, head, start:stop, t].sum())
+                    if due:
+                        score = self.score(layer, row, head, entries, weights, keys, start, stop)
+                        chosen[row, head] = (entries, score, newest)
+            if due:
+                self.evict(layer, chosen, capacity)
+        self.steps += 1
+        return logits
+
+    def score(self, layer, row, head, entries, weights, keys, start, stop):
+        name = self.retention.name
+        ts = [t for t, _ in entries]
+        if name == "h2o":
+            return [self.mass[layer][row][head][t] for t in ts]
+        if name == "tova":  # last query, averaged over every head of the layer
+            return [float(weights[row, :, stop - 1, t].mean()) for t in ts]
+        if name == "knorm":
+            return [-float(keys[row, head, t].float().norm()) for t in ts]
+        observe = range(max(start, stop - self.retention.observe), stop)
+        votes = [float(sum(weights[row, head, q, t] for q in observe)) for t in ts]
+        return _pooled(votes, self.retention.kernel)  # snapkv, pyramid, adakv
+
+    def evict(self, layer, chosen, capacity):
+        self.last_eviction[layer] = self.steps
+        r = self.retention
+        if r.name != "adakv":
+            for (row, head), (entries, score, newest) in chosen.items():
+                keep = _choose(r, entries, score, capacity, r.sinks, r.window, newest)
+                self.store[layer][row][head] = [self.store[layer][row][head][i] for i in keep]
+            return
+        selected = {}
+        for row in {row for row, _ in chosen}:
+            ranked = []  # (rank, head, storage index) over the layer's heads
+            for head in range(self.heads):
+                entries, score, newest = chosen[row, head]
+                own = set(_choose(r, entries, score, int(r.floor * capacity), r.sinks, r.window, newest))
+                for i, (t, position) in enumerate(entries):
+                    protected = position >= 0 and (position < r.sinks or position > newest - r.window)
+                    rank = -math.inf if position < 0 else math.inf if (protected or i in own) else score[i]
+                    ranked.append((rank, head, i))
+            order = sorted(range(len(ranked)), key=lambda j: -ranked[j][0])[: self.heads * capacity]
+            selected[row] = {(ranked[j][1], ranked[j][2]) for j in order}
+        # one storage width for the layer: the widest head of any row; narrower heads keep their oldest as filler
+        width = max(sum(1 for h, _ in picks if h == head) for picks in selected.values() for head in range(self.heads))
+        for row, picked in selected.items():
+            for head in range(self.heads):
+                store = self.store[layer][row][head]
+                picks = [i for i in range(len(store)) if (head, i) in picked]
+                filler = [i for i in range(len(store)) if (head, i) not in picked][: width - len(picks)]
+                self.store[layer][row][head] = [[store[i][0], (head, i) in picked] for i in sorted(picks + filler)]
+
+    def kept(self, layer, row, head):
+        return sorted(self.position(row, t, live) for t, live in self.store[layer][row][head]
+                      if self.position(row, t, live) >= 0)
+
+
+def distinct_tokens(lengths):
+    """Left-padded ids without repeated tokens: a repeated token's key has the same norm at every position (RoPE
+    rotates), an exact tie whose order float rounding would decide differently in the reference."""
+    ids, mask = left_padded(lengths)
+    ids[:] = (torch.randperm(509, generator=torch.Generator().manual_seed(1))[: ids.shape[1]] + 3)
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _cached(model, cache, ids, mask, steps):
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        for start, stop in steps:
+            out = model(input_ids=ids[:, start:stop], attention_mask=mask[:, :stop],
+                        position_ids=positions[:, start:stop], cache=cache, use_cache=True)
+            yield start, stop, out.logits
+
+
+def _kept(cache, layer, row, head):
+    positions = cache.layers[layer].positions[row, head]
+    return sorted(int(p) for p in positions if p >= 0)
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    model = tiny_model("eager")
+    model.set_attn_implementation("kvc_reference")
+    return model
+
+
+@pytest.mark.parametrize("steps", STEPS, ids=["decode", "multi-token"])
+@pytest.mark.parametrize("strategy", list(MEMBERS.values()) + list(RATIO.values()), ids=lambda s: s.split(":")[0])
+def test_kept_tokens_and_logits_match_the_reference(tiny, reference_model, strategy, steps):
+    ids, mask = distinct_tokens([52, 37])
+    cache = make_cache(tiny, strategy)
+    reference = Reference(reference_model, strategy, ids, mask)
+    layers, heads = tiny.config.num_hidden_layers, tiny.config.num_key_value_heads
+    evicted = False
+    for start, stop, logits in _cached(tiny, cache, ids, mask, steps):
+        expected = reference.step(start, stop)
+        for row in range(2):
+            real = mask[row, start:stop].bool()
+            assert torch.allclose(logits[row][real], expected[row][real], atol=1e-4, rtol=0), (start, stop)
+            for layer in range(layers):
+                for head in range(heads):
+                    assert _kept(cache, layer, row, head) == reference.kept(layer, row, head), (start, layer, row, head)
+        evicted |= cache.layers[0].stored < stop
+    assert evicted and cache.get_seq_length() == steps[-1][1]
+
+
+def _prefill_and_decode(model, strategy, ids, mask, decode=12, **cache_kwargs):
+    cache = make_cache(model, strategy, **cache_kwargs)
+    steps = [(0, ids.shape[1] - decode)] + [(t, t + 1) for t in range(ids.shape[1] - decode, ids.shape[1])]
+    logits = torch.cat([out for _, _, out in _cached(model, cache, ids, mask, steps)], dim=1)
+    return cache, logits
+
+
+@pytest.mark.parametrize("strategy", list(MEMBERS.values()), ids=list(MEMBERS))
+def test_left_padded_batch_equals_each_row_alone(tiny, strategy):
+    ids, mask = distinct_tokens([52, 37])
+    batched, logits = _prefill_and_decode(tiny, strategy, ids, mask)
+    for row, length in enumerate([52, 37]):
+        alone, row_logits = _prefill_and_decode(tiny, strategy, ids[row:row + 1, -length:], mask[row:row + 1, -length:])
+        assert torch.allclose(logits[row, -length:], row_logits[0], atol=1e-4, rtol=0)
+        for layer in range(tiny.config.num_hidden_layers):
+            for head in range(tiny.config.num_key_value_heads):
+                assert _kept(batched, layer, row, head) == _kept(alone, layer, 0, head)
+
+
+@pytest.mark.parametrize("strategy", list(MEMBERS.values()), ids=list(MEMBERS))
+def test_storage_falls_to_the_budget_and_matches_the_analytic_size(tiny, strategy):
+    strategy = strategy.replace(",when=prefill", "")  # the analytic size assumes eviction whenever over budget
+    ids, mask = distinct_tokens([52, 52])
+    cache, _ = _prefill_and_decode(tiny, strategy, ids, mask)
+    full, _ = _prefill_and_decode(tiny, "full", ids, mask)
+    measured, expected = cache.kv_bytes()["device"], expected_kv_bytes(tiny, strategy, 52, batch=2)
+    if parse_strategy(strategy).retention.name == "adakv":  # padded to the widest head: more than nominal, counted
+        assert expected <= measured <= expected * 1.5
+    else:
+        assert measured == expected
+    for layer in cache.layers:  # storage is freed, not pinned by views of the pre-eviction tensors
+        tensor = layer.recent_k.read()
+        assert tensor.untyped_storage().nbytes() == tensor.nbytes
+    assert measured < 0.6 * full.kv_bytes()["device"]
+
+
+@pytest.mark.parametrize("member", list(MEMBERS))
+def test_composes_with_int8_and_the_disk_tier(tiny, member, tmp_path):
+    """The tier changes where tokens live, never the numbers: disk equals device bit for bit, with int8."""
+    ids, mask = distinct_tokens([52, 37])
+    strategy = MEMBERS[member] + "+int8:residual=4"
+    device, device_logits = _prefill_and_decode(tiny, strategy, ids, mask)
+    disk, disk_logits = _prefill_and_decode(tiny, strategy + "+disk", ids, mask, offload_dir=str(tmp_path))
+    assert torch.equal(device_logits, disk_logits)
+    assert [layer.stored for layer in disk.layers] == [layer.stored for layer in device.layers]
+    assert disk.kv_bytes()["device"] < device.kv_bytes()["device"]
+    plain, _ = _prefill_and_decode(tiny, MEMBERS[member], ids, mask)
+    assert device.kv_bytes()["device"] < 0.6 * plain.kv_bytes()["device"]
+    disk.close()
+
+
+@pytest.mark.parametrize("strategy", [MEMBERS["h2o"], MEMBERS["snapkv"], "tova:budget=20,sinks=2,window=4,when=prefill"])
+def test_chunked_prefill_equals_chunk_by_chunk_steps_and_holds_less(tiny, strategy):
+    ids, mask = distinct_tokens([52, 37])
+    chunked, chunked_logits = _prefill_and_decode(tiny, strategy, ids, mask, prefill_chunk=8)
+    manual = make_cache(tiny, strategy)
+    steps = [(t, min(t + 8, 40)) for t in range(0, 40, 8)] + [(t, t + 1) for t in range(40, 52)]
+    logits = torch.cat([out for _, _, out in _cached(tiny, manual, ids, mask, steps)], dim=1)
+    real = mask.bool()
+    assert torch.allclose(chunked_logits[real], logits[real], atol=1e-4, rtol=0)
+    for layer in range(tiny.config.num_hidden_layers):
+        assert torch.equal(chunked.layers[layer].positions, manual.layers[layer].positions)
+    whole, _ = _prefill_and_decode(tiny, strategy, ids, mask)
+    assert chunked.peak_bytes < 0.7 * whole.peak_bytes
+
+
+def test_generate_with_beam_search_keeps_score_state_in_step(tiny):
+    ids, mask = distinct_tokens([30, 22])
+    cache = make_cache(tiny, "h2o:budget=20,sinks=2,window=4")
+    out = tiny.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=40, min_new_tokens=40,
+                        num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (4, 70)
+    for layer in cache.layers:
+        assert layer.stored == 20 and layer.mass.shape == layer.positions.shape == (6, 2, 20)
+
+
+def test_bad_input_is_refused_before_any_work(tiny):
+    with pytest.raises(ValueError, match="pass the model to make_cache"):
+        make_cache(tiny.config, "h2o:budget=64")
+    with pytest.raises(ValueError, match="prefill_chunk needs a score-based retention"):
+        make_cache(tiny, "sink:window=64", prefill_chunk=16)
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive"):
+        make_cache(tiny, "h2o:budget=64", prefill_chunk=0)
+    with pytest.raises(ValueError, match=r"unknown strategy part 'h20'.*Did you mean 'h2o'"):
+        parse_strategy("h20:budget=64")
+    with pytest.raises(ValueError, match="allowed: budget, ratio, sinks, window, when, interval, observe, kernel"):
+        parse_strategy("snapkv:budgett=64")
+    with pytest.raises(ValueError, match="must exceed snapkv:sinks"):
+        parse_strategy("snapkv:budget=36")
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
+        parse_strategy("h2o:ratio=1.5")
+    with pytest.raises(ValueError, match="must not exceed h2o:window"):
+        parse_strategy("h2o:budget=64+int8:residual=128")
