@@ -12,6 +12,8 @@ from ..strategy import parse_strategy
 from ..units import parse_token_list, parse_tokens
 from .tasks import TASKS
 
+QUESTIONS = ("after", "inside")  # the question arrives after the context was compressed, or inside the prompt
+
 # Presets sized for the quick grid: budgets well below its longest context, so eviction is visible.
 QUICK_STRATEGIES = ["full", "int8", "fp8", "int4", "window:window=256", "sink:sinks=4,window=252", "full+disk"]
 
@@ -40,6 +42,8 @@ class ReportConfig:
     device: str = "cpu"
     kv_dtype: str = "bfloat16"  # KV as GPUs hold it
     compute_dtype: str | None = None  # None: the KV dtype where the device computes it natively, else float32
+    questions: list[str] = field(default_factory=lambda: ["after"])  # question placements (QUESTIONS)
+    prefill_chunk: int | None = None  # score-based retentions prefill this many tokens at a time, evicting between
     sessions: int = 32
     context: int = 32768
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -62,6 +66,11 @@ class ReportConfig:
                             ("fidelity_steps", self.fidelity_steps)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        bad = [q for q in self.questions if q not in QUESTIONS]
+        if bad or not self.questions:
+            raise ValueError(f"questions must list placements among {', '.join(QUESTIONS)}, got {self.questions}")
+        if self.prefill_chunk is not None and self.prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {self.prefill_chunk}")
         parse_dtype(self.kv_dtype, "kv_dtype")
         parse_dtype(self.compute_dtype, "compute_dtype")
         if self.fidelity_text is not None and not Path(self.fidelity_text).is_file():

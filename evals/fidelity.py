@@ -18,8 +18,7 @@ def step_logits(model, input_ids: torch.Tensor, strategy: str | StrategySpec, pr
     prefill .. end of each row. `prefix`: the rows' prefill, made once (`Prefill.of`) and shared by strategies."""
     prefix = prefix or Prefill.of(model, input_ids[:, :prefill])
     with make_cache(model, strategy) as cache:
-        prefix.replay(cache)
-        logits = [prefix.last_logits]
+        logits = [prefix.fill(model, cache)]
         for t in range(prefill, input_ids.shape[1] - 1):
             logits.append(model(input_ids=input_ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
     return torch.stack(logits, 1).flatten(0, 1).float()

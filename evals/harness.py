@@ -18,6 +18,7 @@ from ..cache import make_cache
 from ..dtypes import cpu_capability
 from ..models import load_model
 from ..provenance import provenance
+from ..strategy import parse_strategy
 from . import reference_text, text_ids
 from .config import ReportConfig
 from .fidelity import compare, step_logits
@@ -25,7 +26,7 @@ from .latency import percentile, time_generation
 from .prefill import Prefill
 from .records import RecordStore
 from .report import write_report
-from .tasks import depths, make_case, render, score
+from .tasks import depths, make_case, needle_positions, render, score
 
 
 def _is_allocation_failure(err: BaseException) -> bool:
@@ -51,11 +52,28 @@ def _guarded(base: dict, cell: Callable[[], dict]) -> dict:
 def cell_keys(config: ReportConfig) -> list[dict]:
     """Every cell of a run, in the order it runs: recall case by case (strategies innermost, so one prefill of a
     case's context serves them all), then latency, then fidelity."""
-    cells = [{"kind": "recall", "strategy": strategy, "task": task, "length": length, "depth": depth, "seed": seed}
+    cells = [{"kind": "recall", "strategy": strategy, "task": task, "length": length, "depth": depth, "seed": seed,
+              "question": question}
              for task in config.tasks for length in config.lengths for depth in depths(config.depths)
-             for seed in range(config.seeds) for strategy in config.strategies]
+             for seed in range(config.seeds) for question in config.questions for strategy in config.strategies]
     cells += [{"kind": "latency", "strategy": s, "length": length} for length in config.lengths for s in config.strategies]
     return cells + [{"kind": "fidelity", "strategy": s} for s in config.strategies]
+
+
+def needle_survival(cache, needle: range) -> dict:
+    """The share of the needle's tokens each layer and KV head still holds (row 0), and its mean: beside recall it
+    separates "evicted" from "kept but not used"."""
+    per_layer_head = []
+    wanted = torch.tensor(list(needle), dtype=torch.int32)
+    for layer in cache.layers:
+        positions = layer.positions
+        if positions is None:  # full or window: the newest `stored` tokens
+            held = torch.arange(layer.seen - layer.stored, layer.seen, dtype=torch.int32)[None]
+        else:
+            held = (positions[0] if positions.dim() == 3 else positions[:1]).cpu()
+        per_layer_head.append([round(torch.isin(wanted, row).float().mean().item(), 4) for row in held])
+    heads = [share for layer in per_layer_head for share in layer]
+    return {"mean": sum(heads) / len(heads), "per_layer_head": per_layer_head}
 
 
 class AnswerFound(StoppingCriteria):
@@ -81,6 +99,8 @@ class Harness:
         self._fidelity_prefill: Prefill | None = None
         self._text_token_ids: torch.Tensor | None = None
         self._case_prefill: tuple[tuple, Prefill] | None = None  # the last recall case's context, for its strategies
+        # score-based strategies replay a shared prefill only with the attention they read
+        self._records_attention = any(parse_strategy(s).retention.seam for s in config.strategies)
 
     def dtypes(self) -> dict[str, str]:
         return {**self.model.dtype_plan.as_record(), "cpu_capability": cpu_capability()}
@@ -101,19 +121,26 @@ class Harness:
         if self._case_prefill is None or self._case_prefill[0] != key:
             self._case_prefill = None  # the last case's K/V go before this one's are made
             ids = torch.tensor([context], device=self.model.device)
-            self._case_prefill = (key, Prefill.of(self.model, ids))
+            self._case_prefill = (key, Prefill.of(self.model, ids, attention=self._records_attention))
         return self._case_prefill[1]
 
     @torch.no_grad()
-    def recall(self, strategy: str, task: str, length: int, depth: float, seed: int) -> dict:
+    def recall(self, strategy: str, task: str, length: int, depth: float, seed: int, question: str = "after") -> dict:
+        """question="after": the context is prefilled (and compressed) before the question arrives, as in a chat;
+        "inside": context and question are one prompt (all but its last token prefilled), so query-aware retention
+        sees the question."""
         case = make_case(task, self.tokenizer, length, depth, seed)
-        context, question = render(self.tokenizer, case.messages, case.question)
-        prefill = self._context_prefill(case.key, context)
-        with make_cache(self.model, strategy) as cache:
-            prefill.replay(cache)
-            kv_bytes_prefill = cache.kv_bytes()
-            ids = torch.tensor([context + question], device=self.model.device)
+        context, asked = render(self.tokenizer, case.messages, case.question)
+        first = context if question == "after" else context + asked[:-1]
+        prefill = self._context_prefill((case.key, question), first)
+        chunk = self.config.prefill_chunk if parse_strategy(strategy).retention.seam else None
+        with make_cache(self.model, strategy, prefill_chunk=chunk) as cache:
+            prefill.fill(self.model, cache)
+            kv_bytes_prefill, peak_prefill = cache.kv_bytes(), cache.peak_bytes
+            survival = needle_survival(cache, needle_positions(self.tokenizer, case))
+            ids = torch.tensor([context + asked], device=self.model.device)
             stop = AnswerFound(self.tokenizer, ids.shape[1], case.answer)
+            self._sync_peak()
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache,
                                       max_new_tokens=self.config.max_new_tokens, do_sample=False,
                                       stopping_criteria=StoppingCriteriaList([stop]),
@@ -121,6 +148,9 @@ class Harness:
             output = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             return {"answer": case.answer, "correct": score(case.answer, output), "prompt_tokens": ids.shape[1],
                     "output": output, "kv_bytes_prefill": kv_bytes_prefill, "kv_bytes_final": cache.kv_bytes(),
+                    "needle_survival": survival["mean"], "needle_survival_per_layer_head": survival["per_layer_head"],
+                    "peak_kv_bytes_prefill": peak_prefill, "peak_kv_bytes": cache.peak_bytes,
+                    "peak_device_bytes": self._peak(),
                     "stored_tokens": cache.stored_tokens(), "seen_tokens": cache.get_seq_length(),
                     "process_peak_rss_bytes": _peak_rss_bytes()}
 
@@ -157,7 +187,7 @@ class Harness:
         c = self.config
         ids = self._text_ids(c.fidelity_prefill + c.fidelity_steps, c.fidelity_windows)
         if self._full_logits is None:
-            self._fidelity_prefill = Prefill.of(self.model, ids[:, :c.fidelity_prefill])
+            self._fidelity_prefill = Prefill.of(self.model, ids[:, :c.fidelity_prefill], attention=self._records_attention)
             self._full_logits = step_logits(self.model, ids, "full", c.fidelity_prefill, self._fidelity_prefill)
         candidate = step_logits(self.model, ids, strategy, c.fidelity_prefill, self._fidelity_prefill)
         return compare(self._full_logits, candidate)

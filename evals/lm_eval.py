@@ -482,7 +482,7 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -
         decode = mean([r["decode_ms_per_token"] for r in mine])
         ttft = mean([r["ttft_s"] for r in mine])
         row = {
-            "strategy": name, "recall_n": samples(results), "accuracy": acc,
+            "strategy": name, "label": name, "recall_n": samples(results), "accuracy": acc,
             "recall_pct": 100 * mean(list(acc.values())) if acc else None, "recall_loss_pts": loss,
             "measured_length": max((r["seen_tokens"] for r in mine), default=None),
             "kv_bytes": device / max(len(mine), 1),

@@ -28,7 +28,7 @@ def _pareto(plt, rows, out: Path) -> Path:
         point = (r["hbm_saved_pct"], r["recall_loss_pts"])
         ax.scatter(*point, s=size, alpha=0.6)
         spot = (round(point[0] / 3), round(point[1] / 3))  # within ~3 units the labels would overprint: stack them
-        ax.annotate(r["strategy"], point, fontsize=8, xytext=(4, 4 + 10 * labels_at[spot]), textcoords="offset points")
+        ax.annotate(r["label"], point, fontsize=8, xytext=(4, 4 + 10 * labels_at[spot]), textcoords="offset points")
         labels_at[spot] += 1
     ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
     return _finish(plt, fig, ax, "HBM saved (% of full KV, measured)", "recall loss (points vs full)",

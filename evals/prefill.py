@@ -1,6 +1,12 @@
 """One prefill serves every strategy. Into an empty cache a prefill's attention sees only the step's own K/V, whatever
 the strategy (eviction and encoding run after the step), so its K/V and its logits are the same for all of them:
-compute them once with the full cache, then hand each strategy's layers those K/V as the prefill would have."""
+compute them once with the full cache, then hand each strategy's layers those K/V as the prefill would have.
+
+A score-based retention also reads the prefill's attention. `Prefill.of(..., attention=True)` records what those
+read (per layer: each token's attention mass and the last `ATTENTION_ROWS` queries' attention, from the same seam
+computation a live prefill runs), and `fill` hands it over with the K/V; it prefills for real only when that is not
+exact (a chunked prefill, or a member that observes more queries than were recorded).
+"""
 
 from __future__ import annotations
 
@@ -9,21 +15,54 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import KVCache, make_cache
+from ..retention.h2o import H2ORetention
+from ..strategy import StrategySpec
+
+ATTENTION_ROWS = 64  # the last prompt queries whose attention is recorded (SnapKV's observation window fits)
+_RECORDER = StrategySpec(retention=H2ORetention(budget=2**62))  # never evicts; keeps mass and computes attention
 
 
 @dataclass
 class Prefill:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, K/V [batch, kv heads, tokens, head dim] as stored
     last_logits: torch.Tensor  # [batch, vocab] at the last prompt position
+    input_ids: torch.Tensor  # [batch, tokens] what was prefilled
+    attention: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None  # per layer, if recorded: last rows,
+    # mass, and the bytes the step's attention allocated beside the storage (for a replayed cache's peak)
 
     @classmethod
     @torch.no_grad()
-    def of(cls, model, input_ids: torch.Tensor) -> Prefill:
-        with make_cache(model, "full") as cache:
+    def of(cls, model, input_ids: torch.Tensor, attention: bool = False) -> Prefill:
+        with make_cache(model, _RECORDER if attention else "full") as cache:
+            for layer in cache.layers:
+                layer.capture_rows = ATTENTION_ROWS if attention else 0
             logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits[:, -1]
-            return cls([(layer.recent_k.read(), layer.recent_v.read()) for layer in cache.layers], logits)
+            kv = [(layer.recent_k.read(), layer.recent_v.read()) for layer in cache.layers]
+            recorded = ([(layer.captured, layer.mass, layer.transient_bytes) for layer in cache.layers]
+                        if attention else None)
+            return cls(kv, logits, input_ids, recorded)
 
     def replay(self, cache: KVCache) -> KVCache:
         for layer, (keys, values) in zip(cache.layers, self.kv):
             layer.update(keys, values)
         return cache
+
+    def replays_exactly(self, cache: KVCache) -> bool:
+        retention = cache.spec.retention
+        if not retention.seam:
+            return True
+        return (self.attention is not None and cache.layers[0].prefill_chunk is None
+                and getattr(retention, "observe", 1) <= ATTENTION_ROWS)
+
+    @torch.no_grad()
+    def fill(self, model, cache: KVCache) -> torch.Tensor:
+        """Bring `cache` to where a prefill of these tokens would, and return the last position's logits [batch,
+        vocab]: replayed where exact, prefilled for real otherwise."""
+        if not self.replays_exactly(cache):
+            return model(input_ids=self.input_ids, cache=cache, use_cache=True).logits[:, -1]
+        if not cache.spec.retention.seam:
+            self.replay(cache)
+        else:
+            for layer, (keys, values), (rows, mass, transient) in zip(cache.layers, self.kv, self.attention):
+                layer.restore(keys, values, rows, mass, self.last_logits.dtype, transient)
+        return self.last_logits

@@ -52,7 +52,8 @@ class RecordStore:
 
     @staticmethod
     def key(record: dict) -> tuple:
-        return tuple(record[k] for k in ("kind", "strategy", "task", "length", "depth", "seed") if k in record)
+        return tuple(record[k] for k in ("kind", "strategy", "task", "length", "depth", "seed", "question")
+                     if k in record)
 
     def __contains__(self, key: tuple) -> bool:
         return key in self.done

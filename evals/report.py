@@ -36,19 +36,18 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
     latency = {(r["strategy"], r["length"]): r for r in ok if r["kind"] == "latency"}
     latency_length = max((length for _, length in latency), default=None)
     fidelity = {r["strategy"]: r for r in ok if r["kind"] == "fidelity"}
-    full_correct = {(r["task"], r["length"], r["depth"], r["seed"]): r["correct"] for r in recall
-                    if r["strategy"] == "full"}
+    full_correct = {_case(r): r["correct"] for r in recall if r["strategy"] == "full"}
     model_config = load_config(config.model)
     dtype = parse_dtype(config.kv_dtype)
     full_at_scale = expected_kv_bytes(model_config, "full", config.context, config.sessions, dtype)
     rows = []
-    for strategy in config.strategies:
+    for strategy, question in ((s, q) for s in config.strategies for q in config.questions):
         spec = parse_strategy(strategy)
-        mine = [r for r in recall if r["strategy"] == strategy]
-        paired = [(full_correct[k], r["correct"]) for r in mine
-                  if (k := (r["task"], r["length"], r["depth"], r["seed"])) in full_correct]
+        mine = [r for r in recall if r["strategy"] == strategy and r.get("question", "after") == question]
+        paired = [(full_correct[k], r["correct"]) for r in mine if (k := _case(r)) in full_correct]
         at_longest = [r for r in mine if r["length"] == longest]
-        full_longest = [r for r in recall if r["strategy"] == "full" and r["length"] == longest]
+        full_longest = [r for r in recall if r["strategy"] == "full" and r["length"] == longest
+                        and r.get("question", "after") == question]
         device_bytes = _mean([r["kv_bytes_final"].get("device", 0) for r in at_longest])
         full_bytes = _mean([r["kv_bytes_final"].get("device", 0) for r in full_longest])
         host_bytes = _mean([r["kv_bytes_final"].get("host", 0) for r in at_longest])
@@ -60,11 +59,15 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
         top1_interval = _top1_interval(fidelity.get(strategy))
         row = {
             "strategy": strategy,
+            "question": question,
+            "label": strategy if len(config.questions) == 1 else f"{strategy} [question {question}]",
             "recall_n": len(paired),
             "recall_pct": 100 * _mean([c for _, c in paired]) if paired else None,
             "recall_loss_pts": recall_stats and recall_stats.loss_pts,
             "recall_loss_interval": recall_stats and (recall_stats.low_pts, recall_stats.high_pts),
             "recall_p_value": recall_stats and recall_stats.p_value,
+            "needle_survival": _mean([r.get("needle_survival") for r in mine]),
+            "peak_kv_bytes": _mean([r.get("peak_kv_bytes") for r in at_longest]),
             "measured_length": longest,
             "kv_bytes": device_bytes,
             "hbm_saved_pct": 100 * (1 - device_bytes / full_bytes) if device_bytes is not None and full_bytes else None,
@@ -90,6 +93,10 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
         row.update(pressures(row, spec, config.thresholds))
         rows.append(row)
     return rows
+
+
+def _case(record: dict) -> tuple:
+    return record["task"], record["length"], record["depth"], record["seed"], record.get("question", "after")
 
 
 def _decode_change(lat: dict | None, lat_full: dict | None) -> tuple[float, float, float] | None:
@@ -166,8 +173,9 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
                    "inconclusive (n too small): " + "; ".join(unsure) if unsure else "pass")
     rollback = (f"roll back to full when live needle probes lose > {t.recall_loss_pts:g} pts, decode p95 rises "
                 f"> {t.decode_latency_pct:g}% or top-1 agreement drops < {t.top1:.0%}")
-    if budget is not None:
-        rollback += f", or users report facts older than {budget} tokens forgotten"
+    if retention.evicts:
+        rollback += (", or needle probes show the fact evicted (needle survival falls)" if retention.seam else
+                     f", or users report facts older than {retention.capacity(0)} tokens forgotten")
     complete = baseline or bool(relieved and created)
     if not complete:
         verdict = "incomplete: cannot name " + ("relieved" if not relieved else "created") + " pressure"
@@ -191,7 +199,9 @@ def _decode_cell(r: dict) -> str:
 
 
 def _recall_cell(r: dict) -> str:
-    return f"{_with_interval(r['recall_loss_pts'], r.get('recall_loss_interval'), '.1f', ' pts')} (n={r['recall_n']})"
+    cell = f"{_with_interval(r['recall_loss_pts'], r.get('recall_loss_interval'), '.1f', ' pts')} (n={r['recall_n']})"
+    survival = r.get("needle_survival")
+    return cell + (f"; needle kept {survival:.0%}" if survival is not None and survival < 1 else "")
 
 
 def _fidelity_cell(r: dict) -> str:
@@ -213,7 +223,7 @@ def table(rows: list[dict], config: ReportConfig) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = [
-            f"`{r['strategy']}`",
+            f"`{r['label']}`",
             f"{_fmt(r['hbm_saved_pct'], '.1f', '%')} ({_fmt(r['hbm_saved_gb'], '.4f', ' GB')} at {r['measured_length']} tok)",
             f"{r['scale_kv_gb']:.1f} GB KV on device, {r['scale_saved_gb']:.1f} GB saved ({config.sessions} x {config.context} tok)",
             _decode_cell(r),
@@ -276,5 +286,5 @@ def terminal_rows(out: Path) -> tuple[list[str], list[list[str]]]:
     """The table's headline columns for a terminal (the Markdown file keeps every column)."""
     rows = json.loads((Path(out) / "summary.json").read_text())["rows"]
     header = ["strategy", "HBM saved", "decode", "recall loss", "top-1, KL", "verdict"]
-    return header, [[r["strategy"], _fmt(r["hbm_saved_pct"], ".1f", "%"), _decode_cell(r), _recall_cell(r),
+    return header, [[r["label"], _fmt(r["hbm_saved_pct"], ".1f", "%"), _decode_cell(r), _recall_cell(r),
                      _fidelity_cell(r), r["verdict"]] for r in rows]

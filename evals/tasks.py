@@ -25,6 +25,7 @@ class Case:
     messages: tuple[dict, ...]  # the chat, ending with the user turn that asks
     question: str  # where the context step ends: the text of the asking turn from here on
     answer: str
+    needle: str  # the sentence of the context that holds the answer (needle survival is measured on its tokens)
 
     @property
     def key(self) -> tuple:
@@ -41,7 +42,7 @@ def _fit(build: Callable[[int], tuple], tokenizer, length: int) -> tuple:
     lo, hi = 0, max(1, length)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        messages, question, _ = build(mid)
+        messages, question, *_ = build(mid)
         if sum(map(len, render(tokenizer, messages, question))) <= length:
             lo = mid
         else:
@@ -49,16 +50,32 @@ def _fit(build: Callable[[int], tuple], tokenizer, length: int) -> tuple:
     return build(lo)
 
 
+def _chat_text(tokenizer, messages) -> str:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages) + "\n"
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def render(tokenizer, messages, question: str) -> tuple[list[int], list[int]]:
     """Token ids of (context, question): the chat template (when the tokenizer has one) is applied to the whole
     chat, and the text is cut where the question begins."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    else:
-        text = "\n\n".join(m["content"] for m in messages) + "\n"
+    text = _chat_text(tokenizer, messages)
     cut = text.rindex(question)
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return encode(text[:cut]), encode(text[cut:])
+    return _encode(tokenizer, text[:cut]), _encode(tokenizer, text[cut:])
+
+
+def needle_positions(tokenizer, case: Case) -> range:
+    """Token positions of the case's needle in its rendered context: every token that overlaps its characters."""
+    text = _chat_text(tokenizer, case.messages)
+    start = text.index(case.needle)
+    end = start + len(case.needle)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+    return range(inside[0], inside[-1] + 1)
 
 
 def _haystack(sentences: int, needles: list[tuple[float, str]]) -> str:
@@ -79,7 +96,7 @@ def passkey(tokenizer, length: int, depth: float, seed: int) -> Case:
 
     def build(n):
         needle = f"The pass key is {key}. Remember it."
-        return _single_turn(f"{intro}\n{_haystack(n, [(depth, needle)])}", question), question, key
+        return _single_turn(f"{intro}\n{_haystack(n, [(depth, needle)])}", question), question, key, needle
 
     return Case("passkey", length, depth, seed, *_fit(build, tokenizer, length))
 
@@ -96,7 +113,7 @@ def multikey(tokenizer, length: int, depth: float, seed: int, keys: int = 4) -> 
         needles = [(depth, f"The special magic number for {names[0]} is: {values[0]}.")]
         needles += [(d, f"The special magic number for {k} is: {v}.") for d, k, v in zip(others, names[1:], values[1:])]
         context = "Some special magic numbers are hidden in this text. Memorize them.\n" + _haystack(n, needles)
-        return _single_turn(context, question), question, values[0]
+        return _single_turn(context, question), question, values[0], needles[0][1]
 
     return Case("multikey", length, depth, seed, *_fit(build, tokenizer, length))
 
@@ -113,7 +130,7 @@ def vartrack(tokenizer, length: int, depth: float, seed: int, hops: int = 3) -> 
         chain += [(depth + (1 - depth) * (i + 1) / (hops + 1), f"VAR {names[i + 1]} = VAR {names[i]}.")
                   for i in range(hops)]
         context = "Track the variable assignments in this text.\n" + _haystack(n, chain)
-        return _single_turn(context, question), question, value
+        return _single_turn(context, question), question, value, chain[0][1]
 
     return Case("vartrack", length, depth, seed, *_fit(build, tokenizer, length))
 
@@ -133,7 +150,7 @@ def multiturn(tokenizer, length: int, depth: float, seed: int) -> Case:
         turns.insert(round(depth * len(turns)), fact)
         messages = [m for user, assistant in turns for m in ({"role": "user", "content": user},
                                                               {"role": "assistant", "content": assistant})]
-        return tuple(messages) + ({"role": "user", "content": question},), question, code
+        return tuple(messages) + ({"role": "user", "content": question},), question, code, fact[0]
 
     return Case("multiturn", length, depth, seed, *_fit(build, tokenizer, length))
 

@@ -23,11 +23,13 @@ _pending = threading.local()  # (layer, keys) of the last seam-managed update in
 
 def hand_over(layer, keys: torch.Tensor) -> None:
     """Called by a seam-managed layer's `update`: the next attention call with these keys is the layer's."""
-    if getattr(_pending, "layer", None) is not None:
+    previous = getattr(_pending, "layer", None)
+    if previous is not None and previous._stash is not None:
+        previous._stash = None
         raise RuntimeError(
-            "a kvcompress layer's update was not followed by its attention: the model's attention is not routed "
-            "through the kvcompress seam (build the cache with make_cache(model, ...), which routes the model)"
-        )
+            f"a kvcompress {previous.retention.name} layer's update was not followed by its attention: the model's "
+            "attention is not routed through the kvcompress seam (make_cache(model, ...) routes it; a model whose "
+            "attention implementation was changed afterwards must be routed again)")
     _pending.layer, _pending.keys = layer, keys
 
 

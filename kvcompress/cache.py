@@ -68,9 +68,12 @@ class KVLayer(CacheLayerMixin):
         self.mass: torch.Tensor | None = None  # [batch, heads, stored] float32 accumulated attention ("mass")
         self.steps = self.last_eviction = 0  # finished steps, and the step count at the last eviction
         self.resident_bytes = 0  # what kv_bytes() summed to after the last step (for the cache's peak)
+        self.transient_bytes = 0  # what the last step allocated beside the storage (decoded copies, attention)
         self.on_step: Callable[[int], None] | None = None  # told each step's transient bytes (the cache's peak)
         self.next_layer: KVLayer | None = None  # prefetched at the start of this layer's update (offloading tiers)
         self._stash: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # seam: the step's K/V until attend
+        self.capture_rows = 0  # keep the last rows of each step's attention in `captured` (Prefill records them)
+        self.captured: torch.Tensor | None = None
 
     @property
     def is_croppable(self) -> bool:
@@ -155,6 +158,7 @@ class KVLayer(CacheLayerMixin):
             for part in self._parts():
                 part.release()
         self.resident_bytes = sum(self.kv_bytes().values())
+        self.transient_bytes = transient_bytes
         if self.on_step is not None:
             self.on_step(transient_bytes)
 
@@ -197,21 +201,44 @@ class KVLayer(CacheLayerMixin):
         out, probs = grouped_attention(query, keys, values, visible, scaling, softcap,
                                        weights="attention" in needs or "mass" in needs)
         attention = probs.mean(dim=2) if probs is not None else None  # pooled over the query heads of a KV head
+        if self.capture_rows:
+            self.captured = attention[:, :, -self.capture_rows:]
+        mass = None if attention is None else attention.sum(dim=2)
+        self._store_step(new_k, new_v, new_positions, attention, mass, compute, prompt)
+        self._end_step(keys.nbytes + values.nbytes + (probs.nbytes if probs is not None else 0))
+        return out
 
+    def restore(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor, mass: torch.Tensor,
+                compute: torch.dtype, transient_bytes: int = 0) -> None:
+        """Store a prompt prefilled elsewhere (no padding) as if this layer had run it: K/V [batch, heads, tokens,
+        dim], the last rows of its pooled attention [batch, heads, rows, tokens] and each token's attention mass
+        [batch, heads, tokens]; eviction then sees what it would have seen (exact when it reads at most those rows).
+        transient_bytes: what the step's attention allocated where it ran, for the cache's peak."""
+        if self.kv_dtype is not None:
+            keys, values = keys.to(self.kv_dtype), values.to(self.kv_dtype)
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        batch, heads, n = keys.shape[:3]
+        positions = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=self.device).expand(batch, n)
+        self._store_step(keys, values, positions, attention, mass, compute, n > 1)
+        self.steps += 1
+        self._end_step(transient_bytes)
+
+    def _store_step(self, new_k, new_v, new_positions, attention, mass, compute, prompt) -> None:
+        """Keep the step's tokens and their score state, encode the residual's overflow, evict if due."""
+        batch, heads, n = new_k.shape[:3]
         self.seen += n
         self.recent_k.append(new_k)
         self.recent_v.append(new_v)
         self.positions = torch.cat([self.positions, new_positions[:, None, :].expand(batch, heads, n)], dim=-1)
         if self.mass is not None:
-            self.mass = torch.cat([self.mass, self.mass.new_zeros(batch, heads, n)], dim=-1) + attention.sum(dim=2)
+            self.mass = torch.cat([self.mass, self.mass.new_zeros(batch, heads, n)], dim=-1) + mass
         if not self.codec.lossless:  # first, so that the residual left is within the protected window
             self._encode_overflow()
         if self._due(2 if prompt else 1):
             view = RetentionView(self.seen, self.stored, self.positions, None, self.layer_idx, self.layers,
                                  attention=attention, mass=self.mass, keys=lambda: self._read_keys(compute))
             self._evict(view)
-        self._end_step(keys.nbytes + values.nbytes + (probs.nbytes if probs is not None else 0))
-        return out
 
     def _read_keys(self, dtype: torch.dtype) -> torch.Tensor:
         if not self.encoded_k:
@@ -338,7 +365,7 @@ class KVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.close()
-        next_layer, on_step = self.next_layer, self.on_step
+        next_layer, on_step = self.next_layer, self.on_step  # reset keeps the wiring the cache gave the layer
         self.__init__(self.retention, self.codec, self.store, self.kv_dtype, self.layer_idx, self.layers,
                       self.prefill_chunk)
         self.next_layer, self.on_step = next_layer, on_step

@@ -340,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"it (default: {d('kv_dtype')})")
     p.add_argument("--compute-dtype", choices=dtypes, help="dtype the model computes in (default: the KV dtype where "
                    "the device computes it natively, else float32; the records say which and why)")
+    p.add_argument("--questions", type=lambda text: text.split(","),
+                   help=f"question placements: after (compressed before the question, as in a chat), inside (the "
+                        f"question is part of the prompt) (default: {','.join(d('questions'))})")
+    p.add_argument("--prefill-chunk", type=int, help="score-based retentions prefill this many tokens at a time, "
+                   "evicting between chunks (default: the whole prompt at once)")
     p.add_argument("--sessions", type=int, help=f"concurrent sessions for the at-scale column (default: {d('sessions')})")
     p.add_argument("--context", type=_token_count, help=f"tokens per session for the at-scale column (default: {d('context')})")
     p.add_argument("--max-new-tokens", type=int, help=f"answer budget of a recall case (default: {d('max_new_tokens')})")

@@ -15,6 +15,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from kvcompress import expected_kv_bytes, make_cache, parse_strategy
+from kvcompress.evals.prefill import Prefill
 from kvcompress.retention import RETENTIONS
 
 from .conftest import left_padded, tiny_model
@@ -326,3 +327,31 @@ def test_bad_input_is_refused_before_any_work(tiny):
         parse_strategy("h2o:ratio=1.5")
     with pytest.raises(ValueError, match="must not exceed h2o:window"):
         parse_strategy("h2o:budget=64+int8:residual=128")
+
+
+def test_an_unrouted_model_is_caught_at_the_next_step(tiny):
+    model = tiny_model("sdpa")
+    cache = make_cache(model, "h2o:budget=20,sinks=2,window=4")
+    model.set_attn_implementation("sdpa")  # undoes the routing: the layer's attention never runs
+    ids, mask = distinct_tokens([30])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="not routed through the kvcompress seam"):
+        model(input_ids=ids, cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("member", list(MEMBERS))
+def test_a_shared_prefill_replays_exactly(tiny, member):
+    """The harness prefills a case once and hands every strategy its K/V and recorded attention: each member must
+    keep what a live prefill keeps, and decode the same."""
+    ids = distinct_tokens([44])[0]
+    strategy = MEMBERS[member] + "+int8:residual=4"
+    live, live_logits = _prefill_and_decode(tiny, strategy, ids, torch.ones_like(ids))
+    replayed = make_cache(tiny, strategy)
+    prefill = Prefill.of(tiny, ids[:, :32], attention=True)
+    assert prefill.replays_exactly(replayed)
+    logits = [prefill.fill(tiny, replayed)[:, None]]
+    with torch.no_grad():
+        for t in range(32, 44):
+            logits.append(tiny(input_ids=ids[:, t:t + 1], cache=replayed, use_cache=True).logits)
+    assert torch.allclose(torch.cat(logits, 1), live_logits[:, 31:], atol=1e-5, rtol=0)
+    for live_layer, layer in zip(live.layers, replayed.layers):
+        assert torch.equal(live_layer.positions, layer.positions)

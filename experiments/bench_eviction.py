@@ -1,0 +1,154 @@
+"""Score-based eviction on the default model: recall and needle survival for every member at 50 % and 25 % of the
+full cache's measured KV bytes, both question placements, against `full` and StreamingLLM (`sink`) on the same
+prompts; and, where results/eviction/kvpress.jsonl exists, against kvpress's presses on the same token ids.
+
+    python experiments/bench_eviction.py                       # -> results/eviction/ (resumes if interrupted)
+    python experiments/bench_eviction.py --cases 10 --out /tmp/e   # a quick look
+
+It is one `kvcompress report` run (records, table, plots, provenance) over a grid sized for the question, plus
+prompts.jsonl (the exact token ids, for experiments/kvpress_baseline.py) and eviction.md: recall per member and
+budget with its paired 95 % interval against `full`, needle survival, measured bytes, and the issue's targets.
+Budgets are set from measured bytes: each member's `ratio` is the fraction of full's bytes per token it may hold
+(its position and score bookkeeping count), and sink's window the same at the grid's length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from kvcompress import bytes_per_token, load_model, parse_strategy
+from kvcompress.dtypes import parse_dtype
+from kvcompress.evals import stats
+from kvcompress.evals.config import ReportConfig
+from kvcompress.evals.harness import run_report
+from kvcompress.evals.records import RecordStore
+from kvcompress.evals.tasks import depths, make_case, render
+from kvcompress.models import load_config
+
+MEMBERS = ["h2o", "tova", "snapkv", "pyramid", "knorm", "adakv"]
+KVPRESS_PRESSES = ["streaming_llm", "snapkv", "tova", "knorm", "expected_attention"]
+
+
+def strategies_at(fraction: float, members: list[str], length: int, model_config, kv_dtype) -> dict[str, str]:
+    """Strategy strings whose measured bytes are `fraction` of full's: member -> strategy."""
+    full = bytes_per_token(model_config, "full", kv_dtype)
+    chosen = {}
+    for member in members:
+        ratio = fraction * full / bytes_per_token(model_config, f"{member}:ratio=0.5", kv_dtype)
+        chosen[member] = f"{member}:ratio={ratio:.4f}"
+    sink_tokens = math.floor(fraction * length * full / bytes_per_token(model_config, "sink", kv_dtype))
+    chosen["sink"] = f"sink:sinks=4,window={sink_tokens - 4}"
+    return chosen
+
+
+def write_prompts(config: ReportConfig, tokenizer, path: Path) -> None:
+    """The token ids every case of the grid feeds the model, for a peer toolkit to run on the same prompts."""
+    with path.open("w") as f:
+        for task in config.tasks:
+            for length in config.lengths:
+                for depth in depths(config.depths):
+                    for seed in range(config.seeds):
+                        case = make_case(task, tokenizer, length, depth, seed)
+                        context, question = render(tokenizer, case.messages, case.question)
+                        f.write(json.dumps({"case": f"{task}-{length}-{depth}-{seed}", "task": task, "length": length,
+                                            "depth": depth, "seed": seed, "context_ids": context,
+                                            "question_ids": question, "answer": case.answer}) + "\n")
+
+
+def _paired(full: dict, mine: dict) -> stats.PairedRecall | None:
+    keys = sorted(set(full) & set(mine))
+    return stats.paired_recall([full[k] for k in keys], [mine[k] for k in keys]) if keys else None
+
+
+def evaluate(out: Path, fractions: dict[str, float]) -> str:
+    """eviction.md: recall, paired loss against full, needle survival and measured bytes per (budget, placement,
+    strategy), then the targets."""
+    store = RecordStore(out / "records.jsonl")
+    recall = [r for r in store.records if r.get("kind") == "recall" and r.get("outcome") == "ok"]
+    by_cell: dict[tuple[str, str], dict[tuple, dict]] = {}
+    for r in recall:
+        by_cell.setdefault((r["strategy"], r["question"]), {})[(r["task"], r["length"], r["depth"], r["seed"])] = r
+    questions = sorted({q for _, q in by_cell})
+    lines = ["| budget | question | strategy | recall | loss vs full [95% CI] | needle kept | measured bytes vs full |",
+             "|---|---|---|---|---|---|---|"]
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+    sink: dict[tuple[str, str], float] = {}
+    for question in questions:
+        full = by_cell.get(("full", question), {})
+        full_bytes = {k: r["kv_bytes_prefill"]["device"] for k, r in full.items()}
+        for strategy, label in sorted(fractions.items(), key=lambda item: (item[1], item[0])):
+            mine = by_cell.get((strategy, question), {})
+            if not mine:
+                continue
+            paired = _paired({k: r["correct"] for k, r in full.items()}, {k: r["correct"] for k, r in mine.items()})
+            share = [r["kv_bytes_prefill"]["device"] / full_bytes[k] for k, r in mine.items() if k in full_bytes]
+            survival = [r["needle_survival"] for r in mine.values()]
+            recall_pct = 100 * sum(r["correct"] for r in mine.values()) / len(mine)
+            lines.append(f"| {label} | {question} | `{strategy}` | {recall_pct:.1f}% (n={len(mine)}) | "
+                         f"{paired.loss_pts:+.1f} pts [{paired.low_pts:+.1f}, {paired.high_pts:+.1f}] | "
+                         f"{100 * sum(survival) / len(survival):.0f}% | {100 * sum(share) / len(share):.1f}% |")
+            if strategy.startswith("sink"):
+                sink[label, question] = recall_pct
+            elif strategy != "full":
+                best[label, question] = max(best.get((label, question), (-1.0, "")), (recall_pct, strategy))
+    full_recall = {q: 100 * sum(r["correct"] for r in by_cell.get(("full", q), {}).values())
+                   / max(1, len(by_cell.get(("full", q), {}))) for q in questions}
+    lines += ["", "Targets (issue 11):"]
+    for (label, question), (pct, strategy) in sorted(best.items()):
+        if label.startswith("50%"):
+            lines.append(f"- {label}, question {question}: best member `{strategy}` {pct:.1f}% vs full "
+                         f"{full_recall[question]:.1f}%: loses {full_recall[question] - pct:.1f} pts (target <= 5): "
+                         + ("met" if full_recall[question] - pct <= 5 else "not met"))
+        else:
+            floor = sink.get((label, question))
+            lines.append(f"- {label}, question {question}: best member `{strategy}` {pct:.1f}% vs sink "
+                         f"{floor:.1f}% (target >= 2x): " + ("met" if floor is not None and pct >= 2 * floor else
+                                                            "not met"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/eviction")
+    p.add_argument("--cases", type=int, default=50, help="cases per task and cell (depths x seeds, 10 depths)")
+    p.add_argument("--tasks", default="passkey,multikey,vartrack")
+    p.add_argument("--length", type=int, default=768, help="context tokens (the default model's usable CPU range)")
+    p.add_argument("--fractions", default="0.5,0.25", help="fractions of full's measured KV bytes")
+    p.add_argument("--members", default=",".join(MEMBERS))
+    p.add_argument("--questions", default="after,inside")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_config = load_config("default")
+    kv_dtype = parse_dtype(ReportConfig.default("kv_dtype"))
+    fractions: dict[str, str] = {"full": "100%"}
+    for fraction in map(float, args.fractions.split(",")):
+        for strategy in strategies_at(fraction, args.members.split(","), args.length, model_config, kv_dtype).values():
+            fractions[strategy] = f"{fraction:.0%} of full's bytes"
+    seeds = max(1, args.cases // 10)
+    config = ReportConfig(strategies=list(fractions), tasks=args.tasks.split(","), lengths=[args.length],
+                          depths=min(10, args.cases), seeds=seeds, questions=args.questions.split(","),
+                          max_new_tokens=args.max_new_tokens)
+    fractions = {str(parse_strategy(s)): label for s, label in fractions.items()}
+    records = out / "records.jsonl"
+    command = ["python", "experiments/bench_eviction.py", *(argv if argv is not None else sys.argv[1:])]
+    run_report(config, out, resume=records.is_file(), command=command)
+    if not (out / "prompts.jsonl").is_file():
+        write_prompts(config, load_model("default")[1], out / "prompts.jsonl")
+    summary = evaluate(out, fractions)
+    (out / "eviction.md").write_text("# Score-based eviction on the default model\n\n"
+                                     f"Command: `{' '.join(command)}`; provenance in records.jsonl's first line and "
+                                     "pressure_transfer.md.\n\n" + summary)
+    print(summary)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
