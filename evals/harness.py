@@ -16,6 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..cache import make_cache
 from ..dtypes import cpu_capability
+from ..geometry import KVGeometry
 from ..models import load_model
 from ..provenance import provenance
 from ..strategy import parse_strategy
@@ -60,17 +61,17 @@ def cell_keys(config: ReportConfig) -> list[dict]:
     return cells + [{"kind": "fidelity", "strategy": s} for s in config.strategies]
 
 
-def needle_survival(cache, needle: range) -> dict:
+def needle_survival(cache, needle: range, kv_heads: int) -> dict:
     """The share of the needle's tokens each layer and KV head still holds (row 0), and its mean: beside recall it
     separates "evicted" from "kept but not used"."""
     per_layer_head = []
     wanted = torch.tensor(list(needle), dtype=torch.int32)
     for layer in cache.layers:
         positions = layer.positions
-        if positions is None:  # full or window: the newest `stored` tokens
-            held = torch.arange(layer.seen - layer.stored, layer.seen, dtype=torch.int32)[None]
-        else:
-            held = (positions[0] if positions.dim() == 3 else positions[:1]).cpu()
+        if positions is None:  # full or window: the newest `stored` tokens, in every head
+            held = torch.arange(layer.seen - layer.stored, layer.seen, dtype=torch.int32).expand(kv_heads, -1)
+        else:  # score-based: per head; positional (sink): one set for every head
+            held = (positions[0] if positions.dim() == 3 else positions[0].expand(kv_heads, -1)).cpu()
         per_layer_head.append([round(torch.isin(wanted, row).float().mean().item(), 4) for row in held])
     heads = [share for layer in per_layer_head for share in layer]
     return {"mean": sum(heads) / len(heads), "per_layer_head": per_layer_head}
@@ -100,6 +101,7 @@ class Harness:
         self._text_token_ids: torch.Tensor | None = None
         self._case_prefill: tuple[tuple, Prefill] | None = None  # the last recall case's context, for its strategies
         # score-based strategies replay a shared prefill only with the attention they read
+        self.kv_heads = KVGeometry.of(self.model).kv_heads
         self._records_attention = any(parse_strategy(s).retention.seam for s in config.strategies)
 
     def dtypes(self) -> dict[str, str]:
@@ -137,7 +139,7 @@ class Harness:
         with make_cache(self.model, strategy, prefill_chunk=chunk) as cache:
             prefill.fill(self.model, cache)
             kv_bytes_prefill, peak_prefill = cache.kv_bytes(), cache.peak_bytes
-            survival = needle_survival(cache, needle_positions(self.tokenizer, case))
+            survival = needle_survival(cache, needle_positions(self.tokenizer, case), self.kv_heads)
             ids = torch.tensor([context + asked], device=self.model.device)
             stop = AnswerFound(self.tokenizer, ids.shape[1], case.answer)
             self._sync_peak()

@@ -138,7 +138,7 @@ class KVLayer(CacheLayerMixin):
             new = torch.arange(seen_before, self.seen, dtype=torch.int32, device=self.device)
             self.positions = torch.cat([self.positions, new.expand(self.positions.shape[0], -1)], dim=1)
 
-        if self._due(key_states.shape[2]):
+        if self._due(prompt=key_states.shape[2] > 1):
             view = RetentionView(self.seen, self.stored, self.positions, self._left_padding(kwargs), self.layer_idx,
                                  self.layers)
             self._evict(view)
@@ -149,8 +149,8 @@ class KVLayer(CacheLayerMixin):
         self._end_step(0 if shares_storage else keys.nbytes + values.nbytes)  # else decoded/widened copies
         return keys, values
 
-    def _due(self, step_tokens: int) -> bool:
-        return self.retention.due(self.stored, self.seen, self.layer_idx, self.layers, step_tokens > 1,
+    def _due(self, prompt: bool) -> bool:
+        return self.retention.due(self.stored, self.seen, self.layer_idx, self.layers, prompt,
                                   self.steps - self.last_eviction)
 
     def _end_step(self, transient_bytes: int) -> None:
@@ -235,15 +235,17 @@ class KVLayer(CacheLayerMixin):
             self.mass = torch.cat([self.mass, self.mass.new_zeros(batch, heads, n)], dim=-1) + mass
         if not self.codec.lossless:  # first, so that the residual left is within the protected window
             self._encode_overflow()
-        if self._due(2 if prompt else 1):
+        if self._due(prompt):
             view = RetentionView(self.seen, self.stored, self.positions, None, self.layer_idx, self.layers,
-                                 attention=attention, mass=self.mass, keys=lambda: self._read_keys(compute))
+                                 attention=attention, mass=self.mass, keys=lambda: self._decoded("k", compute))
             self._evict(view)
 
-    def _read_keys(self, dtype: torch.dtype) -> torch.Tensor:
-        if not self.encoded_k:
-            return self.recent_k.read().to(dtype)
-        return self._with_history(self.encoded_k, self.recent_k, self.recent_k.read()[:, :, :0], dtype)
+    def _decoded(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Every stored K ("k") or V ("v") token, decoded, in `dtype`."""
+        encoded, recent = getattr(self, f"encoded_{name}"), getattr(self, f"recent_{name}")
+        if not encoded:
+            return recent.read().to(dtype)
+        return self._with_history(encoded, recent, recent.read()[:, :, :0], dtype)
 
     def _with_history(self, encoded: dict[str, Part], recent: Part, new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[encoded history decoded | recent | new] in `dtype`, the compute dtype."""
@@ -279,9 +281,8 @@ class KVLayer(CacheLayerMixin):
         parts = _split_keep(keep, n_encoded, stored) if n_encoded else (None, keep)
         if parts is None:  # rows keep different numbers of encoded tokens: decode them back, then evict as one
             for name in ("k", "v"):
-                encoded, recent = getattr(self, f"encoded_{name}"), getattr(self, f"recent_{name}")
-                decoded = self._with_history(encoded, recent, recent.read()[:, :, :0], self.dtype)
-                for part in encoded.values():
+                decoded = self._decoded(name, self.dtype)
+                for part in getattr(self, f"encoded_{name}").values():
                     part.close()
                 setattr(self, f"encoded_{name}", {})
                 setattr(self, f"recent_{name}", DevicePart(decoded))

@@ -135,6 +135,28 @@ def test_report_writes_every_column_for_every_row(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_question_placements_needle_survival_and_peak_are_recorded(tmp_path):
+    config = ReportConfig(**{**TINY, "strategies": ["full", "window:window=64", "snapkv:budget=64,window=16"],
+                             "questions": ["after", "inside"]})
+    path = run_report(config, tmp_path)
+    recall = [r for r in _records(tmp_path)[1:] if r["kind"] == "recall"]
+    assert sorted({r["question"] for r in recall}) == ["after", "inside"] and len(recall) == 2 * 2 * 3
+    for r in recall:
+        layers = r["needle_survival_per_layer_head"]
+        assert len(layers) == 30 and all(len(heads) == 3 for heads in layers)
+        assert r["peak_kv_bytes"] >= sum(r["kv_bytes_final"].values()) > 0
+        if r["strategy"] == "full":
+            assert r["needle_survival"] == 1.0
+        else:  # 64 of ~150 tokens kept: the window loses the needle at depth 0; snapkv keeps part of it somewhere
+            assert r["needle_survival"] < 1.0 or r["depth"] == 1.0
+    snapkv = [r for r in recall if r["strategy"].startswith("snapkv")]
+    assert all(r["stored_tokens"] == 64 for r in snapkv)
+    by_head = {tuple(map(tuple, r["needle_survival_per_layer_head"])) for r in snapkv}
+    assert len(by_head) > 1  # heads and layers keep different tokens
+    table = [line for line in path.read_text().splitlines() if line.startswith("| `")]
+    assert len(table) == 3 * 2 and "[question inside]" in table[-1] and "needle kept" in table[-1]
+
+
 def test_interrupted_run_resumes_without_redoing_anything(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = harness_module.Harness.recall
@@ -208,6 +230,10 @@ def test_bad_report_settings():
         ReportConfig.from_dict({"lenghts": [1]})
     with pytest.raises(ValueError, match="fidelity_text must be a readable text file"):
         ReportConfig(fidelity_text="/nonexistent.txt")
+    with pytest.raises(ValueError, match="questions must list placements among after, inside"):
+        ReportConfig(questions=["before"])
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive"):
+        ReportConfig(prefill_chunk=0)
 
 
 def test_sweeps_expand_their_grids(tmp_path):
