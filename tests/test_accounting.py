@@ -27,6 +27,21 @@ def test_measured_agrees_with_analytic_after_prefill_and_64_steps(strategy):
     assert abs(measured - expected) <= 0.01 * expected
 
 
+@pytest.mark.parametrize("strategy", ["nf4", "fp4:residual=16", "h2o:budget=100+nf4:residual=16"])
+def test_bitsandbytes_codecs_measured_agrees_with_analytic(strategy):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_model().config
+    config.head_dim = 32  # bitsandbytes quantises one head per block: 32 is its smallest block
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 512, (2, 140), generator=torch.Generator().manual_seed(0))
+    cache = make_cache(model, strategy)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=9,
+                       min_new_tokens=9, do_sample=False, pad_token_id=0)
+    assert cache.kv_bytes()["device"] == expected_kv_bytes(model, strategy, 148, batch=2)
+
+
 @pytest.mark.parametrize("arch, per_token", [
     ("llama-3.1-8b", 32 * 8 * 128 * 2 * 2),   # 131,072 B
     ("qwen2.5-7b", 28 * 4 * 128 * 2 * 2),     # 57,344 B

@@ -43,6 +43,26 @@ def test_int4_error_is_half_a_step():
     assert (err <= step * 0.5 * 1.01 + 1e-3).all()
 
 
+@pytest.mark.parametrize("name", ["nf4", "fp4"])
+def test_bitsandbytes_4bit_error_is_half_the_widest_gap(name):
+    """One block per token and head: the error is at most half the widest gap between the format's 16 levels,
+    times that block's absmax; tokens encode independently, so appending one encodes only it."""
+    from bitsandbytes.functional import get_4bit_type
+
+    spec = parse_strategy(name).codec
+    levels = get_4bit_type(name, device="cpu").float().sort().values
+    x = _kv_like()
+    absmax = x.abs().amax(-1, keepdim=True)
+    err = (_roundtrip(spec, x) - x).abs()
+    assert (err <= absmax * levels.diff().max() / 2 * 1.001 + 1e-6).all()
+    assert err.mean() < 0.05 * absmax.mean()
+    whole, parts = spec.encode(x), [spec.encode(x[:, :, :20]), spec.encode(x[:, :, 20:])]
+    assert all(torch.equal(whole[k], torch.cat([p[k] for p in parts], 2)) for k in whole)
+    assert spec.bytes_per_token(64, torch.bfloat16) == 32 + 4
+    with pytest.raises(ValueError, match=r"head_dim \(16\) must be one of bitsandbytes' block sizes"):
+        make_cache(tiny_model(), name)
+
+
 @pytest.mark.parametrize("fmt, mantissa_bits", [("e4m3", 3), ("e5m2", 2)])
 def test_fp8_relative_error(fmt, mantissa_bits):
     spec = parse_strategy(f"fp8:format={fmt}").codec
