@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..dtypes import parse_dtype
+from ..dtypes import WEIGHTS, parse_dtype
 from ..strategy import parse_strategy
 from ..units import parse_token_list, parse_tokens
 from .tasks import TASKS
@@ -42,6 +42,7 @@ class ReportConfig:
     device: str = "cpu"
     kv_dtype: str = "bfloat16"  # KV as GPUs hold it
     compute_dtype: str | None = None  # None: the KV dtype where the device computes it natively, else float32
+    weights: str | None = None  # None: the checkpoint's, in the compute dtype; nf4, fp4, int8: bitsandbytes
     questions: list[str] = field(default_factory=lambda: ["after"])  # question placements (QUESTIONS)
     prefill_chunk: int | None = None  # score-based retentions prefill this many tokens at a time, evicting between
     sessions: int = 32
@@ -71,6 +72,8 @@ class ReportConfig:
             raise ValueError(f"questions must list placements among {', '.join(QUESTIONS)}, got {self.questions}")
         if self.prefill_chunk is not None and self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive number of tokens, got {self.prefill_chunk}")
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (or left out), got {self.weights!r}")
         parse_dtype(self.kv_dtype, "kv_dtype")
         parse_dtype(self.compute_dtype, "compute_dtype")
         if self.fidelity_text is not None and not Path(self.fidelity_text).is_file():

@@ -93,7 +93,7 @@ class Harness:
     def __init__(self, config: ReportConfig):
         self.config = config
         self.model, self.tokenizer = load_model(config.model, dtype=config.compute_dtype, device=config.device,
-                                                kv_dtype=config.kv_dtype)
+                                                kv_dtype=config.kv_dtype, weights=config.weights)
         if self.tokenizer is None:
             raise ValueError(f"model {config.model!r} has no tokenizer: recall tasks need one")
         self._full_logits: torch.Tensor | None = None
@@ -105,7 +105,7 @@ class Harness:
         self._records_attention = any(parse_strategy(s).retention.seam for s in config.strategies)
 
     def dtypes(self) -> dict[str, str]:
-        return {**self.model.dtype_plan.as_record(), "cpu_capability": cpu_capability()}
+        return {**self.model.dtype_plan.as_record(), "weights": self.model.weights, "cpu_capability": cpu_capability()}
 
     def run(self, base: dict) -> dict:
         args = {k: v for k, v in base.items() if k not in ("kind",)}

@@ -85,7 +85,8 @@ class KVCompressLM(HFLM):
 
     def __init__(self, pretrained: str = "default", strategy: str = "full", dtype: str | None = None,
                  kv_dtype: str | None = None, device: str | None = None, batch_size: int | str = 1,
-                 requests_file: str | None = None, offload_dir: str | None = None, **kwargs: Any):
+                 requests_file: str | None = None, offload_dir: str | None = None, weights: str | None = None,
+                 **kwargs: Any):
         strategy_parts = [str(strategy)]
         for key in [k for k in kwargs if k in _STRATEGY_KEYS]:  # lm-eval split `strategy=sink:sinks=4,window=512`
             strategy_parts.append(f"{key}={kwargs.pop(key)}")
@@ -94,7 +95,8 @@ class KVCompressLM(HFLM):
             raise ValueError(f"batch_size must be a positive integer for the kvcompress model, got {batch_size!r}")
         if usable_device(device) != (device or "cpu"):
             warnings.warn(f"device={device!r} but CUDA is not available: running on the CPU", stacklevel=2)
-        model, tokenizer = load_model(pretrained, dtype=dtype, device=usable_device(device), kv_dtype=kv_dtype)
+        model, tokenizer = load_model(pretrained, dtype=dtype, device=usable_device(device), kv_dtype=kv_dtype,
+                                      weights=weights)
         if tokenizer is None:
             raise ValueError(f"pretrained={pretrained!r} has no tokenizer; lm-eval needs text in and out")
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
@@ -402,7 +404,7 @@ def fidelity(out: Path, strategies: list[str], model, tokenizer, pretrained: str
 
     text = text_ids(tokenizer(reference_text(), return_tensors="pt").input_ids[0], FIDELITY_TOKENS).to(model.device)
     settings = {"model": pretrained, "dtype": dtype_name(model.dtype), "kv_dtype": dtype_name(model.kv_dtype),
-                "prefill": FIDELITY_PREFILL,
+                "weights": model.weights, "prefill": FIDELITY_PREFILL,
                 "text": hashlib.sha256(json.dumps(text[0].tolist()).encode()).hexdigest()[:16]}
     found, todo = {}, {}
     for name in strategies:
@@ -454,7 +456,8 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -
                     if (record := json.loads(line))["kind"] != "meta"]
         runs[name] = (results, requests)
 
-    model, tokenizer = load_model(pretrained, dtype=args.get("dtype"), kv_dtype=args.get("kv_dtype"))
+    model, tokenizer = load_model(pretrained, dtype=args.get("dtype"), kv_dtype=args.get("kv_dtype"),
+                                  weights=args.get("weights"))
     fidelities = fidelity(out, strategies, model, tokenizer, pretrained)
 
     def accuracy(results: dict) -> dict[str, float]:

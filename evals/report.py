@@ -251,7 +251,8 @@ def write_report(out: Path) -> Path:
         writer.writerows({**r, **{k: meta[k] for k in ("command", "model", "device", "git_commit")}} for r in rows)
     t = config.thresholds
     dtypes = (f"- dtypes: KV stored as {meta['kv_dtype']}, computed in {meta['compute_dtype']}: {meta['dtype_reason']}; "
-              f"every byte counted is a stored byte" if "kv_dtype" in meta else None)
+              f"weights {meta.get('weights', meta['compute_dtype'])}; every byte counted is a stored byte"
+              if "kv_dtype" in meta else None)
     header = [
         "# Pressure-transfer table",
         "",

@@ -264,7 +264,7 @@ def _token_count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .dtypes import DTYPES
+    from .dtypes import DTYPES, WEIGHTS
     from .evals.config import ReportConfig, Thresholds
 
     parser = argparse.ArgumentParser(prog="kvcompress", description=__doc__)
@@ -340,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"it (default: {d('kv_dtype')})")
     p.add_argument("--compute-dtype", choices=dtypes, help="dtype the model computes in (default: the KV dtype where "
                    "the device computes it natively, else float32; the records say which and why)")
+    p.add_argument("--weights", choices=WEIGHTS, help="load the weights quantised by bitsandbytes, for a model whose "
+                   "16-bit weights do not fit (default: the checkpoint's, in the compute dtype); recorded in every record")
     p.add_argument("--questions", type=lambda text: text.split(","),
                    help=f"question placements: after (compressed before the question, as in a chat), inside (the "
                         f"question is part of the prompt) (default: {','.join(d('questions'))})")

@@ -19,6 +19,7 @@ _NATIVE_FLAGS = {
     torch.bfloat16: {"x86": {"avx512_bf16", "amx_bf16"}, "arm": {"bf16"}},
     torch.float16: {"x86": {"avx512_fp16", "amx_fp16"}, "arm": {"fphp", "asimdhp"}},
 }
+WEIGHTS = ("nf4", "fp4", "int8")  # weight precisions load_model quantises to with bitsandbytes
 
 
 def parse_dtype(dtype: str | torch.dtype | None, name: str = "dtype") -> torch.dtype | None:

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .dtypes import parse_dtype, plan_dtypes
+from .dtypes import WEIGHTS, parse_dtype, plan_dtypes
 from .geometry import config_dtype, decoder_config
 
 CACHE_ENV = "KVCOMPRESS_CACHE"
@@ -58,8 +58,13 @@ def load_model(
     device: str = "cpu",
     attn_implementation: str = "sdpa",
     kv_dtype: str | torch.dtype | None = None,
+    weights: str | None = None,
 ) -> tuple[PreTrainedModel, object | None]:
     """Return (model, tokenizer) in eval mode. `random:<arch>` models have no tokenizer (None).
+
+    weights: None keeps the checkpoint's weights in the compute dtype; "nf4", "fp4" (4-bit) or "int8" loads them
+    quantised by bitsandbytes (`BitsAndBytesConfig`), for a model whose 16-bit weights do not fit; the KV cache is
+    unaffected. Set as `model.weights`, which records carry.
 
     dtype: what the model computes in. kv_dtype: what caches made for it by `make_cache` store full-precision K/V in
     (set as `model.kv_dtype`). Left out, kv_dtype is `dtype` when that is given, else the dtype the checkpoint
@@ -68,6 +73,11 @@ def load_model(
     """
     compute, kv = parse_dtype(dtype, "dtype"), parse_dtype(kv_dtype, "kv_dtype")
     check_device(device)
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (or left out for the checkpoint's), got {weights!r}")
+    if weights is not None and spec.startswith("random:"):
+        raise ValueError(f"weights={weights!r} quantises a checkpoint while loading it; {spec!r} has none (its "
+                         "memory and latency do not depend on weight values: leave weights out)")
     if spec.startswith("random:"):
         config = load_config(spec)
         plan = plan_dtypes(kv or compute or config_dtype(config), device, compute)
@@ -85,14 +95,29 @@ def load_model(
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=plan.compute, attn_implementation=attn_implementation, **kwargs
+                source, dtype=plan.compute, attn_implementation=attn_implementation,
+                **_quantized_weights(weights, plan.compute, device), **kwargs
             )
         except OSError as err:
             raise ValueError(f"model {spec!r}: could not load it ({_first_line(err)}). {_OFFLINE_HINT}") from None
-        model = model.to(device)
+        if weights is None:  # quantised weights were placed by device_map
+            model = model.to(device)
     decoder_config(model)
-    model.kv_dtype, model.dtype_plan = plan.kv, plan
+    model.kv_dtype, model.dtype_plan, model.weights = plan.kv, plan, weights or str(plan.compute).removeprefix("torch.")
     return model.eval(), tokenizer
+
+
+
+def _quantized_weights(weights: str | None, compute: torch.dtype, device: str) -> dict:
+    if weights is None:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if weights == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=weights, bnb_4bit_compute_dtype=compute)
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 _OFFLINE_HINT = ("Without network access, pass `default`, a local model directory, a .gguf path or random:<arch>, "

@@ -27,6 +27,27 @@ def test_default_model_answers(default_model):
     assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
 
 
+def test_default_model_loads_with_nf4_weights_and_answers(default_model):
+    """bitsandbytes' NF4 weights on the CPU: a third of the float32 footprint, the KV cache unchanged."""
+    model, tokenizer = kvcompress.load_model("default", dtype="float32", weights="nf4")
+    assert model.weights == "nf4" and type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert model.get_memory_footprint() < 0.4 * default_model[0].get_memory_footprint()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    cache = make_cache(model, "int8")
+    out = model.generate(**inputs, cache=cache, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+    expected = kvcompress.expected_kv_bytes(model, "int8", cache.get_seq_length(), dtype=model.kv_dtype)
+    assert cache.kv_bytes()["device"] == expected  # weights quantised, KV stored as before
+
+
+def test_bad_weights():
+    with pytest.raises(ValueError, match="weights must be one of nf4, fp4, int8"):
+        kvcompress.load_model("default", weights="int3")
+    with pytest.raises(ValueError, match="random:tiny' has none"):
+        kvcompress.load_model("random:tiny", weights="nf4")
+
+
 def test_shipped_architectures_and_random_models():
     assert {"tiny", "smollm2-135m", "llama-3.1-8b", "qwen2.5-7b", "mistral-7b"} <= set(architectures())
     model, tokenizer = kvcompress.load_model("random:tiny", dtype="bfloat16")
