@@ -48,6 +48,9 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
         at_longest = [r for r in mine if r["length"] == longest]
         full_longest = [r for r in recall if r["strategy"] == "full" and r["length"] == longest
                         and r.get("question", "after") == question]
+        if not recall:  # recall skipped (random weights): bytes as the latency cells measured them
+            at_longest = [r for r in [latency.get((strategy, latency_length))] if r and "kv_bytes_final" in r]
+            full_longest = [r for r in [latency.get(("full", latency_length))] if r and "kv_bytes_final" in r]
         device_bytes = _mean([r["kv_bytes_final"].get("device", 0) for r in at_longest])
         full_bytes = _mean([r["kv_bytes_final"].get("device", 0) for r in full_longest])
         host_bytes = _mean([r["kv_bytes_final"].get("host", 0) for r in at_longest])
@@ -68,7 +71,8 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
             "recall_p_value": recall_stats and recall_stats.p_value,
             "needle_survival": _mean([r.get("needle_survival") for r in mine]),
             "peak_kv_bytes": _mean([r.get("peak_kv_bytes") for r in at_longest]),
-            "measured_length": longest,
+            "measured_length": longest if recall else latency_length,
+            "skipped": next((r["reason"] for r in records if r.get("outcome") == "skipped"), None),
             "kv_bytes": device_bytes,
             "hbm_saved_pct": 100 * (1 - device_bytes / full_bytes) if device_bytes is not None and full_bytes else None,
             "hbm_saved_gb": (full_bytes - device_bytes) / GB if device_bytes is not None and full_bytes else None,
@@ -163,7 +167,8 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
     unsure = [words for outcome, words in judged if outcome == INCONCLUSIVE]
     if row["allocation_failures"]:
         failures.append(f"{row['allocation_failures']} allocation failures")
-    missing = [name for name in ("recall_loss_pts", "decode_change_pct", "top1", "hbm_saved_pct") if row[name] is None]
+    measured = ("decode_change_pct", "hbm_saved_pct") + (() if row.get("skipped") else ("recall_loss_pts", "top1"))
+    missing = [name for name in measured if row[name] is None]
     if baseline:
         verdict, relieved, created = "baseline", ["none (baseline)"], ["none (baseline)"]
     elif missing:
@@ -179,6 +184,8 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
     complete = baseline or bool(relieved and created)
     if not complete:
         verdict = "incomplete: cannot name " + ("relieved" if not relieved else "created") + " pressure"
+    if row.get("skipped"):
+        verdict += f" (memory and latency only: {row['skipped']})"
     return {"relieved": "; ".join(relieved) or "-", "created": "; ".join(created) or "-", "verdict": verdict,
             "rollback": "-" if baseline else rollback, "complete": complete}
 

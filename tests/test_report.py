@@ -157,6 +157,18 @@ def test_question_placements_needle_survival_and_peak_are_recorded(tmp_path):
     assert len(table) == 3 * 2 and "[question inside]" in table[-1] and "needle kept" in table[-1]
 
 
+def test_random_weights_give_memory_and_latency_rows_and_say_why_recall_is_skipped(tmp_path):
+    config = ReportConfig(**{**TINY, "model": "random:tiny", "strategies": ["full", "int8", "window:window=64"]})
+    path = run_report(config, tmp_path)
+    records = _records(tmp_path)[1:]
+    skipped = [r for r in records if r["outcome"] == "skipped"]
+    assert {r["kind"] for r in skipped} == {"recall", "fidelity"} and "random weights" in skipped[0]["reason"]
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    window = next(r for r in rows if r["strategy"] == "window:window=64")
+    assert window["hbm_saved_pct"] > 50 and window["decode_ms_p50"] > 0 and window["recall_n"] == 0
+    assert "memory and latency only: random:tiny has random weights" in path.read_text()
+
+
 def test_interrupted_run_resumes_without_redoing_anything(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = harness_module.Harness.recall
