@@ -49,7 +49,7 @@ def test_family(family):
     own = model.generate(cache=DynamicCache(config=model.config), **kwargs)
     assert max((a - b).abs().max().item() for a, b in zip(own.logits, reference.logits)) <= 1e-4
 
-    strategy = "snapkv:budget=24,sinks=2,window=8+int8:residual=4"
+    strategy = "snapkv:budget=24,sinks=2,window=8,when=budget+int8:residual=4"
     cache = make_cache(model, strategy)
     model.generate(cache=cache, **kwargs)
     assert [layer.stored for layer in cache.layers] == [24, 24]

@@ -22,14 +22,14 @@ from .conftest import left_padded, tiny_model
 
 # member -> a strategy small enough that the tiny model evicts at prefill and at most decode steps
 MEMBERS = {
-    "h2o": "h2o:budget=20,sinks=2,window=4",
-    "tova": "tova:budget=20,sinks=2,window=4",
-    "snapkv": "snapkv:budget=20,sinks=2,window=4,observe=8,kernel=3",
-    "knorm": "knorm:budget=20,sinks=2,window=4",
-    "pyramid": "pyramid:budget=20,sinks=2,window=4,observe=8,kernel=3,beta=4",
-    "adakv": "adakv:budget=20,sinks=2,window=4,observe=8,kernel=3,when=prefill",
+    "h2o": "h2o:budget=20,sinks=2,window=4,when=budget",
+    "tova": "tova:budget=20,sinks=2,window=4,when=budget",
+    "snapkv": "snapkv:budget=20,sinks=2,window=4,observe=8,kernel=3,when=budget",
+    "knorm": "knorm:budget=20,sinks=2,window=4,when=budget",
+    "pyramid": "pyramid:budget=20,sinks=2,window=4,observe=8,kernel=3,beta=4,when=budget",
+    "adakv": "adakv:budget=20,sinks=2,window=4,observe=8,kernel=3",  # evicts after prompts only (the default)
 }
-RATIO = {"h2o": "h2o:ratio=0.4,sinks=2,window=4", "snapkv": "snapkv:ratio=0.4,sinks=2,window=4,when=interval,interval=5"}
+RATIO = {"h2o": "h2o:ratio=0.4,sinks=2,window=4,when=budget", "snapkv": "snapkv:ratio=0.4,when=interval,interval=5"}
 STEPS = [[(0, 40)] + [(t, t + 1) for t in range(40, 52)],                  # prefill, then decode
          [(0, 9), (9, 30), (30, 31), (31, 44), (44, 45), (45, 46)]]        # multi-token steps
 
@@ -255,7 +255,7 @@ def test_left_padded_batch_equals_each_row_alone(tiny, strategy):
 
 @pytest.mark.parametrize("strategy", list(MEMBERS.values()), ids=list(MEMBERS))
 def test_storage_falls_to_the_budget_and_matches_the_analytic_size(tiny, strategy):
-    strategy = strategy.replace(",when=prefill", "")  # the analytic size assumes eviction whenever over budget
+    strategy += ",when=budget" if "when=" not in strategy else ""  # the analytic size: eviction whenever over budget
     ids, mask = distinct_tokens([52, 52])
     cache, _ = _prefill_and_decode(tiny, strategy, ids, mask)
     full, _ = _prefill_and_decode(tiny, "full", ids, mask)
@@ -285,7 +285,7 @@ def test_composes_with_int8_and_the_disk_tier(tiny, member, tmp_path):
     disk.close()
 
 
-@pytest.mark.parametrize("strategy", [MEMBERS["h2o"], MEMBERS["snapkv"], "tova:budget=20,sinks=2,window=4,when=prefill"])
+@pytest.mark.parametrize("strategy", [MEMBERS["h2o"], MEMBERS["snapkv"], "tova:budget=20"])
 def test_chunked_prefill_equals_chunk_by_chunk_steps_and_holds_less(tiny, strategy):
     ids, mask = distinct_tokens([52, 37])
     chunked, chunked_logits = _prefill_and_decode(tiny, strategy, ids, mask, prefill_chunk=8)
@@ -302,7 +302,7 @@ def test_chunked_prefill_equals_chunk_by_chunk_steps_and_holds_less(tiny, strate
 
 def test_generate_with_beam_search_keeps_score_state_in_step(tiny):
     ids, mask = distinct_tokens([30, 22])
-    cache = make_cache(tiny, "h2o:budget=20,sinks=2,window=4")
+    cache = make_cache(tiny, MEMBERS["h2o"])
     out = tiny.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=40, min_new_tokens=40,
                         num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
     assert out.shape == (4, 70)
@@ -322,7 +322,7 @@ def test_bad_input_is_refused_before_any_work(tiny):
     with pytest.raises(ValueError, match="allowed: budget, ratio, sinks, window, when, interval, observe, kernel"):
         parse_strategy("snapkv:budgett=64")
     with pytest.raises(ValueError, match="must exceed snapkv:sinks"):
-        parse_strategy("snapkv:budget=36")
+        parse_strategy("snapkv:budget=36,sinks=4,window=32")
     with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
         parse_strategy("h2o:ratio=1.5")
     with pytest.raises(ValueError, match="must not exceed h2o:window"):

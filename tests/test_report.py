@@ -136,7 +136,7 @@ def test_report_writes_every_column_for_every_row(tmp_path):
 
 
 def test_question_placements_needle_survival_and_peak_are_recorded(tmp_path):
-    config = ReportConfig(**{**TINY, "strategies": ["full", "window:window=64", "snapkv:budget=64,window=16"],
+    config = ReportConfig(**{**TINY, "strategies": ["full", "window:window=64", "snapkv:budget=64,window=16,when=budget"],
                              "questions": ["after", "inside"]})
     path = run_report(config, tmp_path)
     recall = [r for r in _records(tmp_path)[1:] if r["kind"] == "recall"]

@@ -95,13 +95,16 @@ class ScoreRetention(Retention):
     when: "budget" evicts whenever more than the capacity is stored; "prefill" only after a prompt (a step of more
     than one token, and between its chunks under chunked prefill), never while decoding: kvpress's protocol;
     "interval" after a prompt and every `interval` decode steps (up to `interval` tokens more are held between).
+    Defaults (no sinks, only the newest token protected, evict after prompts) are kvpress's: measured on the default
+    model, protecting 4 sinks and 32 recent tokens or evicting at every decode step cost recall at a quarter of the
+    bytes (results/eviction/eviction.md); set `sinks` to keep a system prompt whole, `window` to keep recent turns.
     """
 
     budget: int = 0
     ratio: float = 0.0
-    sinks: int = 4
-    window: int = 32
-    when: str = "budget"
+    sinks: int = 0
+    window: int = 1
+    when: str = "prefill"
     interval: int = 64
     needs_positions = True
     seam = True
