@@ -196,7 +196,8 @@ class Harness:
         c = self.config
         ids = self._text_ids(c.fidelity_prefill + c.fidelity_steps, c.fidelity_windows)
         if self._full_logits is None:
-            self._fidelity_prefill = Prefill.of(self.model, ids[:, :c.fidelity_prefill], attention=self._records_attention)
+            self._fidelity_prefill = Prefill.of(self.model, ids[:, :c.fidelity_prefill],
+                                                attention=self._records_attention)
             self._full_logits = step_logits(self.model, ids, "full", c.fidelity_prefill, self._fidelity_prefill)
         candidate = step_logits(self.model, ids, strategy, c.fidelity_prefill, self._fidelity_prefill)
         return compare(self._full_logits, candidate)

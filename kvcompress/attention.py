@@ -59,6 +59,10 @@ def _register(base: str) -> str:
             return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if dropout and module.training:
             raise ValueError("kvcompress caches are for inference: dropout must be 0 (call model.eval())")
+        window = kwargs.get("sliding_window")
+        if window is not None and layer.seen + query.shape[2] > window:
+            raise ValueError(f"this layer attends over a sliding window of {window} tokens, which the kvcompress seam "
+                             "does not apply: use a model config with sliding_window=None, or a positional retention")
         scaling = module.scaling if scaling is None else scaling
         return layer.attend(query, attention_mask, scaling, kwargs), None
 
@@ -82,10 +86,6 @@ def route(model) -> None:
         raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
                          "AttentionInterface, so score-based retention cannot see its attention")
     model.set_attn_implementation(_register(current))
-
-
-def is_routed(model) -> bool:
-    return str(getattr(getattr(model, "config", None), "_attn_implementation", "")).startswith(PREFIX)
 
 
 def new_token_valid(attention_mask, batch: int, q: int, device) -> torch.Tensor:

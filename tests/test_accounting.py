@@ -27,7 +27,8 @@ def test_measured_agrees_with_analytic_after_prefill_and_64_steps(strategy):
     assert abs(measured - expected) <= 0.01 * expected
 
 
-@pytest.mark.parametrize("strategy", ["nf4", "fp4:residual=16", "h2o:budget=100,window=16,when=budget+nf4:residual=16"])
+@pytest.mark.parametrize("strategy", ["nf4", "fp4:residual=16",
+                                      "h2o:budget=100,window=16,when=budget+nf4:residual=16"])
 def test_bitsandbytes_codecs_measured_agrees_with_analytic(strategy):
     from transformers import AutoModelForCausalLM
 
