@@ -15,7 +15,7 @@ from .tasks import TASKS
 QUESTIONS = ("after", "inside")  # the question arrives after the context was compressed, or inside the prompt
 
 # Presets sized for the quick grid: budgets well below its longest context, so eviction is visible.
-QUICK_STRATEGIES = ["full", "int8", "fp8", "int4", "window:window=256", "sink:sinks=4,window=252", "full+disk"]
+QUICK_STRATEGIES = ["full", "int8", "fp8", "int4", "window:window=256", "sink:sinks=4,window=252", "knorm:budget=256", "full+disk"]
 
 
 @dataclass

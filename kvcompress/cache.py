@@ -138,7 +138,7 @@ class KVLayer(CacheLayerMixin):
             new = torch.arange(seen_before, self.seen, dtype=torch.int32, device=self.device)
             self.positions = torch.cat([self.positions, new.expand(self.positions.shape[0], -1)], dim=1)
 
-        if self._due(prompt=key_states.shape[2] > 1):
+        if self._due():
             view = RetentionView(self.seen, self.stored, self.positions, self._left_padding(kwargs), self.layer_idx,
                                  self.layers)
             self._evict(view)
@@ -149,8 +149,8 @@ class KVLayer(CacheLayerMixin):
         self._end_step(0 if shares_storage else keys.nbytes + values.nbytes)  # else decoded/widened copies
         return keys, values
 
-    def _due(self, prompt: bool) -> bool:
-        return self.retention.due(self.stored, self.seen, self.layer_idx, self.layers, prompt,
+    def _due(self) -> bool:
+        return self.retention.due(self.stored, self.seen, self.layer_idx, self.layers, self.steps,
                                   self.steps - self.last_eviction)
 
     def _end_step(self, transient_bytes: int) -> None:
@@ -181,11 +181,11 @@ class KVLayer(CacheLayerMixin):
         for start in range(0, q, chunk):
             step = slice(start, min(start + chunk, q))
             outputs.append(self._attend_chunk(query[:, :, step], new_k[:, :, step], new_v[:, :, step],
-                                              positions[:, step], scaling, softcap, compute, q > 1))
+                                              positions[:, step], scaling, softcap, compute))
         self.steps += 1
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def _attend_chunk(self, query, new_k, new_v, new_positions, scaling, softcap, compute, prompt) -> torch.Tensor:
+    def _attend_chunk(self, query, new_k, new_v, new_positions, scaling, softcap, compute) -> torch.Tensor:
         batch, heads, n = new_k.shape[:3]
         if self.encoded_k:
             keys = self._with_history(self.encoded_k, self.recent_k, new_k, compute)
@@ -204,7 +204,7 @@ class KVLayer(CacheLayerMixin):
         if self.capture_rows:
             self.captured = attention[:, :, -self.capture_rows:]
         mass = None if attention is None else attention.sum(dim=2)
-        self._store_step(new_k, new_v, new_positions, attention, mass, compute, prompt)
+        self._store_step(new_k, new_v, new_positions, attention, mass, compute)
         self._end_step(keys.nbytes + values.nbytes + (probs.nbytes if probs is not None else 0))
         return out
 
@@ -220,11 +220,11 @@ class KVLayer(CacheLayerMixin):
             self.lazy_initialization(keys, values)
         batch, heads, n = keys.shape[:3]
         positions = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=self.device).expand(batch, n)
-        self._store_step(keys, values, positions, attention, mass, compute, n > 1)
+        self._store_step(keys, values, positions, attention, mass, compute)
         self.steps += 1
         self._end_step(transient_bytes)
 
-    def _store_step(self, new_k, new_v, new_positions, attention, mass, compute, prompt) -> None:
+    def _store_step(self, new_k, new_v, new_positions, attention, mass, compute) -> None:
         """Keep the step's tokens and their score state, encode the residual's overflow, evict if due."""
         batch, heads, n = new_k.shape[:3]
         self.seen += n
@@ -235,7 +235,7 @@ class KVLayer(CacheLayerMixin):
             self.mass = torch.cat([self.mass, self.mass.new_zeros(batch, heads, n)], dim=-1) + mass
         if not self.codec.lossless:  # first, so that the residual left is within the protected window
             self._encode_overflow()
-        if self._due(prompt):
+        if self._due():
             view = RetentionView(self.seen, self.stored, self.positions, None, self.layer_idx, self.layers,
                                  attention=attention, mass=self.mass, keys=lambda: self._decoded("k", compute))
             self._evict(view)

@@ -27,7 +27,7 @@ MEMBERS = {
     "snapkv": "snapkv:budget=20,sinks=2,window=4,observe=8,kernel=3,when=budget",
     "knorm": "knorm:budget=20,sinks=2,window=4,when=budget",
     "pyramid": "pyramid:budget=20,sinks=2,window=4,observe=8,kernel=3,beta=4,when=budget",
-    "adakv": "adakv:budget=20,sinks=2,window=4,observe=8,kernel=3",  # evicts after prompts only (the default)
+    "adakv": "adakv:budget=20,sinks=2,window=4,observe=8,kernel=3,when=interval,interval=4",
 }
 RATIO = {"h2o": "h2o:ratio=0.4,sinks=2,window=4,when=budget", "snapkv": "snapkv:ratio=0.4,when=interval,interval=5"}
 STEPS = [[(0, 40)] + [(t, t + 1) for t in range(40, 52)],                  # prefill, then decode
@@ -73,7 +73,7 @@ def _choose(retention, entries, score, capacity, sinks, window, newest):
         if position < sinks or position > newest - window:
             return math.inf
         return score[i]
-    order = sorted(range(len(entries)), key=lambda i: -rank(i))
+    order = sorted(range(len(entries)), key=lambda i: (-rank(i), -i))  # ties: the newer entry
     return sorted(order[:capacity])
 
 
@@ -120,7 +120,7 @@ class Reference:
                 for head in range(self.heads):
                     self.store[layer][row][head] += [[t, True] for t in range(start, stop)]
             stored = len(self.store[layer][0][0])
-            due = self.retention.due(stored, seen, layer, self.layers, stop - start > 1,
+            due = self.retention.due(stored, seen, layer, self.layers, self.steps,
                                      self.steps - self.last_eviction[layer])
             chosen = {}
             for row in range(batch):
@@ -169,15 +169,15 @@ class Reference:
                     protected = position >= 0 and (position < r.sinks or position > newest - r.window)
                     rank = -math.inf if position < 0 else math.inf if (protected or i in own) else score[i]
                     ranked.append((rank, head, i))
-            order = sorted(range(len(ranked)), key=lambda j: -ranked[j][0])[: self.heads * capacity]
+            order = sorted(range(len(ranked)), key=lambda j: (-ranked[j][0], -j))[: self.heads * capacity]
             selected[row] = {(ranked[j][1], ranked[j][2]) for j in order}
-        # one storage width for the layer: the widest head of any row; narrower heads keep their oldest as filler
+        # one storage width for the layer: the widest head of any row; narrower heads keep their newest as filler
         width = max(sum(1 for h, _ in picks if h == head) for picks in selected.values() for head in range(self.heads))
         for row, picked in selected.items():
             for head in range(self.heads):
                 store = self.store[layer][row][head]
                 picks = [i for i in range(len(store)) if (head, i) in picked]
-                filler = [i for i in range(len(store)) if (head, i) not in picked][: width - len(picks)]
+                filler = [i for i in reversed(range(len(store))) if (head, i) not in picked][: width - len(picks)]
                 self.store[layer][row][head] = [[store[i][0], (head, i) in picked] for i in sorted(picks + filler)]
 
     def kept(self, layer, row, head):
@@ -243,6 +243,9 @@ def _prefill_and_decode(model, strategy, ids, mask, decode=12, **cache_kwargs):
 
 @pytest.mark.parametrize("strategy", list(MEMBERS.values()), ids=list(MEMBERS))
 def test_left_padded_batch_equals_each_row_alone(tiny, strategy):
+    # adakv pads every row's heads to the batch's widest: after the first eviction a batch holds other filler than a
+    # row alone, and SnapKV's pooling sees its neighbours through it, so later evictions may differ; compare the first
+    strategy = strategy.replace("when=interval,interval=4", "when=prefill")
     ids, mask = distinct_tokens([52, 37])
     batched, logits = _prefill_and_decode(tiny, strategy, ids, mask)
     for row, length in enumerate([52, 37]):
@@ -285,7 +288,7 @@ def test_composes_with_int8_and_the_disk_tier(tiny, member, tmp_path):
     disk.close()
 
 
-@pytest.mark.parametrize("strategy", [MEMBERS["h2o"], MEMBERS["snapkv"], "tova:budget=20"])
+@pytest.mark.parametrize("strategy", [MEMBERS["h2o"], MEMBERS["snapkv"], "tova:budget=20,when=budget"])
 def test_chunked_prefill_equals_chunk_by_chunk_steps_and_holds_less(tiny, strategy):
     ids, mask = distinct_tokens([52, 37])
     chunked, chunked_logits = _prefill_and_decode(tiny, strategy, ids, mask, prefill_chunk=8)

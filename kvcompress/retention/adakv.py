@@ -34,5 +34,5 @@ class AdaKVRetention(SnapKVRetention):
         selected = torch.zeros(batch, heads * stored, dtype=torch.bool, device=scores.device)
         selected = selected.scatter(1, chosen, True).view(batch, heads, stored)
         width = int(selected.sum(-1).max())
-        index = top(selected.float(), width).sort(dim=-1).values  # the selected, then the oldest unselected as filler
+        index = top(selected.float(), width).sort(dim=-1).values  # the selected, then the newest unselected as filler
         return Kept(index, selected.gather(-1, index))

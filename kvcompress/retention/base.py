@@ -67,9 +67,9 @@ class Retention:
         """Most tokens a row (and KV head) keeps after a step once `seen` tokens were seen, or None for unbounded."""
         return None
 
-    def due(self, stored: int, seen: int, layer: int, layers: int, prompt: bool, since_eviction: int) -> bool:
-        """Whether to evict now: `prompt` says the step brought more than one token, `since_eviction` counts the
-        layer's steps since its last eviction."""
+    def due(self, stored: int, seen: int, layer: int, layers: int, step: int, since_eviction: int) -> bool:
+        """Whether to evict now: `step` counts the layer's finished steps (0: the first prompt, all its chunks),
+        `since_eviction` its steps since the last eviction."""
         capacity = self.capacity(seen, layer, layers)
         return capacity is not None and stored > capacity
 
@@ -92,10 +92,11 @@ class ScoreRetention(Retention):
     keeps each head's top `capacity` tokens in position order.
 
     budget: tokens kept per row and head, or ratio: that fraction of the tokens seen (one of the two).
-    when: "budget" evicts whenever more than the capacity is stored; "prefill" only after a prompt (a step of more
-    than one token, and between its chunks under chunked prefill), never while decoding: kvpress's protocol;
-    "interval" after a prompt and every `interval` decode steps (up to `interval` tokens more are held between).
-    Defaults (no sinks, only the newest token protected, evict after prompts) are kvpress's: measured on the default
+    when: "prefill" evicts once, after the cache's first step (the prompt; between its chunks under chunked
+    prefill), then keeps what follows (the question, the answer): kvpress's protocol; "budget" whenever more than
+    the capacity is stored (memory bounded through any number of turns); "interval" after the first step and then
+    every `interval` steps (up to `interval` tokens more are held between).
+    Defaults (nothing protected, evict after the prompt) are kvpress's: measured on the default
     model, protecting 4 sinks and 32 recent tokens or evicting at every decode step cost recall at a quarter of the
     bytes (results/eviction/eviction.md); set `sinks` to keep a system prompt whole, `window` to keep recent turns.
     """
@@ -103,7 +104,7 @@ class ScoreRetention(Retention):
     budget: int = 0
     ratio: float = 0.0
     sinks: int = 0
-    window: int = 1
+    window: int = 0
     when: str = "prefill"
     interval: int = 64
     needs_positions = True
@@ -114,8 +115,8 @@ class ScoreRetention(Retention):
         if (self.budget > 0) == (self.ratio > 0):
             raise ValueError(f"{name}: give exactly one of {name}:budget=N (tokens kept) or {name}:ratio=r "
                              f"(fraction of the tokens seen, in (0, 1]), got budget={self.budget}, ratio={self.ratio}")
-        if self.sinks < 0 or self.window < 1:
-            raise ValueError(f"{name}:sinks must be >= 0 and {name}:window >= 1, got sinks={self.sinks}, "
+        if self.sinks < 0 or self.window < 0:
+            raise ValueError(f"{name}:sinks and {name}:window must be >= 0, got sinks={self.sinks}, "
                              f"window={self.window}")
         if self.budget and self.budget <= self.sinks + self.window:
             raise ValueError(f"{name}:budget ({self.budget}) must exceed {name}:sinks + {name}:window "
@@ -133,13 +134,13 @@ class ScoreRetention(Retention):
             return self.budget
         return max(math.ceil(self.ratio * seen), self.sinks + self.window + 1)
 
-    def due(self, stored, seen, layer, layers, prompt, since_eviction) -> bool:
+    def due(self, stored, seen, layer, layers, step, since_eviction) -> bool:
         if stored <= self.capacity(seen, layer, layers):
             return False
         if self.when == "prefill":
-            return prompt
+            return step == 0
         if self.when == "interval":
-            return prompt or since_eviction >= self.interval
+            return step == 0 or since_eviction >= self.interval
         return True
 
     def state_bytes_per_token(self, kv_heads: int) -> int:
@@ -166,9 +167,11 @@ class ScoreRetention(Retention):
 
 
 def top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores along the last dim; ties go to the lower index (a stable sort, where topk's
-    order is unspecified), so kept sets are reproducible."""
-    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    """Indices of the k highest scores along the last dim; ties go to the newer token (a stable sort over the
+    reversed order, where topk's order is unspecified), so kept sets are reproducible. Ties are common: a token
+    repeated in the context has the same key norm at every position in the first layer (RoPE rotates)."""
+    last = scores.shape[-1] - 1
+    return last - scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 RETENTIONS: Registry[Retention] = Registry("retention")
