@@ -101,9 +101,9 @@ class Harness:
         self._fidelity_prefill: Prefill | None = None
         self._text_token_ids: torch.Tensor | None = None
         self._case_prefill: tuple[tuple, Prefill] | None = None  # the last recall case's context, for its strategies
-        # score-based strategies replay a shared prefill only with the attention they read
+        # strategies that read attention replay a shared prefill only with the attention it recorded
         self.kv_heads = KVGeometry.of(self.model).kv_heads
-        self._records_attention = any(parse_strategy(s).retention.seam for s in config.strategies)
+        self._records_attention = any(parse_strategy(s).retention.needs for s in config.strategies)
 
     def dtypes(self) -> dict[str, str]:
         return {**self.model.dtype_plan.as_record(), "weights": self.model.weights, "cpu_capability": cpu_capability()}

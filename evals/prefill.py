@@ -51,8 +51,10 @@ class Prefill:
         retention = cache.spec.retention
         if not retention.seam:
             return True
-        return (self.attention is not None and cache.layers[0].prefill_chunk is None
-                and getattr(retention, "observe", 1) <= ATTENTION_ROWS)
+        if cache.layers[0].prefill_chunk is not None:
+            return False
+        return not retention.needs or (self.attention is not None
+                                       and getattr(retention, "observe", 1) <= ATTENTION_ROWS)
 
     @torch.no_grad()
     def fill(self, model, cache: KVCache) -> torch.Tensor:
@@ -60,9 +62,13 @@ class Prefill:
         vocab]: replayed where exact, prefilled for real otherwise."""
         if not self.replays_exactly(cache):
             return model(input_ids=self.input_ids, cache=cache, use_cache=True).logits[:, -1]
+        compute = self.last_logits.dtype
         if not cache.spec.retention.seam:
             self.replay(cache)
+        elif not cache.spec.retention.needs:  # keys only (knorm): the K/V are all it reads
+            for layer, (keys, values) in zip(cache.layers, self.kv):
+                layer.restore(keys, values, None, None, compute, 2 * keys.numel() * compute.itemsize)
         else:
             for layer, (keys, values), (rows, mass, transient) in zip(cache.layers, self.kv, self.attention):
-                layer.restore(keys, values, rows, mass, self.last_logits.dtype, transient)
+                layer.restore(keys, values, rows, mass, compute, transient)
         return self.last_logits

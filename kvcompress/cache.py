@@ -208,8 +208,8 @@ class KVLayer(CacheLayerMixin):
         self._end_step(keys.nbytes + values.nbytes + (probs.nbytes if probs is not None else 0))
         return out
 
-    def restore(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor, mass: torch.Tensor,
-                compute: torch.dtype, transient_bytes: int = 0) -> None:
+    def restore(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None,
+                mass: torch.Tensor | None, compute: torch.dtype, transient_bytes: int = 0) -> None:
         """Store a prompt prefilled elsewhere (no padding) as if this layer had run it: K/V [batch, heads, tokens,
         dim], the last rows of its pooled attention [batch, heads, rows, tokens] and each token's attention mass
         [batch, heads, tokens]; eviction then sees what it would have seen (exact when it reads at most those rows).

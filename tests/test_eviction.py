@@ -349,7 +349,7 @@ def test_a_shared_prefill_replays_exactly(tiny, member):
     strategy = MEMBERS[member] + "+int8:residual=4"
     live, live_logits = _prefill_and_decode(tiny, strategy, ids, torch.ones_like(ids))
     replayed = make_cache(tiny, strategy)
-    prefill = Prefill.of(tiny, ids[:, :32], attention=True)
+    prefill = Prefill.of(tiny, ids[:, :32], attention=bool(parse_strategy(strategy).retention.needs))
     assert prefill.replays_exactly(replayed)
     logits = [prefill.fill(tiny, replayed)[:, None]]
     with torch.no_grad():
