@@ -161,8 +161,10 @@ def kvpress_comparison(out: Path, by_cell: dict, fractions: dict[str, str], best
         r = json.loads(line)
         runs.setdefault((r["press"], r["compression_ratio"], r["question"]), {})[
             (r["task"], r["length"], r["depth"], r["seed"])] = r
+    command = " ".join(["python", *meta["argv"]])
     rows = ["", f"kvpress {meta['kvpress']} (transformers {meta['transformers']}, its KV in {meta['dtype']}) on the "
-            "same prompts; `ours - press` pairs each case with our best member at the same share of bytes:", "",
+            f"same prompts, by `{command}` in its own environment (see that script's docstring); `ours - press` "
+            "pairs each case with our best member at the same share of bytes:", "",
             "| press | kept | question | recall | measured bytes vs its full | best member | ours - press [95% CI] |",
             "|---|---|---|---|---|---|---|"]
     for (press, ratio, question), cases in sorted(runs.items()):
@@ -204,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
         (out / "budgets.json").write_text(json.dumps(fractions, indent=1) + "\n")
         write_prompts(config, load_model("default")[1], out / "prompts.jsonl")
     run_report(config, out, resume=records.is_file(), command=command)
+    write_summary(out, fractions, command)
+
+
+def write_summary(out: Path, fractions: dict[str, str], command: list[str]) -> None:
     summary = evaluate(out, fractions)
     (out / "eviction.md").write_text("# Score-based eviction on the default model\n\n"
                                      f"Command: `{' '.join(command)}`; provenance in records.jsonl's first line and "
