@@ -20,7 +20,8 @@ def bytes_per_token(model_or_config, strategy: str | StrategySpec = "full", dtyp
 
 @dataclass(frozen=True)
 class KVSizer:
-    """Per-token constants of one (model, strategy): resident bytes for any number of seen tokens in O(layers)."""
+    """Per-token constants of one (model, strategy): resident bytes for any number of seen tokens in O(1) (O(layers)
+    for a retention whose capacity differs by layer)."""
 
     layers: int
     full_token: int  # one token of one layer, K and V, in the model dtype
@@ -37,12 +38,14 @@ class KVSizer:
         return seen if capacity is None else min(seen, capacity)
 
     def bytes(self, seen: int, batch: int = 1) -> int:
-        total = 0.0
-        for layer in range(self.layers):
-            stored = self.stored(seen, layer)
-            recent = stored if self.residual is None else min(stored, self.residual)
-            total += recent * self.full_token + (stored - recent) * self.encoded_token + stored * self.state_token
-        return round(batch * total)
+        # one layer stands for all unless the retention sizes layers apart (the simulator calls this millions of times)
+        layers = range(self.layers) if self.retention.capacity_by_layer else [0]
+        total = sum(self._layer_bytes(self.stored(seen, layer)) for layer in layers)
+        return round(batch * total * (1 if self.retention.capacity_by_layer else self.layers))
+
+    def _layer_bytes(self, stored: int) -> float:
+        recent = stored if self.residual is None else min(stored, self.residual)
+        return recent * self.full_token + (stored - recent) * self.encoded_token + stored * self.state_token
 
     def device_bytes(self, seen: int, batch: int = 1) -> int:
         """The part of `bytes` that stays on the device (HBM on a GPU); the rest lives on the host or disk tier."""

@@ -58,6 +58,7 @@ class Retention:
     needs_positions = False  # whether `keep` reads the position of every stored token
     seam = False  # whether it runs on the attention seam (after attention) rather than inside `update`
     needs = ()  # statistics the seam computes for it: "attention", "mass"
+    capacity_by_layer = False  # whether `capacity` depends on the layer (then sizes are summed layer by layer)
 
     @property
     def evicts(self) -> bool:

@@ -13,6 +13,7 @@ class PyramidRetention(SnapKVRetention):
     layers equals layers x budget (up to rounding)."""
 
     beta: int = 20
+    capacity_by_layer = True
 
     def __post_init__(self):
         super().__post_init__()
