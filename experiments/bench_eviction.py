@@ -30,6 +30,7 @@ from kvcompress.evals.harness import run_report
 from kvcompress.evals.prefill import Prefill
 from kvcompress.evals.records import RecordStore
 from kvcompress.evals.tasks import depths, make_case, render
+from kvcompress.provenance import provenance
 
 MEMBERS = ["h2o", "tova", "snapkv", "pyramid", "knorm", "adakv"]
 KVPRESS_PRESSES = ["streaming_llm", "snapkv", "tova", "knorm", "expected_attention"]
@@ -65,9 +66,11 @@ def calibrated(strategy: str, fraction: float, model, tokenizer, length: int) ->
     return f"{member}:ratio={ratio * fraction * measured['full'] / measured[strategy]:.4f}"
 
 
-def write_prompts(config: ReportConfig, tokenizer, path: Path) -> None:
-    """The token ids every case of the grid feeds the model, for a peer toolkit to run on the same prompts."""
+def write_prompts(config: ReportConfig, tokenizer, path: Path, meta: dict) -> None:
+    """The token ids every case of the grid feeds the model, for a peer toolkit to run on the same prompts; the first
+    line is the provenance."""
     with path.open("w") as f:
+        f.write(json.dumps({"meta": meta}) + "\n")
         for task in config.tasks:
             for length in config.lengths:
                 for depth in depths(config.depths):
@@ -200,11 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     command = ["python", "experiments/bench_eviction.py", *(argv if argv is not None else sys.argv[1:])]
     if records.is_file():  # resume: the grid (and its calibrated budgets) is the one the records were made with
         config = ReportConfig.from_dict(RecordStore(records).meta["config"])
-        fractions = json.loads((out / "budgets.json").read_text())
+        fractions = json.loads((out / "budgets.json").read_text())["budgets"]
     else:
         config, fractions = grid(args)
-        (out / "budgets.json").write_text(json.dumps(fractions, indent=1) + "\n")
-        write_prompts(config, load_model("default")[1], out / "prompts.jsonl")
+        meta = provenance(config.model, config.device, command)
+        (out / "budgets.json").write_text(json.dumps({"meta": meta, "budgets": fractions}, indent=1) + "\n")
+        write_prompts(config, load_model("default")[1], out / "prompts.jsonl", meta)
     run_report(config, out, resume=records.is_file(), command=command)
     write_summary(out, fractions, command)
 

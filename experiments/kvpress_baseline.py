@@ -95,6 +95,8 @@ def load_prompts(path: Path, limit: int | None) -> list[dict]:
         if not line.strip():
             continue
         row = json.loads(line)
+        if "meta" in row:  # the provenance line bench_eviction.py writes first
+            continue
         if missing := need - row.keys():
             sys.exit(f"{path}:{n}: missing fields {sorted(missing)}")
         if len(row["question_ids"]) < 1 or len(row["context_ids"]) < 1:
@@ -112,7 +114,7 @@ def git_state() -> dict:
 
 def meta(args: argparse.Namespace) -> dict:
     """The provenance line written before the first record of a new file."""
-    return {"argv": sys.argv, "kvpress": version("kvpress"), "transformers": transformers.__version__,
+    return {"command": " ".join(["python", *sys.argv]), "argv": sys.argv, "kvpress": version("kvpress"), "transformers": transformers.__version__,
             "torch": torch.__version__, "model": args.model, "device": args.device, "dtype": args.dtype,
             "attn_implementation": args.attn, "max_new_tokens": args.max_new_tokens,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **git_state()}
