@@ -40,6 +40,7 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
     model_config = load_config(config.model)
     dtype = parse_dtype(config.kv_dtype)
     full_at_scale = expected_kv_bytes(model_config, "full", config.context, config.sessions, dtype)
+    skipped = next((r["reason"] for r in records if r.get("outcome") == "skipped"), None)  # the run skipped recall
     rows = []
     for strategy, question in ((s, q) for s in config.strategies for q in config.questions):
         spec = parse_strategy(strategy)
@@ -72,7 +73,7 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
             "needle_survival": _mean([r.get("needle_survival") for r in mine]),
             "peak_kv_bytes": _mean([r.get("peak_kv_bytes") for r in at_longest]),
             "measured_length": longest if recall else latency_length,
-            "skipped": next((r["reason"] for r in records if r.get("outcome") == "skipped"), None),
+            "skipped": skipped,
             "kv_bytes": device_bytes,
             "hbm_saved_pct": 100 * (1 - device_bytes / full_bytes) if device_bytes is not None and full_bytes else None,
             "hbm_saved_gb": (full_bytes - device_bytes) / GB if device_bytes is not None and full_bytes else None,
