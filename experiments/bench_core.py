@@ -1,5 +1,10 @@
-"""Core benchmark: resident KV bytes and decode latency per strategy, against transformers' DynamicCache in the
-same process. Writes results/core/bench_core.json and .md.
+"""Core benchmark: resident KV bytes and decode latency per strategy, against transformers' DynamicCache and
+QuantizedCache (quanto int4) in the same process. Writes results/core/bench_core.json and .md.
+
+A quantizing strategy reads its history as make_cache chooses by default (CPU: decoded to the model dtype every step,
+as QuantizedCache does, then torch's fused attention; CUDA: the Triton kernel over the codes); a name ending in
+" fused" or " unfused" forces one way. Targets (issue 12): our
+`full` <= 1.02x DynamicCache; int8 and fp8 <= 1.10x our `full`.
 
     python experiments/bench_core.py [--model default] [--lengths 1024,4096] [--steps 48] [--rounds 3]
 
@@ -10,13 +15,14 @@ Decode ms/token is the median over `rounds` interleaved passes (strategy order r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, QuantizedCache
 
 import kvcompress
 from kvcompress.evals import reference_text, text_ids
@@ -24,13 +30,26 @@ from kvcompress.evals.latency import percentile, time_generation
 from kvcompress.provenance import provenance, provenance_lines
 from kvcompress.strategy import split_strategies
 
-STRATEGIES = ["full", "int8", "fp8", "int4", "int8:residual=128", "window:window=512", "sink:sinks=4,window=508",
-              "sink:sinks=4,window=508+int8"]
-BASELINE = "DynamicCache"
+STRATEGIES = ["full", "int8", "int8 fused", "fp8", "fp8 fused", "int4", "int4 fused", "nf4", "int8:residual=128",
+              "window:window=512", "sink:sinks=4,window=508", "sink:sinks=4,window=508+int8"]
+BASELINE, QUANTO = "DynamicCache", "QuantizedCache(quanto int4)"
+FORCED = {" fused": True, " unfused": False}
+TARGETS = [("full", BASELINE, 1.02), ("int8", "full", 1.10), ("fp8", "full", 1.10)]
 
 
 def make(model, name):
-    return DynamicCache(config=model.config) if name == BASELINE else kvcompress.make_cache(model, name)
+    if name == BASELINE:
+        return DynamicCache(config=model.config)
+    if name == QUANTO:  # transformers' own quantized cache: int4, group 64, the last 128 tokens in the model dtype
+        return QuantizedCache(backend="quanto", config=model.config, nbits=4)
+    for suffix, fused in FORCED.items():
+        if name.endswith(suffix):
+            return kvcompress.make_cache(model, name.removesuffix(suffix), fused=fused)
+    return kvcompress.make_cache(model, name)
+
+
+def has_quanto() -> bool:
+    return importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
 
 
 def main() -> None:
@@ -48,7 +67,10 @@ def main() -> None:
 
     meta = provenance(args.model, args.device, ["python", "experiments/bench_core.py", *sys.argv[1:]])
     model, tokenizer = kvcompress.load_model(args.model, dtype=args.dtype, device=args.device)
-    names = [BASELINE, *split_strategies(args.strategies)]
+    baselines = [BASELINE, QUANTO] if has_quanto() else [BASELINE]  # quanto: pip install optimum-quanto
+    if not has_quanto():
+        print("optimum-quanto is not installed: no QuantizedCache row", file=sys.stderr)
+    names = [*baselines, *split_strategies(args.strategies)]
     token_ids = tokenizer(reference_text(), return_tensors="pt").input_ids[0] if tokenizer else None
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
@@ -64,8 +86,9 @@ def main() -> None:
                 timing = time_generation(model, ids, cache, args.steps)
                 samples[name]["decode_s"] += timing["decode_s"][args.warmup:]
                 samples[name]["ttft_s"].append(timing["ttft_s"])
-                if name != BASELINE:
-                    kv[name] = (sum(cache.kv_bytes().values()), cache.stored_tokens(), cache.get_seq_length())
+                if hasattr(cache, "kv_bytes"):
+                    reads = "fused" if cache.fused else "-" if cache.spec.codec.lossless else "decoded"
+                    kv[name] = (sum(cache.kv_bytes().values()), cache.stored_tokens(), cache.get_seq_length(), reads)
                 del cache
             print(f"length {length}: round {round_ + 1}/{args.rounds} done", file=sys.stderr)
         base_ms = statistics.median(samples[BASELINE]["decode_s"]) * 1e3
@@ -80,35 +103,56 @@ def main() -> None:
                 "ttft_s": round(statistics.median(samples[name]["ttft_s"]), 4),
             }
             if name in kv:
-                resident, stored, seen = kv[name]
+                resident, stored, seen, reads = kv[name]
                 row.update(kv_bytes=resident, stored_tokens=stored, seen_tokens=seen,
-                           saved_vs_full=round(1 - resident / full_bytes, 4))
+                           saved_vs_full=round(1 - resident / full_bytes, 4), history_read=reads)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta.update(steps=args.steps, warmup=args.warmup, rounds=args.rounds)
-    (out / "bench_core.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (out / "bench_core.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    meta.update(steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
+    verdicts = targets(rows)
+    (out / "bench_core.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets": verdicts}, indent=1) + "\n")
+    (out / "bench_core.md").write_text(markdown(meta, rows, verdicts))
+    print(markdown(meta, rows, verdicts))
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
+def targets(rows: list[dict]) -> list[dict]:
+    """Each target's measured ratio per context: decode ms/token of the strategy over its reference's."""
+    ms = {(r["context"], r["strategy"]): r["decode_ms_p50"] for r in rows}
+    verdicts = []
+    for context in sorted({r["context"] for r in rows}):
+        for strategy, reference, limit in TARGETS:
+            if (context, strategy) in ms and (context, reference) in ms:
+                ratio = ms[context, strategy] / ms[context, reference]
+                verdicts.append({"context": context, "strategy": strategy, "reference": reference, "limit": limit,
+                                 "ratio": round(ratio, 3), "met": ratio <= limit})
+    return verdicts
+
+
+def markdown(meta: dict, rows: list[dict], verdicts: list[dict]) -> str:
     lines = [
         "# Core benchmark: resident KV and decode latency vs transformers DynamicCache",
         "",
         *provenance_lines(meta),
-        f"- decode: median over {meta['rounds']} interleaved passes x {meta['steps'] - meta['warmup']} timed steps",
+        f"- decode: median over {meta['rounds']} interleaved passes x {meta['steps'] - meta['warmup']} timed steps; "
+        f"torch CPU capability {meta.get('cpu_capability', '?')}, {meta.get('threads', '?')} threads",
         "",
-        "| context | strategy | resident KV MiB | saved vs full | decode ms/token p50 | p95 | vs DynamicCache | TTFT s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| context | strategy | encoded history | resident KV MiB | saved vs full | decode ms/token p50 | p95 | "
+        "vs DynamicCache | TTFT s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kv = f"{r['kv_bytes'] / 2**20:.2f}" if "kv_bytes" in r else "-"
         saved = f"{r['saved_vs_full']:.1%}" if "saved_vs_full" in r else "-"
-        lines.append(f"| {r['context']} | {r['strategy']} | {kv} | {saved} | {r['decode_ms_p50']:.2f} | "
+        lines.append(f"| {r['context']} | {r['strategy']} | {r.get('history_read', 'decoded')} | {kv} | {saved} | {r['decode_ms_p50']:.2f} | "
                      f"{r['decode_ms_p95']:.2f} | {r['vs_dynamic_cache']:.3f} | {r['ttft_s']:.3f} |")
+    if verdicts:
+        lines += ["", "## Targets", "", "| context | strategy | over | limit | measured | met |", "|---|---|---|---|---|---|"]
+        lines += [f"| {v['context']} | {v['strategy']} | {v['reference']} | {v['limit']:.2f}x | {v['ratio']:.3f}x | "
+                  f"{'yes' if v['met'] else 'no'} |" for v in verdicts]
     return "\n".join(lines) + "\n"
 
 

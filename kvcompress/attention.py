@@ -98,6 +98,17 @@ def new_token_valid(attention_mask, batch: int, q: int, device) -> torch.Tensor:
     return valid.expand(batch, q).to(device)
 
 
+def mask_visible(attention_mask, batch: int, q: int, kv: int, device) -> torch.Tensor:
+    """[batch, 1, q, kv] bool: which of the last kv keys each of the step's q queries sees, from the model's own mask
+    (bool: True; additive: 0), or causal where the model passed none (sdpa's is_causal path)."""
+    if not isinstance(attention_mask, torch.Tensor):
+        causal = torch.ones(q, kv, dtype=torch.bool, device=device).tril(kv - q)
+        return causal.expand(batch, 1, q, kv)
+    block = attention_mask[:, :1, -q:, -kv:]
+    visible = block if block.dtype == torch.bool else block == 0
+    return visible.expand(batch, 1, q, kv).to(device)
+
+
 def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
                       scaling: float, softcap: float | None = None, weights: bool = False):
     """Attention of query [b, hq, q, d] over keys/values [b, h, s, d] (h KV heads shared by hq/h query heads each),

@@ -19,14 +19,17 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .accounting import kv_sizer
-from .attention import grouped_attention, hand_over, new_token_valid, route
+from .attention import grouped_attention, hand_over, mask_visible, new_token_valid, route
 from .codecs import Codec
 from .dtypes import parse_dtype
 from .geometry import decoder_config, head_dim
+from .kernels.decode import CHUNK, attend_encoded, supports
 from .retention import RETENTIONS, Retention
 from .retention.base import Kept, RetentionView
 from .strategy import StrategySpec, parse_strategy
 from .tiers import DevicePart, Part, Store, merge_bytes, no_tokens, take_tokens
+
+FUSED_QUERIES = 16  # steps of at most this many queries attend over encoded KV directly; longer ones decode it
 
 
 def _split_keep(keep: slice | torch.Tensor, n_encoded: int, stored: int):
@@ -52,11 +55,12 @@ class KVLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, retention: Retention, codec: Codec, store: Store, kv_dtype: torch.dtype | None = None,
-                 layer_idx: int = 0, layers: int = 1, prefill_chunk: int | None = None):
+                 layer_idx: int = 0, layers: int = 1, prefill_chunk: int | None = None, fused: bool = False):
         super().__init__()
         self.retention, self.codec, self.store = retention, codec, store
         self.kv_dtype = kv_dtype  # the dtype K/V are stored in (None: as they arrive); attention gets its own back
         self.layer_idx, self.layers, self.prefill_chunk = layer_idx, layers, prefill_chunk
+        self.fused = fused and not codec.lossless  # decode steps attend over the codes (the model is routed)
         self.seen = 0  # tokens seen (what positions and the query offset derive from), not tokens stored
         self.encoded_k: dict[str, Part] = {}
         self.encoded_v: dict[str, Part] = {}
@@ -120,12 +124,10 @@ class KVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.next_layer is not None:
             self.next_layer.prefetch()
-        if self.retention.seam:
+        if self.retention.seam or (self.fused and self.encoded_k and key_states.shape[2] <= FUSED_QUERIES):
             self._stash = (key_states, value_states, compute)
             hand_over(self, key_states)
             return key_states, value_states
-        seen_before = self.seen
-        self.seen += key_states.shape[2]
         if self.encoded_k:
             keys = self._with_history(self.encoded_k, self.recent_k, key_states, compute)
             values = self._with_history(self.encoded_v, self.recent_v, value_states, compute)
@@ -134,10 +136,18 @@ class KVLayer(CacheLayerMixin):
         else:  # nothing encoded: what attention sees is exactly what is stored
             keys, values = self.recent_k.extend(key_states), self.recent_v.extend(value_states)
             keys, values = keys.to(compute), values.to(compute)
+        self._store_plain(key_states, kwargs)
+        shares_storage = self.codec.lossless and not self.store.offloads and keys.dtype == self.dtype
+        self._end_step(0 if shares_storage else keys.nbytes + values.nbytes)  # else decoded/widened copies
+        return keys, values
+
+    def _store_plain(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """A positional retention's bookkeeping once the step's tokens are appended: positions, eviction, encoding."""
+        seen_before = self.seen
+        self.seen += key_states.shape[2]
         if self.positions is not None:
             new = torch.arange(seen_before, self.seen, dtype=torch.int32, device=self.device)
             self.positions = torch.cat([self.positions, new.expand(self.positions.shape[0], -1)], dim=1)
-
         if self._due():
             view = RetentionView(self.seen, self.stored, self.positions, self._left_padding(kwargs), self.layer_idx,
                                  self.layers)
@@ -145,9 +155,6 @@ class KVLayer(CacheLayerMixin):
         if not self.codec.lossless:
             self._encode_overflow()
         self.steps += 1
-        shares_storage = self.codec.lossless and not self.store.offloads and keys.dtype == self.dtype
-        self._end_step(0 if shares_storage else keys.nbytes + values.nbytes)  # else decoded/widened copies
-        return keys, values
 
     def _due(self) -> bool:
         return self.retention.due(self.stored, self.seen, self.layer_idx, self.layers, self.steps,
@@ -170,12 +177,20 @@ class KVLayer(CacheLayerMixin):
         new_k, new_v, compute = self._stash
         self._stash = None
         batch, q = query.shape[0], query.shape[2]
+        softcap = kwargs.get("softcap")
+        if not self.retention.seam:  # a fused decode step of a positional retention: the model's mask applies
+            visible = mask_visible(attention_mask, batch, q, self.stored + q, self.device)
+            out, transient = self._attend_encoded(query, new_k, new_v, visible, scaling, softcap, compute)
+            self.recent_k.append(new_k)
+            self.recent_v.append(new_v)
+            self._store_plain(new_k, kwargs)
+            self._end_step(transient)
+            return out
         position_ids = kwargs.get("position_ids")
         if position_ids is None or position_ids.shape != (batch, q):
             position_ids = torch.arange(self.seen, self.seen + q, device=self.device).expand(batch, q)
         valid = new_token_valid(attention_mask, batch, q, self.device)
         positions = position_ids.to(self.device, torch.int32).masked_fill(~valid, -1)
-        softcap = kwargs.get("softcap")
         chunk = self.prefill_chunk or q
         outputs = []
         for start in range(0, q, chunk):
@@ -187,26 +202,50 @@ class KVLayer(CacheLayerMixin):
 
     def _attend_chunk(self, query, new_k, new_v, new_positions, scaling, softcap, compute) -> torch.Tensor:
         batch, heads, n = new_k.shape[:3]
-        if self.encoded_k:
-            keys = self._with_history(self.encoded_k, self.recent_k, new_k, compute)
-            values = self._with_history(self.encoded_v, self.recent_v, new_v, compute)
-        else:
-            keys = torch.cat([self.recent_k.read(), new_k], dim=2).to(compute)
-            values = torch.cat([self.recent_v.read(), new_v], dim=2).to(compute)
         held = (self.positions >= 0)[:, :, None, :].expand(batch, heads, n, self.stored)
         causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
         step = (causal & (new_positions >= 0)[:, None, None, :]) | torch.eye(n, dtype=torch.bool, device=self.device)
         visible = torch.cat([held, step.expand(batch, heads, n, n)], dim=-1)
         needs = self.retention.needs
-        out, probs = grouped_attention(query, keys, values, visible, scaling, softcap,
-                                       weights="attention" in needs or "mass" in needs)
+        weights = "attention" in needs or "mass" in needs
+        if weights or not (self.fused and self.encoded_k and n <= FUSED_QUERIES):
+            keys, values = self._history_and(new_k, new_v, compute)
+            out, probs = grouped_attention(query, keys, values, visible, scaling, softcap, weights=weights)
+            transient = keys.nbytes + values.nbytes + (probs.nbytes if probs is not None else 0)
+        else:
+            (out, transient), probs = self._attend_encoded(query, new_k, new_v, visible, scaling, softcap, compute), None
         attention = probs.mean(dim=2) if probs is not None else None  # pooled over the query heads of a KV head
         if self.capture_rows:
             self.captured = attention[:, :, -self.capture_rows:]
         mass = None if attention is None else attention.sum(dim=2)
         self._store_step(new_k, new_v, new_positions, attention, mass, compute)
-        self._end_step(keys.nbytes + values.nbytes + (probs.nbytes if probs is not None else 0))
+        self._end_step(transient)
         return out
+
+    def _history_and(self, new_k: torch.Tensor, new_v: torch.Tensor, compute: torch.dtype):
+        """[every stored token decoded | the step's], K and V, in the compute dtype."""
+        if self.encoded_k:
+            return (self._with_history(self.encoded_k, self.recent_k, new_k, compute),
+                    self._with_history(self.encoded_v, self.recent_v, new_v, compute))
+        return (torch.cat([self.recent_k.read(), new_k], dim=2).to(compute),
+                torch.cat([self.recent_v.read(), new_v], dim=2).to(compute))
+
+    def _attend_encoded(self, query, new_k, new_v, visible, scaling, softcap, compute) -> tuple[torch.Tensor, int]:
+        """Attention over [encoded | recent | step] read from the codes (visible [b, h or 1, q, stored + q]), without
+        decoding the history; softcapped attention (Gemma 2) decodes it. Returns the output and the transient bytes."""
+        if softcap is not None:
+            keys, values = self._history_and(new_k, new_v, compute)
+            return grouped_attention(query, keys, values, visible, scaling, softcap)[0], keys.nbytes + values.nbytes
+        n_encoded = self.n_encoded
+        tail_k = torch.cat([self.recent_k.read(), new_k], dim=2).to(compute)
+        tail_v = torch.cat([self.recent_v.read(), new_v], dim=2).to(compute)
+        packed_k = {name: part.read() for name, part in self.encoded_k.items()}
+        packed_v = {name: part.read() for name, part in self.encoded_v.items()}
+        out = attend_encoded(query, self.codec, packed_k, packed_v, visible[:, :, -1, :n_encoded], tail_k, tail_v,
+                             visible[..., n_encoded:], scaling)
+        batch, heads, _, dim = new_k.shape
+        decoded_chunk = 2 * batch * heads * min(CHUNK, n_encoded) * dim * 4  # float32 K and V of one chunk
+        return out, decoded_chunk + tail_k.nbytes + tail_v.nbytes
 
     def restore(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None,
                 mass: torch.Tensor | None, compute: torch.dtype, transient_bytes: int = 0) -> None:
@@ -368,7 +407,7 @@ class KVLayer(CacheLayerMixin):
         self.close()
         next_layer, on_step = self.next_layer, self.on_step  # reset keeps the wiring the cache gave the layer
         self.__init__(self.retention, self.codec, self.store, self.kv_dtype, self.layer_idx, self.layers,
-                      self.prefill_chunk)
+                      self.prefill_chunk, self.fused)
         self.next_layer, self.on_step = next_layer, on_step
 
     def offload(self):
@@ -380,10 +419,11 @@ class KVCache(Cache):
     to release offload files and pinned blocks now rather than at garbage collection."""
 
     def __init__(self, spec: StrategySpec, num_layers: int, planned_bytes: int = 0, offload_dir: str | None = None,
-                 kv_dtype: torch.dtype | None = None, prefill_chunk: int | None = None):
+                 kv_dtype: torch.dtype | None = None, prefill_chunk: int | None = None, fused: bool = False):
         self.spec, self.kv_dtype = spec, kv_dtype
+        self.fused = fused and not spec.codec.lossless  # whether decode steps attend over the codes
         self.store = spec.tier.open(planned_bytes, offload_dir)
-        layers = [KVLayer(spec.retention, spec.codec, self.store, kv_dtype, i, num_layers, prefill_chunk)
+        layers = [KVLayer(spec.retention, spec.codec, self.store, kv_dtype, i, num_layers, prefill_chunk, fused)
                   for i in range(num_layers)]
         super().__init__(layers=layers)
         self.peak_bytes = 0  # most KV bytes held at once: resident in every layer plus the step's transient copies
@@ -433,6 +473,7 @@ def make_cache(
     max_tokens: int | None = None,
     batch_size: int = 1,
     prefill_chunk: int | None = None,
+    fused: bool | None = None,
 ) -> KVCache:
     """A fresh cache for one generation: `model.generate(**inputs, cache=make_cache(model, "sink+int8"))`.
 
@@ -441,7 +482,12 @@ def make_cache(
     puts its file (default: the system temporary directory; strategies without a disk tier write no file).
     max_tokens, batch_size: the most KV the cache will hold, which the disk tier checks for room before generation
     starts (default: the model's context). prefill_chunk: a score-based retention prefills prompts this many tokens
-    at a time, evicting between chunks, so the KV a prompt holds stays within budget + chunk.
+    at a time, evicting between chunks, so the KV a prompt holds stays within budget + chunk. fused: decode steps of
+    a quantizing codec attend over the codes instead of decoding the history every step (the Triton kernel on CUDA for
+    int8/fp8/int4, a chunked torch path elsewhere); None (default): where the Triton kernel runs and the model's
+    attention can be routed through the seam (a model, not a config; no sliding-window or softcapped attention); on
+    CPU the chunked path is slower than decoding into torch's fused attention (results/core), so None decodes there.
+    True: fused anywhere (or an error), False: always decode.
 
     A score-based retention (h2o, snapkv, ...) routes the model's attention through the kvcompress seam, so pass
     the model, not its config; the model's own attention still serves every call without a kvcompress cache.
@@ -453,16 +499,32 @@ def make_cache(
         if not spec.retention.seam:
             raise ValueError(f"prefill_chunk needs a score-based retention ({', '.join(seam_retentions())}); "
                              f"{spec.retention.name!r} already evicts before each step's attention")
-    if spec.retention.seam:
-        route(model_or_config)
     config = decoder_config(model_or_config)
+    if fused not in (None, True, False):
+        raise ValueError(f"fused must be None (where the model allows), True or False, got {fused!r}")
+    if spec.codec.lossless:
+        fused = False
+    elif fused is None:
+        device = getattr(model_or_config, "device", None)
+        fused = (getattr(device, "type", None) == "cuda" and supports(spec.codec, head_dim(config))
+                 and _routable(model_or_config, config))
+    if spec.retention.seam or fused:
+        route(model_or_config)
     kv_dtype = parse_dtype(kv_dtype, "kv_dtype") or getattr(model_or_config, "kv_dtype", None)
     model_dtype = getattr(model_or_config, "dtype", None)
     stored_dtype = kv_dtype or (model_dtype if isinstance(model_dtype, torch.dtype) else None)
     spec.codec.check(head_dim(config), stored_dtype or torch.float32)
     tokens = max_tokens or getattr(config, "max_position_embeddings", None) or 4096
     planned = kv_sizer(config, spec, stored_dtype).bytes(tokens, batch_size)
-    return KVCache(spec, config.num_hidden_layers, planned, offload_dir, kv_dtype, prefill_chunk)
+    return KVCache(spec, config.num_hidden_layers, planned, offload_dir, kv_dtype, prefill_chunk, fused)
+
+
+def _routable(model: Any, config: Any) -> bool:
+    """Whether fused decode can take the model's attention: a transformers model dispatching through
+    AttentionInterface whose layers neither slide a window nor softcap their logits."""
+    return (getattr(model, "_supports_attention_backend", False) and hasattr(model, "set_attn_implementation")
+            and getattr(config, "sliding_window", None) is None
+            and getattr(config, "attn_logit_softcapping", None) is None)
 
 
 def seam_retentions() -> list[str]:

@@ -1,0 +1,186 @@
+"""Fused decode over encoded KV: the chunked torch path and the Triton kernel (interpreted on CPU, compiled on a GPU)
+equal dequantise-then-attend, and a cache decoding fused generates what the decoding one does while never holding
+the decoded history."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvcompress import make_cache, parse_strategy
+from kvcompress.attention import grouped_attention
+from kvcompress.kernels.decode import attend_encoded, supports
+
+from .conftest import left_padded, tiny_model
+
+CODECS = ["int8", "int8:group=16", "fp8", "fp8:format=e5m2,group=32", "int4", "int4:group=16", "nf4", "fp4"]
+KERNEL_CODECS = ["int8", "int8:group=16", "fp8", "fp8:format=e5m2,group=32", "int4", "int4:group=16"]
+
+
+def _case(codec_name, batch=2, kv_heads=2, group=2, q=1, n=150, tail=5, dim=64, seed=0, per_head=False,
+          device="cpu"):
+    """Query, encoded history with its decoded twin, a model-dtype tail and the masks of a left-padded batch (row 0
+    has 11 pad tokens; per_head: heads hold different tokens, as a score-based retention leaves them)."""
+    gen = torch.Generator().manual_seed(seed)
+    codec = parse_strategy(f"full+{codec_name}").codec
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    query = randn(batch, kv_heads * group, q, dim)
+    keys, values = randn(batch, kv_heads, n, dim), randn(batch, kv_heads, n, dim)
+    keys[..., 3] *= 10  # an outlier channel, as real keys have
+    packed_k, packed_v = codec.encode(keys), codec.encode(values)
+    decoded_k = codec.decode(packed_k, torch.empty_like(keys))
+    decoded_v = codec.decode(packed_v, torch.empty_like(values))
+    tail_k, tail_v = randn(batch, kv_heads, tail + q, dim), randn(batch, kv_heads, tail + q, dim)
+    valid = torch.ones(batch, kv_heads if per_head else 1, n, dtype=torch.bool, device=device)
+    valid[0, :, :11] = False
+    if per_head:
+        valid[:, -1, 40:70] = False
+    causal = torch.ones(q, tail + q, dtype=torch.bool, device=device).tril(tail)
+    tail_visible = causal.expand(batch, 1, q, tail + q)
+    return codec, query, packed_k, packed_v, decoded_k, decoded_v, valid, tail_k, tail_v, tail_visible
+
+
+def _reference(query, decoded_k, decoded_v, valid, tail_k, tail_v, tail_visible):
+    batch, heads, n = decoded_k.shape[0], decoded_k.shape[1], decoded_k.shape[2]
+    q = query.shape[2]
+    visible = torch.cat([valid[:, :, None].expand(batch, heads, q, n), tail_visible.expand(batch, heads, q, -1)], -1)
+    out, _ = grouped_attention(query, torch.cat([decoded_k, tail_k], 2), torch.cat([decoded_v, tail_v], 2), visible,
+                               0.125, weights=True)
+    return out
+
+
+@pytest.mark.parametrize("codec_name", CODECS)
+@pytest.mark.parametrize("group, q, per_head", [(1, 1, False), (2, 1, True), (4, 3, False)])
+def test_torch_path_equals_dequantize_then_attend(codec_name, group, q, per_head):
+    codec, query, pk, pv, dk, dv, valid, tk, tv, tvis = _case(codec_name, group=group, q=q, per_head=per_head)
+    expected = _reference(query, dk, dv, valid, tk, tv, tvis)
+    for chunk in (32, 1000):  # several chunks, and one
+        out = attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="torch", chunk=chunk)
+        torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_a_row_that_sees_nothing_attends_to_nothing():
+    codec, query, pk, pv, dk, dv, valid, tk, tv, tvis = _case("int8")
+    valid[1] = False
+    tvis = tvis.clone()
+    tvis[1] = False
+    out = attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="torch", chunk=64)
+    assert out[1].abs().max() == 0 and torch.isfinite(out).all()
+
+
+@pytest.fixture(scope="module")
+def triton_decode():
+    """The kernel module and the device its tests run on: compiled on a GPU; on CPU, run by Triton's interpreter when
+    this process started under TRITON_INTERPRET=1 (triton reads it at import, which transformers already did)."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' installs it)")
+    if torch.cuda.is_available():
+        return importlib.import_module("kvcompress.kernels.triton_decode"), "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU: the kernel runs under TRITON_INTERPRET=1 in a process of its own "
+                    "(test_triton_kernel_under_the_interpreter)")
+    return importlib.import_module("kvcompress.kernels.triton_decode"), "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the kernel tests run in this process (GPU, or already interpreted)")
+def test_triton_kernel_under_the_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' installs it)")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
+                          f"{__file__}::test_triton_kernel_equals_the_torch_path"],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert f"{len(KERNEL_CODECS) * 2} passed" in run.stdout
+
+
+@pytest.mark.parametrize("codec_name", KERNEL_CODECS)
+@pytest.mark.parametrize("group, q, per_head, dim", [(1, 1, False, 64), (4, 2, True, 16)])
+def test_triton_kernel_equals_the_torch_path(triton_decode, codec_name, group, q, per_head, dim):
+    module, device = triton_decode
+    codec, query, pk, pv, dk, dv, valid, tk, tv, tvis = _case(codec_name, group=group, q=q, per_head=per_head,
+                                                              n=200, dim=dim, device=device)
+    expected = attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="torch")
+    out = attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="triton")
+    # on a GPU tl.dot multiplies float32 in TF32 (10-bit mantissa); the interpreter multiplies in float32
+    tolerance = dict(atol=2e-2, rtol=2e-2) if device == "cuda" else dict(atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out, expected, **tolerance)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 kernel numerics are checked on a GPU only")
+def test_triton_kernel_in_bfloat16_on_gpu(triton_decode):
+    codec, query, pk, pv, dk, dv, valid, tk, tv, tvis = _case("int8", group=4, n=4096, dim=128, device="cuda")
+    expected = _reference(query, dk, dv, valid, tk, tv, tvis)
+    out = attend_encoded(query.bfloat16(), codec, pk, pv, valid, tk.bfloat16(), tv.bfloat16(), tvis, 0.125,
+                         backend="triton")
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_triton_backend_refuses_what_it_cannot_read():
+    codec, query, pk, pv, dk, dv, valid, tk, tv, tvis = _case("nf4")
+    assert not supports(codec, 64) and not supports(parse_strategy("int8").codec, 48)
+    with pytest.raises(ValueError, match="triton decode kernel reads int8, fp8 and int4"):
+        attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, triton"):
+        attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="cuda")
+
+
+# -- in the cache ---------------------------------------------------------------------------------------------------
+def _generate(model, strategy, fused, ids, mask, **kwargs):
+    cache = make_cache(model, strategy, fused=fused)
+    out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=16, min_new_tokens=16,
+                         do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kwargs)
+    return out, cache
+
+
+@pytest.mark.parametrize("strategy", ["int8", "fp8:group=8", "int4:residual=8",
+                                      "sink:sinks=4,window=24+int8", "window:window=20+int4:group=8",
+                                      "knorm:budget=24,window=8+int8:residual=8", "full+int8+host"])
+def test_fused_cache_generates_what_the_decoding_one_does(tiny, strategy):
+    ids, mask = left_padded([40, 27])
+    plain, plain_cache = _generate(tiny, strategy, False, ids, mask)
+    fused, fused_cache = _generate(tiny, strategy, True, ids, mask)
+    assert fused_cache.fused and not plain_cache.fused
+    assert torch.equal(fused.sequences, plain.sequences)
+    torch.testing.assert_close(torch.stack(fused.scores), torch.stack(plain.scores), atol=1e-4, rtol=1e-4)
+    assert fused_cache.kv_bytes() == plain_cache.kv_bytes()
+    fused_cache.close()
+    plain_cache.close()
+
+
+def test_fused_cache_under_beam_search(tiny):
+    ids, mask = left_padded([30, 22])
+    plain, _ = _generate(tiny, "int8", False, ids, mask, num_beams=3)
+    fused, _ = _generate(tiny, "int8", True, ids, mask, num_beams=3)
+    assert torch.equal(fused.sequences, plain.sequences)
+
+
+def test_fused_decode_never_holds_the_decoded_history():
+    model = tiny_model()
+    ids = torch.randint(3, 512, (1, 2000), generator=torch.Generator().manual_seed(0))
+    peaks = {}
+    for fused in (False, True):
+        with make_cache(model, "int8", fused=fused) as cache, torch.no_grad():
+            model(input_ids=ids, cache=cache)
+            cache.peak_bytes = 0  # the prefill step decodes nothing (nothing is encoded yet); decode steps count
+            for token in range(3, 8):
+                model(input_ids=torch.tensor([[token]]), cache=cache)
+            peaks[fused] = cache.peak_bytes - sum(cache.kv_bytes().values())
+    decoded_history = 2 * 2 * 2000 * 16 * 4  # K and V, 2 heads, 2,000 tokens, head_dim 16, float32: one layer's
+    assert peaks[False] >= decoded_history
+    assert peaks[True] < decoded_history * 0.6  # one 1,024-token chunk and the residual
+
+
+def test_fused_where_the_model_allows(tiny):
+    assert make_cache(tiny, "int8").fused == torch.cuda.is_available()  # CPU: decoding into sdpa is faster
+    assert make_cache(tiny, "int8", fused=True).fused
+    assert not make_cache(tiny, "full", fused=True).fused  # nothing to decode
+    assert not make_cache(tiny.config, "int8").fused  # a config cannot be routed: decoded as before
+    with pytest.raises(ValueError, match="pass the model to make_cache"):
+        make_cache(tiny.config, "int8", fused=True)
+    with pytest.raises(ValueError, match="fused must be None"):
+        make_cache(tiny, "int8", fused="yes")
