@@ -175,13 +175,14 @@ class Harness:
         self._sync_peak()
         with make_cache(self.model, strategy) as cache:
             timing = time_generation(self.model, self._text_ids(length), cache, steps)
-            kv_bytes_final = cache.kv_bytes()
+            kv_bytes_final, fused = cache.kv_bytes(), cache.fused
         decode = timing["decode_s"][warmup:]
         p50 = statistics.median(decode)
         record = {"ttft_s": timing["ttft_s"], "decode_ms_p50": p50 * 1e3,
                   "decode_ms_p95": percentile(decode, 95) * 1e3, "tokens_per_s": 1 / p50,
                   "decode_ms": [round(1e3 * s, 4) for s in decode],  # every step: the spread verdicts are judged on
-                  "peak_device_bytes": self._peak(), "kv_bytes_final": kv_bytes_final}
+                  "peak_device_bytes": self._peak(), "kv_bytes_final": kv_bytes_final,
+                  "fused_decode": fused}  # whether decode steps attended over the codes (make_cache's fused)
         if timing["transfer"]:  # offloading tiers: what one decode step moves, and how long the host waited for it
             per_step = {key: value / steps for key, value in timing["transfer"].items()}
             busy = per_step["transfer_s"] + per_step["disk_s"]

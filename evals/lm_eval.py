@@ -1,8 +1,8 @@
 """lm-evaluation-harness glue: the model `kvcompress` (any `load_model` spec under any strategy) and the recall tasks
 as lm-eval tasks (`kvc_passkey`, `kvc_multikey`, `kvc_vartrack`, `kvc_multiturn`).
 
-lm-eval 0.4.13 finds a model only once its module is imported, so `kvcompress lm-eval ...` imports this module,
-makes TaskManager include our task directory, then hands the arguments to lm-eval's own CLI.
+lm-eval 0.4.13 finds a model only once its module is imported, so `kvcompress lm-eval ...` imports this module, adds
+our task directory as lm-eval's --include_path, then hands the arguments to lm-eval's own CLI.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
 
 from ..cache import make_cache
 from ..dtypes import dtype_name
-from ..models import _pretrained_source, load_model
+from ..models import _pretrained_source, default_model_dir, load_model
 from ..strategy import AXES, parse_strategy
 from ..units import parse_token_list
 from .tasks import TASKS, make_case, render, score
@@ -86,7 +86,8 @@ class KVCompressLM(HFLM):
     def __init__(self, pretrained: str = "default", strategy: str = "full", dtype: str | None = None,
                  kv_dtype: str | None = None, device: str | None = None, batch_size: int | str = 1,
                  requests_file: str | None = None, offload_dir: str | None = None, weights: str | None = None,
-                 **kwargs: Any):
+                 tokenizer: str | None = None, **kwargs: Any):
+        # tokenizer: read by lm-eval's synthetic tasks (RULER) to size their prompts; the model uses its own
         strategy_parts = [str(strategy)]
         for key in [k for k in kwargs if k in _STRATEGY_KEYS]:  # lm-eval split `strategy=sink:sinks=4,window=512`
             strategy_parts.append(f"{key}={kwargs.pop(key)}")
@@ -224,24 +225,11 @@ class KVCTask(ConfigurableTask):
         super().__init__(config=config, **kwargs)
 
 
-def include_our_tasks() -> None:
-    """Every TaskManager built from now on also indexes TASKS_DIR (idempotent)."""
-    if getattr(TaskManager.__init__, "_kvcompress", False):
-        return
-    original = TaskManager.__init__
-
-    def __init__(self, *args, include_path=None, **kwargs):
-        paths = [] if include_path is None else list(include_path) if isinstance(include_path, list) else [include_path]
-        original(self, *args, include_path=[*paths, str(TASKS_DIR)], **kwargs)
-
-    __init__._kvcompress = True
-    TaskManager.__init__ = __init__
-
-
-def task_manager(**kwargs) -> TaskManager:
-    """A TaskManager that knows our tasks, for `simple_evaluate(..., task_manager=kvcompress.lm_eval.task_manager())`."""
-    include_our_tasks()
-    return TaskManager(**kwargs)
+def task_manager(include_path: str | Path | list | None = None, **kwargs) -> TaskManager:
+    """A TaskManager that knows our tasks beside lm-eval's and `include_path`'s, for `simple_evaluate(...,
+    task_manager=kvcompress.lm_eval.task_manager())`."""
+    paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+    return TaskManager(include_path=[*paths, str(TASKS_DIR)], **kwargs)
 
 
 # -- the CLI -----------------------------------------------------------------------------------------------------
@@ -253,8 +241,7 @@ def run_cli(argv: list[str]) -> None:
 
     from ..provenance import provenance
 
-    include_our_tasks()
-    argv = _with_requests_file(argv)
+    argv = _with_tokenizer(_with_our_tasks(_with_requests_file(argv)))
     out, model_args = _option(argv, "--output_path"), _model_args(_option(argv, "--model_args") or "")
     meta = None
     if _option(argv, "--model") == "kvcompress" and out is not None:
@@ -320,6 +307,41 @@ def _quote_strategy(argv: list[str]) -> list[str]:
     return rewritten
 
 
+def _with_our_tasks(argv: list[str]) -> list[str]:
+    """Our task directory through lm-eval's own --include_path (its CLI takes one directory)."""
+    given = _option(argv, "--include_path")
+    if given is None:
+        return [*argv, "--include_path", str(TASKS_DIR)]
+    if Path(given).resolve() != TASKS_DIR.resolve():
+        raise ValueError(f"--include_path {given}: lm-eval's CLI takes one task directory and kvcompress lm-eval passes "
+                         f"its own ({TASKS_DIR}); put your task files in one directory with copies of ours, or call "
+                         "lm_eval.simple_evaluate with kvcompress.lm_eval.task_manager(include_path=...)")
+    return argv
+
+
+def _with_tokenizer(argv: list[str]) -> list[str]:
+    """lm-eval's synthetic tasks (RULER) load a tokenizer by the name in the model args (`tokenizer`, else
+    `pretrained`), and `default` is no name the hub or a directory knows: hand them the local directory load_model
+    resolves it to (likewise a .gguf's converted copy is not made here: pass tokenizer= for those)."""
+    if _option(argv, "--model") != "kvcompress":
+        return argv
+    args = _model_args(_option(argv, "--model_args") or "")
+    if "tokenizer" in args or args.get("pretrained", "default") != "default":
+        return argv
+    return _with_model_arg(argv, f"tokenizer={default_model_dir()}")
+
+
+def _with_model_arg(argv: list[str], extra: str) -> list[str]:
+    """argv with `extra` (key=value) appended to --model_args (added when absent)."""
+    model_args = _option(argv, "--model_args")
+    if model_args is None:
+        return [*argv, "--model_args", extra]
+    i = next(i for i, a in enumerate(argv) if a == "--model_args" or a.startswith("--model_args="))
+    if argv[i] == "--model_args":
+        return [*argv[: i + 1], f"{model_args},{extra}", *argv[i + 2 :]]
+    return [*argv[:i], f"--model_args={model_args},{extra}", *argv[i + 1 :]]
+
+
 def _option(argv: list[str], name: str) -> str | None:
     for i, arg in enumerate(argv):
         if arg == name and i + 1 < len(argv):
@@ -334,13 +356,7 @@ def _with_requests_file(argv: list[str]) -> list[str]:
     out, model_args = _option(argv, "--output_path"), _option(argv, "--model_args")
     if _option(argv, "--model") != "kvcompress" or out is None or "requests_file=" in (model_args or ""):
         return argv
-    extra = f"requests_file={Path(out) / REQUESTS_FILE}"
-    if model_args is None:
-        return [*argv, "--model_args", extra]
-    i = next(i for i, a in enumerate(argv) if a == "--model_args" or a.startswith("--model_args="))
-    if argv[i] == "--model_args":
-        return [*argv[: i + 1], f"{model_args},{extra}", *argv[i + 2 :]]
-    return [*argv[:i], f"--model_args={model_args},{extra}", *argv[i + 1 :]]
+    return _with_model_arg(argv, f"requests_file={Path(out) / REQUESTS_FILE}")
 
 
 def main(argv: list[str]) -> None:

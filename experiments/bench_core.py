@@ -3,7 +3,8 @@ QuantizedCache (quanto int4) in the same process. Writes results/core/bench_core
 
 A quantizing strategy reads its history as make_cache chooses by default (CPU: decoded to the model dtype every step,
 as QuantizedCache does, then torch's fused attention; CUDA: the Triton kernel over the codes); a name ending in
-" fused" or " unfused" forces one way. Targets (issue 12): our
+" fused" or " unfused" forces one way; " grow" preallocates storage 256 tokens at a time (make_cache(grow=256)):
+appends write in place instead of concatenating. Targets (issue 12): our
 `full` <= 1.02x DynamicCache; int8 and fp8 <= 1.10x our `full`.
 
     python experiments/bench_core.py [--model default] [--lengths 1024,4096] [--steps 48] [--rounds 3]
@@ -30,10 +31,10 @@ from kvcompress.evals.latency import percentile, time_generation
 from kvcompress.provenance import provenance, provenance_lines
 from kvcompress.strategy import split_strategies
 
-STRATEGIES = ["full", "int8", "int8 fused", "fp8", "fp8 fused", "int4", "int4 fused", "nf4", "int8:residual=128",
+STRATEGIES = ["full", "full grow", "int8", "int8 fused", "fp8", "fp8 fused", "int4", "int4 fused", "nf4", "int8:residual=128",
               "window:window=512", "sink:sinks=4,window=508", "sink:sinks=4,window=508+int8"]
 BASELINE, QUANTO = "DynamicCache", "QuantizedCache(quanto int4)"
-FORCED = {" fused": True, " unfused": False}
+OPTIONS = {" fused": {"fused": True}, " unfused": {"fused": False}, " grow": {"grow": 256}}  # name suffix: make_cache
 TARGETS = [("full", BASELINE, 1.02), ("int8", "full", 1.10), ("fp8", "full", 1.10)]
 
 
@@ -42,9 +43,9 @@ def make(model, name):
         return DynamicCache(config=model.config)
     if name == QUANTO:  # transformers' own quantized cache: int4, group 64, the last 128 tokens in the model dtype
         return QuantizedCache(backend="quanto", config=model.config, nbits=4)
-    for suffix, fused in FORCED.items():
+    for suffix, options in OPTIONS.items():
         if name.endswith(suffix):
-            return kvcompress.make_cache(model, name.removesuffix(suffix), fused=fused)
+            return kvcompress.make_cache(model, name.removesuffix(suffix), **options)
     return kvcompress.make_cache(model, name)
 
 

@@ -86,7 +86,7 @@ class KVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype  # already in the KV dtype (update casts)
         self.codec.check(key_states.shape[-1], key_states.dtype)
-        part = self.store.part if self.codec.lossless else DevicePart
+        part = self.store.part if self.codec.lossless else (lambda t: DevicePart(t, self.store.grow))
         self.recent_k, self.recent_v = part(no_tokens(key_states)), part(no_tokens(value_states))
         if self.retention.needs_positions:
             shape = key_states.shape[:2] if self.retention.seam else key_states.shape[:1]
@@ -419,10 +419,12 @@ class KVCache(Cache):
     to release offload files and pinned blocks now rather than at garbage collection."""
 
     def __init__(self, spec: StrategySpec, num_layers: int, planned_bytes: int = 0, offload_dir: str | None = None,
-                 kv_dtype: torch.dtype | None = None, prefill_chunk: int | None = None, fused: bool = False):
+                 kv_dtype: torch.dtype | None = None, prefill_chunk: int | None = None, fused: bool = False,
+                 grow: int = 0):
         self.spec, self.kv_dtype = spec, kv_dtype
         self.fused = fused and not spec.codec.lossless  # whether decode steps attend over the codes
         self.store = spec.tier.open(planned_bytes, offload_dir)
+        self.store.grow = grow
         layers = [KVLayer(spec.retention, spec.codec, self.store, kv_dtype, i, num_layers, prefill_chunk, fused)
                   for i in range(num_layers)]
         super().__init__(layers=layers)
@@ -474,6 +476,7 @@ def make_cache(
     batch_size: int = 1,
     prefill_chunk: int | None = None,
     fused: bool | None = None,
+    grow: int = 0,
 ) -> KVCache:
     """A fresh cache for one generation: `model.generate(**inputs, cache=make_cache(model, "sink+int8"))`.
 
@@ -487,7 +490,9 @@ def make_cache(
     int8/fp8/int4, a chunked torch path elsewhere); None (default): where the Triton kernel runs and the model's
     attention can be routed through the seam (a model, not a config; no sliding-window or softcapped attention); on
     CPU the chunked path is slower than decoding into torch's fused attention (results/core), so None decodes there.
-    True: fused anywhere (or an error), False: always decode.
+    True: fused anywhere (or an error), False: always decode. grow: device storage grows this many tokens at a time
+    into preallocated room, so a decode step writes in place instead of concatenating (0: exactly what is held);
+    `kv_bytes()` then counts the room too, which `expected_kv_bytes` does not.
 
     A score-based retention (h2o, snapkv, ...) routes the model's attention through the kvcompress seam, so pass
     the model, not its config; the model's own attention still serves every call without a kvcompress cache.
@@ -500,6 +505,8 @@ def make_cache(
             raise ValueError(f"prefill_chunk needs a score-based retention ({', '.join(seam_retentions())}); "
                              f"{spec.retention.name!r} already evicts before each step's attention")
     config = decoder_config(model_or_config)
+    if not isinstance(grow, int) or isinstance(grow, bool) or grow < 0:
+        raise ValueError(f"grow must be a number of tokens >= 0 (0: storage holds exactly its tokens), got {grow!r}")
     if fused not in (None, True, False):
         raise ValueError(f"fused must be None (where the model allows), True or False, got {fused!r}")
     if spec.codec.lossless:
@@ -516,7 +523,7 @@ def make_cache(
     spec.codec.check(head_dim(config), stored_dtype or torch.float32)
     tokens = max_tokens or getattr(config, "max_position_embeddings", None) or 4096
     planned = kv_sizer(config, spec, stored_dtype).bytes(tokens, batch_size)
-    return KVCache(spec, config.num_hidden_layers, planned, offload_dir, kv_dtype, prefill_chunk, fused)
+    return KVCache(spec, config.num_hidden_layers, planned, offload_dir, kv_dtype, prefill_chunk, fused, grow)
 
 
 def _routable(model: Any, config: Any) -> bool:

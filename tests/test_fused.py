@@ -89,10 +89,12 @@ def triton_decode():
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="the kernel tests run in this process (GPU, or already interpreted)")
-def test_triton_kernel_under_the_interpreter():
+def test_triton_kernel_under_the_interpreter(tmp_path):
     pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' installs it)")
+    # run from elsewhere: `python -m` puts the working directory on sys.path, where the repo's kernels/ would shadow
+    # the PyPI package of that name
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
-                          f"{__file__}::test_triton_kernel_equals_the_torch_path"],
+                          f"{__file__}::test_triton_kernel_equals_the_torch_path"], cwd=tmp_path,
                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert f"{len(KERNEL_CODECS) * 2} passed" in run.stdout

@@ -104,6 +104,25 @@ def test_cli_runs_lm_eval_end_to_end_with_per_cell_metrics(tmp_path, monkeypatch
     assert all(r["kv_bytes"]["device"] > 0 and r["decode_ms_per_token"] > 0 for r in records)
 
 
+def test_lm_evals_own_ruler_task_runs_offline_with_the_default_model(tmp_path, monkeypatch):
+    """lm-eval's RULER loads a tokenizer by the name in the model args: `pretrained=default` alone must do, offline."""
+    _offline(monkeypatch)
+    out = tmp_path / "ruler"
+    main(["lm-eval", "run", "--model", "kvcompress", "--model_args", "pretrained=default,dtype=float32",
+          "--tasks", "niah_single_1", "--metadata", json.dumps({"max_seq_lengths": [512]}), "--limit", "2",
+          "--device", "cpu", "--output_path", str(out)])
+    written = json.loads(next(out.glob("**/results_*.json")).read_text())
+    assert "512,none" in written["results"]["niah_single_1"]
+    assert written["config"]["model_args"]["tokenizer"].endswith("smollm2-135m-instruct")
+
+
+def test_our_tasks_come_through_lm_evals_include_path(tmp_path):
+    tasks = task_manager().all_tasks
+    assert "kvc_passkey" in tasks and "niah_single_1" in tasks
+    with pytest.raises(ValueError, match="lm-eval's CLI takes one task directory"):
+        main(["lm-eval", "run", "--model", "kvcompress", "--tasks", "kvc_passkey", "--include_path", str(tmp_path)])
+
+
 def test_left_padded_batches_match_batch_one(full_lm):
     docs = recall_docs("passkey", full_lm.tokenizer, [120, 200], 1, 1)
     requests = [Instance("generate_until", d, (_chat(full_lm, d["input"]), {"until": ["\n"], "max_gen_toks": 10}), i)

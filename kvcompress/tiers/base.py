@@ -85,29 +85,51 @@ class Part:
 
 
 class DevicePart(Part):
-    """Tokens in one tensor on the compute device."""
+    """Tokens in one tensor on the compute device. grow == 0: the tensor holds exactly the tokens (a step's append
+    concatenates). grow > 0: the tensor is a buffer with room, grown `grow` tokens at a time, so an append writes in
+    place and the tokens are its first `len(self)` (a view); the room counts in `nbytes()`, and eviction moves the
+    kept tokens to a buffer sized for them, giving the rest back."""
 
-    def __init__(self, template: torch.Tensor):
-        self.tensor = template
+    def __init__(self, template: torch.Tensor, grow: int = 0):
+        self.tensor, self.grow, self.length = template, grow, template.shape[2]
 
     def __len__(self) -> int:
-        return self.tensor.shape[2]
+        return self.length
 
     def read(self) -> torch.Tensor:
-        return self.tensor
+        return self.tensor if self.tensor.shape[2] == self.length else self.tensor[:, :, : self.length]
 
     def append(self, x: torch.Tensor) -> None:
-        self.tensor = torch.cat([self.tensor, x], dim=2)
+        if not self.grow:
+            self.tensor = torch.cat([self.tensor, x], dim=2)
+        else:
+            end = self.length + x.shape[2]
+            if end > self.tensor.shape[2]:
+                self._move(self.read(), end)
+            self.tensor[:, :, self.length : end] = x
+        self.length += x.shape[2]
 
     def extend(self, x: torch.Tensor) -> torch.Tensor:
         self.append(x)
-        return self.tensor
+        return self.read()
 
     def keep(self, keep: slice | torch.Tensor) -> None:
-        self.tensor = take_tokens(self.tensor, keep)
+        kept = take_tokens(self.read(), keep)
+        if not self.grow:
+            self.tensor = kept
+        else:  # a new buffer, never compacting in place: the step's attention may still read the old one
+            self._move(kept, kept.shape[2])
+        self.length = kept.shape[2]
+
+    def _move(self, tokens: torch.Tensor, room_for: int) -> None:
+        """A new buffer with room for `room_for` tokens, rounded up to `grow`, starting with `tokens`."""
+        capacity = -(-room_for // self.grow) * self.grow
+        self.tensor = tokens.new_empty(*tokens.shape[:2], capacity, *tokens.shape[3:])
+        self.tensor[:, :, : tokens.shape[2]] = tokens
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.tensor = fn(self.tensor)
+        self.tensor = fn(self.read())
+        self.length = self.tensor.shape[2]
 
     def nbytes(self) -> dict[str, int]:
         return {"device": self.tensor.untyped_storage().nbytes()}
@@ -120,10 +142,11 @@ class Store:
 
     def __init__(self, tier: Tier):
         self.tier = tier
+        self.grow = 0  # device parts grow by this many tokens at a time (0: exactly, by concatenation); the cache's
 
     def part(self, template: torch.Tensor) -> Part:
         """A new empty part for tokens shaped like `template` ([batch, heads, 0, width] on the compute device)."""
-        return DevicePart(template)
+        return DevicePart(template, self.grow)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes the store holds besides its parts (staging buffers)."""

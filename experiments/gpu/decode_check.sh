@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue 12's GPU check of fused decode over encoded KV: one script, under 6 minutes on one H100/H200.
+#
+#   bash experiments/gpu/decode_check.sh [OUT_DIR] [decode_check.py options]    (OUT_DIR defaults to results/gpu)
+#
+# 1. the fused-decode tests on the GPU (tests/test_fused.py: the Triton kernel compiled, against the torch path);
+# 2. decode_check.py: correctness, HBM bandwidth, decode ms/token and peak memory (OUT_DIR/decode.json and .md);
+# 3. the pressure-transfer report on a random-weight Llama-3.1-8B shape (OUT_DIR/report/).
+# setup.sh makes kvcompress importable there (.whl/ wheels, or the repo laid out as pip installs it).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${1:-results/gpu}
+shift || true
+source experiments/gpu/setup.sh
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+repo=$(pwd)  # `python -m` runs from /tmp: it puts the working directory on sys.path, where the repo's kvcompress/
+# (without kernels/ and evals/ laid in) and kernels/ would shadow the installed packages
+if python3 -c "import pytest" 2>/dev/null; then
+  (cd /tmp && timeout 120 python3 -m pytest -q -p no:cacheprovider --import-mode=importlib "$repo/tests/test_fused.py" \
+    2>&1 | tail -15) | tee "$out/decode_tests.txt" || echo "fused-decode tests failed or timed out"
+fi
+PYTHONUNBUFFERED=1 timeout 330 python3 experiments/gpu/decode_check.py --out "$out" "$@"
+(cd /tmp && PYTHONUNBUFFERED=1 timeout 120 python3 -m kvcompress.cli report --device cuda --model random:llama-3.1-8b \
+  --lengths 8k --strategies full,int8,fp8,int4,sink:sinks=4,window=2044,full+host --decode-steps 16 --out "$out/report") \
+  || echo "report failed or timed out"
