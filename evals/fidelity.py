@@ -1,7 +1,9 @@
 """Teacher-forced fidelity of a strategy against the full cache: the same tokens go in, next-token distributions
-are compared step by step (top-1 agreement and KL divergence)."""
+are compared step by step (top-1 agreement and KL divergence), and the text's perplexity under each."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,12 +26,19 @@ def step_logits(model, input_ids: torch.Tensor, strategy: str | StrategySpec, pr
     return torch.stack(logits, 1).flatten(0, 1).float()
 
 
-def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
-    """top1: share of steps whose argmax agrees; kl: mean KL(reference || candidate) in nats."""
+def compare(reference: torch.Tensor, candidate: torch.Tensor, targets: torch.Tensor | None = None) -> dict[str, float]:
+    """top1: share of steps whose argmax agrees; kl: mean KL(reference || candidate) in nats. With the tokens that
+    actually follow (`targets`, one per step): the text's perplexity under each and its change in percent."""
     log_ref, log_cand = reference.log_softmax(-1), candidate.log_softmax(-1)
     kl = (log_ref.exp() * (log_ref - log_cand)).sum(-1)
-    return {
+    result = {
         "top1": (reference.argmax(-1) == candidate.argmax(-1)).float().mean().item(),
         "kl": kl.mean().item(),
         "steps": reference.shape[0],
     }
+    if targets is not None:
+        nll_ref = -log_ref.gather(-1, targets[:, None]).mean().item()
+        nll_cand = -log_cand.gather(-1, targets[:, None]).mean().item()
+        result.update(ppl_full=math.exp(nll_ref), ppl=math.exp(nll_cand),
+                      ppl_change_pct=100 * (math.exp(nll_cand - nll_ref) - 1))
+    return result

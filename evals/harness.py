@@ -201,7 +201,7 @@ class Harness:
                                                 attention=self._records_attention)
             self._full_logits = step_logits(self.model, ids, "full", c.fidelity_prefill, self._fidelity_prefill)
         candidate = step_logits(self.model, ids, strategy, c.fidelity_prefill, self._fidelity_prefill)
-        return compare(self._full_logits, candidate)
+        return compare(self._full_logits, candidate, ids[:, c.fidelity_prefill:].flatten())
 
 
 def run_report(config: ReportConfig | None, out: Path, resume: bool = False, command: list[str] | None = None) -> Path:

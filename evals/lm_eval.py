@@ -442,7 +442,7 @@ def fidelity(out: Path, strategies: list[str], model, tokenizer, pretrained: str
     for name, mine in todo.items():
         start = time.perf_counter()
         candidate = full_logits if mine["strategy"] == "full" else step_logits(model, text, name, FIDELITY_PREFILL)
-        found[name] = {**mine, **compare(full_logits, candidate)}
+        found[name] = {**mine, **compare(full_logits, candidate, text[:, FIDELITY_PREFILL:].flatten())}
         path = out / _slug(name) / FIDELITY_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(found[name], indent=1) + "\n")

@@ -87,6 +87,7 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
             "kl": fidelity.get(strategy, {}).get("kl"),
             "top1": fidelity.get(strategy, {}).get("top1"),
             "top1_interval": top1_interval,
+            "ppl_change_pct": fidelity.get(strategy, {}).get("ppl_change_pct"),
             "host_bytes": host_bytes or 0,
             "disk_bytes": disk_bytes or 0,
             "moved_bytes_per_step": lat and lat.get("moved_bytes_per_step"),
@@ -213,7 +214,8 @@ def _recall_cell(r: dict) -> str:
 
 
 def _fidelity_cell(r: dict) -> str:
-    return f"{_with_interval(r['top1'], r.get('top1_interval'), '.1%')}, KL {_fmt(r['kl'], '.1e')}"
+    ppl = f", perplexity {r['ppl_change_pct']:+.2f}%" if r.get("ppl_change_pct") is not None else ""
+    return f"{_with_interval(r['top1'], r.get('top1_interval'), '.1%')}, KL {_fmt(r['kl'], '.1e')}{ppl}"
 
 
 def _offload_cell(r: dict) -> str:

@@ -163,6 +163,19 @@ def test_teacher_forced_fidelity(fidelity_inputs, strategy):
     assert result["top1"] >= min_top1 and result["kl"] <= max_kl, result
 
 
+def test_perplexity_change_against_full(fidelity_inputs):
+    """The text's perplexity: exp of the mean negative log-likelihood of the tokens that follow, under each cache."""
+    model, ids, prefix, reference = fidelity_inputs
+    targets = ids[:, PREFILL:].flatten()
+    assert targets.shape[0] == reference.shape[0]
+    same = compare(reference, reference, targets)
+    assert same["ppl_change_pct"] == 0 and 1 < same["ppl"] < 100  # a 135M model reading prose
+    by_hand = torch.exp(torch.nn.functional.cross_entropy(reference, targets)).item()
+    assert same["ppl_full"] == pytest.approx(by_hand, rel=1e-5)
+    window = compare(reference, step_logits(model, ids, "window:window=64", PREFILL, prefix), targets)
+    assert window["ppl_change_pct"] > 1  # a 64-token window loses context the text's continuation uses
+
+
 def test_sink_plus_int8_obeys_both_contracts(fidelity_inputs):
     """The composition keeps the sink budget and loses no more to int8 than int8 loses on its own (measured: top-1
     0.992, KL 2.3e-3 against sink alone)."""

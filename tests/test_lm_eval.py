@@ -142,10 +142,10 @@ def test_strategies_fidelity_is_cached_per_strategy(tmp_path, monkeypatch):
     _offline(monkeypatch)
     computed = []
 
-    def step_logits(model, input_ids, strategy, prefill):  # fast stand-in: 200 steps of a 16-token vocabulary
+    def step_logits(model, input_ids, strategy, prefill):  # fast stand-in: random logits for the 200 steps
         computed.append((str(strategy), str(model.dtype)))
         gen = torch.Generator().manual_seed(len(computed))
-        return torch.randn(input_ids.shape[1] - prefill, 16, generator=gen)
+        return torch.randn(input_ids.shape[1] - prefill, model.config.vocab_size, generator=gen)
 
     monkeypatch.setattr(fidelity, "step_logits", step_logits)
     out = tmp_path / "strategies"
