@@ -141,7 +141,8 @@ def _generate(model, strategy, fused, ids, mask, **kwargs):
 
 @pytest.mark.parametrize("strategy", ["int8", "fp8:group=8", "int4:residual=8",
                                       "sink:sinks=4,window=24+int8", "window:window=20+int4:group=8",
-                                      "knorm:budget=24,window=8+int8:residual=8", "full+int8+host"])
+                                      "knorm:budget=24,window=8+int8:residual=8", "full+int8+host",
+                                      "int4+disk"])
 def test_fused_cache_generates_what_the_decoding_one_does(tiny, strategy):
     ids, mask = left_padded([40, 27])
     plain, plain_cache = _generate(tiny, strategy, False, ids, mask)
