@@ -81,7 +81,7 @@ class AnswerFound(StoppingCriteria):
     """Stops generation once the planted answer appears: scoring is "the answer appears anywhere in the output", so
     the tokens after it cannot change the outcome, only the run time."""
 
-    def __init__(self, tokenizer, prompt_tokens: int, answer: str):
+    def __init__(self, tokenizer, prompt_tokens: int, answer: str | tuple[str, ...]):
         self.tokenizer, self.prompt_tokens, self.answer = tokenizer, prompt_tokens, answer
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
@@ -147,7 +147,8 @@ class Harness:
             stop = AnswerFound(self.tokenizer, ids.shape[1], case.answer)
             self._sync_peak()
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache,
-                                      max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                                      max_new_tokens=max(self.config.max_new_tokens, case.answer_tokens or 0),
+                                      do_sample=False,
                                       stopping_criteria=StoppingCriteriaList([stop]),
                                       pad_token_id=self.tokenizer.eos_token_id)
             output = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

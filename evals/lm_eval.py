@@ -218,8 +218,10 @@ class KVCTask(ConfigurableTask):
                 recall_docs(task, load_tokenizer(tokenizer_spec), lengths, depth_count, seeds))},
             process_results=process_results,
             metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
-            # answers are 5-7 digits: a short budget and a newline stop keep a CPU run quick
-            generation_kwargs={"until": ["\n"], "max_gen_toks": 16, "do_sample": False},
+            # answers are 5-7 digits: a short budget and a newline stop keep a CPU run quick; RULER's answers are lists
+            # (up to 10 words, 4 uuids) that may span lines: its largest budget, no stop
+            generation_kwargs=({"until": [], "max_gen_toks": 128, "do_sample": False} if task.startswith("ruler_")
+                               else {"until": ["\n"], "max_gen_toks": 16, "do_sample": False}),
         )
         config.pop("class", None)
         super().__init__(config=config, **kwargs)

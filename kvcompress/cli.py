@@ -330,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", type=_strategy_list,
                    help=f"comma-separated strategies (default: {','.join(d('strategies'))})")
     p.add_argument("--tasks", type=lambda text: text.split(","),
-                   help=f"passkey, multikey, vartrack, multiturn (default: {','.join(d('tasks'))})")
+                   help=f"passkey, multikey, vartrack, multiturn, or RULER's ruler_niah_single_1..3, "
+                   f"ruler_niah_multikey_1..3, ruler_niah_multivalue, ruler_niah_multiquery, ruler_vt, ruler_cwe, "
+                   f"ruler_fwe (default: {','.join(d('tasks'))})")
     p.add_argument("--lengths", type=_token_counts,
                    help=f"context lengths in model tokens, e.g. 512,4k (default: {','.join(map(str, d('lengths')))})")
     p.add_argument("--depths", type=int, help=f"needle depths spread over [0, 1] (default: {d('depths')})")
