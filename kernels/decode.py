@@ -1,11 +1,11 @@
 """Decode attention over encoded KV: a step's few queries attend over [encoded history | model-dtype tail] without
 materialising the decoded history.
 
-The history is attended in pieces (token chunks here, token splits in the Triton kernel), each giving a partial
-output normalised over its own tokens and its log-sum-exp; `merge_partials` combines them exactly (flash-decoding,
-arXiv:2311.01282). On CPU a piece is decoded into a chunk-sized buffer by the codec itself, so every codec works and
-the step's transient memory is one chunk, not the history; this path is the reference the Triton kernel is tested
-against.
+The torch path (`encoded_attention`, any codec) decodes the history a chunk at a time into one reused buffer, in two
+passes: scores over every key, one softmax, then the values; so the step holds one chunk, not the history. It is the
+reference the Triton kernel is tested against. The Triton kernel (triton_decode.py) splits the tokens instead and
+returns a partial output normalised over each split with its log-sum-exp, which `merge_partials` combines exactly
+with the tail's (flash-decoding, arXiv:2311.01282).
 """
 
 from __future__ import annotations
