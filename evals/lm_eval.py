@@ -42,7 +42,6 @@ from .tasks import depths as depth_grid
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 REQUESTS_FILE = "kvcompress_requests.jsonl"
 FIDELITY_FILE = "fidelity.json"
-FIDELITY_TOKENS, FIDELITY_PREFILL = 712, 512  # 200 teacher-forced steps after a 512-token prefill
 _STRATEGY_KEYS = {f.name for registry in AXES.values() for name in registry.names()
                   for f in dataclasses.fields(registry.get(name)) if f.init}
 
@@ -414,16 +413,21 @@ def _results_file(folder: Path) -> Path | None:
 
 
 def fidelity(out: Path, strategies: list[str], model, tokenizer, pretrained: str) -> dict[str, dict]:
-    """Teacher-forced top-1/KL of each strategy against `full` over the shipped text, kept in out/<strategy>/
-    fidelity.json and reused while its settings (strategy, model, dtype, prefill, text) match; the full cache's logits
-    are computed only when some strategy needs computing. One line per strategy on stderr."""
+    """Teacher-forced top-1/KL/perplexity of each strategy against `full` over the shipped text, with the report's
+    fidelity settings (ReportConfig: windows x steps after a prefill), kept in out/<strategy>/fidelity.json and reused
+    while its settings (strategy, model, dtypes, windows, prefill, text) match; the full cache's logits are computed
+    only when some strategy needs computing. One line per strategy on stderr."""
     from . import reference_text, text_ids
+    from .config import ReportConfig
     from .fidelity import compare, step_logits
 
-    text = text_ids(tokenizer(reference_text(), return_tensors="pt").input_ids[0], FIDELITY_TOKENS).to(model.device)
+    c = ReportConfig(model=pretrained)
+    prefill = c.fidelity_prefill
+    text = text_ids(tokenizer(reference_text(), return_tensors="pt").input_ids[0], prefill + c.fidelity_steps,
+                    c.fidelity_windows).to(model.device)
     settings = {"model": pretrained, "dtype": dtype_name(model.dtype), "kv_dtype": dtype_name(model.kv_dtype),
-                "weights": model.weights, "prefill": FIDELITY_PREFILL,
-                "text": hashlib.sha256(json.dumps(text[0].tolist()).encode()).hexdigest()[:16]}
+                "weights": model.weights, "windows": c.fidelity_windows, "prefill": prefill,
+                "text": hashlib.sha256(json.dumps(text.tolist()).encode()).hexdigest()[:16]}
     found, todo = {}, {}
     for name in strategies:
         path = out / _slug(name) / FIDELITY_FILE
@@ -437,14 +441,14 @@ def fidelity(out: Path, strategies: list[str], model, tokenizer, pretrained: str
             todo[name] = mine
     if todo:
         print(f"kvcompress lm-eval: fidelity of {len(todo)} strategies against the full cache, "
-              f"{FIDELITY_TOKENS - FIDELITY_PREFILL} teacher-forced steps each", file=sys.stderr)
+              f"{c.fidelity_windows} windows x {c.fidelity_steps} teacher-forced steps each", file=sys.stderr)
         start = time.perf_counter()
-        full_logits = step_logits(model, text, "full", FIDELITY_PREFILL)
+        full_logits = step_logits(model, text, "full", prefill)
         print(f"kvcompress lm-eval: fidelity: full-cache logits ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     for name, mine in todo.items():
         start = time.perf_counter()
-        candidate = full_logits if mine["strategy"] == "full" else step_logits(model, text, name, FIDELITY_PREFILL)
-        found[name] = {**mine, **compare(full_logits, candidate, text[:, FIDELITY_PREFILL:].flatten())}
+        candidate = full_logits if mine["strategy"] == "full" else step_logits(model, text, name, prefill)
+        found[name] = {**mine, **compare(full_logits, candidate, text[:, prefill:].flatten())}
         path = out / _slug(name) / FIDELITY_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(found[name], indent=1) + "\n")
@@ -512,6 +516,7 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -
             "decode_ms_p50": decode, "decode_change_pct": 100 * (decode / full_decode - 1) if decode and full_decode else None,
             "ttft_change_pct": 100 * (ttft / full_ttft - 1) if ttft and full_ttft else None,
             "top1": fidelities[name]["top1"], "kl": fidelities[name]["kl"],
+            "ppl_change_pct": fidelities[name].get("ppl_change_pct"),
             "host_bytes": mean([r["kv_bytes"].get("host", 0) for r in mine]) or 0,
             "disk_bytes": mean([r["kv_bytes"].get("disk", 0) for r in mine]) or 0,
             "moved_bytes_per_step": None, "stall_ms_per_step": None,
@@ -531,7 +536,8 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -
              f"recall = lm-eval `acc` on {', '.join(tasks)}, loss in points against `full`",
              "- HBM saved: resident KV after each generate_until request against the full cache's bytes at the same "
              "length (analytic, tested equal to measured); decode/TTFT from the per-request records "
-             f"(`{REQUESTS_FILE}`); fidelity: teacher-forced top-1/KL vs `full` over 200 steps of the shipped text",
+             f"(`{REQUESTS_FILE}`); fidelity: teacher-forced top-1/KL/perplexity vs `full` over {report.fidelity_windows} "
+             f"windows of the shipped text x {report.fidelity_steps} steps after {report.fidelity_prefill} tokens",
              "", table(rows, report), "", "| strategy | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     lines += [f"| `{r['strategy']}` | " + " | ".join(f"{r['accuracy'].get(t, float('nan')):.2f}" for t in tasks) + " |"
               for r in rows]

@@ -142,10 +142,10 @@ def test_strategies_fidelity_is_cached_per_strategy(tmp_path, monkeypatch):
     _offline(monkeypatch)
     computed = []
 
-    def step_logits(model, input_ids, strategy, prefill):  # fast stand-in: random logits for the 200 steps
+    def step_logits(model, input_ids, strategy, prefill):  # fast stand-in: random logits for every step of every window
         computed.append((str(strategy), str(model.dtype)))
         gen = torch.Generator().manual_seed(len(computed))
-        return torch.randn(input_ids.shape[1] - prefill, model.config.vocab_size, generator=gen)
+        return torch.randn(input_ids.shape[0] * (input_ids.shape[1] - prefill), model.config.vocab_size, generator=gen)
 
     monkeypatch.setattr(fidelity, "step_logits", step_logits)
     out = tmp_path / "strategies"
@@ -160,7 +160,9 @@ def test_strategies_fidelity_is_cached_per_strategy(tmp_path, monkeypatch):
     assert computed == [("full", "torch.float32"), ("window:window=64", "torch.float32")]  # full reuses its logits
     assert first[0]["top1"] == 1.0 and first[0]["kl"] == 0.0 and first[1]["top1"] < 1.0
     cached = json.loads((out / "window_window_64" / "fidelity.json").read_text())
-    assert cached["strategy"] == "window:window=64" and cached["prefill"] == 512 and cached["steps"] == 200
+    # the report's fidelity settings: 16 windows x 64 steps after 384 tokens
+    assert cached["strategy"] == "window:window=64" and cached["prefill"] == 384 and cached["steps"] == 16 * 64
+    assert "ppl_change_pct" in cached
 
     computed.clear()
     again = run("pretrained=default,dtype=float32")
