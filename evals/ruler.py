@@ -43,11 +43,12 @@ def _units(haystack: str) -> list[str]:
     return reference_text().split()
 
 
-def _fill(haystack: str, count: int, needles: list[tuple[float, str]], rng: random.Random, distractor=None) -> str:
-    """`count` haystack units (noise sentences, essay words, or distractor needles) with each needle at its relative
-    depth."""
+def _fill(haystack: str, count: int, needles: list[tuple[float, str]],
+          distractor: Callable[[], str] | None = None) -> str:
+    """`count` haystack units (noise sentences, essay words, or distractor needles, each a `distractor()` call) with
+    each needle at its relative depth."""
     if haystack == "needle":
-        parts = [distractor(rng) for _ in range(count)]
+        parts = [distractor() for _ in range(count)]
     else:
         source = _units(haystack)
         parts = (source * (count // len(source) + 1))[:count]
@@ -89,15 +90,16 @@ def niah(name: str, haystack: str, keys: str = "words", values: str = "numbers",
         question = NIAH_QUESTION.format(kind=values, query=", ".join(asked))
         answers = tuple(value for vals in planted[:queries] for value in vals)
 
-        def distractor(r):  # a needle for a key that is never asked about
-            key = make_key(r)
-            while key in chosen:
-                key = make_key(r)
-            return NEEDLE.format(kind=values, key=key, value=make_value(r))
-
         def build(n):
-            context = _fill(haystack, n, list(zip(places, needles)), random.Random(f"{name}-{seed}-{depth}-hay"),
-                            distractor)
+            hay = random.Random(f"{name}-{seed}-{depth}-hay")  # the same distractors for every n tried
+
+            def distractor():  # a needle for a key that is never asked about
+                key = make_key(hay)
+                while key in chosen:
+                    key = make_key(hay)
+                return NEEDLE.format(kind=values, key=key, value=make_value(hay))
+
+            context = _fill(haystack, n, list(zip(places, needles)), distractor)
             return _single_turn(NIAH.format(kind=values, context=context), question), question, answers, needles[0]
 
         return Case(name, length, depth, seed, *_fit(build, tokenizer, length), answer_tokens=24 + 16 * len(answers))
@@ -125,7 +127,7 @@ def variable_tracking(tokenizer, length: int, depth: float, seed: int, chains: i
     question = VT_QUESTION.format(value=values[0])
 
     def build(n):
-        context = VT.format(context=_fill("noise", n, statements, rng))
+        context = VT.format(context=_fill("noise", n, statements))
         return _single_turn(context, question), question, tuple(chain), statements[0][1]
 
     return Case("ruler_vt", length, depth, seed, *_fit(build, tokenizer, length), answer_tokens=60)
@@ -159,14 +161,13 @@ def frequent_words(tokenizer, length: int, depth: float, seed: int, alpha: float
         word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6))
         coded += [word] if word not in coded else []
     weights = [1 / (rank + 1) ** alpha for rank in range(vocabulary)]
-    question = FWE_QUESTION
+    total = sum(weights)
 
     def build(n):
-        total = sum(weights)
         words = [w for w, p in zip(coded, weights) for _ in range(round(n * p / total))] or coded[:1]
         random.Random(f"ruler_fwe-{seed}-{depth}-{n}").shuffle(words)
         context = FWE.format(context=" .... ".join(words))
-        return _single_turn(context, question), question, tuple(coded[:3]), words[0]
+        return _single_turn(context, question=FWE_QUESTION), FWE_QUESTION, tuple(coded[:3]), words[0]
 
     return Case("ruler_fwe", length, depth, seed, *_fit(build, tokenizer, length), answer_tokens=50)
 

@@ -104,9 +104,8 @@ def encoded_partials_triton(rows: torch.Tensor, codec, k_packed: dict[str, torch
     kq, vq = codes(k_packed), codes(v_packed)
     ks, vs = k_packed["scale"], v_packed["scale"]
     km, vm = k_packed.get("min", ks), v_packed.get("min", vs)
-    for t in (kq, vq, ks, vs, km, vm):
-        if t.stride(-1) != 1 or km.stride() != ks.stride() or vm.stride() != vs.stride():
-            raise ValueError("encoded KV must be contiguous along channels, with min laid out like scale")
+    if any(t.stride(-1) != 1 for t in (kq, vq, ks, vs)) or km.stride() != ks.stride() or vm.stride() != vs.stride():
+        raise ValueError("encoded KV must be contiguous along channels, with min laid out like scale")
     rows = rows.contiguous()
     flags = valid.to(torch.int8).contiguous()
     splits = max(1, min(math.ceil(tokens / BLOCK_N), math.ceil(TARGET_PROGRAMS / (b * h))))

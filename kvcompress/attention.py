@@ -91,11 +91,7 @@ def route(model) -> None:
 def new_token_valid(attention_mask, batch: int, q: int, device) -> torch.Tensor:
     """[batch, q] bool: which of the step's tokens are real (not padding), read from the model's own mask (the last q
     columns are the step's tokens whatever the layer stores): bool masks say True, additive ones 0."""
-    if not isinstance(attention_mask, torch.Tensor):
-        return torch.ones(batch, q, dtype=torch.bool, device=device)
-    block = attention_mask[:, 0, -q:, -q:].diagonal(dim1=-2, dim2=-1)
-    valid = block if block.dtype == torch.bool else block == 0
-    return valid.expand(batch, q).to(device)
+    return mask_visible(attention_mask, batch, q, q, device)[:, 0].diagonal(dim1=-2, dim2=-1)
 
 
 def mask_visible(attention_mask, batch: int, q: int, kv: int, device) -> torch.Tensor:

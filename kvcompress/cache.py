@@ -124,7 +124,7 @@ class KVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.next_layer is not None:
             self.next_layer.prefetch()
-        if self.retention.seam or (self.fused and self.encoded_k and key_states.shape[2] <= FUSED_QUERIES):
+        if self.retention.seam or self._fuses(key_states.shape[2]):
             self._stash = (key_states, value_states, compute)
             hand_over(self, key_states)
             return key_states, value_states
@@ -180,7 +180,7 @@ class KVLayer(CacheLayerMixin):
         softcap = kwargs.get("softcap")
         if not self.retention.seam:  # a fused decode step of a positional retention: the model's mask applies
             visible = mask_visible(attention_mask, batch, q, self.stored + q, self.device)
-            out, transient = self._attend_encoded(query, new_k, new_v, visible, scaling, softcap, compute)
+            out, _, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute)
             self.recent_k.append(new_k)
             self.recent_v.append(new_v)
             self._store_plain(new_k, kwargs)
@@ -207,13 +207,8 @@ class KVLayer(CacheLayerMixin):
         step = (causal & (new_positions >= 0)[:, None, None, :]) | torch.eye(n, dtype=torch.bool, device=self.device)
         visible = torch.cat([held, step.expand(batch, heads, n, n)], dim=-1)
         needs = self.retention.needs
-        weights = "attention" in needs or "mass" in needs
-        if weights or not (self.fused and self.encoded_k and n <= FUSED_QUERIES):
-            keys, values = self._history_and(new_k, new_v, compute)
-            out, probs = grouped_attention(query, keys, values, visible, scaling, softcap, weights=weights)
-            transient = keys.nbytes + values.nbytes + (probs.nbytes if probs is not None else 0)
-        else:
-            (out, transient), probs = self._attend_encoded(query, new_k, new_v, visible, scaling, softcap, compute), None
+        out, probs, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute,
+                                                  weights="attention" in needs or "mass" in needs)
         attention = probs.mean(dim=2) if probs is not None else None  # pooled over the query heads of a KV head
         if self.capture_rows:
             self.captured = attention[:, :, -self.capture_rows:]
@@ -230,12 +225,18 @@ class KVLayer(CacheLayerMixin):
         return (torch.cat([self.recent_k.read(), new_k], dim=2).to(compute),
                 torch.cat([self.recent_v.read(), new_v], dim=2).to(compute))
 
-    def _attend_encoded(self, query, new_k, new_v, visible, scaling, softcap, compute) -> tuple[torch.Tensor, int]:
-        """Attention over [encoded | recent | step] read from the codes (visible [b, h or 1, q, stored + q]), without
-        decoding the history; softcapped attention (Gemma 2) decodes it. Returns the output and the transient bytes."""
-        if softcap is not None:
+    def _fuses(self, queries: int) -> bool:
+        """Whether a step of this many queries attends over the codes (a fused layer's decode step, with codes)."""
+        return self.fused and bool(self.encoded_k) and queries <= FUSED_QUERIES
+
+    def _attend_over(self, query, new_k, new_v, visible, scaling, softcap, compute, weights: bool = False):
+        """The step's attention over [stored | step] (visible [b, h or 1, q, stored + q]): read from the codes for a
+        fused decode step that needs no weights and no softcap (Gemma 2), else over the decoded history. Returns the
+        output, the float32 weights when asked, and the bytes the step allocated beside the storage."""
+        if weights or softcap is not None or not self._fuses(new_k.shape[2]):
             keys, values = self._history_and(new_k, new_v, compute)
-            return grouped_attention(query, keys, values, visible, scaling, softcap)[0], keys.nbytes + values.nbytes
+            out, probs = grouped_attention(query, keys, values, visible, scaling, softcap, weights=weights)
+            return out, probs, keys.nbytes + values.nbytes + (probs.nbytes if probs is not None else 0)
         n_encoded = self.n_encoded
         tail_k = torch.cat([self.recent_k.read(), new_k], dim=2).to(compute)
         tail_v = torch.cat([self.recent_v.read(), new_v], dim=2).to(compute)
@@ -245,7 +246,7 @@ class KVLayer(CacheLayerMixin):
                              visible[..., n_encoded:], scaling)
         batch, heads, _, dim = new_k.shape
         decoded_chunk = 2 * batch * heads * min(CHUNK, n_encoded) * dim * 4  # float32 K and V of one chunk
-        return out, decoded_chunk + tail_k.nbytes + tail_v.nbytes
+        return out, None, decoded_chunk + tail_k.nbytes + tail_v.nbytes
 
     def restore(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None,
                 mass: torch.Tensor | None, compute: torch.dtype, transient_bytes: int = 0) -> None:
@@ -422,7 +423,6 @@ class KVCache(Cache):
                  kv_dtype: torch.dtype | None = None, prefill_chunk: int | None = None, fused: bool = False,
                  grow: int = 0):
         self.spec, self.kv_dtype = spec, kv_dtype
-        self.fused = fused and not spec.codec.lossless  # whether decode steps attend over the codes
         self.store = spec.tier.open(planned_bytes, offload_dir)
         self.store.grow = grow
         layers = [KVLayer(spec.retention, spec.codec, self.store, kv_dtype, i, num_layers, prefill_chunk, fused)
@@ -434,6 +434,11 @@ class KVCache(Cache):
         if self.store.offloads:  # each layer prefetches the next; the last one the first, for the next step
             for layer, following in zip(self.layers, self.layers[1:] + self.layers[:1]):
                 layer.next_layer = following
+
+    @property
+    def fused(self) -> bool:
+        """Whether decode steps attend over the codes (as every layer does)."""
+        return bool(self.layers) and self.layers[0].fused
 
     def _note_step(self, transient_bytes: int) -> None:
         resident = sum(layer.resident_bytes for layer in self.layers)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import heapq
 import math
 import random
-import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
