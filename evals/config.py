@@ -99,6 +99,11 @@ class ReportConfig:
         return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+def configs_of(meta: dict) -> list[ReportConfig]:
+    """The ReportConfigs a records file was run with: one per model (files from before model grids hold one)."""
+    return [ReportConfig.from_dict(c) for c in meta.get("configs") or [meta["config"]]]
+
+
 # `kvcompress report --smoke`: the whole pipeline in about a minute on 2 CPU cores (CI runs it); numbers mean nothing
 SMOKE = dict(strategies=["full", "int8", "window:window=64"], tasks=["passkey"], lengths=[256], depths=2,
              max_new_tokens=8, decode_steps=4, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..cache import make_cache
@@ -21,13 +20,15 @@ from ..models import load_model
 from ..provenance import provenance
 from ..strategy import parse_strategy
 from . import reference_text, text_ids
-from .config import ReportConfig
+from .backends import Backend, start
+from .cells import cell_keys
+from .config import ReportConfig, configs_of
 from .fidelity import compare, step_logits
 from .latency import percentile, time_generation
 from .prefill import Prefill
 from .records import RecordStore
 from .report import write_report
-from .tasks import depths, make_case, needle_positions, render, score
+from .tasks import make_case, needle_positions, render, score
 
 
 def _is_allocation_failure(err: BaseException) -> bool:
@@ -48,17 +49,6 @@ def _guarded(base: dict, cell: Callable[[], dict]) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return {**base, "outcome": "allocation_failure", "error": str(err).splitlines()[0][:300]}
-
-
-def cell_keys(config: ReportConfig) -> list[dict]:
-    """Every cell of a run, in the order it runs: recall case by case (strategies innermost, so one prefill of a
-    case's context serves them all), then latency, then fidelity."""
-    cells = [{"kind": "recall", "strategy": strategy, "task": task, "length": length, "depth": depth, "seed": seed,
-              "question": question}
-             for task in config.tasks for length in config.lengths for depth in depths(config.depths)
-             for seed in range(config.seeds) for question in config.questions for strategy in config.strategies]
-    cells += [{"kind": "latency", "strategy": s, "length": length} for length in config.lengths for s in config.strategies]
-    return cells + [{"kind": "fidelity", "strategy": s} for s in config.strategies]
 
 
 def needle_survival(cache, needle: range, kv_heads: int) -> dict:
@@ -111,7 +101,7 @@ class Harness:
     def run(self, base: dict) -> dict:
         if self.skipped and base["kind"] in ("recall", "fidelity"):
             return {**base, "outcome": "skipped", "reason": self.skipped}
-        args = {k: v for k, v in base.items() if k not in ("kind",)}
+        args = {k: v for k, v in base.items() if k not in ("kind", "id", "model")}
         return _guarded(base, lambda: getattr(self, base["kind"])(**args))
 
     def _sync_peak(self) -> None:
@@ -205,20 +195,34 @@ class Harness:
         return compare(self._full_logits, candidate, ids[:, c.fidelity_prefill:].flatten())
 
 
-def run_report(config: ReportConfig | None, out: Path, resume: bool = False, command: list[str] | None = None) -> Path:
-    """Run (or finish, with resume=True) every cell into out/records.jsonl, then write the report. A records file
-    holding no finished cell (a run that failed before its first) is started over."""
+def run_report(config: ReportConfig | list[ReportConfig] | None, out: Path, resume: bool = False,
+               command: list[str] | None = None, backend: Backend | None = None) -> Path:
+    """Run (or finish, with resume=True) every cell into out/records.jsonl, then write the report. `config` may list
+    one ReportConfig per model (a sweep over models: same strategies and cells, rows grouped by model). Resuming with
+    a config (a sweep file widened or narrowed) keeps every record whose cell is still in the grid and runs only the
+    cells it lacks; resuming without one finishes the run as its records describe it. A records file holding no
+    finished cell (a run that failed before its first) is started over."""
     out = Path(out)
+    backend = backend or Backend()
+    configs = [config] if isinstance(config, ReportConfig) else config
+    store = None
     if resume:
         store = RecordStore(out / "records.jsonl")
-        config = ReportConfig.from_dict(store.meta["config"])
-        harness = Harness(config)
-    else:
-        harness = Harness(config)  # a bad model or device fails here, before a records file exists
-        meta = {**provenance(config.model, config.device, command), **harness.dtypes(),
-                "config": dataclasses.asdict(config)}
-        store = RecordStore(out / "records.jsonl", meta)
-    todo = [base for base in cell_keys(config) if RecordStore.key(base) not in store]
-    for base in tqdm(todo, desc="kvcompress report", unit="cell", file=sys.stderr, dynamic_ncols=True):
-        store.append(harness.run(base))
+        configs = configs or configs_of(store.meta)
+    runner = start(backend, configs)  # a bad model or device fails here, before a records file exists
+    try:
+        grid = {"config": dataclasses.asdict(configs[0]), "configs": [dataclasses.asdict(c) for c in configs]}
+        if store is None:
+            meta = {**provenance(configs[0].model, None, command), **runner.describe(), **grid,
+                    "backend": backend.record()}
+            store = RecordStore(out / "records.jsonl", meta)
+        elif {k: store.meta.get(k) for k in grid} != grid:
+            store.replace_meta({**store.meta, **grid})
+        jobs = [(index, cell) for index, c in enumerate(configs) for cell in cell_keys(c) if cell["id"] not in store]
+        per_worker = runner.run(jobs, store.append)
+    finally:
+        runner.close()
+    if backend.name == "ray":
+        for name, s in sorted(per_worker.items()):
+            print(f"  {name} ({s['where']}): {s['cells']} cells, busy {s['busy_s']:.1f} s", file=sys.stderr)
     return write_report(out)

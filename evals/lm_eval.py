@@ -36,6 +36,7 @@ from ..dtypes import dtype_name
 from ..models import _pretrained_source, default_model_dir, load_model
 from ..strategy import AXES, parse_strategy
 from ..units import parse_token_list
+from .backends import Backend, run_tasks
 from .tasks import TASKS, make_case, render, score
 from .tasks import depths as depth_grid
 
@@ -362,7 +363,8 @@ def _with_requests_file(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     """`kvcompress lm-eval ...`: lm-eval's CLI as is, or with `--strategies a,b,c` one run per strategy (a finished
-    one is not redone) and one pressure-transfer table over them."""
+    one is not redone) and one pressure-transfer table over them; `--backend ray [--address A] [--gpus-per-worker G]
+    [--cpus-per-worker C]` runs the strategies as Ray tasks, each on its own GPU (or CPUs), all at once."""
     from ..strategy import split_strategies
 
     strategies = _option(argv, "--strategies")
@@ -378,17 +380,30 @@ def main(argv: list[str]) -> None:
     names = split_strategies(strategies)
     for name in names:
         parse_strategy(name)  # every strategy checked before the first run starts
-    argv = _without(argv, "--strategies", "--model", "--output_path", "--model_args")
+    backend = Backend(**{field: kind(value) for flag, (field, kind) in BACKEND_FLAGS.items()
+                         if (value := _option(argv, flag)) is not None})
+    argv = _without(argv, "--strategies", "--model", "--output_path", "--model_args", *BACKEND_FLAGS)
     if argv and argv[0] == "run":
         argv = argv[1:]
+    runs = []
     for name in names:
-        folder = out / _slug(name)
+        folder = out.resolve() / _slug(name)  # absolute: a Ray worker's working directory is not ours
         if _results_file(folder) is not None:
             print(f"kvcompress lm-eval: {name}: results found in {folder}, not rerun", file=sys.stderr)
             continue
-        run_cli(["run", "--model", "kvcompress", "--model_args", f"{model_args},strategy={name}",
-                 "--output_path", str(folder), *argv])
+        runs.append((["run", "--model", "kvcompress", "--model_args", f"{model_args},strategy={name}",
+                      "--output_path", str(folder), *argv],))
+    if backend.name == "ray":  # one Ray task per strategy, each on a worker's CPUs and GPU; the table is built here
+        run_tasks(backend, usable_device(_option(argv, "--device")), run_cli, runs)
+    else:
+        for args in runs:
+            run_cli(*args)
     print(write_table(out, names, model_args, meta))
+
+
+# `kvcompress lm-eval --strategies ...` flags of its own, beside lm-eval's: where the per-strategy runs execute
+BACKEND_FLAGS = {"--backend": ("name", str), "--address": ("address", str), "--gpus-per-worker": ("gpus_per_worker", float), "--cpus-per-worker": ("cpus_per_worker", float),
+                 "--retries": ("retries", int)}
 
 
 def _without(argv: list[str], *names: str) -> list[str]:

@@ -27,7 +27,7 @@ class RecordStore:
                 raise ValueError(f"output folder {str(self.path.parent)!r} cannot be made: {err.strerror}") from None
             self.meta = {"kind": "meta", "format": FORMAT, **meta}
             self.path.write_text(json.dumps(self.meta) + "\n")
-        self.done = {self.key(r) for r in self.records}
+        self.done = {self.key(r) for r in self.records if self._finished(r)}
 
     def _load(self) -> dict:
         if not self.path.is_file():
@@ -51,12 +51,29 @@ class RecordStore:
         return parsed[0]
 
     @staticmethod
-    def key(record: dict) -> tuple:
+    def key(record: dict) -> str | tuple:
+        """The cell's content-addressed id (records before ids: the cell's coordinates)."""
+        if "id" in record:
+            return record["id"]
         return tuple(record[k] for k in ("kind", "strategy", "task", "length", "depth", "seed", "question")
                      if k in record)
 
-    def __contains__(self, key: tuple) -> bool:
+    @staticmethod
+    def _finished(record: dict) -> bool:
+        return record.get("outcome") != "error"  # a cell whose worker kept dying is tried again on resume
+
+    def __contains__(self, key: str | tuple) -> bool:
         return key in self.done
+
+    def replace_meta(self, meta: dict) -> None:
+        """A new first line (a widened grid), the records kept: written beside and renamed over, so a crash leaves
+        either file whole."""
+        temporary = self.path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in [meta, *self.records]))
+        with temporary.open() as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, self.path)
+        self.meta = meta
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -64,4 +81,5 @@ class RecordStore:
             f.flush()
             os.fsync(f.fileno())
         self.records.append(record)
-        self.done.add(self.key(record))
+        if self._finished(record):
+            self.done.add(self.key(record))

@@ -13,7 +13,8 @@ from ..dtypes import parse_dtype
 from ..models import load_config
 from ..provenance import provenance_lines
 from ..strategy import parse_strategy
-from .config import ReportConfig, Thresholds
+from .cells import cell_keys
+from .config import ReportConfig, Thresholds, configs_of
 from .records import RecordStore
 from . import stats
 from .stats import FAIL, INCONCLUSIVE, paired_recall, proportion_interval, ratio_interval
@@ -62,6 +63,7 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
         decode = _decode_change(lat, lat_full)
         top1_interval = _top1_interval(fidelity.get(strategy))
         row = {
+            "model": config.model,
             "strategy": strategy,
             "question": question,
             "label": strategy if len(config.questions) == 1 else f"{strategy} [question {question}]",
@@ -95,6 +97,7 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
             "overlap": lat and lat.get("overlap"),
             "allocation_failures": sum(1 for r in records if r.get("strategy") == strategy
                                        and r.get("outcome") == "allocation_failure"),
+            "cell_errors": sum(1 for r in records if r.get("strategy") == strategy and r.get("outcome") == "error"),
         }
         row.update(pressures(row, spec, config.thresholds))
         rows.append(row)
@@ -186,6 +189,8 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
     complete = baseline or bool(relieved and created)
     if not complete:
         verdict = "incomplete: cannot name " + ("relieved" if not relieved else "created") + " pressure"
+    if row.get("cell_errors") and not baseline:
+        verdict = f"incomplete: {row['cell_errors']} cells lost with their worker (--resume reruns them); " + verdict
     if row.get("skipped"):
         verdict += f" (memory and latency only: {row['skipped']})"
     return {"relieved": "; ".join(relieved) or "-", "created": "; ".join(created) or "-", "verdict": verdict,
@@ -247,18 +252,29 @@ def table(rows: list[dict], config: ReportConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grid_records(records: list[dict], config: ReportConfig) -> list[dict]:
+    """The records of `config`'s cells: a records file may hold other models' cells and, after a grid was widened or
+    narrowed, cells outside it; a cell whose worker died (`error`) counts until a rerun finishes it."""
+    wanted = {cell["id"] for cell in cell_keys(config)}
+    finished = {r["id"] for r in records if "id" in r and r.get("outcome") != "error"}
+    return [r for r in records if "id" not in r  # files from before content-addressed cells: one grid, all of it
+            or (r["id"] in wanted and (r.get("outcome") != "error" or r["id"] not in finished))]
+
+
 def write_report(out: Path) -> Path:
-    """summary.csv, pressure_transfer.md and the plots from out/records.jsonl; returns the table's path."""
+    """summary.csv, pressure_transfer.md and the plots from out/records.jsonl (a section per model when the run
+    swept several); returns the table's path."""
     out = Path(out)
     store = RecordStore(out / "records.jsonl")
-    config = ReportConfig.from_dict(store.meta["config"])
-    rows = summarize(store.records, config)
-    meta = store.meta
+    meta, configs = store.meta, configs_of(store.meta)
+    sections = [(c, records, summarize(records, c)) for c in configs for records in [grid_records(store.records, c)]]
+    rows = [row for _, _, mine in sections for row in mine]
+    config = configs[0]
     with (out / "summary.csv").open("w", newline="") as f:
         # every row names the run that produced it, so a copied CSV keeps its provenance
-        writer = csv.DictWriter(f, fieldnames=[*rows[0], "command", "model", "device", "git_commit"])
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "command", "device", "git_commit"])
         writer.writeheader()
-        writer.writerows({**r, **{k: meta[k] for k in ("command", "model", "device", "git_commit")}} for r in rows)
+        writer.writerows({**r, **{k: meta[k] for k in ("command", "device", "git_commit")}} for r in rows)
     t = config.thresholds
     dtypes = (f"- dtypes: KV stored as {meta['kv_dtype']}, computed in {meta['compute_dtype']}: {meta['dtype_reason']}; "
               f"weights {meta.get('weights', meta['compute_dtype'])}; every byte counted is a stored byte"
@@ -285,11 +301,16 @@ def write_report(out: Path) -> Path:
     ]
     path = out / "pressure_transfer.md"
     # CommonMark needs a blank line between the list and the table, or the table is swallowed by the last item
-    path.write_text("\n".join(header) + "\n" + table(rows, config))
+    body = (table(rows, config) if len(configs) == 1 else
+            "\n".join(f"## {c.model}\n\n{table(mine, c)}" for c, _, mine in sections))
+    path.write_text("\n".join(header) + "\n" + body)
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     from .plots import plot_all
 
-    plot_all(store.records, rows, config, out)
+    for c, records, mine in sections:  # several models: each model's plots in a folder of its own
+        folder = out if len(configs) == 1 else out / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c.model)
+        folder.mkdir(exist_ok=True)
+        plot_all(records, mine, c, folder)
     return path
 
 
@@ -297,5 +318,6 @@ def terminal_rows(out: Path) -> tuple[list[str], list[list[str]]]:
     """The table's headline columns for a terminal (the Markdown file keeps every column)."""
     rows = json.loads((Path(out) / "summary.json").read_text())["rows"]
     header = ["strategy", "HBM saved", "decode", "recall loss", "top-1, KL", "verdict"]
-    return header, [[r["label"], _fmt(r["hbm_saved_pct"], ".1f", "%"), _decode_cell(r), _recall_cell(r),
+    several = len({r.get("model") for r in rows}) > 1
+    return header, [[f"{r['model']}: {r['label']}" if several else r["label"], _fmt(r["hbm_saved_pct"], ".1f", "%"), _decode_cell(r), _recall_cell(r),
                      _fidelity_cell(r), r["verdict"]] for r in rows]

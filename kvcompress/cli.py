@@ -87,14 +87,15 @@ def _report(args: argparse.Namespace) -> None:
     from .evals.harness import run_report
     from .evals.report import terminal_rows
 
+    backend = _backend(args)
     if args.resume:
         out = _unfinished_run(args.resume)
-        path = run_report(None, out, resume=True, command=args.command_line)
+        path = run_report(None, out, resume=True, command=args.command_line, backend=backend)
     else:
         config = ReportConfig.from_dict({**(SMOKE if args.smoke else {}), **_given(args)})  # checked before any work
         out = Path(args.out) if args.out else _fresh_run_folder("report")
         _check_writable(out, "--out")
-        path = run_report(config, out, command=args.command_line)
+        path = run_report(config, out, command=args.command_line, backend=backend)
     header, rows = terminal_rows(path.parent)
     print_table(header, rows)
     print(f"\nwrote {path} (and records.jsonl, summary.csv, summary.json, plots) in {path.parent}")
@@ -143,17 +144,27 @@ def _check_writable(folder: Path, flag: str) -> None:
         raise ValueError(f"{flag} {str(folder)!r}: the folder is not writable")
 
 
+def _backend(args: argparse.Namespace):
+    from .evals.backends import Backend
+
+    return Backend(args.backend, args.address, args.workers, args.gpus_per_worker, args.cpus_per_worker, args.retries)
+
+
 def _sweep(args: argparse.Namespace) -> None:
     from .evals.harness import run_report
+    from .evals.report import terminal_rows
     from .evals.sweep import load_sweep
 
-    config, out = load_sweep(args.file)
+    configs, out = load_sweep(args.file)
     out = Path(args.out) if args.out else out
     resume = (out / "records.jsonl").exists() and args.resume
     if not resume:
         _check_writable(out, "--out")
-    path = run_report(None if resume else config, out, resume=resume, command=args.command_line)
-    print(path.read_text())
+    # resuming with the file's grid: records of cells still in it are kept, only the missing cells run
+    path = run_report(configs, out, resume=resume, command=args.command_line, backend=_backend(args))
+    header, rows = terminal_rows(path.parent)
+    print_table(header, rows)
+    print(f"\nwrote {path} (and records.jsonl, summary.csv, summary.json, plots) in {path.parent}")
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -367,18 +378,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=LATEST, metavar="DIR",
                    help=f"finish an interrupted run in DIR (alone: the newest unfinished run under {RUNS_DIR}/); "
                         "nothing finished is redone")
+    _backend_flags(p)
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("sweep", help="run a YAML grid of strategy parameters through the report")
+    p = sub.add_parser("sweep", help="run a YAML grid of models and strategy parameters through the report")
     p.add_argument("file")
     p.add_argument("--out", help="output folder (default: the file's `out`)")
-    p.add_argument("--resume", action="store_true", help="finish the sweep's existing records instead of refusing")
+    p.add_argument("--resume", action="store_true", help="run only the cells the output folder lacks (an interrupted "
+                   "sweep, or the file's grid widened) instead of refusing")
+    _backend_flags(p)
     p.set_defaults(func=_sweep)
 
     sub.add_parser("lm-eval", add_help=False,
                    help="lm-evaluation-harness's CLI with --model kvcompress and the kvc_* tasks registered; "
                         "--strategies a,b,c runs each and builds one pressure-transfer table")
     return parser
+
+
+def _backend_flags(p: argparse.ArgumentParser) -> None:
+    from .evals.backends import BACKENDS, Backend
+
+    p.add_argument("--backend", choices=BACKENDS, default="local", help="where cells run: local (this process) or ray "
+                   "(workers on the GPUs of a node or a Ray cluster; the driver alone writes the records)")
+    p.add_argument("--address", help="ray: a running cluster (auto, or HOST:PORT); default: start Ray on this machine")
+    p.add_argument("--workers", type=int, help="ray: workers to start, each loading the model once "
+                   "(default: as many as the cluster's CPUs and GPUs hold)")
+    p.add_argument("--gpus-per-worker", type=float, help="ray: GPUs each worker holds (default: 1 with --device cuda, "
+                   "else 0)")
+    p.add_argument("--cpus-per-worker", type=float, default=Backend.cpus_per_worker, help="ray: CPUs each worker holds "
+                   "(and the threads it computes with) (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=Backend.retries, help="ray: times a cell whose worker died is rerun "
+                   "before it is recorded as error (default: %(default)s)")
 
 
 def _token_counts(text: str) -> list[int]:

@@ -34,11 +34,12 @@ def device_name(device: str | torch.device) -> str:
     return f"{cpu or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def provenance(model: str, device: str | torch.device, command: list[str] | None = None) -> dict:
+def provenance(model: str, device: str | torch.device | None, command: list[str] | None = None) -> dict:
+    """device None: the caller adds it (a Ray run names its workers' device, not the driver's)."""
     return {
         "command": shlex.join(command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": model,
-        "device": device_name(device),
+        **({} if device is None else {"device": device_name(device)}),
         # a copy of the repo without .git (a GPU box) names its commit through the environment
         "git_commit": _git("rev-parse", "HEAD") or os.environ.get("KVCOMPRESS_GIT_COMMIT", ""),
         # results/ holds outputs, not code: a run writing there does not make the code that ran dirty

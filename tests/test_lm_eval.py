@@ -171,3 +171,19 @@ def test_strategies_fidelity_is_cached_per_strategy(tmp_path, monkeypatch):
     run("pretrained=default,dtype=bfloat16")  # another setting: every strategy is measured again
     assert computed == [("full", "torch.bfloat16"), ("window:window=64", "torch.bfloat16")]
     assert json.loads((out / "full" / "fidelity.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_strategies_run_as_ray_tasks(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray", reason="the ray backend needs ray")
+    _offline(monkeypatch)
+    monkeypatch.setattr(fidelity, "step_logits", lambda model, ids, strategy, prefill: torch.zeros(
+        ids.shape[0] * (ids.shape[1] - prefill), model.config.vocab_size))  # the driver's part; lm-eval runs on Ray
+    out = tmp_path / "strategies"
+    main(["lm-eval", "--strategies", "full,window:window=64", "--model_args", "pretrained=default,dtype=float32",
+          "--tasks", "kvc_passkey", "--metadata", json.dumps({"lengths": [120], "depths": 1}), "--device", "cpu",
+          "--output_path", str(out), "--backend", "ray", "--cpus-per-worker", "1"])
+    assert not ray.is_initialized()  # the run stopped the Ray it started
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [r["strategy"] for r in rows] == ["full", "window:window=64"]
+    for folder in ("full", "window_window_64"):  # each strategy's lm-eval run wrote its results and request records
+        assert list((out / folder).glob("**/results_*.json")) and (out / folder / "kvcompress_requests.jsonl").exists()

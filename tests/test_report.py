@@ -1,6 +1,7 @@
 """The eval harness and the pressure-transfer report, on the default model with a tiny grid."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -249,16 +250,37 @@ def test_bad_report_settings():
 
 
 def test_sweeps_expand_their_grids(tmp_path):
-    config, out = load_sweep("experiments/sweep_retention.yaml")
+    (config,), out = load_sweep("experiments/sweep_retention.yaml")
     assert config.strategies == ["full", "window:window=128", "window:window=256", "window:window=512",
                                  "sink:sinks=1,window=252", "sink:window=252", "sink:sinks=16,window=252"]
     assert str(out) == "results/sweeps/retention"
-    config, _ = load_sweep("experiments/sweep_int8.yaml")
+    (config,), _ = load_sweep("experiments/sweep_int8.yaml")
     assert len(config.strategies) == 1 + 9
     bad = tmp_path / "bad.yaml"
     bad.write_text("sweep:\n  - template: 'window:window={w}'\n    grid: {size: [1]}\n")
     with pytest.raises(ValueError, match="template uses 'w' but its grid has no such key"):
         load_sweep(bad)
+
+
+def test_sweep_files_vary_any_axis_over_several_models(tmp_path):
+    sweep = tmp_path / "axes.yaml"
+    sweep.write_text("models: [default, random:tiny]\nstrategies: [int8, 'sink+int8', fp8]\n"
+                     "grid: {sink.window: [128, 256], int8.group: [0, 32]}\n"
+                     "sweep:\n  - template: 'window:window={w}'\n    grid: {w: [64]}\n")
+    configs, out = load_sweep(sweep)
+    assert [c.model for c in configs] == ["default", "random:tiny"] and str(out) == "results/sweeps/axes"
+    assert configs[0].strategies == configs[1].strategies == [
+        "full", "int8", "int8:group=32", "sink:window=128+int8", "sink:window=128+int8:group=32",
+        "sink:window=256+int8", "sink:window=256+int8:group=32", "fp8", "window:window=64"]  # group=0 is int8's default
+    for text, message in [("strategies: [int8]\ngrid: {int8.size: [1]}", "int8 has no parameter 'size'; allowed: "),
+                          ("strategies: [int8]\ngrid: {window: [1]}", "must be <member>.<parameter>"),
+                          ("strategies: [int8]\ngrid: {sink.window: [1]}", "sink.window vary none of the strategies"),
+                          ("grid: {sink.window: [1]}", "'grid' varies the listed 'strategies'"),
+                          ("models: [default, default]\nstrategies: [int8]", "lists a model twice"),
+                          ("strategies: [int8]\nmodel: default", "unknown top-level key")]:
+        sweep.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_sweep(sweep)
 
 
 def test_fidelity_text_from_a_file(tmp_path):

@@ -95,7 +95,7 @@ def test_cuda_without_cuda_is_one_line():
 def test_token_counts_parse_the_same_everywhere(tmp_path):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("sweep:\n  - template: 'window:window={w}'\n    grid: {w: [64]}\nreport: {lengths: [512, 4k], context: 32k}\n")
-    config, _ = load_sweep(sweep)
+    (config,), _ = load_sweep(sweep)
     assert config.lengths == [512, 4096] and config.context == 32768
     assert ReportConfig(lengths="1k,1.5k").lengths == [1024, 1536]
     with pytest.raises(ValueError, match="lengths must be an integer or NNk"):

@@ -1,0 +1,331 @@
+"""Where a run's cells execute: in this process (`local`, the default) or on Ray actors (`ray`: the GPUs of a node,
+or a cluster started with `ray start`, KubeRay or inside a Slurm allocation). Either way a worker loads its model once
+and runs many cells, and the driver is the only writer of records.jsonl: every finished cell comes back to it and is
+appended and fsynced before the next.
+
+On Ray a worker that dies (killed, out of memory, node lost) has its in-flight cells re-run on a fresh worker, up to
+`retries` times, after which the cell is recorded as `error` with the reason (a resumed run tries it again); an
+allocation failure inside a cell is an outcome (`allocation_failure`), never retried; any other exception in a cell
+stops the run, as it does locally. Ctrl-C (or any error) kills the workers and, when the run started Ray itself,
+stops it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from ..provenance import device_name
+from .config import ReportConfig
+
+BACKENDS = ("local", "ray")
+Job = tuple[int, dict]  # (index of the run's ReportConfig, cell)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str = "local"
+    address: str | None = None  # ray: None starts Ray on this machine; "auto" or HOST:PORT joins a running cluster
+    workers: int | None = None  # ray: actors to start (default: as many as the cluster's resources hold)
+    gpus_per_worker: float | None = None  # default: 1 when the run's device is CUDA, else 0
+    cpus_per_worker: float = 1
+    retries: int = 2  # re-runs of a cell whose worker died, before it is recorded as `error`
+
+    def __post_init__(self):
+        if self.name not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.name!r}")
+        if self.name == "local" and (self.address or self.workers or self.gpus_per_worker):
+            raise ValueError("--address, --workers and --gpus-per-worker need --backend ray")
+        if self.workers is not None and self.workers <= 0:
+            raise ValueError(f"workers must be a positive number of Ray actors, got {self.workers}")
+        if self.cpus_per_worker <= 0 or (self.gpus_per_worker or 0) < 0 or self.retries < 0:
+            raise ValueError("cpus_per_worker must be positive, gpus_per_worker and retries not negative")
+
+    def record(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+class Worker:
+    """One model loaded once, many cells: in this process (local) or as a Ray actor. A cell of another model loads
+    that model in place of the last (cells arrive grouped by model, so that happens once per model)."""
+
+    def __init__(self, config: dict, threads: int | None = None):
+        from .harness import Harness
+
+        if threads:  # a Ray actor computes on the CPUs it was given, not on every core of the node
+            torch.set_num_threads(threads)
+        self.config = config
+        self.harness = Harness(ReportConfig.from_dict(config))
+
+    def describe(self) -> dict:
+        """What the records' meta says about the machine: its device and dtypes (a Ray worker's, not the driver's)."""
+        return {"device": device_name(self.harness.config.device), "host": socket.gethostname(), **self.harness.dtypes()}
+
+    def run(self, config: dict, cell: dict) -> dict:
+        from .harness import Harness
+
+        if config != self.config:
+            self.harness = None  # the last model goes before the next one loads
+            self.config, self.harness = config, Harness(ReportConfig.from_dict(config))
+        started = time.perf_counter()
+        record = self.harness.run(cell)
+        return {**record, "cell_s": round(time.perf_counter() - started, 4)}
+
+
+def units(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs that run best on one worker, in order: a recall case's strategies (one prefill serves them all), a
+    length's latency cells (each ratio against `full` timed on one device), one fidelity cell each."""
+    def group(job: Job) -> tuple:
+        index, cell = job
+        if cell["kind"] == "recall":
+            return index, "recall", cell["task"], cell["length"], cell["depth"], cell["seed"], cell["question"]
+        return index, cell["kind"], cell.get("length"), cell["strategy"] if cell["kind"] == "fidelity" else None
+
+    grouped: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        grouped.setdefault(group(job), []).append(job)
+    return list(grouped.values())
+
+
+class Progress:
+    """One bar for the whole grid: cells done, failed and running, with its ETA; and what each worker did."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = tqdm(total=total, desc=desc, unit="cell", file=sys.stderr, dynamic_ncols=True)
+        self.failed, self.per_worker = 0, collections.defaultdict(lambda: {"cells": 0, "busy_s": 0.0, "where": ""})
+
+    def done(self, record: dict, worker: str, where: str, running: int) -> None:
+        self.failed += record.get("outcome") not in ("ok", "skipped")
+        stats = self.per_worker[worker]
+        stats["cells"] += 1
+        stats["busy_s"] += record.get("cell_s", 0.0)
+        stats["where"] = where
+        self.bar.set_postfix_str(f"failed {self.failed}, running {running}", refresh=False)
+        self.bar.update(1)
+
+
+class LocalRunner:
+    def __init__(self, backend: Backend, configs: list[ReportConfig]):
+        self.worker = Worker(dataclasses.asdict(configs[0]))  # a bad model or device fails here, before any record
+        self.configs = [dataclasses.asdict(c) for c in configs]
+        self.described = self.worker.describe()
+
+    def describe(self) -> dict:
+        return self.described
+
+    def run(self, jobs: list[Job], append: Callable[[dict], None]) -> dict:
+        progress = Progress(len(jobs), "kvcompress report")
+        try:
+            for index, cell in jobs:
+                record = self.worker.run(self.configs[index], cell)
+                append(record)
+                progress.done(record, "local", self.described["device"], 1)
+        finally:
+            progress.bar.close()
+        return dict(progress.per_worker)
+
+    def close(self) -> None:
+        self.worker = None
+
+
+class WorkerLoadError(ValueError):
+    """A worker could not start (its model does not load, say): the same on every worker, so the run stops."""
+
+
+def _cause(err: BaseException) -> str:
+    """The last line of a Ray error that names the exception ('ValueError: unknown model ...'), not its traceback."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if ": " in line and line.split(":", 1)[0].replace(".", "").isidentifier()
+             and not line.startswith(("class_name", "actor_id", "pid", "name", "namespace", "ip"))]
+    return (named or lines or [type(err).__name__])[-1][:500]
+
+
+def connect(backend: Backend, device: str):
+    """Ray, joined or started here (then `started` is True: whoever connects stops it), and the GPUs each worker
+    holds."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--backend ray needs Ray: pip install 'kvcompress[ray]' (or pip install ray)") from None
+    if device.startswith("cuda:"):
+        raise ValueError(f"device {device!r}: on --backend ray give --device cuda; Ray hands each worker its GPU")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=backend.address, include_dashboard=False, log_to_driver=False)
+    return ray, started, backend.gpus_per_worker if backend.gpus_per_worker is not None else float(device == "cuda")
+
+
+def _fits(ray, backend: Backend, gpus: float) -> int:
+    """Workers the cluster holds now, or an error when not one fits (Ray would otherwise wait for it forever)."""
+    resources = ray.cluster_resources()
+    fits = min(resources.get("CPU", 0) // backend.cpus_per_worker,
+               resources.get("GPU", 0) // gpus if gpus else math.inf)
+    if fits < 1:
+        raise ValueError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} "
+                         f"GPUs: not one worker of {backend.cpus_per_worker:g} CPUs and {gpus:g} GPUs "
+                         f"fits (--cpus-per-worker, --gpus-per-worker)")
+    return int(fits)
+
+
+def _threaded(threads: int, function: Callable, *args):
+    torch.set_num_threads(threads)
+    return function(*args)
+
+
+def run_tasks(backend: Backend, device: str, function: Callable, calls: list[tuple]) -> list:
+    """function(*args) for each of `calls` as Ray tasks, each holding a worker's CPUs and GPUs; results in order.
+    Ctrl-C cancels them."""
+    ray, started, gpus = connect(backend, device)
+    try:
+        _fits(ray, backend, gpus)
+        task = ray.remote(_threaded).options(num_cpus=backend.cpus_per_worker, num_gpus=gpus,
+                                             max_retries=backend.retries)
+        refs = [task.remote(max(1, int(backend.cpus_per_worker)), function, *args) for args in calls]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as err:
+            raise err.as_instanceof_cause() from None
+        finally:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class RayRunner:
+    def __init__(self, backend: Backend, configs: list[ReportConfig]):
+        self.actors: dict[str, object] = {}
+        self.ray, self.started, self.gpus = connect(backend, configs[0].device)
+        self.backend, self.configs = backend, [dataclasses.asdict(c) for c in configs]
+        self.count = 0
+        try:
+            fits = _fits(self.ray, backend, self.gpus)
+            self.size = backend.workers or fits
+            if self.size > fits:
+                print(f"kvcompress: {self.size} workers asked, the cluster holds {int(fits)} now; the others start "
+                      f"when resources appear", file=sys.stderr)
+            self.actor_class = self.ray.remote(Worker)
+            self.ready: dict = {}  # describe() call -> worker, until the worker has loaded its model
+            self.where: dict[str, str] = {}
+            for _ in range(self.size):
+                self._spawn()
+            self.first = self._wait_ready(block=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self) -> None:
+        name = f"worker-{self.count}"
+        self.count += 1
+        actor = self.actor_class.options(name=f"kvcompress-{name}", num_cpus=self.backend.cpus_per_worker,
+                                         num_gpus=self.gpus, max_restarts=0).remote(
+            self.configs[0], max(1, int(self.backend.cpus_per_worker)))
+        self.actors[name] = actor
+        self.ready[actor.describe.remote()] = name
+
+    def _wait_ready(self, block: bool) -> dict | None:
+        """Workers whose model has loaded join the pool; one that could not load it stops the run, clearly."""
+        described = None
+        while self.ready:
+            done, _ = self.ray.wait(list(self.ready), num_returns=1, timeout=None if block else 0)
+            if not done:
+                break
+            name = self.ready.pop(done[0])
+            try:
+                described = self.ray.get(done[0])
+            except self.ray.exceptions.RayError as err:
+                raise WorkerLoadError(f"Ray worker {name} could not start (model "
+                                      f"{self.configs[0]['model']!r}): {_cause(err)}") from None
+            self.where[name] = f"{described['host']}, {described['device']}"
+            block = False
+        return described
+
+    def describe(self) -> dict:
+        return {**self.first, "workers": self.size}
+
+    def run(self, jobs: list[Job], append: Callable[[dict], None]) -> dict:
+        ray = self.ray
+        queue = collections.deque(units(jobs))
+        attempts: collections.Counter = collections.Counter()
+        inflight: dict = {}  # result ref -> (worker, job), in the order each worker runs them
+        progress = Progress(len(jobs), f"kvcompress on Ray ({self.size} workers)")
+        try:
+            while queue or inflight:
+                self._wait_ready(block=False)
+                busy = {worker for worker, _ in inflight.values()}
+                for name in [n for n in self.where if n in self.actors and n not in busy]:
+                    if queue:
+                        for job in queue.popleft():
+                            inflight[self.actors[name].run.remote(self.configs[job[0]], job[1])] = (name, job)
+                if not inflight:  # work is queued but no worker has loaded its model yet
+                    self._wait_ready(block=True)
+                    continue
+                done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                for ref in done:
+                    if ref not in inflight:
+                        continue  # a dead worker's call, already handed back
+                    name, job = inflight[ref]
+                    try:
+                        record = ray.get(ref)
+                    except ray.exceptions.RayActorError as err:  # the worker died: its cells go to another
+                        lost = [(r, j) for r, (n, j) in inflight.items() if n == name]
+                        for r, _ in lost:
+                            del inflight[r]
+                        self._worker_died(name, err, [j for _, j in lost], queue, attempts, append, progress, inflight)
+                        continue
+                    except ray.exceptions.RayTaskError as err:
+                        raise err.as_instanceof_cause() from None
+                    del inflight[ref]
+                    if attempts[job[1]["id"]]:
+                        record["attempt"] = attempts[job[1]["id"]] + 1
+                    append({**record, "worker": name})
+                    progress.done(record, name, self.where.get(name, "?"), len({n for n, _ in inflight.values()}))
+        finally:
+            progress.bar.close()
+        return {name: {**stats, "where": self.where.get(name, "?")} for name, stats in progress.per_worker.items()}
+
+    def _worker_died(self, name, err, lost: list[Job], queue, attempts, append, progress, inflight) -> None:
+        del self.actors[name]
+        reason = _cause(err)
+        out_of_memory = isinstance(err, self.ray.exceptions.OutOfMemoryError) or "memory" in str(err).lower()
+        retry = []
+        for position, (index, cell) in enumerate(lost):
+            if out_of_memory and position == 0:  # the cell it was running ran it out of memory: an outcome
+                record = {**cell, "outcome": "allocation_failure", "error": f"{name} killed: {reason}"}
+            elif attempts[cell["id"]] >= self.backend.retries:
+                record = {**cell, "outcome": "error", "error": f"{name} died {attempts[cell['id']] + 1} times: {reason}"}
+            else:
+                attempts[cell["id"]] += 1
+                retry.append((index, cell))
+                continue
+            append(record)
+            progress.done(record, name, self.where.get(name, "?"), len({n for n, _ in inflight.values()}))
+        if retry:
+            queue.appendleft(retry)
+        if queue or retry:
+            print(f"kvcompress: {name} died ({reason}); {len(retry)} cells go to a fresh worker", file=sys.stderr)
+            self._spawn()
+
+    def close(self) -> None:
+        for actor in getattr(self, "actors", {}).values():
+            try:
+                self.ray.kill(actor)
+            except Exception:  # noqa: BLE001  (already gone)
+                pass
+        self.actors = {}
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def start(backend: Backend, configs: list[ReportConfig]) -> LocalRunner | RayRunner:
+    return (RayRunner if backend.name == "ray" else LocalRunner)(backend, configs)

@@ -1,0 +1,41 @@
+"""A run's cells and their content-addressed ids: what resume, retries, widened grids and the report go by."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .. import __version__
+from .config import ReportConfig
+from .tasks import depths
+
+# The settings each kind of cell reads, beside the model and dtypes every cell reads: a cell's id hashes these and
+# nothing else, so changing a guardrail or the at-scale column reruns nothing, and changing decode steps reruns
+# only latency cells.
+COMMON_SETTINGS = ("model", "device", "kv_dtype", "compute_dtype", "weights")
+CELL_SETTINGS = {"recall": ("max_new_tokens", "prefill_chunk"), "latency": ("decode_steps",),
+                 "fidelity": ("fidelity_windows", "fidelity_prefill", "fidelity_steps", "fidelity_text")}
+
+
+def cell_id(config: ReportConfig, cell: dict) -> str:
+    """A hash of everything that determines the cell's result (model, dtypes, weights, strategy, task, length,
+    depth, seed, the harness settings it reads, the package version): resume, retries and widened grids go by it."""
+    settings = {name: getattr(config, name) for name in COMMON_SETTINGS + CELL_SETTINGS[cell["kind"]]}
+    if settings.get("fidelity_text"):  # the text, not where it lies
+        settings["fidelity_text"] = hashlib.sha256(Path(config.fidelity_text).read_bytes()).hexdigest()
+    cell = {k: v for k, v in cell.items() if k not in ("id", "model")}
+    payload = json.dumps({"cell": cell, "settings": settings, "kvcompress": __version__}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cell_keys(config: ReportConfig) -> list[dict]:
+    """Every cell of a run, each with its id, in the order it runs: recall case by case (strategies innermost, so
+    one prefill of a case's context serves them all), then latency, then fidelity."""
+    cells = [{"kind": "recall", "strategy": strategy, "task": task, "length": length, "depth": depth, "seed": seed,
+              "question": question}
+             for task in config.tasks for length in config.lengths for depth in depths(config.depths)
+             for seed in range(config.seeds) for question in config.questions for strategy in config.strategies]
+    cells += [{"kind": "latency", "strategy": s, "length": length} for length in config.lengths for s in config.strategies]
+    cells += [{"kind": "fidelity", "strategy": s} for s in config.strategies]
+    return [{"id": cell_id(config, cell), "model": config.model, **cell} for cell in cells]

@@ -1,0 +1,133 @@
+"""Sweeps on the `ray` backend: a local Ray of 2 CPUs started by the run itself (and stopped by it), 2 workers."""
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from kvcompress.evals.backends import Backend
+from kvcompress.evals.cells import cell_keys
+from kvcompress.evals.config import ReportConfig
+from kvcompress.evals.harness import run_report
+from kvcompress.evals.records import RecordStore
+
+ray = pytest.importorskip("ray", reason="the ray backend needs ray (pip install -e '.[test]')")
+
+RAY = Backend("ray", workers=2)
+# random weights: recall and fidelity cells are recorded as skipped at once; latency cells time a real decode
+TINY = dict(model="random:tiny", strategies=["full", "int8", "window:window=32"], tasks=["passkey"], lengths=[64, 96],
+            depths=2, decode_steps=4)
+
+
+def _records(folder):
+    return [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()][1:]
+
+
+def _ray_processes() -> list[str]:
+    return subprocess.run(["pgrep", "-f", "ray/core/src/ray/(raylet|gcs)"], capture_output=True, text=True).stdout.split()
+
+
+@pytest.fixture(autouse=True)
+def no_ray_left_behind():
+    assert not ray.is_initialized() and not _ray_processes(), "a Ray cluster was running before the test"
+    yield
+    assert not ray.is_initialized()
+    deadline = time.time() + 20
+    while _ray_processes() and time.time() < deadline:  # the raylet exits a moment after shutdown returns
+        time.sleep(0.5)
+    assert not _ray_processes(), "the test left Ray processes behind"
+
+
+def _appends(monkeypatch) -> list[dict]:
+    appended = []
+    original = RecordStore.append
+    monkeypatch.setattr(RecordStore, "append", lambda self, r: (appended.append(r), original(self, r)))
+    return appended
+
+
+@pytest.mark.slow
+def test_ray_runs_the_same_cells_with_the_same_recall_outcomes_as_local(tmp_path):
+    config = ReportConfig(strategies=["full", "int8", "window:window=64"], tasks=["passkey"], lengths=[256], depths=3,
+                          max_new_tokens=16, decode_steps=4, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8,
+                          compute_dtype="float32")
+    run_report(config, tmp_path / "local")
+    run_report(config, tmp_path / "ray", backend=RAY)
+    local, on_ray = _records(tmp_path / "local"), _records(tmp_path / "ray")
+    assert sorted(r["id"] for r in local) == sorted(r["id"] for r in on_ray) == sorted(c["id"] for c in cell_keys(config))
+    outcome = {r["id"]: (r["outcome"], r.get("correct"), r.get("output")) for r in local if r["kind"] == "recall"}
+    assert outcome == {r["id"]: (r["outcome"], r.get("correct"), r.get("output")) for r in on_ray if r["kind"] == "recall"}
+    assert {r["worker"] for r in on_ray} == {"worker-0", "worker-1"}  # both workers ran cells
+    assert any(r["correct"] for r in on_ray if r["kind"] == "recall")  # the outcomes compared are not all misses
+    meta = json.loads((tmp_path / "ray" / "records.jsonl").read_text().splitlines()[0])
+    assert meta["backend"] == {"name": "ray", "workers": 2, "cpus_per_worker": 1, "retries": 2}
+    assert meta["device"].endswith("(1 threads)")  # a worker's device, computing on the one CPU it was given
+
+
+def test_a_killed_worker_loses_no_cell(tmp_path, monkeypatch):
+    # latency cells of one length run as one unit on one worker: killing it when its first one comes back leaves
+    # the others in flight (each times 64 decode steps)
+    config = ReportConfig(**{**TINY, "decode_steps": 64,
+                             "strategies": ["full", "int8", "fp8", "int4", "window:window=32", "window:window=48"]})
+    original, killed = RecordStore.append, []
+
+    def kill_on_first_latency(self, record):
+        original(self, record)
+        if record["kind"] == "latency" and not killed:
+            killed.append(record["worker"])
+            ray.kill(ray.get_actor(f"kvcompress-{record['worker']}"))
+
+    monkeypatch.setattr(RecordStore, "append", kill_on_first_latency)
+    run_report(config, tmp_path, backend=RAY)
+    records = _records(tmp_path)
+    assert sorted(r["id"] for r in records) == sorted(c["id"] for c in cell_keys(config))  # each cell once, none lost
+    assert all(r["outcome"] in ("ok", "skipped") for r in records)
+    retried = [r for r in records if r.get("attempt") == 2]
+    assert retried and all(r["kind"] == "latency" and r["worker"] not in killed for r in retried)
+
+
+def test_an_interrupted_sweep_resumes_only_the_missing_cells_and_a_widened_grid_only_the_new(tmp_path, monkeypatch):
+    config = ReportConfig(**TINY)
+    original, written = RecordStore.append, []
+
+    def stop_after_five(self, record):
+        original(self, record)
+        written.append(record)
+        if len(written) == 5:
+            raise KeyboardInterrupt  # Ctrl-C in the driver
+
+    monkeypatch.setattr(RecordStore, "append", stop_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_report(config, tmp_path, backend=RAY)
+    assert len(_records(tmp_path)) == 5 and not ray.is_initialized()  # the run stopped the Ray it started
+
+    monkeypatch.setattr(RecordStore, "append", original)
+    appended = _appends(monkeypatch)
+    run_report(None, tmp_path, resume=True, backend=RAY)
+    everything = {c["id"] for c in cell_keys(config)}
+    assert len(appended) == len(everything) - 5 and {r["id"] for r in _records(tmp_path)} == everything
+
+    wider = ReportConfig(**{**TINY, "strategies": [*TINY["strategies"], "fp8"], "lengths": [64, 96, 128]})
+    appended.clear()
+    run_report(wider, tmp_path, resume=True, backend=RAY)
+    new = {c["id"] for c in cell_keys(wider)} - everything
+    assert {r["id"] for r in appended} == new and len(appended) == len(new)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["strategy"] for r in summary["rows"]] == wider.strategies and summary["meta"]["config"]["lengths"] == [64, 96, 128]
+
+
+def test_a_model_that_does_not_load_on_a_worker_is_one_clear_error(tmp_path):
+    config = ReportConfig(**{**TINY, "model": "random:no-such-arch"})
+    with pytest.raises(ValueError, match=r"Ray worker worker-\d could not start \(model 'random:no-such-arch'\): "
+                                         r"ValueError: .*no-such-arch"):
+        run_report(config, tmp_path, backend=RAY)
+    assert not (tmp_path / "records.jsonl").exists()
+
+
+def test_bad_backend_settings_name_the_flag():
+    with pytest.raises(ValueError, match="backend must be one of local, ray, got 'slurm'"):
+        Backend("slurm")
+    with pytest.raises(ValueError, match="--workers and --gpus-per-worker need --backend ray"):
+        Backend("local", workers=2)
+    with pytest.raises(ValueError, match="workers must be a positive number"):
+        Backend("ray", workers=0)
