@@ -12,6 +12,7 @@ from kvcompress.evals.harness import run_report
 from kvcompress.evals.records import RecordStore
 from kvcompress.evals.report import COLUMNS, pressures
 from kvcompress.evals.stats import paired_recall
+from kvcompress.evals.cells import cell_keys
 from kvcompress.evals.sweep import load_sweep
 from kvcompress.evals.tasks import TASKS, depths, make_case, render, score
 from kvcompress.strategy import parse_strategy
@@ -289,3 +290,19 @@ def test_fidelity_text_from_a_file(tmp_path):
     harness = harness_module.Harness(ReportConfig(**TINY, fidelity_text=str(text)))
     ids = harness._text_ids(12)
     assert ids.shape == (1, 12) and harness.tokenizer.decode(ids[0]).startswith("Call me Ishmael")
+
+
+def test_a_run_over_two_models_reports_each_in_its_own_section(tmp_path):
+    configs = [ReportConfig(**{**TINY, "model": model, "strategies": ["full", "window:window=64"]})
+               for model in ("random:tiny", "default")]
+    path = run_report(configs, tmp_path)
+    records = _records(tmp_path)[1:]
+    assert {r["model"] for r in records} == {"random:tiny", "default"}
+    assert sorted(r["id"] for r in records) == sorted(c["id"] for config in configs for c in cell_keys(config))
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert [(r["model"], r["strategy"]) for r in rows] == [(m, s) for m in ("random:tiny", "default")
+                                                           for s in ("full", "window:window=64")]
+    tiny_window, default_window = rows[1], rows[3]
+    assert tiny_window["recall_n"] == 0 and default_window["recall_n"] == 2  # each model's own cells, none mixed
+    text = path.read_text()
+    assert text.index("## random:tiny") < text.index("## default") and (tmp_path / "default" / "pareto.png").exists()

@@ -75,6 +75,8 @@ def test_a_run_that_finished_nothing_starts_over(tmp_path):
     (["--model", "/path/that/does/not/exist"], "model '/path/that/does/not/exist': no such directory"),
     (["--strategies", "full,sinc"], "unknown strategy part 'sinc'.*Did you mean 'sink'"),
     (["--lengths", "4q"], None),  # argparse: names --lengths and exits 2
+    (["--workers", "2"], "--address, --workers and --gpus-per-worker need --backend ray"),
+    (["--backend", "ray", "--device", "cuda:1"], "device 'cuda:1': on --backend ray give --device cuda"),
 ])
 def test_bad_report_input_is_one_line(argv, message, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
