@@ -268,6 +268,8 @@ class RayRunner:
                         for job in queue.popleft():
                             inflight[self.actors[name].run.remote(self.configs[job[0]], job[1])] = (name, job)
                 if not inflight:  # work is queued but no worker has loaded its model yet
+                    if not self.ready:
+                        raise RuntimeError("no Ray worker is alive or starting, and cells are left: resume the run")
                     self._wait_ready(block=True)
                     continue
                 done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)

@@ -218,7 +218,7 @@ def run_report(config: ReportConfig | list[ReportConfig] | None, out: Path, resu
             store = RecordStore(out / "records.jsonl", meta)
         elif {k: store.meta.get(k) for k in grid} != grid:
             store.replace_meta({**store.meta, **grid})
-        jobs = [(index, cell) for index, c in enumerate(configs) for cell in cell_keys(c) if cell["id"] not in store]
+        jobs = [(index, cell) for index, c in enumerate(configs) for cell in cell_keys(c) if not store.has(cell)]
         per_worker = runner.run(jobs, store.append)
     finally:
         runner.close()

@@ -53,17 +53,20 @@ class RecordStore:
     @staticmethod
     def key(record: dict) -> str | tuple:
         """The cell's content-addressed id (records before ids: the cell's coordinates)."""
-        if "id" in record:
-            return record["id"]
+        return record["id"] if "id" in record else RecordStore.coordinates(record)
+
+    @staticmethod
+    def coordinates(record: dict) -> tuple:
         return tuple(record[k] for k in ("kind", "strategy", "task", "length", "depth", "seed", "question")
                      if k in record)
+
+    def has(self, cell: dict) -> bool:
+        """Whether `cell` finished here: by its id, or by its coordinates in a file written before ids."""
+        return cell["id"] in self.done or self.coordinates(cell) in self.done
 
     @staticmethod
     def _finished(record: dict) -> bool:
         return record.get("outcome") != "error"  # a cell whose worker kept dying is tried again on resume
-
-    def __contains__(self, key: str | tuple) -> bool:
-        return key in self.done
 
     def replace_meta(self, meta: dict) -> None:
         """A new first line (a widened grid), the records kept: written beside and renamed over, so a crash leaves

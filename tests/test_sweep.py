@@ -48,7 +48,7 @@ def _appends(monkeypatch) -> list[dict]:
 
 @pytest.mark.slow
 def test_ray_runs_the_same_cells_with_the_same_recall_outcomes_as_local(tmp_path):
-    config = ReportConfig(strategies=["full", "int8", "window:window=64"], tasks=["passkey"], lengths=[256], depths=3,
+    config = ReportConfig(strategies=["full", "window:window=64"], tasks=["passkey"], lengths=[256], depths=3,
                           max_new_tokens=16, decode_steps=4, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8,
                           compute_dtype="float32")
     run_report(config, tmp_path / "local")
