@@ -8,9 +8,9 @@ our task directory as lm-eval's --include_path, then hands the arguments to lm-e
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
+import statistics
 import sys
 import time
 import warnings
@@ -37,12 +37,12 @@ from ..models import _pretrained_source, default_model_dir, load_model
 from ..strategy import AXES, parse_strategy
 from ..units import parse_token_list
 from .backends import Backend, run_tasks
+from .records import FORMAT
 from .tasks import TASKS, make_case, render, score
 from .tasks import depths as depth_grid
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 REQUESTS_FILE = "kvcompress_requests.jsonl"
-FIDELITY_FILE = "fidelity.json"
 _STRATEGY_KEYS = {f.name for registry in AXES.values() for name in registry.names()
                   for f in dataclasses.fields(registry.get(name)) if f.init}
 
@@ -392,13 +392,13 @@ def main(argv: list[str]) -> None:
             print(f"kvcompress lm-eval: {name}: results found in {folder}, not rerun", file=sys.stderr)
             continue
         runs.append((["run", "--model", "kvcompress", "--model_args", f"{model_args},strategy={name}",
-                      "--output_path", str(folder), *argv],))
+                      "--output_path", str(folder), *argv, *([] if "--log_samples" in argv else ["--log_samples"])],))
     if backend.name == "ray":  # one Ray task per strategy, each on a worker's CPUs and GPU; the table is built here
         run_tasks(backend, usable_device(_option(argv, "--device")), run_cli, runs)
     else:
         for args in runs:
             run_cli(*args)
-    print(write_table(out, names, model_args, meta))
+    print(write_table(out, names, model_args, meta, usable_device(_option(argv, "--device"))).read_text())
 
 
 # `kvcompress lm-eval --strategies ...` flags of its own, beside lm-eval's: where the per-strategy runs execute
@@ -427,136 +427,91 @@ def _results_file(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def fidelity(out: Path, strategies: list[str], model, tokenizer, pretrained: str) -> dict[str, dict]:
-    """Teacher-forced top-1/KL/perplexity of each strategy against `full` over the shipped text, with the report's
-    fidelity settings (ReportConfig: windows x steps after a prefill), kept in out/<strategy>/fidelity.json and reused
-    while its settings (strategy, model, dtypes, windows, prefill, text) match; the full cache's logits are computed
-    only when some strategy needs computing. One line per strategy on stderr."""
-    from . import reference_text, text_ids
-    from .config import ReportConfig
-    from .fidelity import compare, step_logits
-
-    c = ReportConfig(model=pretrained)
-    prefill = c.fidelity_prefill
-    text = text_ids(tokenizer(reference_text(), return_tensors="pt").input_ids[0], prefill + c.fidelity_steps,
-                    c.fidelity_windows).to(model.device)
-    settings = {"model": pretrained, "dtype": dtype_name(model.dtype), "kv_dtype": dtype_name(model.kv_dtype),
-                "weights": model.weights, "windows": c.fidelity_windows, "prefill": prefill,
-                "text": hashlib.sha256(json.dumps(text.tolist()).encode()).hexdigest()[:16]}
-    found, todo = {}, {}
-    for name in strategies:
-        path = out / _slug(name) / FIDELITY_FILE
-        mine = {"strategy": str(parse_strategy(name)), **settings}
-        cached = json.loads(path.read_text()) if path.exists() else {}
-        if {k: cached.get(k) for k in mine} == mine:
-            found[name] = cached
-            print(f"kvcompress lm-eval: fidelity of {name}: top-1 {cached['top1']:.3f}, KL {cached['kl']:.4f} "
-                  f"(found in {path})", file=sys.stderr)
-        else:
-            todo[name] = mine
-    if todo:
-        print(f"kvcompress lm-eval: fidelity of {len(todo)} strategies against the full cache, "
-              f"{c.fidelity_windows} windows x {c.fidelity_steps} teacher-forced steps each", file=sys.stderr)
-        start = time.perf_counter()
-        full_logits = step_logits(model, text, "full", prefill)
-        print(f"kvcompress lm-eval: fidelity: full-cache logits ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-    for name, mine in todo.items():
-        start = time.perf_counter()
-        candidate = full_logits if mine["strategy"] == "full" else step_logits(model, text, name, prefill)
-        found[name] = {**mine, **compare(full_logits, candidate, text[:, prefill:].flatten())}
-        path = out / _slug(name) / FIDELITY_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(found[name], indent=1) + "\n")
-        print(f"kvcompress lm-eval: fidelity of {name}: top-1 {found[name]['top1']:.3f}, KL {found[name]['kl']:.4f} "
-              f"({time.perf_counter() - start:.1f} s, kept in {path})", file=sys.stderr)
-    return found
+def _samples(folder: Path) -> dict[str, list[dict]]:
+    """lm-eval's per-document samples (--log_samples) of a run, by task: the newest file of each task."""
+    newest: dict[str, Path] = {}
+    for path in sorted(folder.glob("**/samples_*.jsonl")):
+        newest[path.name.removeprefix("samples_").rsplit("_", 1)[0]] = path
+    return {task: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            for task, path in newest.items()}
 
 
-def write_table(out: Path, strategies: list[str], model_args: str, meta: dict) -> Path:
-    """out/pressure_transfer.md and out/summary.json from each strategy's lm-eval results and request records;
-    `meta`: provenance taken when the command started."""
-    from ..accounting import expected_kv_bytes, kv_sizer
+def _document_correct(sample: dict) -> bool:
+    """A document is recalled when its score is whole: our tasks' `acc`, or the first metric (RULER scores the share
+    of expected answers found; all of them counts, as in the report)."""
+    names = sample.get("metrics") or [k for k in ("acc", "exact_match") if k in sample]
+    value = sample.get("acc", sample.get(names[0])) if names else None
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"lm-eval sample of doc {sample.get('doc_id')} has no numeric metric to score recall by")
+    return value >= 1.0
+
+
+def run_records(folder: Path, strategy: str, length: int) -> list[dict]:
+    """One strategy's lm-eval run as records of the harness's schema: a recall record per document (paired with
+    `full`'s by task and document) and one latency record from its requests (decode ms/token of each request, its
+    spread judged like a report's steps; TTFT; resident KV bytes per tier, means over the requests)."""
+    records = []
+    for task, samples in _samples(folder).items():
+        for sample in samples:
+            doc = sample.get("doc") or {}
+            records.append({"kind": "recall", "strategy": strategy, "task": task, "doc_id": sample["doc_id"],
+                            "length": doc.get("length") or doc.get("max_length") or length, "depth": doc.get("depth"),
+                            "seed": doc.get("seed", 0), "question": "inside", "outcome": "ok",
+                            "correct": _document_correct(sample), "answer": sample.get("target")})
+    requests = [r for line in (folder / REQUESTS_FILE).read_text().splitlines() if line.strip()
+                if (r := json.loads(line))["kind"] != "meta"]
+    timed = [r for r in requests if r["kind"] == "generate_until"] or requests  # multiple choice: scoring steps
+    decode = [r["decode_ms_per_token"] for r in timed if r.get("decode_ms_per_token") is not None]
+    tiers = {tier for r in timed for tier in r["kv_bytes"]}
+    records.append({"kind": "latency", "strategy": strategy, "length": length, "outcome": "ok", "requests": len(timed),
+                    "decode_ms": decode, "decode_ms_p50": statistics.median(decode) if decode else None,
+                    "ttft_s": statistics.fmean([r["ttft_s"] for r in timed if r.get("ttft_s") is not None] or [0.0]),
+                    "kv_bytes_final": {tier: statistics.fmean(r["kv_bytes"].get(tier, 0) for r in timed)
+                                       for tier in tiers}})
+    return records
+
+
+def write_table(out: Path, strategies: list[str], model_args: str, meta: dict, device: str = "cpu") -> Path:
+    """out/records.jsonl in the harness's schema from each strategy's lm-eval run (run_records), plus fidelity cells
+    run by the harness with the report's settings (kept from the last records.jsonl while their ids match), then the
+    report's own write_report: one table builder for both."""
+    from ..dtypes import plan_dtypes
+    from ..geometry import config_dtype
     from ..models import load_config
-    from ..provenance import device_name, provenance_lines
-    from .config import ReportConfig, Thresholds
-    from .report import GB, pressures, table
-    from .report import _mean as mean
+    from .cells import cell_keys
+    from .config import ReportConfig
+    from .harness import Harness
+    from .records import RecordStore
+    from .report import write_report
 
     args = _model_args(model_args)
     pretrained = args.get("pretrained", "default")
-    config = load_config(pretrained)
-    runs = {}
-    for name in strategies:
-        folder = out / _slug(name)
-        results = json.loads(_results_file(folder).read_text())
-        requests = [record for line in (folder / REQUESTS_FILE).read_text().splitlines() if line.strip()
-                    if (record := json.loads(line))["kind"] != "meta"]
-        runs[name] = (results, requests)
-
-    model, tokenizer = load_model(pretrained, dtype=args.get("dtype"), kv_dtype=args.get("kv_dtype"),
-                                  weights=args.get("weights"))
-    fidelities = fidelity(out, strategies, model, tokenizer, pretrained)
-
-    def accuracy(results: dict) -> dict[str, float]:
-        return {task: metrics["acc,none"] for task, metrics in results["results"].items() if "acc,none" in metrics}
-
-    def samples(results: dict) -> int:
-        return sum(n.get("effective", 0) for n in results.get("n-samples", {}).values())
-
-    def generated(name: str) -> list[dict]:
-        return [r for r in runs[name][1] if r["kind"] == "generate_until"] if name in runs else []
-
-    full_acc = accuracy(runs["full"][0]) if "full" in runs else None
-    full_decode = mean([r["decode_ms_per_token"] for r in generated("full")])
-    full_ttft = mean([r["ttft_s"] for r in generated("full")])
-    report = ReportConfig(model=pretrained, strategies=strategies)
-    full_at_scale = expected_kv_bytes(config, "full", report.context, report.sessions, model.kv_dtype) / GB
-    rows = []
-    for name in strategies:
-        results, mine = runs[name][0], generated(name)
-        spec = parse_strategy(name)
-        device = sum(r["kv_bytes"].get("device", 0) for r in mine)
-        full_bytes = sum(expected_kv_bytes(config, "full", r["seen_tokens"], dtype=model.kv_dtype) for r in mine)
-        acc = accuracy(results)
-        loss = 100 * mean([full_acc[t] - acc[t] for t in acc if t in full_acc]) if full_acc is not None else None
-        decode = mean([r["decode_ms_per_token"] for r in mine])
-        ttft = mean([r["ttft_s"] for r in mine])
-        row = {
-            "strategy": name, "label": name, "recall_n": samples(results), "accuracy": acc,
-            "recall_pct": 100 * mean(list(acc.values())) if acc else None, "recall_loss_pts": loss,
-            "measured_length": max((r["seen_tokens"] for r in mine), default=None),
-            "kv_bytes": device / max(len(mine), 1),
-            "hbm_saved_pct": 100 * (1 - device / full_bytes) if full_bytes else None,
-            "hbm_saved_gb": (full_bytes - device) / max(len(mine), 1) / GB if full_bytes else None,
-            "decode_ms_p50": decode, "decode_change_pct": 100 * (decode / full_decode - 1) if decode and full_decode else None,
-            "ttft_change_pct": 100 * (ttft / full_ttft - 1) if ttft and full_ttft else None,
-            "top1": fidelities[name]["top1"], "kl": fidelities[name]["kl"],
-            "ppl_change_pct": fidelities[name].get("ppl_change_pct"),
-            "host_bytes": mean([r["kv_bytes"].get("host", 0) for r in mine]) or 0,
-            "disk_bytes": mean([r["kv_bytes"].get("disk", 0) for r in mine]) or 0,
-            "moved_bytes_per_step": None, "stall_ms_per_step": None,
-            "allocation_failures": 0, "cells": {k: v for task in results["results"].values() for k, v in task.items()
-                                                 if k.startswith("acc_L")},
-        }
-        row["scale_kv_gb"] = kv_sizer(config, spec, model.kv_dtype).device_bytes(report.context, report.sessions) / GB
-        row["scale_saved_gb"] = full_at_scale - row["scale_kv_gb"]
-        row.update(pressures(row, spec, Thresholds()))
-        rows.append(row)
-    meta = {**meta, "device": device_name(model.device),
-            "lm_eval_runs": {name: runs[name][0].get("git_hash") for name in strategies}}
-    tasks = sorted({t for _, (results, _) in runs.items() for t in accuracy(results)})
-    lines = ["# Pressure-transfer table from lm-evaluation-harness runs", "", *provenance_lines(meta),
-             f"- per strategy: `kvcompress lm-eval run --model kvcompress --model_args {model_args},strategy=S` into "
-             f"`{out}/S/` (commits of the runs: {', '.join(sorted({str(h) for h in meta['lm_eval_runs'].values()}))}); "
-             f"recall = lm-eval `acc` on {', '.join(tasks)}, loss in points against `full`",
-             "- HBM saved: resident KV after each generate_until request against the full cache's bytes at the same "
-             "length (analytic, tested equal to measured); decode/TTFT from the per-request records "
-             f"(`{REQUESTS_FILE}`); fidelity: teacher-forced top-1/KL/perplexity vs `full` over {report.fidelity_windows} "
-             f"windows of the shipped text x {report.fidelity_steps} steps after {report.fidelity_prefill} tokens",
-             "", table(rows, report), "", "| strategy | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    lines += [f"| `{r['strategy']}` | " + " | ".join(f"{r['accuracy'].get(t, float('nan')):.2f}" for t in tasks) + " |"
-              for r in rows]
-    path = out / "pressure_transfer.md"
-    path.write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
-    return path
+    folders = {name: out / _slug(name) for name in strategies}
+    requests = [json.loads(line) for folder in folders.values()
+                for line in (folder / REQUESTS_FILE).read_text().splitlines() if line.strip()]
+    longest = max(r.get("seen_tokens", 0) for r in requests if r["kind"] != "meta")
+    config = ReportConfig(model=pretrained, strategies=strategies, tasks=[], lengths=[longest], questions=["inside"],
+                          device=device, compute_dtype=args.get("dtype"),
+                          kv_dtype=args.get("kv_dtype") or dtype_name(config_dtype(load_config(pretrained))),
+                          weights=args.get("weights"))
+    lm_records = [record for name, folder in folders.items() for record in run_records(folder, name, longest)]
+    path = out / "records.jsonl"
+    kept = {r["id"]: r for r in (RecordStore(path).records if path.exists() else []) if r["kind"] == "fidelity"}
+    fidelity, harness = [], None
+    for cell in (c for c in cell_keys(config) if c["kind"] == "fidelity"):
+        if cell["id"] not in kept:
+            harness = harness or Harness(config)
+            print(f"kvcompress lm-eval: fidelity of {cell['strategy']} against the full cache, "
+                  f"{config.fidelity_windows} windows x {config.fidelity_steps} teacher-forced steps", file=sys.stderr)
+        fidelity.append(kept.get(cell["id"]) or harness.run(cell))
+    tasks = sorted({r["task"] for r in lm_records if r["kind"] == "recall"})
+    plan = plan_dtypes(config.kv_dtype, config.device, config.compute_dtype)
+    meta = {**meta, **plan.as_record(), "weights": config.weights or dtype_name(plan.compute),
+            "config": dataclasses.asdict(config),
+            "lm_eval": {"tasks": tasks, "model_args": model_args,
+                        "runs": {name: str(folder) for name, folder in folders.items()}}}
+    temporary = path.with_suffix(".jsonl.tmp")  # a whole file or the last one, never half of each
+    temporary.write_text("".join(json.dumps(r) + "\n" for r in [{"kind": "meta", "format": FORMAT, **meta},
+                                                                 *lm_records, *fidelity]))
+    temporary.replace(path)
+    return write_report(out)

@@ -48,7 +48,8 @@ def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> P
 
 
 def _heatmaps(plt, records, config, out: Path) -> Path:
-    recall = [r for r in records if r["kind"] == "recall" and r.get("outcome") == "ok"]
+    # lm-eval's own tasks (RULER) name no depth: no cell of this grid
+    recall = [r for r in records if r["kind"] == "recall" and r.get("outcome") == "ok" and r.get("depth") is not None]
     depths = sorted({r["depth"] for r in recall})
     lengths = sorted({r["length"] for r in recall})
     if not depths or not lengths:

@@ -50,7 +50,8 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
         at_longest = [r for r in mine if r["length"] == longest]
         full_longest = [r for r in recall if r["strategy"] == "full" and r["length"] == longest
                         and r.get("question", "after") == question]
-        if not recall:  # recall skipped (random weights): bytes as the latency cells measured them
+        if not any("kv_bytes_final" in r for r in at_longest):  # recall skipped (random weights) or scored without
+            # bytes (lm-eval's documents): bytes as the latency cells measured them
             at_longest = [r for r in [latency.get((strategy, latency_length))] if r and "kv_bytes_final" in r]
             full_longest = [r for r in [latency.get(("full", latency_length))] if r and "kv_bytes_final" in r]
         device_bytes = _mean([r["kv_bytes_final"].get("device", 0) for r in at_longest])
@@ -105,14 +106,15 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
 
 
 def _case(record: dict) -> tuple:
-    return record["task"], record["length"], record["depth"], record["seed"], record.get("question", "after")
+    return (record["task"], record["length"], record["depth"], record["seed"], record.get("question", "after"),
+            record.get("doc_id"))  # lm-eval's documents pair by task and document
 
 
 def _decode_change(lat: dict | None, lat_full: dict | None) -> tuple[float, float, float] | None:
     """Decode latency change in percent against `full` (ratio of medians) with a bootstrap interval over the steps
     both cells timed; records without per-step times give the point alone."""
-    if not (lat and lat_full):
-        return None
+    if not (lat and lat_full) or lat.get("decode_ms_p50") is None or lat_full.get("decode_ms_p50") is None:
+        return None  # nothing timed (lm-eval requests that generated one token)
     if lat.get("decode_ms") and lat_full.get("decode_ms"):
         return tuple(100 * (x - 1) for x in ratio_interval(lat_full["decode_ms"], lat["decode_ms"]))
     change = 100 * (lat["decode_ms_p50"] / lat_full["decode_ms_p50"] - 1)
@@ -284,13 +286,15 @@ def write_report(out: Path) -> Path:
         "",
         *provenance_lines(meta),
         *([dtypes] if dtypes else []),
-        f"- recall: {', '.join(config.tasks)} at {', '.join(map(str, config.lengths))} tokens, {config.depths} depths, "
-        f"{config.seeds} seed(s); exact match; loss in points against `full` on the same prompts",
-        f"- HBM saved: measured resident KV after prefill + decode at the longest length; at scale: "
-        f"{config.sessions} sessions x {config.context} tokens from the analytic formula the measurement is tested against",
-        f"- latency: decode ms/token p50 vs `full` at {rows[0]['latency_length']} tokens; fidelity: teacher-forced "
-        f"top-1 / KL vs `full` over {config.fidelity_windows} windows of the text x {config.fidelity_steps} steps "
-        f"after {config.fidelity_prefill} tokens",
+        *(_lm_eval_lines(meta["lm_eval"]) if "lm_eval" in meta else [
+            f"- recall: {', '.join(config.tasks)} at {', '.join(map(str, config.lengths))} tokens, {config.depths} "
+            f"depths, {config.seeds} seed(s); exact match; loss in points against `full` on the same prompts",
+            f"- HBM saved: measured resident KV after prefill + decode at the longest length; at scale: "
+            f"{config.sessions} sessions x {config.context} tokens from the analytic formula the measurement is tested "
+            f"against",
+            f"- latency: decode ms/token p50 vs `full` at {rows[0]['latency_length']} tokens"]),
+        f"- fidelity: teacher-forced top-1 / KL / perplexity vs `full` over {config.fidelity_windows} windows of the "
+        f"text x {config.fidelity_steps} steps after {config.fidelity_prefill} tokens",
         f"- guardrails: recall loss <= {t.recall_loss_pts:g} pts, decode latency <= +{t.decode_latency_pct:g}%, "
         f"top-1 >= {t.top1:.0%}; each judged on its 95% interval [in brackets]: recall loss paired against `full` "
         f"(exact, McNemar-consistent), top-1 Clopper-Pearson over the predictions, decode a bootstrap of the ratio of "
@@ -303,7 +307,7 @@ def write_report(out: Path) -> Path:
     # CommonMark needs a blank line between the list and the table, or the table is swallowed by the last item
     body = (table(rows, config) if len(configs) == 1 else
             "\n".join(f"## {c.model}\n\n{table(mine, c)}" for c, _, mine in sections))
-    path.write_text("\n".join(header) + "\n" + body)
+    path.write_text("\n".join(header) + "\n" + body + _by_task(sections))
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     from .plots import plot_all
 
@@ -312,6 +316,36 @@ def write_report(out: Path) -> Path:
         folder.mkdir(exist_ok=True)
         plot_all(records, mine, c, folder)
     return path
+
+
+def _lm_eval_lines(lm_eval: dict) -> list[str]:
+    return [f"- recall: lm-eval's score of each document (`--log_samples`) on {', '.join(lm_eval['tasks'])}, the "
+            f"question inside the prompt, a document recalled when its score is whole; loss in points against `full` "
+            f"on the same documents; each strategy's lm-eval run in its own folder ({lm_eval['model_args']}"
+            f",strategy=S)",
+            "- HBM saved and latency: from each run's requests (`kvcompress_requests.jsonl`): resident KV after each "
+            "request, mean over the run, against `full`'s; decode ms/token p50 over the requests vs `full`'s, "
+            "judged on their spread; at scale: the analytic formula"]
+
+
+def _by_task(sections) -> str:
+    """Recall of each strategy on each task, k/n: where a strategy's loss comes from."""
+    lines = []
+    for config, mine, rows in sections:
+        recall = [r for r in mine if r["kind"] == "recall" and r.get("outcome") == "ok"]
+        tasks = sorted({r["task"] for r in recall})
+        if not tasks:
+            continue
+        lines += ["", f"## Recall by task{f' ({config.model})' if len(sections) > 1 else ''}", "",
+                  "| strategy | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for row in rows:
+            cells = []
+            for task in tasks:
+                outcomes = [r["correct"] for r in recall if r["strategy"] == row["strategy"] and r["task"] == task
+                            and r.get("question", "after") == row["question"]]
+                cells.append(f"{sum(outcomes)}/{len(outcomes)}")
+            lines.append(f"| `{row['label']}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def terminal_rows(out: Path) -> tuple[list[str], list[list[str]]]:

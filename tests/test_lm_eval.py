@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval integration needs the eval extra")
 
@@ -11,7 +10,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from kvcompress.cli import main  # noqa: E402
-from kvcompress.evals import fidelity  # noqa: E402
+from kvcompress.evals import harness as harness_module  # noqa: E402
 from kvcompress.evals.lm_eval import KVCompressLM, recall_docs, task_manager  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -138,46 +137,57 @@ def test_metadata_lengths_accept_k_counts():
     assert "acc_L1024_D50" in task.aggregation()
 
 
-def test_strategies_fidelity_is_cached_per_strategy(tmp_path, monkeypatch):
-    _offline(monkeypatch)
+def _fake_fidelity(monkeypatch) -> list:
+    """Harness.fidelity without its 16 x 64 teacher-forced steps: the calls, and figures a row can be judged on."""
     computed = []
 
-    def step_logits(model, input_ids, strategy, prefill):  # fast stand-in: random logits for every step of every window
-        computed.append((str(strategy), str(model.dtype)))
-        gen = torch.Generator().manual_seed(len(computed))
-        return torch.randn(input_ids.shape[0] * (input_ids.shape[1] - prefill), model.config.vocab_size, generator=gen)
+    def fidelity(self, strategy):
+        computed.append((strategy, self.config.compute_dtype))
+        return {"top1": 1.0 if strategy == "full" else 0.9, "kl": 0.0 if strategy == "full" else 0.1,
+                "steps": 1024, "ppl_change_pct": 0.0 if strategy == "full" else 5.0}
 
-    monkeypatch.setattr(fidelity, "step_logits", step_logits)
+    monkeypatch.setattr(harness_module.Harness, "fidelity", fidelity)
+    return computed
+
+
+def test_strategies_give_the_reports_records_and_table(tmp_path, monkeypatch):
+    _offline(monkeypatch)
+    computed = _fake_fidelity(monkeypatch)
     out = tmp_path / "strategies"
 
     def run(model_args: str) -> list[dict]:
         main(["lm-eval", "--strategies", "full,window:window=64", "--model_args", model_args, "--tasks", "kvc_passkey",
-              "--metadata", json.dumps({"lengths": [120], "depths": 1}), "--apply_chat_template", "--device", "cpu",
+              "--metadata", json.dumps({"lengths": [120], "depths": 2}), "--apply_chat_template", "--device", "cpu",
               "--output_path", str(out)])
         return json.loads((out / "summary.json").read_text())["rows"]
 
     first = run("pretrained=default,dtype=float32")
-    assert computed == [("full", "torch.float32"), ("window:window=64", "torch.float32")]  # full reuses its logits
-    assert first[0]["top1"] == 1.0 and first[0]["kl"] == 0.0 and first[1]["top1"] < 1.0
-    cached = json.loads((out / "window_window_64" / "fidelity.json").read_text())
-    # the report's fidelity settings: 16 windows x 64 steps after 384 tokens
-    assert cached["strategy"] == "window:window=64" and cached["prefill"] == 384 and cached["steps"] == 16 * 64
-    assert "ppl_change_pct" in cached
+    assert computed == [("full", "float32"), ("window:window=64", "float32")]
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    meta, records = records[0], records[1:]
+    assert meta["kind"] == "meta" and meta["lm_eval"]["tasks"] == ["kvc_passkey"] and meta["compute_dtype"] == "float32"
+    recall = [r for r in records if r["kind"] == "recall"]
+    assert sorted((r["strategy"], r["doc_id"]) for r in recall) == [(s, d) for s in ("full", "window:window=64")
+                                                                    for d in (0, 1)]
+    latency = {r["strategy"]: r for r in records if r["kind"] == "latency"}
+    assert all(len(r["decode_ms"]) == 2 and r["kv_bytes_final"]["device"] > 0 for r in latency.values())
+    full, window = first  # the report's own rows, paired by document, bytes from the requests
+    assert full["recall_n"] == window["recall_n"] == 2 and full["verdict"] == "baseline"
+    assert 0 < window["hbm_saved_pct"] < 100 and window["top1"] == 0.9
+    text = (out / "pressure_transfer.md").read_text()
+    assert "lm-eval's score of each document" in text and "## Recall by task" in text and "| `full` | " in text
 
     computed.clear()
-    again = run("pretrained=default,dtype=float32")
+    again = run("pretrained=default,dtype=float32")  # fidelity records kept by their ids
     assert computed == [] and [(r["top1"], r["kl"]) for r in again] == [(r["top1"], r["kl"]) for r in first]
-
-    run("pretrained=default,dtype=bfloat16")  # another setting: every strategy is measured again
-    assert computed == [("full", "torch.bfloat16"), ("window:window=64", "torch.bfloat16")]
-    assert json.loads((out / "full" / "fidelity.json").read_text())["dtype"] == "bfloat16"
+    run("pretrained=default,dtype=bfloat16")  # another setting: other ids, measured again
+    assert computed == [("full", "bfloat16"), ("window:window=64", "bfloat16")]
 
 
 def test_strategies_run_as_ray_tasks(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="the ray backend needs ray")
     _offline(monkeypatch)
-    monkeypatch.setattr(fidelity, "step_logits", lambda model, ids, strategy, prefill: torch.zeros(
-        ids.shape[0] * (ids.shape[1] - prefill), model.config.vocab_size))  # the driver's part; lm-eval runs on Ray
+    _fake_fidelity(monkeypatch)  # the driver's part; the lm-eval runs are Ray's
     out = tmp_path / "strategies"
     main(["lm-eval", "--strategies", "full,window:window=64", "--model_args", "pretrained=default,dtype=float32",
           "--tasks", "kvc_passkey", "--metadata", json.dumps({"lengths": [120], "depths": 1}), "--device", "cpu",

@@ -112,10 +112,13 @@ def _records(out):
 
 def test_report_writes_every_column_for_every_row(tmp_path):
     path = run_report(ReportConfig(**TINY), tmp_path)
-    lines = path.read_text().splitlines()
-    table = [line for line in lines if line.startswith("|")]
+    main, by_task = path.read_text().split("## Recall by task")
+    table = [line for line in main.splitlines() if line.startswith("|")]
     assert [c.strip() for c in table[0].strip("|").split("|")] == COLUMNS
     assert len(table) == 2 + 3
+    assert [line.split("|")[1].strip() for line in by_task.splitlines() if line.startswith("|")] == [
+        "strategy", "---", "`full`", "`window:window=64`", "`disk`"]  # k/n on each task, where the loss comes from
+    assert "| `full` | " in by_task and "/2 |" in by_task
     for line in table[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert len(cells) == len(COLUMNS) and all(cells)
@@ -155,7 +158,7 @@ def test_question_placements_needle_survival_and_peak_are_recorded(tmp_path):
     assert all(r["stored_tokens"] == 64 for r in snapkv)
     by_head = {tuple(map(tuple, r["needle_survival_per_layer_head"])) for r in snapkv}
     assert len(by_head) > 1  # heads and layers keep different tokens
-    table = [line for line in path.read_text().splitlines() if line.startswith("| `")]
+    table = [line for line in path.read_text().split("## Recall by task")[0].splitlines() if line.startswith("| `")]
     assert len(table) == 3 * 2 and "[question inside]" in table[-1] and "needle kept" in table[-1]
 
 
