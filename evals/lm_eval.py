@@ -494,7 +494,8 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict, d
                           device=device, compute_dtype=args.get("dtype"),
                           kv_dtype=args.get("kv_dtype") or dtype_name(config_dtype(load_config(pretrained))),
                           weights=args.get("weights"))
-    lm_records = [record for name, folder in folders.items() for record in run_records(folder, name, longest)]
+    lm_records = [record for name, folder in folders.items()  # named as the report names them: canonical
+                  for record in run_records(folder, str(parse_strategy(name)), longest)]
     path = out / "records.jsonl"
     kept = {r["id"]: r for r in (RecordStore(path).records if path.exists() else []) if r["kind"] == "fidelity"}
     fidelity, harness = [], None
