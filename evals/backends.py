@@ -255,67 +255,68 @@ class RayRunner:
 
     def run(self, jobs: list[Job], append: Callable[[dict], None]) -> dict:
         ray = self.ray
-        queue = collections.deque(units(jobs))
-        attempts: collections.Counter = collections.Counter()
-        inflight: dict = {}  # result ref -> (worker, job), in the order each worker runs them
-        progress = Progress(len(jobs), f"kvcompress on Ray ({self.size} workers)")
+        self.queue = collections.deque(units(jobs))
+        self.attempts: collections.Counter = collections.Counter()  # cell id -> reruns after its worker died
+        self.inflight: dict = {}  # result ref -> (worker, job), in the order each worker runs them
+        self.append, self.progress = append, Progress(len(jobs), f"kvcompress on Ray ({self.size} workers)")
         try:
-            while queue or inflight:
+            while self.queue or self.inflight:
                 self._wait_ready(block=False)
-                busy = {worker for worker, _ in inflight.values()}
+                busy = {worker for worker, _ in self.inflight.values()}
                 for name in [n for n in self.where if n in self.actors and n not in busy]:
-                    if queue:
-                        for job in queue.popleft():
-                            inflight[self.actors[name].run.remote(self.configs[job[0]], job[1])] = (name, job)
-                if not inflight:  # work is queued but no worker has loaded its model yet
+                    if self.queue:
+                        for job in self.queue.popleft():
+                            self.inflight[self.actors[name].run.remote(self.configs[job[0]], job[1])] = (name, job)
+                if not self.inflight:  # work is queued but no worker has loaded its model yet
                     if not self.ready:
                         raise RuntimeError("no Ray worker is alive or starting, and cells are left: resume the run")
                     self._wait_ready(block=True)
                     continue
-                done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
                 for ref in done:
-                    if ref not in inflight:
+                    if ref not in self.inflight:
                         continue  # a dead worker's call, already handed back
-                    name, job = inflight[ref]
+                    name, (_, cell) = self.inflight[ref]
                     try:
                         record = ray.get(ref)
                     except ray.exceptions.RayActorError as err:  # the worker died: its cells go to another
-                        lost = [(r, j) for r, (n, j) in inflight.items() if n == name]
-                        for r, _ in lost:
-                            del inflight[r]
-                        self._worker_died(name, err, [j for _, j in lost], queue, attempts, append, progress, inflight)
+                        self._worker_died(name, err)
                         continue
                     except ray.exceptions.RayTaskError as err:
                         raise err.as_instanceof_cause() from None
-                    del inflight[ref]
-                    if attempts[job[1]["id"]]:
-                        record["attempt"] = attempts[job[1]["id"]] + 1
-                    append({**record, "worker": name})
-                    progress.done(record, name, self.where.get(name, "?"), len({n for n, _ in inflight.values()}))
+                    del self.inflight[ref]
+                    self._done({**record, **({"attempt": self.attempts[cell["id"]] + 1}
+                                             if self.attempts[cell["id"]] else {})}, name)
         finally:
-            progress.bar.close()
-        return {name: {**stats, "where": self.where.get(name, "?")} for name, stats in progress.per_worker.items()}
+            self.progress.bar.close()
+        return {name: {**stats, "where": self.where.get(name, "?")} for name, stats in self.progress.per_worker.items()}
 
-    def _worker_died(self, name, err, lost: list[Job], queue, attempts, append, progress, inflight) -> None:
+    def _done(self, record: dict, name: str) -> None:
+        self.append({**record, "worker": name})
+        self.progress.done(record, name, self.where.get(name, "?"), len({n for n, _ in self.inflight.values()}))
+
+    def _worker_died(self, name: str, err) -> None:
+        lost = [(ref, job) for ref, (worker, job) in self.inflight.items() if worker == name]
+        for ref, _ in lost:
+            del self.inflight[ref]
         del self.actors[name]
         reason = _cause(err)
-        out_of_memory = isinstance(err, self.ray.exceptions.OutOfMemoryError) or "memory" in str(err).lower()
+        # Ray's memory monitor kills the worker whose host runs low on memory: the cell it ran is an outcome
+        out_of_memory = isinstance(err, self.ray.exceptions.OutOfMemoryError) or "low on memory" in str(err)
         retry = []
-        for position, (index, cell) in enumerate(lost):
-            if out_of_memory and position == 0:  # the cell it was running ran it out of memory: an outcome
-                record = {**cell, "outcome": "allocation_failure", "error": f"{name} killed: {reason}"}
-            elif attempts[cell["id"]] >= self.backend.retries:
-                record = {**cell, "outcome": "error", "error": f"{name} died {attempts[cell['id']] + 1} times: {reason}"}
+        for position, (_, (index, cell)) in enumerate(lost):
+            if out_of_memory and position == 0:  # a worker runs its cells in order: the first was running
+                self._done({**cell, "outcome": "allocation_failure", "error": f"{name} killed: {reason}"}, name)
+            elif self.attempts[cell["id"]] >= self.backend.retries:
+                self._done({**cell, "outcome": "error",
+                            "error": f"its worker died {self.attempts[cell['id']] + 1} times: {reason}"}, name)
             else:
-                attempts[cell["id"]] += 1
+                self.attempts[cell["id"]] += 1
                 retry.append((index, cell))
-                continue
-            append(record)
-            progress.done(record, name, self.where.get(name, "?"), len({n for n, _ in inflight.values()}))
         if retry:
-            queue.appendleft(retry)
-        if queue or retry:
-            print(f"kvcompress: {name} died ({reason}); {len(retry)} cells go to a fresh worker", file=sys.stderr)
+            self.queue.appendleft(retry)
+        if self.queue:
+            print(f"kvcompress: {name} died ({reason}); {len(retry)} cells go to another worker", file=sys.stderr)
             self._spawn()
 
     def close(self) -> None:

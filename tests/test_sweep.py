@@ -64,26 +64,47 @@ def test_ray_runs_the_same_cells_with_the_same_recall_outcomes_as_local(tmp_path
     assert meta["device"].endswith("(1 threads)")  # a worker's device, computing on the one CPU it was given
 
 
-def test_a_killed_worker_loses_no_cell(tmp_path, monkeypatch):
-    # latency cells of one length run as one unit on one worker: killing it when its first one comes back leaves
-    # the others in flight (each times 64 decode steps)
-    config = ReportConfig(**{**TINY, "decode_steps": 64,
-                             "strategies": ["full", "int8", "fp8", "int4", "window:window=32", "window:window=48"]})
+# latency cells of one length run as one unit on one worker: killing it when its first one comes back leaves the
+# others in flight (each times 64 decode steps)
+KILLED = ReportConfig(**{**TINY, "decode_steps": 64,
+                         "strategies": ["full", "int8", "fp8", "int4", "window:window=32", "window:window=48"]})
+
+
+def _kill_on_first_latency(monkeypatch) -> list[str]:
     original, killed = RecordStore.append, []
 
-    def kill_on_first_latency(self, record):
+    def kill(self, record):
         original(self, record)
         if record["kind"] == "latency" and not killed:
             killed.append(record["worker"])
             ray.kill(ray.get_actor(f"kvcompress-{record['worker']}"))
 
-    monkeypatch.setattr(RecordStore, "append", kill_on_first_latency)
+    monkeypatch.setattr(RecordStore, "append", kill)
+    return killed
+
+
+def test_a_killed_worker_loses_no_cell(tmp_path, monkeypatch):
+    config, killed = KILLED, _kill_on_first_latency(monkeypatch)
     run_report(config, tmp_path, backend=RAY)
     records = _records(tmp_path)
     assert sorted(r["id"] for r in records) == sorted(c["id"] for c in cell_keys(config))  # each cell once, none lost
     assert all(r["outcome"] in ("ok", "skipped") for r in records)
     retried = [r for r in records if r.get("attempt") == 2]
     assert retried and all(r["kind"] == "latency" and r["worker"] not in killed for r in retried)
+
+
+def test_cells_past_their_retries_are_recorded_as_errors_and_rerun_on_resume(tmp_path, monkeypatch):
+    killed = _kill_on_first_latency(monkeypatch)
+    path = run_report(KILLED, tmp_path, backend=Backend("ray", workers=2, retries=0))
+    errors = [r for r in _records(tmp_path) if r["outcome"] == "error"]
+    assert errors and all(r["worker"] == killed[0] and "died 1 times" in r["error"] for r in errors)
+    assert "cells lost with their worker (--resume reruns them)" in path.read_text()
+
+    monkeypatch.undo()
+    appended = _appends(monkeypatch)
+    path = run_report(None, tmp_path, resume=True, backend=RAY)
+    assert sorted(r["id"] for r in appended) == sorted(r["id"] for r in errors)  # only the lost cells ran again
+    assert "cells lost" not in path.read_text()
 
 
 def test_an_interrupted_sweep_resumes_only_the_missing_cells_and_a_widened_grid_only_the_new(tmp_path, monkeypatch):
