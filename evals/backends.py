@@ -194,9 +194,11 @@ def run_tasks(backend: Backend, device: str, function: Callable, calls: list[tup
             return ray.get(refs)
         except ray.exceptions.RayTaskError as err:
             raise err.as_instanceof_cause() from None
-        finally:
-            for ref in refs:
-                ray.cancel(ref, force=True)
+        except KeyboardInterrupt:  # the unfinished tasks are interrupted (not force-killed: Ray 2.60's driver can
+            # abort on a forced cancel racing a task's completion), then Ray stops if this run started it
+            for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
+                ray.cancel(ref)
+            raise
     finally:
         if started:
             ray.shutdown()

@@ -450,8 +450,12 @@ def run_records(folder: Path, strategy: str, length: int) -> list[dict]:
     """One strategy's lm-eval run as records of the harness's schema: a recall record per document (paired with
     `full`'s by task and document) and one latency record from its requests (decode ms/token of each request, its
     spread judged like a report's steps; TTFT; resident KV bytes per tier, means over the requests)."""
+    samples_by_task = _samples(folder)
+    if not samples_by_task:
+        raise ValueError(f"{folder} holds lm-eval results without per-document samples (a run from before "
+                         f"--log_samples was added): remove the folder to rerun that strategy")
     records = []
-    for task, samples in _samples(folder).items():
+    for task, samples in samples_by_task.items():
         for sample in samples:
             doc = sample.get("doc") or {}
             records.append({"kind": "recall", "strategy": strategy, "task": task, "doc_id": sample["doc_id"],

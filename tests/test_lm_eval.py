@@ -197,3 +197,14 @@ def test_strategies_run_as_ray_tasks(tmp_path, monkeypatch):
     assert [r["strategy"] for r in rows] == ["full", "window:window=64"]
     for folder in ("full", "window_window_64"):  # each strategy's lm-eval run wrote its results and request records
         assert list((out / folder).glob("**/results_*.json")) and (out / folder / "kvcompress_requests.jsonl").exists()
+
+
+def test_a_run_without_per_document_samples_is_refused_by_name(tmp_path):
+    from kvcompress.evals.lm_eval import REQUESTS_FILE, run_records
+
+    folder = tmp_path / "int8"
+    (folder / "default").mkdir(parents=True)
+    (folder / "default" / "results_2026-01-01.json").write_text("{}")
+    (folder / REQUESTS_FILE).write_text("")
+    with pytest.raises(ValueError, match="int8 holds lm-eval results without per-document samples .* remove the folder"):
+        run_records(folder, "int8", 512)
