@@ -18,6 +18,7 @@ import math
 import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -209,7 +210,7 @@ class RayRunner:
         self.actors: dict[str, object] = {}
         self.ray, self.started, self.gpus = connect(backend, configs[0].device)
         self.backend, self.configs = backend, [dataclasses.asdict(c) for c in configs]
-        self.count = 0
+        self.count, self.run_id = 0, uuid.uuid4().hex[:8]
         try:
             fits = _fits(self.ray, backend, self.gpus)
             self.size = backend.workers or fits
@@ -229,7 +230,8 @@ class RayRunner:
     def _spawn(self) -> None:
         name = f"worker-{self.count}"
         self.count += 1
-        actor = self.actor_class.options(name=f"kvcompress-{name}", num_cpus=self.backend.cpus_per_worker,
+        # named per run, so two sweeps on one cluster never ask for the same actor name
+        actor = self.actor_class.options(name=f"kvcompress-{self.run_id}-{name}", num_cpus=self.backend.cpus_per_worker,
                                          num_gpus=self.gpus, max_restarts=0).remote(
             self.configs[0], max(1, int(self.backend.cpus_per_worker)))
         self.actors[name] = actor

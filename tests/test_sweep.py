@@ -77,7 +77,8 @@ def _kill_on_first_latency(monkeypatch) -> list[str]:
         original(self, record)
         if record["kind"] == "latency" and not killed:
             killed.append(record["worker"])
-            ray.kill(ray.get_actor(f"kvcompress-{record['worker']}"))
+            name = next(n for n in ray.util.list_named_actors() if n.endswith(f"-{record['worker']}"))
+            ray.kill(ray.get_actor(name))
 
     monkeypatch.setattr(RecordStore, "append", kill)
     return killed
@@ -152,3 +153,21 @@ def test_bad_backend_settings_name_the_flag():
         Backend("local", workers=2)
     with pytest.raises(ValueError, match="workers must be a positive number"):
         Backend("ray", workers=0)
+
+
+def test_the_sweep_command_runs_a_file_on_ray_and_resumes_a_widened_grid(tmp_path, capsys):
+    from kvcompress.cli import main
+
+    sweep = tmp_path / "sweep.yaml"
+    report = "report: {tasks: [passkey], lengths: [64], depths: 1, decode_steps: 4}\n"
+    sweep.write_text(f"models: [random:tiny]\nstrategies: [window]\ngrid: {{window.window: [32]}}\n{report}")
+    out = tmp_path / "out"
+    main(["sweep", str(sweep), "--backend", "ray", "--workers", "2", "--out", str(out)])
+    first = _records(out)
+    assert {r["strategy"] for r in first} == {"full", "window:window=32"} and {r["worker"] for r in first} <= {
+        "worker-0", "worker-1"}
+    assert "wrote" in capsys.readouterr().out
+    sweep.write_text(f"models: [random:tiny]\nstrategies: [window]\ngrid: {{window.window: [32, 48]}}\n{report}")
+    main(["sweep", str(sweep), "--out", str(out), "--resume"])  # widened, finished on the local backend
+    added = _records(out)[len(first):]
+    assert added and {r["strategy"] for r in added} == {"window:window=48"} and all("worker" not in r for r in added)
