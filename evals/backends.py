@@ -115,9 +115,9 @@ class Progress:
 
 
 class LocalRunner:
-    def __init__(self, backend: Backend, configs: list[ReportConfig]):
-        self.worker = Worker(dataclasses.asdict(configs[0]))  # a bad model or device fails here, before any record
+    def __init__(self, backend: Backend, configs: list[ReportConfig], first: int = 0):
         self.configs = [dataclasses.asdict(c) for c in configs]
+        self.worker = Worker(self.configs[first])  # a bad model or device fails here, before any record
         self.described = self.worker.describe()
 
     def describe(self) -> dict:
@@ -206,10 +206,11 @@ def run_tasks(backend: Backend, device: str, function: Callable, calls: list[tup
 
 
 class RayRunner:
-    def __init__(self, backend: Backend, configs: list[ReportConfig]):
+    def __init__(self, backend: Backend, configs: list[ReportConfig], first: int = 0):
         self.actors: dict[str, object] = {}
         self.ray, self.started, self.gpus = connect(backend, configs[0].device)
         self.backend, self.configs = backend, [dataclasses.asdict(c) for c in configs]
+        self.first_config = self.configs[first]  # workers load the model of the first cell left
         self.count, self.run_id = 0, uuid.uuid4().hex[:8]
         try:
             fits = _fits(self.ray, backend, self.gpus)
@@ -233,7 +234,7 @@ class RayRunner:
         # named per run, so two sweeps on one cluster never ask for the same actor name
         actor = self.actor_class.options(name=f"kvcompress-{self.run_id}-{name}", num_cpus=self.backend.cpus_per_worker,
                                          num_gpus=self.gpus, max_restarts=0).remote(
-            self.configs[0], max(1, int(self.backend.cpus_per_worker)))
+            self.first_config, max(1, int(self.backend.cpus_per_worker)))
         self.actors[name] = actor
         self.ready[actor.describe.remote()] = name
 
@@ -249,7 +250,7 @@ class RayRunner:
                 described = self.ray.get(done[0])
             except self.ray.exceptions.RayError as err:
                 raise WorkerLoadError(f"Ray worker {name} could not start (model "
-                                      f"{self.configs[0]['model']!r}): {_cause(err)}") from None
+                                      f"{self.first_config['model']!r}): {_cause(err)}") from None
             self.where[name] = f"{described['host']}, {described['device']}"
             block = False
         return described
@@ -334,5 +335,6 @@ class RayRunner:
             self.ray.shutdown()
 
 
-def start(backend: Backend, configs: list[ReportConfig]) -> LocalRunner | RayRunner:
-    return (RayRunner if backend.name == "ray" else LocalRunner)(backend, configs)
+def start(backend: Backend, configs: list[ReportConfig], first: int = 0) -> LocalRunner | RayRunner:
+    """The runner of `backend`, its workers loading the model of configs[first] (the first cell left)."""
+    return (RayRunner if backend.name == "ray" else LocalRunner)(backend, configs, first)

@@ -209,16 +209,19 @@ def run_report(config: ReportConfig | list[ReportConfig] | None, out: Path, resu
     if resume:
         store = RecordStore(out / "records.jsonl")
         configs = configs or configs_of(store.meta)
-    runner = start(backend, configs)  # a bad model or device fails here, before a records file exists
+    grid = {"config": dataclasses.asdict(configs[0]), "configs": [dataclasses.asdict(c) for c in configs]}
+    if store is not None and {k: store.meta.get(k) for k in grid} != grid:
+        store.replace_meta({**store.meta, **grid})
+    jobs = [(index, cell) for index, c in enumerate(configs) for cell in cell_keys(c)
+            if store is None or not store.has(cell)]
+    if not jobs:  # a resumed run with nothing left: no model loads, no worker starts; the report alone
+        return write_report(out)
+    runner = start(backend, configs, jobs[0][0])  # a bad model or device fails here, before a records file exists
     try:
-        grid = {"config": dataclasses.asdict(configs[0]), "configs": [dataclasses.asdict(c) for c in configs]}
         if store is None:
             meta = {**provenance(configs[0].model, None, command), **runner.describe(), **grid,
                     "backend": backend.record()}
             store = RecordStore(out / "records.jsonl", meta)
-        elif {k: store.meta.get(k) for k in grid} != grid:
-            store.replace_meta({**store.meta, **grid})
-        jobs = [(index, cell) for index, c in enumerate(configs) for cell in cell_keys(c) if not store.has(cell)]
         per_worker = runner.run(jobs, store.append)
     finally:
         runner.close()

@@ -309,3 +309,15 @@ def test_a_run_over_two_models_reports_each_in_its_own_section(tmp_path):
     assert tiny_window["recall_n"] == 0 and default_window["recall_n"] == 2  # each model's own cells, none mixed
     text = path.read_text()
     assert text.index("## random:tiny") < text.index("## default") and (tmp_path / "default" / "pareto.png").exists()
+
+
+def test_resuming_a_finished_run_loads_no_model(tmp_path, monkeypatch):
+    run_report(ReportConfig(**{**TINY, "model": "random:tiny", "strategies": ["full"]}), tmp_path)
+    before = (tmp_path / "records.jsonl").read_text()
+
+    def no_model(self, config):
+        raise AssertionError("a finished run loaded a model")
+
+    monkeypatch.setattr(harness_module.Harness, "__init__", no_model)
+    path = run_report(None, tmp_path, resume=True)
+    assert (tmp_path / "records.jsonl").read_text() == before and path.exists()
