@@ -403,8 +403,8 @@ def _backend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="ray: a running cluster (auto, or HOST:PORT); default: start Ray on this machine")
     p.add_argument("--workers", type=int, help="ray: workers to start, each loading the model once "
                    "(default: as many as the cluster's CPUs and GPUs hold)")
-    p.add_argument("--gpus-per-worker", type=float, help="ray: GPUs each worker holds (default: 1 when the run's device is cuda, "
-                   "else 0)")
+    p.add_argument("--gpus-per-worker", type=float,
+                   help="ray: GPUs each worker holds (default: 1 when the run's device is cuda, else 0)")
     p.add_argument("--cpus-per-worker", type=float, default=Backend.cpus_per_worker, help="ray: CPUs each worker holds "
                    "(and the threads it computes with) (default: %(default)s)")
     p.add_argument("--retries", type=int, default=Backend.retries, help="ray: times a cell whose worker died is rerun "
