@@ -54,29 +54,34 @@ class Backend:
     def record(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
+    @property
+    def threads(self) -> int:
+        """Torch threads of a Ray worker: the CPUs it holds, not every core of its node."""
+        return max(1, int(self.cpus_per_worker))
+
 
 class Worker:
     """One model loaded once, many cells: in this process (local) or as a Ray actor. A cell of another model loads
     that model in place of the last (cells arrive grouped by model, so that happens once per model)."""
 
     def __init__(self, config: dict, threads: int | None = None):
-        from .harness import Harness
-
         if threads:  # a Ray actor computes on the CPUs it was given, not on every core of the node
             torch.set_num_threads(threads)
-        self.config = config
-        self.harness = Harness(ReportConfig.from_dict(config))
+        self._load(config)
+
+    def _load(self, config: dict) -> None:
+        from .harness import Harness
+
+        self.harness = None  # the last model goes before the next one loads
+        self.config, self.harness = config, Harness(ReportConfig.from_dict(config))
 
     def describe(self) -> dict:
         """What the records' meta says about the machine: its device and dtypes (a Ray worker's, not the driver's)."""
         return {"device": device_name(self.harness.config.device), "host": socket.gethostname(), **self.harness.dtypes()}
 
     def run(self, config: dict, cell: dict) -> dict:
-        from .harness import Harness
-
         if config != self.config:
-            self.harness = None  # the last model goes before the next one loads
-            self.config, self.harness = config, Harness(ReportConfig.from_dict(config))
+            self._load(config)
         started = time.perf_counter()
         record = self.harness.run(cell)
         return {**record, "cell_s": round(time.perf_counter() - started, 4)}
@@ -190,7 +195,7 @@ def run_tasks(backend: Backend, device: str, function: Callable, calls: list[tup
         _fits(ray, backend, gpus)
         task = ray.remote(_threaded).options(num_cpus=backend.cpus_per_worker, num_gpus=gpus,
                                              max_retries=backend.retries)
-        refs = [task.remote(max(1, int(backend.cpus_per_worker)), function, *args) for args in calls]
+        refs = [task.remote(backend.threads, function, *args) for args in calls]
         try:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as err:
@@ -223,7 +228,7 @@ class RayRunner:
             self.where: dict[str, str] = {}
             for _ in range(self.size):
                 self._spawn()
-            self.first = self._wait_ready(block=True)
+            self.described = self._wait_ready(block=True)
         except BaseException:
             self.close()
             raise
@@ -234,7 +239,7 @@ class RayRunner:
         # named per run, so two sweeps on one cluster never ask for the same actor name
         actor = self.actor_class.options(name=f"kvcompress-{self.run_id}-{name}", num_cpus=self.backend.cpus_per_worker,
                                          num_gpus=self.gpus, max_restarts=0).remote(
-            self.first_config, max(1, int(self.backend.cpus_per_worker)))
+            self.first_config, self.backend.threads)
         self.actors[name] = actor
         self.ready[actor.describe.remote()] = name
 
@@ -256,7 +261,7 @@ class RayRunner:
         return described
 
     def describe(self) -> dict:
-        return {**self.first, "workers": self.size}
+        return {**self.described, "workers": self.size}
 
     def run(self, jobs: list[Job], append: Callable[[dict], None]) -> dict:
         ray = self.ray
@@ -294,7 +299,7 @@ class RayRunner:
                                              if self.attempts[cell["id"]] else {})}, name)
         finally:
             self.progress.bar.close()
-        return {name: {**stats, "where": self.where.get(name, "?")} for name, stats in self.progress.per_worker.items()}
+        return dict(self.progress.per_worker)
 
     def _done(self, record: dict, name: str) -> None:
         self.append({**record, "worker": name})

@@ -446,7 +446,13 @@ def _document_correct(sample: dict) -> bool:
     return value >= 1.0
 
 
-def run_records(folder: Path, strategy: str, length: int) -> list[dict]:
+def _requests(folder: Path) -> list[dict]:
+    """A run's request records (kvcompress_requests.jsonl), without its meta line."""
+    return [r for line in (folder / REQUESTS_FILE).read_text().splitlines() if line.strip()
+            if (r := json.loads(line))["kind"] != "meta"]
+
+
+def run_records(folder: Path, strategy: str, length: int, requests: list[dict]) -> list[dict]:
     """One strategy's lm-eval run as records of the harness's schema: a recall record per document (paired with
     `full`'s by task and document) and one latency record from its requests (decode ms/token of each request, its
     spread judged like a report's steps; TTFT; resident KV bytes per tier, means over the requests)."""
@@ -462,8 +468,6 @@ def run_records(folder: Path, strategy: str, length: int) -> list[dict]:
                             "length": doc.get("length") or doc.get("max_length") or length, "depth": doc.get("depth"),
                             "seed": doc.get("seed", 0), "question": "inside", "outcome": "ok",
                             "correct": _document_correct(sample), "answer": sample.get("target")})
-    requests = [r for line in (folder / REQUESTS_FILE).read_text().splitlines() if line.strip()
-                if (r := json.loads(line))["kind"] != "meta"]
     timed = [r for r in requests if r["kind"] == "generate_until"] or requests  # multiple choice: scoring steps
     decode = [r["decode_ms_per_token"] for r in timed if r.get("decode_ms_per_token") is not None]
     tiers = {tier for r in timed for tier in r["kv_bytes"]}
@@ -491,15 +495,14 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict, d
     args = _model_args(model_args)
     pretrained = args.get("pretrained", "default")
     folders = {name: out / _slug(name) for name in strategies}
-    requests = [json.loads(line) for folder in folders.values()
-                for line in (folder / REQUESTS_FILE).read_text().splitlines() if line.strip()]
-    longest = max(r.get("seen_tokens", 0) for r in requests if r["kind"] != "meta")
+    requests = {name: _requests(folder) for name, folder in folders.items()}
+    longest = max(r.get("seen_tokens", 0) for mine in requests.values() for r in mine)
     config = ReportConfig(model=pretrained, strategies=strategies, tasks=[], lengths=[longest], questions=["inside"],
                           device=device, compute_dtype=args.get("dtype"),
                           kv_dtype=args.get("kv_dtype") or dtype_name(config_dtype(load_config(pretrained))),
                           weights=args.get("weights"))
     lm_records = [record for name, folder in folders.items()  # named as the report names them: canonical
-                  for record in run_records(folder, str(parse_strategy(name)), longest)]
+                  for record in run_records(folder, str(parse_strategy(name)), longest, requests[name])]
     path = out / "records.jsonl"
     kept = {r["id"]: r for r in (RecordStore(path).records if path.exists() else []) if r["kind"] == "fidelity"}
     fidelity, harness = [], None
@@ -515,8 +518,5 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict, d
             "config": dataclasses.asdict(config),
             "lm_eval": {"tasks": tasks, "model_args": model_args,
                         "runs": {name: str(folder) for name, folder in folders.items()}}}
-    temporary = path.with_suffix(".jsonl.tmp")  # a whole file or the last one, never half of each
-    temporary.write_text("".join(json.dumps(r) + "\n" for r in [{"kind": "meta", "format": FORMAT, **meta},
-                                                                 *lm_records, *fidelity]))
-    temporary.replace(path)
+    RecordStore.write(path, {"kind": "meta", "format": FORMAT, **meta}, [*lm_records, *fidelity])
     return write_report(out)

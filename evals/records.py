@@ -69,14 +69,19 @@ class RecordStore:
         return record.get("outcome") != "error"  # a cell whose worker kept dying is tried again on resume
 
     def replace_meta(self, meta: dict) -> None:
-        """A new first line (a widened grid), the records kept: written beside and renamed over, so a crash leaves
-        either file whole."""
-        temporary = self.path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in [meta, *self.records]))
-        with temporary.open() as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, self.path)
+        """A new first line (a widened grid), the records kept."""
+        self.write(self.path, meta, self.records)
         self.meta = meta
+
+    @staticmethod
+    def write(path: Path, meta: dict, records: list[dict]) -> None:
+        """A whole records file, written beside and renamed over, so a crash leaves either file whole."""
+        temporary = Path(path).with_suffix(".jsonl.tmp")
+        with temporary.open("w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in [meta, *records]))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
 
     def append(self, record: dict) -> None:
         with self.path.open("a") as f:

@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 from pathlib import Path
 
-from ..strategy import AXES, StrategySpec, parse_strategy
+from ..strategy import AXES, StrategySpec, _member_params, parse_strategy
 from .config import ReportConfig
 
 KEYS = ("models", "strategies", "grid", "sweep", "report", "out")
@@ -60,26 +60,25 @@ def _axis_of(path, key: str) -> tuple[str, str, str]:
 
 def _varied(path, strategies: list[str], grid: dict) -> list[str]:
     """Each strategy at every point of the axis grid, varying only the members it has."""
-    keys = [_axis_of(path, key) for key in grid]
+    keys = {key: _axis_of(path, key) for key in grid}
     specs = []
     for strategy in strategies:
         try:
             specs.append(parse_strategy(strategy))
         except ValueError as err:
             raise ValueError(f"{path}: strategy {strategy!r}: {err}") from None
-    unused = [key for key, (axis, member, _) in zip(grid, keys)
+    unused = [key for key, (axis, member, _) in keys.items()
               if not any(getattr(spec, axis).name == member for spec in specs)]
     if unused:
         raise ValueError(f"{path}: grid key(s) {', '.join(unused)} vary none of the strategies "
                          f"{', '.join(strategies)}")
     out = []
     for spec in specs:
-        mine = [(i, k) for i, k in enumerate(keys) if getattr(spec, k[0]).name == k[1]]
-        for values in itertools.product(*(_values(grid[list(grid)[i]]) for i, _ in mine)):
+        mine = {key: k for key, k in keys.items() if getattr(spec, k[0]).name == k[1]}
+        for values in itertools.product(*(_values(grid[key]) for key in mine)):
             members = {axis: getattr(spec, axis) for axis in AXES}
-            for (_, (axis, member, parameter)), value in zip(mine, values):
-                params = {f.name: getattr(members[axis], f.name) for f in dataclasses.fields(members[axis]) if f.init}
-                members[axis] = AXES[axis].build(member, {**params, parameter: value})
+            for (axis, member, parameter), value in zip(mine.values(), values):
+                members[axis] = AXES[axis].build(member, {**_member_params(members[axis]), parameter: value})
             out.append(str(StrategySpec(**members)))
     return out
 

@@ -85,7 +85,6 @@ def _generate(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from .evals.config import SMOKE, ReportConfig
     from .evals.harness import run_report
-    from .evals.report import terminal_rows
 
     backend = _backend(args)
     if args.resume:
@@ -96,8 +95,14 @@ def _report(args: argparse.Namespace) -> None:
         out = Path(args.out) if args.out else _fresh_run_folder("report")
         _check_writable(out, "--out")
         path = run_report(config, out, command=args.command_line, backend=backend)
-    header, rows = terminal_rows(path.parent)
-    print_table(header, rows)
+    _print_report(path)
+
+
+def _print_report(path: Path) -> None:
+    """The headline columns of a written report, and where it lies."""
+    from .evals.report import terminal_rows
+
+    print_table(*terminal_rows(path.parent))
     print(f"\nwrote {path} (and records.jsonl, summary.csv, summary.json, plots) in {path.parent}")
 
 
@@ -152,7 +157,6 @@ def _backend(args: argparse.Namespace):
 
 def _sweep(args: argparse.Namespace) -> None:
     from .evals.harness import run_report
-    from .evals.report import terminal_rows
     from .evals.sweep import load_sweep
 
     configs, out = load_sweep(args.file)
@@ -162,9 +166,7 @@ def _sweep(args: argparse.Namespace) -> None:
         _check_writable(out, "--out")
     # resuming with the file's grid: records of cells still in it are kept, only the missing cells run
     path = run_report(configs, out, resume=resume, command=args.command_line, backend=_backend(args))
-    header, rows = terminal_rows(path.parent)
-    print_table(header, rows)
-    print(f"\nwrote {path} (and records.jsonl, summary.csv, summary.json, plots) in {path.parent}")
+    _print_report(path)
 
 
 def _plan(args: argparse.Namespace) -> None:

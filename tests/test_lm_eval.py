@@ -207,4 +207,4 @@ def test_a_run_without_per_document_samples_is_refused_by_name(tmp_path):
     (folder / "default" / "results_2026-01-01.json").write_text("{}")
     (folder / REQUESTS_FILE).write_text("")
     with pytest.raises(ValueError, match="int8 holds lm-eval results without per-document samples .* remove the folder"):
-        run_records(folder, "int8", 512)
+        run_records(folder, "int8", 512, [])
