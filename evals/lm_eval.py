@@ -262,6 +262,9 @@ def run_cli(argv: list[str]) -> None:
     for path in Path(out).glob("**/results_*.json") if meta else []:
         if path.stat().st_mtime >= started:
             path.write_text(json.dumps({**json.loads(path.read_text()), "kvcompress": meta}, indent=2) + "\n")
+    for path in Path(out).glob("**/samples_*.jsonl") if meta else []:  # per-document scores: a meta line first
+        if path.stat().st_mtime >= started:
+            path.write_text(json.dumps({"kind": "meta", **meta}) + "\n" + path.read_text())
 
 
 _ARG_ITEM = re.compile(r"""(?:[^,"']|"[^"]*"|'[^']*')+""")  # a `key=value` between commas outside quotes
@@ -432,7 +435,8 @@ def _samples(folder: Path) -> dict[str, list[dict]]:
     newest: dict[str, Path] = {}
     for path in sorted(folder.glob("**/samples_*.jsonl")):
         newest[path.name.removeprefix("samples_").rsplit("_", 1)[0]] = path
-    return {task: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {task: [sample for line in path.read_text().splitlines() if line.strip()
+                   if (sample := json.loads(line)).get("kind") != "meta"]
             for task, path in newest.items()}
 
 

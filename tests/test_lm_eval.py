@@ -174,6 +174,9 @@ def test_strategies_give_the_reports_records_and_table(tmp_path, monkeypatch):
     full, window = first  # the report's own rows, paired by document, bytes from the requests
     assert full["recall_n"] == window["recall_n"] == 2 and full["verdict"] == "baseline"
     assert 0 < window["hbm_saved_pct"] < 100 and window["top1"] == 0.9
+    for samples in (out / "full").glob("**/samples_*.jsonl"):  # lm-eval's per-document file says what made it
+        opening = json.loads(samples.read_text().splitlines()[0])
+        assert opening["kind"] == "meta" and "strategy=full" in opening["command"] and opening["git_commit"] is not None
     text = (out / "pressure_transfer.md").read_text()
     assert "lm-eval's score of each document" in text and "## Recall by task" in text and "| `full` | " in text
 
