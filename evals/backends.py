@@ -87,13 +87,15 @@ class Worker:
         return {**record, "cell_s": round(time.perf_counter() - started, 4)}
 
 
-def units(jobs: list[Job]) -> list[list[Job]]:
-    """Jobs that run best on one worker, in order: a recall case's strategies (one prefill serves them all), a
-    length's latency cells (each ratio against `full` timed on one device), one fidelity cell each."""
+def units(jobs: list[Job], configs: list[dict]) -> list[list[Job]]:
+    """Jobs that run best on one worker, in order: a task and length's recall cells (its cases run in batches, one
+    prefill serving every strategy; a case's strategies when cases run one at a time), a length's latency cells
+    (each ratio against `full` timed on one device), one fidelity cell each."""
     def group(job: Job) -> tuple:
         index, cell = job
         if cell["kind"] == "recall":
-            return index, "recall", cell["task"], cell["length"], cell["depth"], cell["seed"], cell["question"]
+            case = (cell["depth"], cell["seed"]) if configs[index]["recall_batch"] == 1 else ()
+            return index, "recall", cell["task"], cell["length"], cell["question"], *case
         return index, cell["kind"], cell.get("length"), cell["strategy"] if cell["kind"] == "fidelity" else None
 
     grouped: dict[tuple, list[Job]] = {}
@@ -265,7 +267,7 @@ class RayRunner:
 
     def run(self, jobs: list[Job], append: Callable[[dict], None]) -> dict:
         ray = self.ray
-        self.queue = collections.deque(units(jobs))
+        self.queue = collections.deque(units(jobs, self.configs))
         self.attempts: collections.Counter = collections.Counter()  # cell id -> reruns after its worker died
         self.inflight: dict = {}  # result ref -> (worker, job), in the order each worker runs them
         self.append, self.progress = append, Progress(len(jobs), f"kvcompress on Ray ({self.size} workers)")

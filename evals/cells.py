@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .. import __version__
+from . import reference_text
 from .config import ReportConfig
 from .tasks import depths
 
@@ -22,8 +23,11 @@ def cell_id(config: ReportConfig, cell: dict) -> str:
     """A hash of everything that determines the cell's result (model, dtypes, weights, strategy, task, length,
     depth, seed, the harness settings it reads, the package version): resume, retries and widened grids go by it."""
     settings = {name: getattr(config, name) for name in COMMON_SETTINGS + CELL_SETTINGS[cell["kind"]]}
-    if settings.get("fidelity_text"):  # the text, not where it lies
-        settings["fidelity_text"] = hashlib.sha256(Path(config.fidelity_text).read_bytes()).hexdigest()
+    if cell["kind"] == "recall" and config.recall_batch != 1:  # batch-mates shift the numerics a little; runs from
+        settings["recall_batch"] = config.recall_batch  # before batching (one at a time) keep their ids
+    if cell["kind"] == "fidelity":  # the text, not where it lies (the shipped one when none is given)
+        text = Path(config.fidelity_text).read_bytes() if config.fidelity_text else reference_text().encode()
+        settings["fidelity_text"] = hashlib.sha256(text).hexdigest()
     cell = {k: v for k, v in cell.items() if k not in ("id", "model")}
     payload = json.dumps({"cell": cell, "settings": settings, "kvcompress": __version__}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -31,7 +35,7 @@ def cell_id(config: ReportConfig, cell: dict) -> str:
 
 def cell_keys(config: ReportConfig) -> list[dict]:
     """Every cell of a run, each with its id, in the order it runs: recall case by case (strategies innermost, so
-    one prefill of a case's context serves them all), then latency, then fidelity."""
+    one prefill of a batch's contexts serves them all), then latency, then fidelity."""
     cells = [{"kind": "recall", "strategy": strategy, "task": task, "length": length, "depth": depth, "seed": seed,
               "question": question}
              for task in config.tasks for length in config.lengths for depth in depths(config.depths)

@@ -32,8 +32,9 @@ class ReportConfig:
     tasks: list[str] = field(default_factory=lambda: ["passkey", "multikey"])
     lengths: list[int] = field(default_factory=lambda: [512, 1024])
     depths: int = 5
-    seeds: int = 1
+    seeds: int = 3  # with 2 tasks x 2 lengths x 5 depths: 60 recall cases per strategy
     max_new_tokens: int = 24
+    recall_batch: int = 8  # recall cases of one task and length run as one left-padded batch of up to this many rows
     decode_steps: int = 24
     fidelity_windows: int = 16  # windows of the text, run as one batch: more predictions for the same decode steps
     fidelity_prefill: int = 384
@@ -62,7 +63,8 @@ class ReportConfig:
             raise ValueError("lengths must list at least one token count")
         for name, value in (("lengths", min(self.lengths)), ("depths", self.depths), ("seeds", self.seeds),
                             ("sessions", self.sessions), ("context", self.context),
-                            ("max_new_tokens", self.max_new_tokens), ("decode_steps", self.decode_steps),
+                            ("max_new_tokens", self.max_new_tokens), ("recall_batch", self.recall_batch),
+                            ("decode_steps", self.decode_steps),
                             ("fidelity_windows", self.fidelity_windows), ("fidelity_prefill", self.fidelity_prefill),
                             ("fidelity_steps", self.fidelity_steps)):
             if value <= 0:
@@ -100,10 +102,11 @@ class ReportConfig:
 
 
 def configs_of(meta: dict) -> list[ReportConfig]:
-    """The ReportConfigs a records file was run with: one per model (files from before model grids hold one)."""
-    return [ReportConfig.from_dict(c) for c in meta.get("configs") or [meta["config"]]]
+    """The ReportConfigs a records file was run with: one per model (files from before model grids hold one; files
+    from before batched recall ran one case at a time)."""
+    return [ReportConfig.from_dict({"recall_batch": 1, **c}) for c in meta.get("configs") or [meta["config"]]]
 
 
 # `kvcompress report --smoke`: the whole pipeline in about a minute on 2 CPU cores (CI runs it); numbers mean nothing
-SMOKE = dict(strategies=["full", "int8", "window:window=64"], tasks=["passkey"], lengths=[256], depths=2,
+SMOKE = dict(strategies=["full", "int8", "window:window=64"], tasks=["passkey"], lengths=[256], depths=2, seeds=1,
              max_new_tokens=8, decode_steps=4, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8)

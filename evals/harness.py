@@ -28,7 +28,7 @@ from .latency import percentile, time_generation
 from .prefill import Prefill
 from .records import RecordStore
 from .report import write_report
-from .tasks import make_case, needle_positions, render, score
+from .tasks import depths, make_case, needle_positions, render, score
 
 
 def _is_allocation_failure(err: BaseException) -> bool:
@@ -51,32 +51,40 @@ def _guarded(base: dict, cell: Callable[[], dict]) -> dict:
         return {**base, "outcome": "allocation_failure", "error": str(err).splitlines()[0][:300]}
 
 
-def needle_survival(cache, needle: range, kv_heads: int) -> dict:
-    """The share of the needle's tokens each layer and KV head still holds (row 0), and its mean: beside recall it
-    separates "evicted" from "kept but not used"."""
+def needle_survival(cache, needle: range, kv_heads: int, row: int = 0, pad: int = 0) -> dict:
+    """The share of the needle's tokens each layer and KV head still holds in `row` (left-padded by `pad` tokens),
+    and its mean: beside recall it separates "evicted" from "kept but not used"."""
     per_layer_head = []
     wanted = torch.tensor(list(needle), dtype=torch.int32)
     for layer in cache.layers:
         positions = layer.positions
-        if positions is None:  # full or window: the newest `stored` tokens, in every head
-            held = torch.arange(layer.seen - layer.stored, layer.seen, dtype=torch.int32).expand(kv_heads, -1)
-        else:  # score-based: per head; positional (sink): one set for every head
-            held = (positions[0] if positions.dim() == 3 else positions[0].expand(kv_heads, -1)).cpu()
-        per_layer_head.append([round(torch.isin(wanted, row).float().mean().item(), 4) for row in held])
+        if positions is None:  # full or window: the newest `stored` tokens of the padded rows, in every head
+            held = torch.arange(layer.seen - layer.stored - pad, layer.seen - pad, dtype=torch.int32).expand(kv_heads, -1)
+        elif positions.dim() == 3:  # score-based: per head, each token's position in its row
+            held = positions[row].cpu()
+        else:  # positional (sink): one set for every head, indices in the padded row
+            held = (positions[row] - pad).expand(kv_heads, -1).cpu()
+        per_layer_head.append([round(torch.isin(wanted, head).float().mean().item(), 4) for head in held])
     heads = [share for layer in per_layer_head for share in layer]
     return {"mean": sum(heads) / len(heads), "per_layer_head": per_layer_head}
 
 
 class AnswerFound(StoppingCriteria):
-    """Stops generation once the planted answer appears: scoring is "the answer appears anywhere in the output", so
-    the tokens after it cannot change the outcome, only the run time."""
+    """Stops a row's generation once its planted answer appears (generation ends when every row's has): scoring is
+    "the answer appears anywhere in the output", so the tokens after it cannot change the outcome, only the run
+    time."""
 
-    def __init__(self, tokenizer, prompt_tokens: int, answer: str | tuple[str, ...]):
-        self.tokenizer, self.prompt_tokens, self.answer = tokenizer, prompt_tokens, answer
+    def __init__(self, tokenizer, prompt_tokens: int, answers: list[str | tuple[str, ...]]):
+        self.tokenizer, self.prompt_tokens, self.answers = tokenizer, prompt_tokens, answers
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        text = self.tokenizer.decode(input_ids[0, self.prompt_tokens:], skip_special_tokens=True)
-        return torch.full((input_ids.shape[0],), score(self.answer, text), dtype=torch.bool, device=input_ids.device)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_tokens:], skip_special_tokens=True)
+        found = [score(answer, text) for answer, text in zip(self.answers, texts)]
+        return torch.tensor(found, dtype=torch.bool, device=input_ids.device)
+
+
+def _per_row(kv_bytes: dict[str, int], rows: int) -> dict[str, int]:
+    return {tier: n // rows for tier, n in kv_bytes.items()}
 
 
 class Harness:
@@ -90,7 +98,9 @@ class Harness:
         self._full_logits: torch.Tensor | None = None
         self._fidelity_prefill: Prefill | None = None
         self._text_token_ids: torch.Tensor | None = None
-        self._case_prefill: tuple[tuple, Prefill] | None = None  # the last recall case's context, for its strategies
+        self._case_prefill: tuple[tuple, Prefill] | None = None  # the last recall batch's contexts, for its strategies
+        self._cases: tuple[tuple, list] = ((), [])  # (task, length) and its grid's cases, rendered
+        self._recalled: dict[tuple, dict] = {}  # records of batch-mates, until their own cells ask for them
         # strategies that read attention replay a shared prefill only with the attention it recorded
         self.kv_heads = KVGeometry.of(self.model).kv_heads
         self._records_attention = any(parse_strategy(s).retention.needs for s in config.strategies)
@@ -112,43 +122,87 @@ class Harness:
     def _peak(self) -> int | None:
         return torch.cuda.max_memory_allocated() if self.model.device.type == "cuda" else None
 
-    def _context_prefill(self, key: tuple, context: list[int]) -> Prefill:
+    def _context_prefill(self, key: tuple, rows: list[list[int]]) -> Prefill:
+        """The prefill of these rows, left-padded to one width: made once, shared by the strategies that follow."""
         if self._case_prefill is None or self._case_prefill[0] != key:
-            self._case_prefill = None  # the last case's K/V go before this one's are made
-            ids = torch.tensor([context], device=self.model.device)
-            self._case_prefill = (key, Prefill.of(self.model, ids, attention=self._records_attention))
+            self._case_prefill = None  # the last batch's K/V go before this one's are made
+            ids, mask = self._left_padded(rows)
+            padded = None if bool(mask.all()) else mask  # unpadded: exactly the one-case prefill
+            self._case_prefill = (key, Prefill.of(self.model, ids, attention=self._records_attention,
+                                                  attention_mask=padded))
         return self._case_prefill[1]
 
-    @torch.no_grad()
+    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=self.model.device)
+        return ids, mask
+
+    def _batch(self, task: str, length: int, depth: float, seed: int, question: str) -> list[tuple]:
+        """The cases that run as one left-padded batch with this one, as (case, context ids, question ids): the
+        grid's cases of this task and length in grid order, `recall_batch` at a time; with the question after the
+        context only those whose question has as many tokens (every row's context step must end at one column).
+        Fixed by the grid, not by which cells are left, so a resumed run batches a case as the first run did."""
+        if self._cases[0] != (task, length):
+            cases = [make_case(task, self.tokenizer, length, d, s)
+                     for d in depths(self.config.depths) for s in range(self.config.seeds)]
+            self._cases = ((task, length), [(case, *render(self.tokenizer, case.messages, case.question))
+                                            for case in cases])
+        cases = self._cases[1]
+        mine = next((c for c in cases if c[0].key == (task, length, round(depth, 4), seed)), None)
+        if mine is None:  # a case outside the grid (a cell of another run's records): alone
+            case = make_case(task, self.tokenizer, length, depth, seed)
+            return [(case, *render(self.tokenizer, case.messages, case.question))]
+        alike = [c for c in cases if question == "inside" or len(c[2]) == len(mine[2])]
+        start = alike.index(mine) // self.config.recall_batch * self.config.recall_batch
+        return alike[start:start + self.config.recall_batch]
+
     def recall(self, strategy: str, task: str, length: int, depth: float, seed: int, question: str = "after") -> dict:
         """question="after": the context is prefilled (and compressed) before the question arrives, as in a chat;
         "inside": context and question are one prompt (all but its last token prefilled), so query-aware retention
-        sees the question."""
-        case = make_case(task, self.tokenizer, length, depth, seed)
-        context, asked = render(self.tokenizer, case.messages, case.question)
-        first = context if question == "after" else context + asked[:-1]
-        prefill = self._context_prefill((case.key, question), first)
+        sees the question. The case runs in a left-padded batch with others of its task and length (`_batch`); their
+        records wait here for their own cells."""
+        key = (strategy, task, length, round(depth, 4), seed, question)
+        if key not in self._recalled:
+            batch = self._batch(task, length, depth, seed, question)
+            for (case, *_), record in zip(batch, self._recall_batch(strategy, batch, question)):
+                self._recalled[(strategy, *case.key, question)] = record
+        return self._recalled.pop(key)
+
+    @torch.no_grad()
+    def _recall_batch(self, strategy: str, batch: list[tuple], question: str) -> list[dict]:
+        firsts = [context if question == "after" else context + asked[:-1] for _, context, asked in batch]
+        prefill = self._context_prefill(tuple(case.key for case, *_ in batch) + (question,), firsts)
+        ids, mask = self._left_padded([context + asked for _, context, asked in batch])
+        pads = (mask == 0).sum(dim=1).tolist()  # the same in the prefill: every row's rest has as many tokens
+        rows = len(batch)
         chunk = self.config.prefill_chunk if parse_strategy(strategy).retention.seam else None
-        with make_cache(self.model, strategy, prefill_chunk=chunk) as cache:
+        with make_cache(self.model, strategy, prefill_chunk=chunk, batch_size=rows) as cache:
             prefill.fill(self.model, cache)
             kv_bytes_prefill, peak_prefill = cache.kv_bytes(), cache.peak_bytes
-            survival = needle_survival(cache, needle_positions(self.tokenizer, case), self.kv_heads)
-            ids = torch.tensor([context + asked], device=self.model.device)
-            stop = AnswerFound(self.tokenizer, ids.shape[1], case.answer)
+            survival = [needle_survival(cache, needle_positions(self.tokenizer, case), self.kv_heads, row, pad)
+                        for row, ((case, *_), pad) in enumerate(zip(batch, pads))]
+            answers = [case.answer for case, *_ in batch]
             self._sync_peak()
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache,
-                                      max_new_tokens=max(self.config.max_new_tokens, case.answer_tokens or 0),
+            out = self.model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                                      max_new_tokens=max(self.config.max_new_tokens,
+                                                         *(case.answer_tokens or 0 for case, *_ in batch)),
                                       do_sample=False,
-                                      stopping_criteria=StoppingCriteriaList([stop]),
+                                      stopping_criteria=StoppingCriteriaList([AnswerFound(self.tokenizer, ids.shape[1],
+                                                                                          answers)]),
                                       pad_token_id=self.tokenizer.eos_token_id)
-            output = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            return {"answer": case.answer, "correct": score(case.answer, output), "prompt_tokens": ids.shape[1],
-                    "output": output, "kv_bytes_prefill": kv_bytes_prefill, "kv_bytes_final": cache.kv_bytes(),
-                    "needle_survival": survival["mean"], "needle_survival_per_layer_head": survival["per_layer_head"],
-                    "peak_kv_bytes_prefill": peak_prefill, "peak_kv_bytes": cache.peak_bytes,
-                    "peak_device_bytes": self._peak(),
-                    "stored_tokens": cache.stored_tokens(), "seen_tokens": cache.get_seq_length(),
-                    "process_peak_rss_bytes": _peak_rss_bytes()}
+            outputs = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            shared = {"kv_bytes_prefill": _per_row(kv_bytes_prefill, rows), "kv_bytes_final": _per_row(cache.kv_bytes(), rows),
+                      "peak_kv_bytes_prefill": peak_prefill // rows, "peak_kv_bytes": cache.peak_bytes // rows,
+                      "peak_device_bytes": self._peak(),  # the batch's (weights included), not divided
+                      "stored_tokens": cache.stored_tokens(), "seen_tokens": cache.get_seq_length(),
+                      "process_peak_rss_bytes": _peak_rss_bytes(), "batch_rows": rows}
+            return [{"answer": case.answer, "correct": score(case.answer, output),
+                     "prompt_tokens": len(context) + len(asked), "output": output,
+                     "needle_survival": row_survival["mean"],
+                     "needle_survival_per_layer_head": row_survival["per_layer_head"], **shared}
+                    for (case, context, asked), output, row_survival in zip(batch, outputs, survival)]
 
     def _text_ids(self, length: int, windows: int = 1) -> torch.Tensor:
         if self._text_token_ids is None and self.tokenizer is None:  # random weights: timing ignores the values
@@ -191,7 +245,9 @@ class Harness:
             self._fidelity_prefill = Prefill.of(self.model, ids[:, :c.fidelity_prefill],
                                                 attention=self._records_attention)
             self._full_logits = step_logits(self.model, ids, "full", c.fidelity_prefill, self._fidelity_prefill)
-        candidate = step_logits(self.model, ids, strategy, c.fidelity_prefill, self._fidelity_prefill)
+        full = parse_strategy(strategy) == parse_strategy("full")  # the reference itself: no second run
+        candidate = self._full_logits if full else step_logits(self.model, ids, strategy, c.fidelity_prefill,
+                                                                self._fidelity_prefill)
         return compare(self._full_logits, candidate, ids[:, c.fidelity_prefill:].flatten())
 
 

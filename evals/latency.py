@@ -21,7 +21,7 @@ def time_generation(model, input_ids: torch.Tensor, cache, decode_steps: int) ->
     device = input_ids.device
     _sync(device)
     start = time.perf_counter()
-    logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits[:, -1:]
+    logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits  # as a server would
     _sync(device)
     ttft = time.perf_counter() - start
     moved_before = cache.transfer_stats() if hasattr(cache, "transfer_stats") else {}

@@ -6,6 +6,9 @@ A score-based retention also reads the prefill's attention. `Prefill.of(..., att
 read (per layer: each token's attention mass and the last `ATTENTION_ROWS` queries' attention, from the same seam
 computation a live prefill runs), and `fill` hands it over with the K/V; it prefills for real only when that is not
 exact (a chunked prefill, or a member that observes more queries than were recorded).
+
+Rows may be left-padded (`attention_mask`): positions then count from each row's first real token, as generate
+numbers them, and every layer learns its rows' padding on replay, as it would in a live prefill.
 """
 
 from __future__ import annotations
@@ -29,22 +32,27 @@ class Prefill:
     input_ids: torch.Tensor  # [batch, tokens] what was prefilled
     attention: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None  # per layer, if recorded: last rows,
     # mass, and the bytes the step's attention allocated beside the storage (for a replayed cache's peak)
+    attention_mask: torch.Tensor | None = None  # [batch, tokens], 0 for left padding; None: no padding
 
     @classmethod
     @torch.no_grad()
-    def of(cls, model, input_ids: torch.Tensor, attention: bool = False) -> Prefill:
+    def of(cls, model, input_ids: torch.Tensor, attention: bool = False,
+           attention_mask: torch.Tensor | None = None) -> Prefill:
         with make_cache(model, _RECORDER if attention else "full") as cache:
             for layer in cache.layers:
                 layer.capture_rows = ATTENTION_ROWS if attention else 0
-            logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits[:, -1]
+            padded = {} if attention_mask is None else {"attention_mask": attention_mask,
+                                                        "position_ids": position_ids(attention_mask)}
+            logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1, **padded).logits[:, -1]
             kv = [(layer.recent_k.read(), layer.recent_v.read()) for layer in cache.layers]
             recorded = ([(layer.captured, layer.mass, layer.transient_bytes) for layer in cache.layers]
                         if attention else None)
-            return cls(kv, logits, input_ids, recorded)
+            return cls(kv, logits, input_ids, recorded, attention_mask)
 
     def replay(self, cache: KVCache) -> KVCache:
+        padded = {} if self.attention_mask is None else {"position_ids": position_ids(self.attention_mask)}
         for layer, (keys, values) in zip(cache.layers, self.kv):
-            layer.update(keys, values)
+            layer.update(keys, values, **padded)
         return cache
 
     def replays_exactly(self, cache: KVCache) -> bool:
@@ -61,14 +69,26 @@ class Prefill:
         """Bring `cache` to where a prefill of these tokens would, and return the last position's logits [batch,
         vocab]: replayed where exact, prefilled for real otherwise."""
         if not self.replays_exactly(cache):
-            return model(input_ids=self.input_ids, cache=cache, use_cache=True).logits[:, -1]
+            padded = {} if self.attention_mask is None else {"attention_mask": self.attention_mask,
+                                                             "position_ids": position_ids(self.attention_mask)}
+            return model(input_ids=self.input_ids, cache=cache, use_cache=True, logits_to_keep=1,
+                         **padded).logits[:, -1]
         compute = self.last_logits.dtype
         if not cache.spec.retention.seam:
             self.replay(cache)
-        elif not cache.spec.retention.needs:  # keys only (knorm): the K/V are all it reads
+            return self.last_logits
+        positions = None  # a seam layer holds each token's position in its row, -1 for padding
+        if self.attention_mask is not None:
+            positions = position_ids(self.attention_mask).to(torch.int32).masked_fill(self.attention_mask == 0, -1)
+        if not cache.spec.retention.needs:  # keys only (knorm): the K/V are all it reads
             for layer, (keys, values) in zip(cache.layers, self.kv):
-                layer.restore(keys, values, None, None, compute, 2 * keys.numel() * compute.itemsize)
+                layer.restore(keys, values, None, None, compute, 2 * keys.numel() * compute.itemsize, positions)
         else:
             for layer, (keys, values), (rows, mass, transient) in zip(cache.layers, self.kv, self.attention):
-                layer.restore(keys, values, rows, mass, compute, transient)
+                layer.restore(keys, values, rows, mass, compute, transient, positions)
         return self.last_logits
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows as generate numbers them: from 0 at each row's first real token (padding 1)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)

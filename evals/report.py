@@ -288,13 +288,16 @@ def write_report(out: Path) -> Path:
         *([dtypes] if dtypes else []),
         *(_lm_eval_lines(meta["lm_eval"]) if "lm_eval" in meta else [
             f"- recall: {', '.join(config.tasks)} at {', '.join(map(str, config.lengths))} tokens, {config.depths} "
-            f"depths, {config.seeds} seed(s); exact match; loss in points against `full` on the same prompts",
+            f"depths, {config.seeds} seed(s)"
+            + (f", in left-padded batches of up to {config.recall_batch} cases" if config.recall_batch > 1 else "")
+            + "; exact match; loss in points against `full` on the same prompts",
             f"- HBM saved: measured resident KV after prefill + decode at the longest length; at scale: "
             f"{config.sessions} sessions x {config.context} tokens from the analytic formula the measurement is tested "
             f"against",
             f"- latency: decode ms/token p50 vs `full` at {rows[0]['latency_length']} tokens"]),
-        f"- fidelity: teacher-forced top-1 / KL / perplexity vs `full` over {config.fidelity_windows} windows of the "
-        f"text x {config.fidelity_steps} steps after {config.fidelity_prefill} tokens",
+        f"- fidelity: teacher-forced top-1 / KL / perplexity vs `full` over {config.fidelity_windows} windows of "
+        f"{config.fidelity_text or 'Northanger Abbey (shipped, public domain)'} x {config.fidelity_steps} steps after "
+        f"{config.fidelity_prefill} tokens",
         f"- guardrails: recall loss <= {t.recall_loss_pts:g} pts, decode latency <= +{t.decode_latency_pct:g}%, "
         f"top-1 >= {t.top1:.0%}; each judged on its 95% interval [in brackets]: recall loss paired against `full` "
         f"(exact, McNemar-consistent), top-1 Clopper-Pearson over the predictions, decode a bootstrap of the ratio of "

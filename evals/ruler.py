@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from . import reference_text
+from . import haystack_text
 from .cases import FILLER, WORDS, Case, _fit, _single_turn
 
 ADJECTIVES = ("ancient", "bitter", "calm", "dusty", "eager", "fierce", "gentle", "hollow", "icy", "jolly", "keen",
@@ -40,7 +40,7 @@ def _units(haystack: str) -> list[str]:
     fits to a word)."""
     if haystack == "noise":
         return [s.strip().rstrip(".") + "." for s in FILLER.split(". ") if s.strip()]
-    return reference_text().split()
+    return haystack_text().split()
 
 
 def _fill(haystack: str, count: int, needles: list[tuple[float, str]],

@@ -249,17 +249,20 @@ class KVLayer(CacheLayerMixin):
         return out, None, decoded_chunk + tail_k.nbytes + tail_v.nbytes
 
     def restore(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None,
-                mass: torch.Tensor | None, compute: torch.dtype, transient_bytes: int = 0) -> None:
-        """Store a prompt prefilled elsewhere (no padding) as if this layer had run it: K/V [batch, heads, tokens,
-        dim], the last rows of its pooled attention [batch, heads, rows, tokens] and each token's attention mass
-        [batch, heads, tokens]; eviction then sees what it would have seen (exact when it reads at most those rows).
-        transient_bytes: what the step's attention allocated where it ran, for the cache's peak."""
+                mass: torch.Tensor | None, compute: torch.dtype, transient_bytes: int = 0,
+                positions: torch.Tensor | None = None) -> None:
+        """Store a prompt prefilled elsewhere as if this layer had run it: K/V [batch, heads, tokens, dim], the last
+        rows of its pooled attention [batch, heads, rows, tokens] and each token's attention mass [batch, heads,
+        tokens]; eviction then sees what it would have seen (exact when it reads at most those rows).
+        transient_bytes: what the step's attention allocated where it ran, for the cache's peak. positions [batch,
+        tokens]: each token's position in its row, -1 for left padding (None: no padding)."""
         if self.kv_dtype is not None:
             keys, values = keys.to(self.kv_dtype), values.to(self.kv_dtype)
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
         batch, heads, n = keys.shape[:3]
-        positions = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=self.device).expand(batch, n)
+        if positions is None:
+            positions = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=self.device).expand(batch, n)
         self._store_step(keys, values, positions, attention, mass, compute)
         self.steps += 1
         self._end_step(transient_bytes)

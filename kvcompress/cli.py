@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, help=f"concurrent sessions for the at-scale column (default: {d('sessions')})")
     p.add_argument("--context", type=_token_count, help=f"tokens per session for the at-scale column (default: {d('context')})")
     p.add_argument("--max-new-tokens", type=int, help=f"answer budget of a recall case (default: {d('max_new_tokens')})")
+    p.add_argument("--recall-batch", type=int, help=f"recall cases of one task and length run as one left-padded "
+                   f"batch of up to this many rows; 1: one at a time (default: {d('recall_batch')})")
     p.add_argument("--decode-steps", type=int, help=f"(default: {d('decode_steps')})")
     p.add_argument("--fidelity-steps", type=int, help=f"(default: {d('fidelity_steps')})")
     p.add_argument("--fidelity-text", help="text file for teacher-forced fidelity (default: a shipped public-domain text)")

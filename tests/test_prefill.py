@@ -23,7 +23,8 @@ def test_replayed_prefill_is_bit_identical_to_a_prefill(strategy, tmp_path):
                     prefix.replay(cache)
                     logits = [prefix.last_logits]
                 else:
-                    logits = [model(input_ids=ids[:, :40], cache=cache, use_cache=True).logits[:, -1]]
+                    logits = [model(input_ids=ids[:, :40], cache=cache, use_cache=True,  # as generate prefills
+                                    logits_to_keep=1).logits[:, -1]]
                 kv_bytes, stored = cache.kv_bytes(), cache.stored_tokens()
                 for t in range(40, 50):  # then decode steps read what the prefill left
                     logits.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from kvcompress.evals import harness as harness_module
+from kvcompress.evals import harness as harness_module, reference_text
 from kvcompress.evals.config import ReportConfig, Thresholds
 from kvcompress.evals.harness import run_report
 from kvcompress.evals.records import RecordStore
@@ -102,7 +102,7 @@ def test_guardrail_verdicts():
     assert disk["created"] == "decode latency +5%; host 0.020 GB + disk 0.500 GB holding KV; 12.0 MB moved per decode step"
 
 
-TINY = dict(strategies=["full", "window:window=64", "full+disk"], tasks=["passkey"], lengths=[160], depths=2,
+TINY = dict(strategies=["full", "window:window=64", "full+disk"], tasks=["passkey"], lengths=[160], depths=2, seeds=1,
             decode_steps=4, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8, max_new_tokens=8)
 
 
@@ -251,6 +251,8 @@ def test_bad_report_settings():
         ReportConfig(questions=["before"])
     with pytest.raises(ValueError, match="prefill_chunk must be a positive"):
         ReportConfig(prefill_chunk=0)
+    with pytest.raises(ValueError, match="recall_batch must be positive, got 0"):
+        ReportConfig(recall_batch=0)
 
 
 def test_sweeps_expand_their_grids(tmp_path):
@@ -321,3 +323,40 @@ def test_resuming_a_finished_run_loads_no_model(tmp_path, monkeypatch):
     monkeypatch.setattr(harness_module.Harness, "__init__", no_model)
     path = run_report(None, tmp_path, resume=True)
     assert (tmp_path / "records.jsonl").read_text() == before and path.exists()
+
+
+BATCHED = ["int8", "sink:sinks=4,window=60", "knorm:budget=64,window=16", "snapkv:budget=64,window=16,when=budget"]
+
+
+def test_batched_recall_equals_one_case_at_a_time():
+    """Left-padded batches give each case the record it gets alone: output, outcome, needle survival per head and
+    (up to the padding) bytes, for positional, score-based (replayed with and without attention) and encoded
+    strategies, with the question after the context and inside the prompt."""
+    grid = dict(strategies=BATCHED, tasks=["multikey"], lengths=[160], depths=2, seeds=2,  # questions of 2 lengths
+                questions=["after", "inside"], compute_dtype="float32", kv_dtype="float32", max_new_tokens=6)
+    cells = [c for c in cell_keys(ReportConfig(**grid)) if c["kind"] == "recall"]
+    args = lambda c: {k: c[k] for k in ("strategy", "task", "length", "depth", "seed", "question")}  # noqa: E731
+    alone = harness_module.Harness(ReportConfig(**grid, recall_batch=1))
+    expected = [alone.recall(**args(c)) for c in cells]
+    batched = harness_module.Harness(ReportConfig(**grid, recall_batch=4))
+    got = [batched.recall(**args(c)) for c in cells]
+    assert not batched._recalled  # every batch-mate's record was handed to its own cell
+    assert {r["batch_rows"] for r in expected} == {1}
+    rows = {q: sorted({r["batch_rows"] for c, r in zip(cells, got) if c["question"] == q}) for q in ("after", "inside")}
+    assert rows == {"after": [1, 3], "inside": [4]}  # after: the one case whose question is a token longer goes alone
+    for cell, one, many in zip(cells, expected, got):
+        assert (many["output"], many["correct"], many["prompt_tokens"]) == (one["output"], one["correct"],
+                                                                          one["prompt_tokens"]), cell
+        assert many["needle_survival_per_layer_head"] == one["needle_survival_per_layer_head"], cell
+        padding = many["seen_tokens"] - one["seen_tokens"]  # the batch's longest row sets the width
+        per_token = one["kv_bytes_final"]["device"] / one["stored_tokens"]
+        assert 0 <= many["kv_bytes_final"]["device"] - one["kv_bytes_final"]["device"] <= padding * per_token + 64
+
+
+def test_the_shipped_fidelity_text_gives_disjoint_windows(default_model):
+    """The default fidelity windows never repeat a token of the novel: 1,024 predictions on 1,024 different
+    positions, which the top-1 interval assumes."""
+    _, tokenizer = default_model
+    tokens = len(tokenizer(reference_text())["input_ids"])
+    c = ReportConfig()
+    assert tokens > 90_000 and tokens // c.fidelity_windows >= c.fidelity_prefill + c.fidelity_steps

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray", reason="the ray backend needs ray (pip install 
 RAY = Backend("ray", workers=2)
 # random weights: recall and fidelity cells are recorded as skipped at once; latency cells time a real decode
 TINY = dict(model="random:tiny", strategies=["full", "int8", "window:window=32"], tasks=["passkey"], lengths=[64, 96],
-            depths=2, decode_steps=4)
+            depths=2, seeds=1, decode_steps=4)
 
 
 def _records(folder):
@@ -48,7 +48,7 @@ def _appends(monkeypatch) -> list[dict]:
 
 @pytest.mark.slow
 def test_ray_runs_the_same_cells_with_the_same_recall_outcomes_as_local(tmp_path):
-    config = ReportConfig(strategies=["full", "window:window=64"], tasks=["passkey"], lengths=[256], depths=3,
+    config = ReportConfig(strategies=["full", "window:window=64"], tasks=["passkey"], lengths=[256], depths=3, seeds=1,
                           max_new_tokens=16, decode_steps=4, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8,
                           compute_dtype="float32")
     run_report(config, tmp_path / "local")
@@ -159,7 +159,7 @@ def test_the_sweep_command_runs_a_file_on_ray_and_resumes_a_widened_grid(tmp_pat
     from kvcompress.cli import main
 
     sweep = tmp_path / "sweep.yaml"
-    report = "report: {tasks: [passkey], lengths: [64], depths: 1, decode_steps: 4}\n"
+    report = "report: {tasks: [passkey], lengths: [64], depths: 1, seeds: 1, decode_steps: 4}\n"
     sweep.write_text(f"models: [random:tiny]\nstrategies: [window]\ngrid: {{window.window: [32]}}\n{report}")
     out = tmp_path / "out"
     main(["sweep", str(sweep), "--backend", "ray", "--workers", "2", "--out", str(out)])
