@@ -59,7 +59,7 @@ def needle_survival(cache, needle: range, kv_heads: int, row: int = 0, pad: int 
     for layer in cache.layers:
         positions = layer.positions
         if positions is None:  # full or window: the newest `stored` tokens of the padded rows, in every head
-            held = torch.arange(layer.seen - layer.stored - pad, layer.seen - pad, dtype=torch.int32).expand(kv_heads, -1)
+            held = torch.arange(layer.seen - layer.stored, layer.seen, dtype=torch.int32).expand(kv_heads, -1) - pad
         elif positions.dim() == 3:  # score-based: per head, each token's position in its row
             held = positions[row].cpu()
         else:  # positional (sink): one set for every head, indices in the padded row
@@ -193,7 +193,8 @@ class Harness:
                                                                                           answers)]),
                                       pad_token_id=self.tokenizer.eos_token_id)
             outputs = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-            shared = {"kv_bytes_prefill": _per_row(kv_bytes_prefill, rows), "kv_bytes_final": _per_row(cache.kv_bytes(), rows),
+            shared = {"kv_bytes_prefill": _per_row(kv_bytes_prefill, rows),
+                      "kv_bytes_final": _per_row(cache.kv_bytes(), rows),
                       "peak_kv_bytes_prefill": peak_prefill // rows, "peak_kv_bytes": cache.peak_bytes // rows,
                       "peak_device_bytes": self._peak(),  # the batch's (weights included), not divided
                       "stored_tokens": cache.stored_tokens(), "seen_tokens": cache.get_seq_length(),
