@@ -147,16 +147,17 @@ class Harness:
         if self._cases[0] != (task, length):
             cases = [make_case(task, self.tokenizer, length, d, s)
                      for d in depths(self.config.depths) for s in range(self.config.seeds)]
-            self._cases = ((task, length), [(case, *render(self.tokenizer, case.messages, case.question))
-                                            for case in cases])
+            self._cases = ((task, length), [self._rendered(case) for case in cases])
         cases = self._cases[1]
         mine = next((c for c in cases if c[0].key == (task, length, round(depth, 4), seed)), None)
         if mine is None:  # a case outside the grid (a cell of another run's records): alone
-            case = make_case(task, self.tokenizer, length, depth, seed)
-            return [(case, *render(self.tokenizer, case.messages, case.question))]
+            return [self._rendered(make_case(task, self.tokenizer, length, depth, seed))]
         alike = [c for c in cases if question == "inside" or len(c[2]) == len(mine[2])]
         start = alike.index(mine) // self.config.recall_batch * self.config.recall_batch
         return alike[start:start + self.config.recall_batch]
+
+    def _rendered(self, case) -> tuple:
+        return (case, *render(self.tokenizer, case.messages, case.question))
 
     def recall(self, strategy: str, task: str, length: int, depth: float, seed: int, question: str = "after") -> dict:
         """question="after": the context is prefilled (and compressed) before the question arrives, as in a chat;

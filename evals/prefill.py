@@ -41,9 +41,8 @@ class Prefill:
         with make_cache(model, _RECORDER if attention else "full") as cache:
             for layer in cache.layers:
                 layer.capture_rows = ATTENTION_ROWS if attention else 0
-            padded = {} if attention_mask is None else {"attention_mask": attention_mask,
-                                                        "position_ids": position_ids(attention_mask)}
-            logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1, **padded).logits[:, -1]
+            logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1,
+                           **_padding(attention_mask)).logits[:, -1]
             kv = [(layer.recent_k.read(), layer.recent_v.read()) for layer in cache.layers]
             recorded = ([(layer.captured, layer.mass, layer.transient_bytes) for layer in cache.layers]
                         if attention else None)
@@ -69,10 +68,8 @@ class Prefill:
         """Bring `cache` to where a prefill of these tokens would, and return the last position's logits [batch,
         vocab]: replayed where exact, prefilled for real otherwise."""
         if not self.replays_exactly(cache):
-            padded = {} if self.attention_mask is None else {"attention_mask": self.attention_mask,
-                                                             "position_ids": position_ids(self.attention_mask)}
             return model(input_ids=self.input_ids, cache=cache, use_cache=True, logits_to_keep=1,
-                         **padded).logits[:, -1]
+                         **_padding(self.attention_mask)).logits[:, -1]
         compute = self.last_logits.dtype
         if not cache.spec.retention.seam:
             self.replay(cache)
@@ -87,6 +84,12 @@ class Prefill:
             for layer, (keys, values), (rows, mass, transient) in zip(cache.layers, self.kv, self.attention):
                 layer.restore(keys, values, rows, mass, compute, transient, positions)
         return self.last_logits
+
+
+def _padding(attention_mask: torch.Tensor | None) -> dict:
+    """What a forward over left-padded rows takes beside the ids: the mask and generate's position ids."""
+    return {} if attention_mask is None else {"attention_mask": attention_mask,
+                                              "position_ids": position_ids(attention_mask)}
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
