@@ -3,7 +3,8 @@ haystack to a token length. The tasks themselves live in tasks.py (ours) and rul
 
 Each case is split into a context (prefilled as one step) and a question (a second step), so a retention that
 evicts at decode time has done its evicting before the question arrives, as it would in a chat. Lengths count the
-model's own tokens, chat template included. Scoring: the planted answer appears in the generated text.
+model's own tokens, chat template included, and a prompt reaches its target length within a token. Scoring: the
+planted answer appears in the generated text.
 """
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from . import haystack_text
+
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 WORDS = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "indigo", "juniper", "kestrel",
          "lantern", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saffron", "tundra", "umber", "violet")
+# The generators' version: bumped whenever a seed's prompt changes, so a resumed run never mixes two versions' cases
+# under one cell id (2: prompts end in a partial haystack unit and reach their length within a token; 1: before).
+CASES = 2
+TAIL_UNITS = 3  # the partial unit that ends a haystack is cut from the next 3 units: one alone may tokenize short
+TAIL_CHARS = 1024  # the most characters the fit tries for it (a build clips it to the text it has)
 
 
 @dataclass(frozen=True)
@@ -38,22 +46,60 @@ def score(answer: str | tuple[str, ...] | list[str], output: str) -> bool:
     return answer in output if isinstance(answer, str) else all(a in output for a in answer)
 
 
-def _fit(build: Callable[[int], tuple], tokenizer, length: int) -> tuple:
-    """Largest filler count whose prompt stays within `length` tokens (binary search on the real tokenizer). Raises
-    ValueError naming the shortest length when even no filler does not fit."""
-    shortest = sum(map(len, render(tokenizer, *build(0)[:2])))
-    if shortest > length:
+def _fit(build: Callable[[int, int], tuple], tokenizer, length: int) -> tuple:
+    """The longest prompt within `length` tokens, found by binary search on the real tokenizer: the largest count of
+    whole haystack units, then the most characters of what the haystack would go on with (`build(units, chars)`),
+    so the prompt ends within a token of the target. Raises ValueError naming the shortest length when even no
+    haystack does not fit."""
+    def fits(units: int, chars: int = 0) -> bool:
+        return sum(map(len, render(tokenizer, *build(units, chars)[:2]))) <= length
+
+    if not fits(0):
+        shortest = sum(map(len, render(tokenizer, *build(0, 0)[:2])))
         raise ValueError(f"length {length} is too short for this task: its prompt without any haystack takes "
                          f"{shortest} tokens")
-    lo, hi = 0, max(1, length)
+    units = _largest(lambda n: fits(n), max(1, length))
+    return build(units, _largest(lambda c: fits(units, c), TAIL_CHARS))
+
+
+def _largest(ok: Callable[[int], bool], hi: int) -> int:
+    """The largest n in [0, hi] with ok(n), given ok(0), by bisection (token counts only nearly grow with text)."""
+    lo = 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        messages, question, *_ = build(mid)
-        if sum(map(len, render(tokenizer, messages, question))) <= length:
-            lo = mid
-        else:
-            hi = mid - 1
-    return build(lo)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def partial(following: list[str], chars: int, separator: str = " ") -> list[str]:
+    """The first `chars` characters of the units that would follow, as the one partial unit that ends a haystack
+    (none for 0 characters)."""
+    text = separator.join(following)[:chars].rstrip()
+    return [text] if text else []
+
+
+def haystack_units(haystack: str) -> list[str]:
+    """What a haystack grows by: noise sentences, or the essay's words (as RULER cuts its essays, so the length fits
+    to a word)."""
+    if haystack == "noise":
+        return [s.strip().rstrip(".") + "." for s in FILLER.split(". ") if s.strip()]
+    return haystack_text().split()
+
+
+def fill(haystack: str, count: int, needles: list[tuple[float, str]], tail: int = 0,
+         distractor: Callable[[], str] | None = None) -> str:
+    """`count` haystack units (noise sentences, essay words, or distractor needles, each a `distractor()` call) and
+    the first `tail` characters of the units that would follow, with each needle at its relative depth (the partial
+    unit counts as the last one, so depth 1 is still the end)."""
+    if haystack == "needle":
+        parts = [distractor() for _ in range(count + TAIL_UNITS)]
+    else:
+        source = haystack_units(haystack)
+        parts = (source * ((count + TAIL_UNITS) // len(source) + 1))[: count + TAIL_UNITS]
+    parts = parts[:count] + partial(parts[count:], tail)
+    for depth, needle in sorted(needles, reverse=True):
+        parts.insert(round(depth * len(parts)), needle)
+    return " ".join(parts)
 
 
 def _chat_text(tokenizer, messages) -> str:

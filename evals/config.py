@@ -10,6 +10,7 @@ from pathlib import Path
 from ..dtypes import WEIGHTS, parse_dtype
 from ..strategy import parse_strategy
 from ..units import parse_token_list, parse_tokens
+from .cases import CASES
 from .tasks import TASKS
 
 QUESTIONS = ("after", "inside")  # the question arrives after the context was compressed, or inside the prompt
@@ -49,6 +50,7 @@ class ReportConfig:
     sessions: int = 32
     context: int = 32768
     thresholds: Thresholds = field(default_factory=Thresholds)
+    cases: int = CASES  # the version of the recall cases' generators (cases.CASES) the records were made with
 
     def __post_init__(self):
         self.strategies = [str(parse_strategy(s)) for s in self.strategies]  # bad strategies fail before any work
@@ -103,8 +105,8 @@ class ReportConfig:
 
 def configs_of(meta: dict) -> list[ReportConfig]:
     """The ReportConfigs a records file was run with: one per model (files from before model grids hold one; files
-    from before batched recall ran one case at a time)."""
-    return [ReportConfig.from_dict({"recall_batch": 1, **c}) for c in meta.get("configs") or [meta["config"]]]
+    from before batched recall ran one case at a time, with the first generators' cases)."""
+    return [ReportConfig.from_dict({"recall_batch": 1, "cases": 1, **c}) for c in meta.get("configs") or [meta["config"]]]
 
 
 # `kvcompress report --smoke`: the whole pipeline in about a minute on 2 CPU cores (CI runs it); numbers mean nothing

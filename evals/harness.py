@@ -21,6 +21,7 @@ from ..provenance import provenance
 from ..strategy import parse_strategy
 from . import reference_text, text_ids
 from .backends import Backend, start
+from .cases import CASES
 from .cells import cell_keys
 from .config import ReportConfig, configs_of
 from .fidelity import compare, step_logits
@@ -274,6 +275,11 @@ def run_report(config: ReportConfig | list[ReportConfig] | None, out: Path, resu
             if store is None or not store.has(cell)]
     if not jobs:  # a resumed run with nothing left: no model loads, no worker starts; the report alone
         return write_report(out)
+    if any(configs[index].cases != CASES and cell["kind"] == "recall" for index, cell in jobs):
+        raise ValueError(f"{out}: its recall records were made by version {configs[jobs[0][0]].cases} of the case "
+                         f"generators and this kvcompress makes version {CASES} (other prompts), so its missing "
+                         "recall cells cannot be run to match them; run the grid into a new --out, or resume it "
+                         "with `kvcompress sweep FILE --resume` (which reruns every recall cell)")
     runner = start(backend, configs, jobs[0][0])  # a bad model or device fails here, before a records file exists
     try:
         if store is None:

@@ -5,7 +5,8 @@ Models?", arXiv:2404.06654; scripts/data/synthetic/constants.py and synthetic.ya
 counts and haystacks, with two substitutions: RULER's "essay" haystack (Paul Graham's essays) is the shipped
 public-domain text (the US Declaration of Independence, repeated as needed), and RULER's random words come from a
 fixed word list, so nothing is downloaded. As in our other tasks the context is prefilled before the question (a
-chat turn asking it), lengths count the chat template, and `depth` places the queried needle (cwe and fwe have no
+chat turn asking it), lengths count the chat template and reach the target within a token (whole haystack units,
+then part of the next, where RULER stops at the last whole unit), and `depth` places the queried needle (cwe and fwe have no
 needle: their depth only seeds the instance). A case is correct when every expected answer appears in the output
 (RULER's string_match_all, all-or-nothing per case so recall stays paired per case).
 """
@@ -15,8 +16,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from . import haystack_text
-from .cases import FILLER, WORDS, Case, _fit, _single_turn
+from .cases import TAIL_UNITS, WORDS, Case, _fit, _single_turn, fill, partial
 
 ADJECTIVES = ("ancient", "bitter", "calm", "dusty", "eager", "fierce", "gentle", "hollow", "icy", "jolly", "keen",
               "lively", "mellow", "noisy", "odd", "proud", "quiet", "rapid", "silent", "tidy", "upbeat", "vivid")
@@ -33,28 +33,6 @@ FWE = ("Read the following coded text and track the frequency of each coded word
        "appeared coded words. {context}")
 FWE_QUESTION = ("Question: Do not provide any explanation. Please ignore the dots '....'. What are the three most "
                 "frequently appeared words in the above coded text?")
-
-
-def _units(haystack: str) -> list[str]:
-    """What a haystack grows by: noise sentences, or the essay's words (as RULER cuts its essays, so the length
-    fits to a word)."""
-    if haystack == "noise":
-        return [s.strip().rstrip(".") + "." for s in FILLER.split(". ") if s.strip()]
-    return haystack_text().split()
-
-
-def _fill(haystack: str, count: int, needles: list[tuple[float, str]],
-          distractor: Callable[[], str] | None = None) -> str:
-    """`count` haystack units (noise sentences, essay words, or distractor needles, each a `distractor()` call) with
-    each needle at its relative depth."""
-    if haystack == "needle":
-        parts = [distractor() for _ in range(count)]
-    else:
-        source = _units(haystack)
-        parts = (source * (count // len(source) + 1))[:count]
-    for depth, needle in sorted(needles, reverse=True):
-        parts.insert(round(depth * len(parts)), needle)
-    return " ".join(parts)
 
 
 def _word_key(rng: random.Random) -> str:
@@ -90,7 +68,7 @@ def niah(name: str, haystack: str, keys: str = "words", values: str = "numbers",
         question = NIAH_QUESTION.format(kind=values, query=", ".join(asked))
         answers = tuple(value for vals in planted[:queries] for value in vals)
 
-        def build(n):
+        def build(n, tail):
             hay = random.Random(f"{name}-{seed}-{depth}-hay")  # the same distractors for every n tried
 
             def distractor():  # a needle for a key that is never asked about
@@ -99,7 +77,7 @@ def niah(name: str, haystack: str, keys: str = "words", values: str = "numbers",
                     key = make_key(hay)
                 return NEEDLE.format(kind=values, key=key, value=make_value(hay))
 
-            context = _fill(haystack, n, list(zip(places, needles)), distractor)
+            context = fill(haystack, n, list(zip(places, needles)), tail, distractor)
             return _single_turn(NIAH.format(kind=values, context=context), question), question, answers, needles[0]
 
         return Case(name, length, depth, seed, *_fit(build, tokenizer, length), answer_tokens=24 + 16 * len(answers))
@@ -126,8 +104,8 @@ def variable_tracking(tokenizer, length: int, depth: float, seed: int, chains: i
                        for i in range(hops + 1)]
     question = VT_QUESTION.format(value=values[0])
 
-    def build(n):
-        context = VT.format(context=_fill("noise", n, statements))
+    def build(n, tail):
+        context = VT.format(context=fill("noise", n, statements, tail))
         return _single_turn(context, question), question, tuple(chain), statements[0][1]
 
     return Case("ruler_vt", length, depth, seed, *_fit(build, tokenizer, length), answer_tokens=60)
@@ -143,10 +121,11 @@ def common_words(tokenizer, length: int, depth: float, seed: int, count: int = 1
     frequent, rare = vocabulary[:count], vocabulary[count:]
     question = CWE_QUESTION.format(count=count)
 
-    def build(n):
+    def build(n, tail):
         words = frequent * common + rare[: min(n, len(rare))] * uncommon
         random.Random(f"ruler_cwe-{seed}-{depth}-{n}").shuffle(words)
-        context = CWE.format(context=" ".join(f"{i + 1}. {w}" for i, w in enumerate(words)))
+        entries = [f"{i + 1}. {w}" for i, w in enumerate(words + rare[n : n + TAIL_UNITS])]
+        context = CWE.format(context=" ".join(entries[: len(words)] + partial(entries[len(words) :], tail)))
         return _single_turn(context, question), question, tuple(frequent), f"1. {words[0]}"
 
     return Case("ruler_cwe", length, depth, seed, *_fit(build, tokenizer, length), answer_tokens=120)
@@ -163,10 +142,11 @@ def frequent_words(tokenizer, length: int, depth: float, seed: int, alpha: float
     weights = [1 / (rank + 1) ** alpha for rank in range(vocabulary)]
     total = sum(weights)
 
-    def build(n):
+    def build(n, tail):
         words = [w for w, p in zip(coded, weights) for _ in range(round(n * p / total))] or coded[:1]
         random.Random(f"ruler_fwe-{seed}-{depth}-{n}").shuffle(words)
-        context = FWE.format(context=" .... ".join(words))
+        following = coded[: -TAIL_UNITS - 1 : -1]  # the rarest words: a partial one changes no frequent word's count
+        context = FWE.format(context=" .... ".join(words + partial(following, tail, " .... ")))
         return _single_turn(context, question=FWE_QUESTION), FWE_QUESTION, tuple(coded[:3]), words[0]
 
     return Case("ruler_fwe", length, depth, seed, *_fit(build, tokenizer, length), answer_tokens=50)

@@ -6,17 +6,9 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from .cases import FILLER, WORDS, Case, _fit, _single_turn, needle_positions, render, score  # noqa: F401
+from .cases import (TAIL_UNITS, WORDS, Case, _fit, _single_turn, fill, needle_positions, partial,  # noqa: F401
+                    render, score)
 from .ruler import RULER_TASKS
-
-
-def _haystack(sentences: int, needles: list[tuple[float, str]]) -> str:
-    """`sentences` filler sentences with each needle inserted at its relative depth."""
-    parts = (FILLER.split(". ") * (sentences // 5 + 1))[:sentences]
-    parts = [p.strip().rstrip(".") + "." for p in parts]
-    for depth, needle in sorted(needles, reverse=True):
-        parts.insert(round(depth * len(parts)), needle)
-    return " ".join(parts)
 
 
 def passkey(tokenizer, length: int, depth: float, seed: int) -> Case:
@@ -26,9 +18,9 @@ def passkey(tokenizer, length: int, depth: float, seed: int) -> Case:
 
     question = "What is the pass key? Answer with the number only."
 
-    def build(n):
+    def build(n, tail):
         needle = f"The pass key is {key}. Remember it."
-        return _single_turn(f"{intro}\n{_haystack(n, [(depth, needle)])}", question), question, key, needle
+        return _single_turn(f"{intro}\n{fill('noise', n, [(depth, needle)], tail)}", question), question, key, needle
 
     return Case("passkey", length, depth, seed, *_fit(build, tokenizer, length))
 
@@ -41,10 +33,10 @@ def multikey(tokenizer, length: int, depth: float, seed: int, keys: int = 4) -> 
 
     question = f"What is the special magic number for {names[0]}? Answer with the number only."
 
-    def build(n):
+    def build(n, tail):
         needles = [(depth, f"The special magic number for {names[0]} is: {values[0]}.")]
         needles += [(d, f"The special magic number for {k} is: {v}.") for d, k, v in zip(others, names[1:], values[1:])]
-        context = "Some special magic numbers are hidden in this text. Memorize them.\n" + _haystack(n, needles)
+        context = f"Some special magic numbers are hidden in this text. Memorize them.\n{fill('noise', n, needles, tail)}"
         return _single_turn(context, question), question, values[0], needles[0][1]
 
     return Case("multikey", length, depth, seed, *_fit(build, tokenizer, length))
@@ -57,11 +49,11 @@ def vartrack(tokenizer, length: int, depth: float, seed: int, hops: int = 3) -> 
 
     question = f"What is the value of VAR {names[-1]}? Answer with the number only."
 
-    def build(n):
+    def build(n, tail):
         chain = [(depth, f"VAR {names[0]} = {value}.")]
         chain += [(depth + (1 - depth) * (i + 1) / (hops + 1), f"VAR {names[i + 1]} = VAR {names[i]}.")
                   for i in range(hops)]
-        context = "Track the variable assignments in this text.\n" + _haystack(n, chain)
+        context = "Track the variable assignments in this text.\n" + fill("noise", n, chain, tail)
         return _single_turn(context, question), question, value, chain[0][1]
 
     return Case("vartrack", length, depth, seed, *_fit(build, tokenizer, length))
@@ -76,8 +68,12 @@ def multiturn(tokenizer, length: int, depth: float, seed: int) -> Case:
 
     question = "What is my locker code? Answer with the number only."
 
-    def build(n):
+    def build(n, tail):
         turns = [small_talk[i % len(small_talk)] for i in range(n)]
+        if turns:  # the partial unit: the last small-talk reply goes on with what the next turns would say
+            following = [" ".join(small_talk[i % len(small_talk)]) for i in range(n, n + TAIL_UNITS)]
+            user, reply = turns[-1]
+            turns[-1] = (user, " ".join([reply] + partial(following, tail)))
         fact = (f"Please remember this: my locker code is {code}.", "Noted, I will remember your locker code.")
         turns.insert(round(depth * len(turns)), fact)
         messages = [m for user, assistant in turns for m in ({"role": "user", "content": user},

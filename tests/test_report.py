@@ -325,6 +325,24 @@ def test_resuming_a_finished_run_loads_no_model(tmp_path, monkeypatch):
     assert (tmp_path / "records.jsonl").read_text() == before and path.exists()
 
 
+def test_records_of_earlier_case_generators_are_never_mixed_with_new_cases(tmp_path):
+    config = {**TINY, "strategies": ["full"]}
+    run_report(ReportConfig(**config), tmp_path)
+    records = _records(tmp_path)
+    meta = records[0]
+    for c in [meta["config"], *meta["configs"]]:  # as a file written before the generators' version was recorded
+        del c["cases"]
+    recall = [r for r in records[1:] if r["kind"] == "recall"]
+    assert recall and all(159 <= r["prompt_tokens"] <= 160 for r in recall)  # version 2: within a token
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [meta, *records[1:]]))
+    with pytest.raises(ValueError, match="made by version 1 of the case generators and this kvcompress makes "
+                                         "version 2"):
+        run_report(None, tmp_path, resume=True)  # their ids are version 1's: every recall cell looks missing
+    assert _records(tmp_path)[1:] == records[1:]
+    run_report(ReportConfig(**config), tmp_path, resume=True)  # the grid given again: version 2's ids, all done
+    assert _records(tmp_path)[1:] == records[1:]
+
+
 BATCHED = ["int8", "sink:sinks=4,window=60", "knorm:budget=64,window=16", "snapkv:budget=64,window=16,when=budget"]
 
 

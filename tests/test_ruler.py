@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from kvcompress.evals.ruler import RULER_TASKS
-from kvcompress.evals.tasks import make_case, render, score
+from kvcompress.evals.tasks import TASKS, make_case, render, score
 from kvcompress.models import default_model_dir
 
 NIAH = [t for t in RULER_TASKS if "niah" in t]
@@ -27,15 +27,22 @@ def _answers(case) -> tuple:
     return case.answer if isinstance(case.answer, tuple) else (case.answer,)
 
 
-@pytest.mark.parametrize("task", list(RULER_TASKS))
+@pytest.mark.parametrize("task", list(TASKS))
 @pytest.mark.parametrize("length", [600, 1024])
 def test_lengths_fit_the_target(tokenizer, task, length):
-    case = make_case(task, tokenizer, length, 0.5, 0)
-    tokens = sum(map(len, render(tokenizer, case.messages, case.question)))
-    # the largest haystack that fits: within one haystack unit (an essay word, a noise sentence, a list entry, a
-    # distractor needle: up to ~60 tokens for a uuid one) of the target
-    unit = 64 if "multikey_2" in task or "multikey_3" in task else 16
-    assert length - unit <= tokens <= length, tokens
+    for depth in (0.0, 0.5, 1.0):
+        case = make_case(task, tokenizer, length, depth, 0)
+        tokens = sum(map(len, render(tokenizer, case.messages, case.question)))
+        # whole haystack units, then a partial one: within one token of the target
+        assert length - 1 <= tokens <= length, (depth, tokens)
+
+
+@pytest.mark.parametrize("task", ["passkey", "ruler_niah_single_1", "ruler_niah_single_2", "ruler_niah_multikey_2"])
+def test_depth_one_puts_the_needle_after_the_partial_unit(tokenizer, task):
+    last, first = (make_case(task, tokenizer, 700, depth, 0) for depth in (1.0, 0.0))
+    assert _text(last).endswith(f"{last.needle}\n\n{last.question}")
+    haystack = _text(first).split(first.needle, 1)[1].removesuffix(f"\n\n{first.question}")
+    assert haystack.strip() and not haystack.endswith((".", ".\n")), "the haystack should end in a partial unit"
 
 
 def test_a_length_too_short_for_the_task_says_so(tokenizer):
