@@ -187,7 +187,8 @@ def recall_docs(task: str, tokenizer, lengths: list[int], depth_count: int, seed
                     text = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in case.messages[:-1])
                     text += f"\nUser: {case.question}"
                 docs.append({"input": text, "answer": case.answer, "length": length, "depth": depth, "seed": seed,
-                             "prompt_tokens": sum(map(len, render(tokenizer, case.messages, case.question)))})
+                             "prompt_tokens": sum(map(len, render(tokenizer, case.messages, case.question))),
+                             "answer_tokens": case.answer_tokens or 0})
     return docs
 
 
@@ -212,15 +213,16 @@ class KVCTask(ConfigurableTask):
         depth_count, seeds = int(meta.get("depths", 5)), int(meta.get("seeds", 1))
         tokenizer_spec = str(meta.get("tokenizer") or meta.get("pretrained") or "default")
         metrics = ["acc"] + [cell_metric(length, d) for length in lengths for d in depth_grid(depth_count)]
+        docs = recall_docs(task, load_tokenizer(tokenizer_spec), lengths, depth_count, seeds)
+        # answers of 5-7 digits: a short budget and a newline stop keep a CPU run quick; RULER's answers are lists (up
+        # to 10 words, 4 uuids) that may span lines: no stop, and the budget the report gives the task's cases
+        budget = max(doc["answer_tokens"] for doc in docs)
         config.update(
             output_type="generate_until", test_split="test", doc_to_text="{{input}}", doc_to_target="{{answer}}",
-            custom_dataset=lambda **_: {"test": datasets.Dataset.from_list(
-                recall_docs(task, load_tokenizer(tokenizer_spec), lengths, depth_count, seeds))},
+            custom_dataset=lambda **_: {"test": datasets.Dataset.from_list(docs)},
             process_results=process_results,
             metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
-            # answers are 5-7 digits: a short budget and a newline stop keep a CPU run quick; RULER's answers are lists
-            # (up to 10 words, 4 uuids) that may span lines: its largest budget, no stop
-            generation_kwargs=({"until": [], "max_gen_toks": 128, "do_sample": False} if task.startswith("ruler_")
+            generation_kwargs=({"until": [], "max_gen_toks": budget, "do_sample": False} if budget
                                else {"until": ["\n"], "max_gen_toks": 16, "do_sample": False}),
         )
         config.pop("class", None)
