@@ -51,15 +51,14 @@ def _fit(build: Callable[[int, int], tuple], tokenizer, length: int) -> tuple:
     whole haystack units, then the most characters of what the haystack would go on with (`build(units, chars)`),
     so the prompt ends within a token of the target. Raises ValueError naming the shortest length when even no
     haystack does not fit."""
-    def fits(units: int, chars: int = 0) -> bool:
-        return sum(map(len, render(tokenizer, *build(units, chars)[:2]))) <= length
+    def tokens(units: int, chars: int = 0) -> int:
+        return sum(map(len, render(tokenizer, *build(units, chars)[:2])))
 
-    if not fits(0):
-        shortest = sum(map(len, render(tokenizer, *build(0, 0)[:2])))
+    if tokens(0) > length:
         raise ValueError(f"length {length} is too short for this task: its prompt without any haystack takes "
-                         f"{shortest} tokens")
-    units = _largest(lambda n: fits(n), max(1, length))
-    return build(units, _largest(lambda c: fits(units, c), TAIL_CHARS))
+                         f"{tokens(0)} tokens")
+    units = _largest(lambda n: tokens(n) <= length, max(1, length))
+    return build(units, _largest(lambda c: tokens(units, c) <= length, TAIL_CHARS))
 
 
 def _largest(ok: Callable[[int], bool], hi: int) -> int:

@@ -6,9 +6,9 @@ counts and haystacks, with two substitutions: RULER's "essay" haystack (Paul Gra
 public-domain text (the US Declaration of Independence, repeated as needed), and RULER's random words come from a
 fixed word list, so nothing is downloaded. As in our other tasks the context is prefilled before the question (a
 chat turn asking it), lengths count the chat template and reach the target within a token (whole haystack units,
-then part of the next, where RULER stops at the last whole unit), and `depth` places the queried needle (cwe and fwe have no
-needle: their depth only seeds the instance). A case is correct when every expected answer appears in the output
-(RULER's string_match_all, all-or-nothing per case so recall stays paired per case).
+then part of the next, where RULER stops at the last whole unit), and `depth` places the queried needle (cwe and
+fwe have no needle: their depth only seeds the instance). A case is correct when every expected answer appears in
+the output (RULER's string_match_all, all-or-nothing per case so recall stays paired per case).
 """
 
 from __future__ import annotations
