@@ -54,9 +54,10 @@ def _fit(build: Callable[[int, int], tuple], tokenizer, length: int) -> tuple:
     def tokens(units: int, chars: int = 0) -> int:
         return sum(map(len, render(tokenizer, *build(units, chars)[:2])))
 
-    if tokens(0) > length:
+    shortest = tokens(0)
+    if shortest > length:
         raise ValueError(f"length {length} is too short for this task: its prompt without any haystack takes "
-                         f"{tokens(0)} tokens")
+                         f"{shortest} tokens")
     units = _largest(lambda n: tokens(n) <= length, max(1, length))
     return build(units, _largest(lambda c: tokens(units, c) <= length, TAIL_CHARS))
 

@@ -275,8 +275,9 @@ def run_report(config: ReportConfig | list[ReportConfig] | None, out: Path, resu
             if store is None or not store.has(cell)]
     if not jobs:  # a resumed run with nothing left: no model loads, no worker starts; the report alone
         return write_report(out)
-    if any(configs[index].cases != CASES and cell["kind"] == "recall" for index, cell in jobs):
-        raise ValueError(f"{out}: its recall records were made by version {configs[jobs[0][0]].cases} of the case "
+    stale = {configs[index].cases for index, cell in jobs if cell["kind"] == "recall"} - {CASES}
+    if stale:
+        raise ValueError(f"{out}: its recall records were made by version {min(stale)} of the case "
                          f"generators and this kvcompress makes version {CASES} (other prompts), so its missing "
                          "recall cells cannot be run to match them; run the grid into a new --out, or resume it "
                          "with `kvcompress sweep FILE --resume` (which reruns every recall cell)")
