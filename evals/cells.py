@@ -27,6 +27,8 @@ def cell_id(config: ReportConfig, cell: dict) -> str:
         settings["recall_batch"] = config.recall_batch  # before batching (one at a time) keep their ids
     if cell["kind"] == "recall" and config.cases != 1:  # likewise for cases of the first generators
         settings["cases"] = config.cases
+    if cell["kind"] == "latency" and config.compile:  # compiled steps time differently from eager ones
+        settings["compile"] = True
     if cell["kind"] == "fidelity":  # the text, not where it lies (the shipped one when none is given)
         text = Path(config.fidelity_text).read_bytes() if config.fidelity_text else reference_text().encode()
         settings["fidelity_text"] = hashlib.sha256(text).hexdigest()

@@ -46,6 +46,7 @@ class ReportConfig:
     compute_dtype: str | None = None  # None: the KV dtype where the device computes it natively, else float32
     weights: str | None = None  # None: the checkpoint's, in the compute dtype; nf4, fp4, int8: bitsandbytes
     questions: list[str] = field(default_factory=lambda: ["after"])  # question placements (QUESTIONS)
+    compile: bool = False  # latency cells of strategies with a static step (make_cache's compile=True) run compiled
     prefill_chunk: int | None = None  # score-based retentions prefill this many tokens at a time, evicting between
     sessions: int = 32
     context: int = 32768
@@ -76,6 +77,8 @@ class ReportConfig:
             raise ValueError(f"questions must list placements among {', '.join(QUESTIONS)}, got {self.questions}")
         if self.prefill_chunk is not None and self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive number of tokens, got {self.prefill_chunk}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         if self.weights is not None and self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (or left out), got {self.weights!r}")
         parse_dtype(self.kv_dtype, "kv_dtype")

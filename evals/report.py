@@ -294,7 +294,8 @@ def write_report(out: Path) -> Path:
             f"- HBM saved: measured resident KV after prefill + decode at the longest length; at scale: "
             f"{config.sessions} sessions x {config.context} tokens from the analytic formula the measurement is tested "
             f"against",
-            f"- latency: decode ms/token p50 vs `full` at {rows[0]['latency_length']} tokens"]),
+            f"- latency: decode ms/token p50 vs `full` at {rows[0]['latency_length']} tokens"
+            + _compiled(store.records)]),
         f"- fidelity: teacher-forced top-1 / KL / perplexity vs `full` over {config.fidelity_windows} windows of "
         f"{config.fidelity_text or 'Northanger Abbey (shipped, public domain)'} x {config.fidelity_steps} steps after "
         f"{config.fidelity_prefill} tokens",
@@ -319,6 +320,18 @@ def write_report(out: Path) -> Path:
         folder.mkdir(exist_ok=True)
         plot_all(records, mine, c, folder)
     return path
+
+
+def _compiled(records: list[dict]) -> str:
+    """Which strategies' decode steps ran compiled (`--compile`) and which ran eager, as the latency records say."""
+    latency = [r for r in records if r.get("kind") == "latency"]
+    compiled = sorted({r["strategy"] for r in latency if r.get("compiled")})
+    if not compiled:
+        return ""
+    eager = sorted({r["strategy"] for r in latency if not r.get("compiled")})
+    how = next(r["compiled"] for r in latency if r.get("compiled"))
+    return (f"; decode steps compiled whole ({how}, static storage) for {', '.join(compiled)}"
+            + (f"; eager (no static step: eviction, offload or a codec residual) for {', '.join(eager)}" if eager else ""))
 
 
 def _lm_eval_lines(lm_eval: dict) -> list[str]:

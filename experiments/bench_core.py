@@ -4,8 +4,10 @@ QuantizedCache (quanto int4) in the same process. Writes results/core/bench_core
 A quantizing strategy reads its history as make_cache chooses by default (CPU: decoded to the model dtype every step,
 as QuantizedCache does, then torch's fused attention; CUDA: the Triton kernel over the codes); a name ending in
 " fused" or " unfused" forces one way; " grow" preallocates storage 256 tokens at a time (make_cache(grow=256)):
-appends write in place instead of concatenating. Targets (issue 12): our
-`full` <= 1.02x DynamicCache; int8 and fp8 <= 1.10x our `full`.
+appends write in place instead of concatenating; " compiled" runs the static decode step (make_cache(compile=True):
+storage for the context plus the decoded tokens, allocated once) compiled whole by torch.compile (its first steps
+compile it and fall in the warm-up). Targets (issue 12): our `full` <= 1.02x DynamicCache; int8 and fp8 <= 1.10x our
+`full`, eager and compiled alike.
 
     python experiments/bench_core.py [--model default] [--lengths 1024,4096] [--steps 48] [--rounds 3]
 
@@ -32,20 +34,25 @@ from kvcompress.provenance import provenance, provenance_lines
 from kvcompress.strategy import split_strategies
 
 STRATEGIES = ["full", "full grow", "int8", "int8 fused", "fp8", "fp8 fused", "int4", "int4 fused", "nf4", "int8:residual=128",
-              "window:window=512", "sink:sinks=4,window=508", "sink:sinks=4,window=508+int8"]
+              "window:window=512", "sink:sinks=4,window=508", "sink:sinks=4,window=508+int8",
+              "full compiled", "int8 compiled", "fp8 compiled", "int4 compiled"]
 BASELINE, QUANTO = "DynamicCache", "QuantizedCache(quanto int4)"
-OPTIONS = {" fused": {"fused": True}, " unfused": {"fused": False}, " grow": {"grow": 256}}  # name suffix: make_cache
-TARGETS = [("full", BASELINE, 1.02), ("int8", "full", 1.10), ("fp8", "full", 1.10)]
+OPTIONS = {" fused": {"fused": True}, " unfused": {"fused": False}, " grow": {"grow": 256},  # name suffix: make_cache
+           " compiled": {"compile": True}}
+TARGETS = [("full", BASELINE, 1.02), ("int8", "full", 1.10), ("fp8", "full", 1.10),
+           ("int8 compiled", "full compiled", 1.10), ("fp8 compiled", "full compiled", 1.10)]
 
 
-def make(model, name):
+def make(model, name, tokens):
+    """A fresh cache for `name`, for a sequence of at most `tokens` tokens."""
     if name == BASELINE:
         return DynamicCache(config=model.config)
     if name == QUANTO:  # transformers' own quantized cache: int4, group 64, the last 128 tokens in the model dtype
         return QuantizedCache(backend="quanto", config=model.config, nbits=4)
     for suffix, options in OPTIONS.items():
         if name.endswith(suffix):
-            return kvcompress.make_cache(model, name.removesuffix(suffix), **options)
+            return kvcompress.make_cache(model, name.removesuffix(suffix), **options,
+                                         **({"max_tokens": tokens} if options.get("compile") else {}))
     return kvcompress.make_cache(model, name)
 
 
@@ -83,12 +90,13 @@ def main() -> None:
         kv = {}
         for round_ in range(args.rounds):
             for name in names if round_ % 2 == 0 else names[::-1]:
-                cache = make(model, name)
+                cache = make(model, name, length + args.steps)
                 timing = time_generation(model, ids, cache, args.steps)
                 samples[name]["decode_s"] += timing["decode_s"][args.warmup:]
                 samples[name]["ttft_s"].append(timing["ttft_s"])
                 if hasattr(cache, "kv_bytes"):
-                    reads = "fused" if cache.fused else "-" if cache.spec.codec.lossless else "decoded"
+                    reads = ("compiled" if cache.static else "fused" if cache.fused else
+                             "-" if cache.spec.codec.lossless else "decoded")
                     kv[name] = (sum(cache.kv_bytes().values()), cache.stored_tokens(), cache.get_seq_length(), reads)
                 del cache
             print(f"length {length}: round {round_ + 1}/{args.rounds} done", file=sys.stderr)

@@ -8,6 +8,7 @@
 from .accounting import bytes_per_token, expected_kv_bytes
 from .cache import KVCache, KVLayer, make_cache
 from .models import load_model
+from .static import compiled_step
 from .strategy import PRESETS, StrategySpec, list_strategies, parse_strategy
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "KVLayer",
     "StrategySpec",
     "bytes_per_token",
+    "compiled_step",
     "expected_kv_bytes",
     "list_strategies",
     "load_model",

@@ -26,6 +26,7 @@ from .geometry import decoder_config, head_dim
 from .kernels.decode import CHUNK, attend_encoded, supports
 from .retention import RETENTIONS, Retention
 from .retention.base import Kept, RetentionView
+from .static import StaticKVLayer
 from .strategy import StrategySpec, parse_strategy
 from .tiers import DevicePart, Part, Store, merge_bytes, no_tokens, take_tokens
 
@@ -424,12 +425,15 @@ class KVCache(Cache):
 
     def __init__(self, spec: StrategySpec, num_layers: int, planned_bytes: int = 0, offload_dir: str | None = None,
                  kv_dtype: torch.dtype | None = None, prefill_chunk: int | None = None, fused: bool = False,
-                 grow: int = 0):
+                 grow: int = 0, static_tokens: int | None = None):
         self.spec, self.kv_dtype = spec, kv_dtype
         self.store = spec.tier.open(planned_bytes, offload_dir)
         self.store.grow = grow
-        layers = [KVLayer(spec.retention, spec.codec, self.store, kv_dtype, i, num_layers, prefill_chunk, fused)
-                  for i in range(num_layers)]
+        if static_tokens is not None:  # compile=True: storage for that many tokens, a step that can be captured
+            layers = [StaticKVLayer(spec.codec, static_tokens, kv_dtype) for _ in range(num_layers)]
+        else:
+            layers = [KVLayer(spec.retention, spec.codec, self.store, kv_dtype, i, num_layers, prefill_chunk, fused)
+                      for i in range(num_layers)]
         super().__init__(layers=layers)
         self.peak_bytes = 0  # most KV bytes held at once: resident in every layer plus the step's transient copies
         for layer in self.layers:
@@ -442,6 +446,11 @@ class KVCache(Cache):
     def fused(self) -> bool:
         """Whether decode steps attend over the codes (as every layer does)."""
         return bool(self.layers) and self.layers[0].fused
+
+    @property
+    def static(self) -> bool:
+        """Whether every step has the same shapes (make_cache's compile=True), so it can be compiled whole."""
+        return self.is_compileable
 
     def _note_step(self, transient_bytes: int) -> None:
         resident = sum(layer.resident_bytes for layer in self.layers)
@@ -485,6 +494,7 @@ def make_cache(
     prefill_chunk: int | None = None,
     fused: bool | None = None,
     grow: int = 0,
+    compile: bool = False,
 ) -> KVCache:
     """A fresh cache for one generation: `model.generate(**inputs, cache=make_cache(model, "sink+int8"))`.
 
@@ -500,7 +510,10 @@ def make_cache(
     CPU the chunked path is slower than decoding into torch's fused attention (results/core), so None decodes there.
     True: fused anywhere (or an error), False: always decode. grow: device storage grows this many tokens at a time
     into preallocated room, so a decode step writes in place instead of concatenating (0: exactly what is held);
-    `kv_bytes()` then counts the room too, which `expected_kv_bytes` does not.
+    `kv_bytes()` then counts the room too, which `expected_kv_bytes` does not. compile: a static decode step (the
+    `full` retention on the device tier, any codec without a residual): storage for `max_tokens` tokens is allocated
+    at the first step and written in place, so every step has the same shapes and `torch.compile` captures it whole:
+    `kvcompress.compiled_step(model)` (CUDA graphs on a GPU), or `generate`, which compiles it by itself on CUDA.
 
     A score-based retention (h2o, snapkv, ...) routes the model's attention through the kvcompress seam, so pass
     the model, not its config; the model's own attention still serves every call without a kvcompress cache.
@@ -517,6 +530,11 @@ def make_cache(
         raise ValueError(f"grow must be a number of tokens >= 0 (0: storage holds exactly its tokens), got {grow!r}")
     if fused not in (None, True, False):
         raise ValueError(f"fused must be None (where the model allows), True or False, got {fused!r}")
+    if compile not in (True, False):
+        raise ValueError(f"compile must be True (a static decode step that torch.compile captures) or False, got {compile!r}")
+    if compile:
+        _check_static(spec, max_tokens, prefill_chunk, fused, grow)
+        fused = False
     if spec.codec.lossless:
         fused = False
     elif fused is None:
@@ -531,7 +549,33 @@ def make_cache(
     spec.codec.check(head_dim(config), stored_dtype or torch.float32)
     tokens = max_tokens or getattr(config, "max_position_embeddings", None) or 4096
     planned = kv_sizer(config, spec, stored_dtype).bytes(tokens, batch_size)
-    return KVCache(spec, config.num_hidden_layers, planned, offload_dir, kv_dtype, prefill_chunk, fused, grow)
+    return KVCache(spec, config.num_hidden_layers, planned, offload_dir, kv_dtype, prefill_chunk, fused, grow,
+                   tokens if compile else None)
+
+
+def static_refusal(spec: StrategySpec) -> str | None:
+    """Why `spec` has no static decode step (compile=True), or None when it has one."""
+    if spec.retention.name != "full" or spec.tier.name != "device":
+        return (f"compile=True keeps every token in storage allocated once: it needs the retention full on the device "
+                f"tier, got {spec}")
+    if spec.codec.residual_tokens:
+        return (f"compile=True stores every token encoded: {spec.codec.name}:residual must be 0, "
+                f"got {spec.codec.residual_tokens}")
+    return None
+
+
+def _check_static(spec: StrategySpec, max_tokens: int | None, prefill_chunk: int | None, fused: bool | None,
+                  grow: int) -> None:
+    """Refuse, by name, what a static decode step cannot do."""
+    refusal = static_refusal(spec)
+    if refusal:
+        raise ValueError(refusal)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError("compile=True allocates storage once: max_tokens must be the most tokens a sequence will hold "
+                         f"(prompt + new tokens), got {max_tokens!r}")
+    for name, value, default in (("prefill_chunk", prefill_chunk, None), ("fused", fused, None), ("grow", grow, 0)):
+        if value not in (default, False):
+            raise ValueError(f"compile=True has storage of its own: leave {name} out, got {name}={value!r}")
 
 
 def _routable(model: Any, config: Any) -> bool:

@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=lambda text: text.split(","),
                    help=f"question placements: after (compressed before the question, as in a chat), inside (the "
                         f"question is part of the prompt) (default: {','.join(d('questions'))})")
+    p.add_argument("--compile", action="store_true", default=None, help="latency cells of strategies with a static "
+                   "decode step (retention full on the device tier, codec without residual) run it compiled whole: "
+                   "torch.compile, plus CUDA graphs on a GPU; the others run eager; records say which")
     p.add_argument("--prefill-chunk", type=int, help="score-based retentions prefill this many tokens at a time, "
                    "evicting between chunks (default: the whole prompt at once)")
     p.add_argument("--sessions", type=int, help=f"concurrent sessions for the at-scale column (default: {d('sessions')})")

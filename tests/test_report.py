@@ -163,7 +163,9 @@ def test_question_placements_needle_survival_and_peak_are_recorded(tmp_path):
 
 
 def test_random_weights_give_memory_and_latency_rows_and_say_why_recall_is_skipped(tmp_path):
-    config = ReportConfig(**{**TINY, "model": "random:tiny", "strategies": ["full", "int8", "window:window=64"]})
+    # as the GPU table runs (random:llama-3.1-8b --compile): the static strategies' decode steps compiled, the rest eager
+    config = ReportConfig(**{**TINY, "model": "random:tiny", "strategies": ["full", "int8", "window:window=64"],
+                             "compile": True})
     path = run_report(config, tmp_path)
     records = _records(tmp_path)[1:]
     skipped = [r for r in records if r["outcome"] == "skipped"]
@@ -172,6 +174,13 @@ def test_random_weights_give_memory_and_latency_rows_and_say_why_recall_is_skipp
     window = next(r for r in rows if r["strategy"] == "window:window=64")
     assert window["hbm_saved_pct"] > 50 and window["decode_ms_p50"] > 0 and window["recall_n"] == 0
     assert "memory and latency only: random:tiny has random weights" in path.read_text()
+    latency = {r["strategy"]: r for r in records if r["kind"] == "latency"}
+    assert latency["full"]["compiled"] == latency["int8"]["compiled"] == "torch.compile (inductor)"
+    assert latency["window:window=64"]["compiled"] is None
+    assert "retention full on the device tier" in latency["window:window=64"]["compile_skipped"]
+    assert "compiled whole (torch.compile (inductor), static storage) for full, int8; eager" in path.read_text()
+    eager_ids = {c["id"] for c in cell_keys(ReportConfig(**{**vars(config), "compile": False}))}
+    assert {r["id"] for r in latency.values()}.isdisjoint(eager_ids)  # a resume never mixes the two timings
 
 
 def test_interrupted_run_resumes_without_redoing_anything(tmp_path, monkeypatch):
@@ -247,6 +256,8 @@ def test_bad_report_settings():
         ReportConfig.from_dict({"lenghts": [1]})
     with pytest.raises(ValueError, match="fidelity_text must be a readable text file"):
         ReportConfig(fidelity_text="/nonexistent.txt")
+    with pytest.raises(ValueError, match="compile must be true or false, got 'yes'"):
+        ReportConfig(compile="yes")
     with pytest.raises(ValueError, match="questions must list placements among after, inside"):
         ReportConfig(questions=["before"])
     with pytest.raises(ValueError, match="prefill_chunk must be a positive"):

@@ -33,8 +33,10 @@ class Fp8Codec(GroupCodec):
         return {"q": q, "scale": scale}
 
     def decode(self, packed, out):
-        # A 256-entry table lookup widens the codes ~2.7x faster than float8 -> float conversion on CPU (measured at
-        # 4k tokens x 3 heads x 64), and gives the same values.
+        # A 256-entry table lookup widens the codes ~2.7x faster than eager float8 -> float conversion on CPU
+        # (measured at 4k tokens x 3 heads x 64), and gives the same values; a compiled step fuses the conversion.
+        if torch.compiler.is_compiling():
+            return dequantize_scaled(packed["q"], packed["scale"], out)
         table = _widen_table(self.qdtype, out.dtype, out.device)
         return dequantize_scaled(torch.take(table, packed["q"].view(torch.uint8).long()), packed["scale"], out)
 
