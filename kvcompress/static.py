@@ -61,6 +61,9 @@ class StaticKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self._note_step(key_states, compute)
+        if not torch.compiler.is_compiling() and int(self.length) + key_states.shape[2] > self.room:
+            raise ValueError(f"the static cache holds max_tokens={self.room} tokens per sequence; this step would make "
+                             f"it {int(self.length) + key_states.shape[2]}: make the cache with a larger max_tokens")
         slots = torch.arange(key_states.shape[2], device=self.device) + self.length
         self.length.add_(key_states.shape[2])
         return self._write(self.k, key_states, slots, compute), self._write(self.v, value_states, slots, compute)
@@ -108,7 +111,7 @@ class StaticKVLayer(CacheLayerMixin):
         return self.room
 
     def kv_bytes(self) -> dict[str, int]:
-        """The room, every slot counted, written or not (what the device holds), plus the length counter."""
+        """The room, every slot counted, written or not: what the device holds (`expected_kv_bytes` of max_tokens)."""
         if not self.is_initialized:
             return {}
         tensors = (*self.k.values(), *self.v.values())
@@ -147,7 +150,7 @@ class StaticKVLayer(CacheLayerMixin):
         pass
 
 
-RECOMPILES = 64  # a report compiles one step per (codec, room size); dynamo's default 8 would fall back to eager
+RECOMPILES = 64  # a report compiles one step per (codec, batch, room size); past dynamo's default 8 it runs eager
 
 
 def compiled_step(model) -> Callable:
@@ -156,7 +159,8 @@ def compiled_step(model) -> Callable:
     and storage size."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES)
     mode = "reduce-overhead" if model.device.type == "cuda" else "default"
-    return model.get_compiled_call(CompileConfig(fullgraph=True, mode=mode))
+    # static shapes: a symbolic graph compiles several times slower, and CUDA graphs want fixed shapes anyway
+    return model.get_compiled_call(CompileConfig(fullgraph=True, dynamic=False, mode=mode))
 
 
 def capture(device: torch.device | str) -> str:

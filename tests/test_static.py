@@ -47,6 +47,8 @@ def test_static_storage_is_written_in_place_and_counts_its_room(strategy):
         assert next(iter(cache.layers[0].k.values())).data_ptr() == storage
         assert int(cache.get_seq_length()) == cache.stored_tokens() == 120
         assert sum(cache.kv_bytes().values()) == expected_kv_bytes(model, strategy, 128, batch=2)  # the room, exactly
+        with pytest.raises(ValueError, match="holds max_tokens=128 tokens per sequence; this step would make it 130"):
+            model(input_ids=torch.full((2, 10), 5), cache=cache)
 
 
 @torch.no_grad()
