@@ -71,6 +71,39 @@ def _register(base: str) -> str:
     return name
 
 
+GROUPED = PREFIX + "grouped_sdpa"
+
+
+def grouped_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """sdpa where a mask is given and KV heads are shared (GQA): the query heads of a KV head attend as rows of that
+    head, so K/V are never repeated per query head (transformers' sdpa repeats them whenever there is a mask, which a
+    static cache always passes: that copied the whole room, times the group, at every step). Else the model's sdpa."""
+    own = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    b, hq, q, d = query.shape
+    h = key.shape[1]
+    if (attention_mask is None or attention_mask.dtype != torch.bool or h == hq or dropout
+            or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None):
+        return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    group = hq // h
+    rows = query.reshape(b, h, group * q, d)  # query head i shares KV head i // group
+    mask = attention_mask[:, :, -q:, : key.shape[2]].expand(b, 1, q, -1)
+    mask = mask[:, :, None].expand(b, 1, group, q, mask.shape[-1]).reshape(b, 1, group * q, mask.shape[-1])
+    scale = module.scaling if scaling is None else scaling
+    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scale)
+    return out.view(b, hq, q, d).transpose(1, 2).contiguous(), None
+
+
+def route_grouped(model) -> None:
+    """Let a model computing attention with sdpa attend over shared KV heads without repeating them (`grouped_sdpa`);
+    other attention implementations are left as they are."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa":
+        return
+    if GROUPED not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register(GROUPED, grouped_sdpa)
+        AttentionMaskInterface.register(GROUPED, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(GROUPED)
+
+
 def route(model) -> None:
     """Route the model's attention through the seam (idempotent). Raises ValueError for a model whose attention does
     not go through transformers' AttentionInterface."""
@@ -80,7 +113,9 @@ def route(model) -> None:
         raise ValueError(f"this retention needs the model's attention routed through the kvcompress seam, but "
                          f"{type(model).__name__} is not a transformers model with an attention implementation "
                          "(pass the model to make_cache, not its config)")
-    if current.startswith(PREFIX):
+    if current == GROUPED:  # routed for a static step before: the seam wraps the sdpa it stands for
+        current = "sdpa"
+    elif current.startswith(PREFIX):
         return
     if not getattr(model, "_supports_attention_backend", False):
         raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "

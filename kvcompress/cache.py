@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .accounting import kv_sizer
-from .attention import grouped_attention, hand_over, mask_visible, new_token_valid, route
+from .attention import grouped_attention, hand_over, mask_visible, new_token_valid, route, route_grouped
 from .codecs import Codec
 from .dtypes import parse_dtype
 from .geometry import decoder_config, head_dim
@@ -543,6 +543,8 @@ def make_cache(
                  and _routable(model_or_config, config))
     if spec.retention.seam or fused:
         route(model_or_config)
+    elif compile and hasattr(model_or_config, "set_attn_implementation"):
+        route_grouped(model_or_config)  # a static step always passes a mask: sdpa must not repeat K/V for it
     kv_dtype = parse_dtype(kv_dtype, "kv_dtype") or getattr(model_or_config, "kv_dtype", None)
     model_dtype = getattr(model_or_config, "dtype", None)
     stored_dtype = kv_dtype or (model_dtype if isinstance(model_dtype, torch.dtype) else None)

@@ -75,7 +75,7 @@ class StaticKVLayer(CacheLayerMixin):
             target = storage[key]
             if tensor.element_size() == 1:  # as bytes: index_copy_ has no float8 kernel on CPU
                 target, tensor = target.view(torch.uint8), tensor.view(torch.uint8)
-            target.index_copy_(2, slots, tensor)
+            target[:, :, slots] = tensor  # index_put_: compiled, it writes in place (index_copy_ copied the room)
         if self.codec.lossless:
             return storage["x"].to(compute)
         room = states.new_empty(*states.shape[:2], self.room, states.shape[3], dtype=compute)

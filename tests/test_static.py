@@ -1,8 +1,12 @@
 """The static decode step (make_cache(..., compile=True)): storage allocated once and written in place gives what the
 growing cache gives, counts exactly its room, and compiles whole into one graph that later steps and caches reuse."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
+
+from transformers import DynamicCache
 
 from kvcompress import compiled_step, expected_kv_bytes, make_cache
 
@@ -11,8 +15,14 @@ from .conftest import left_padded, tiny_model
 CODECS = ["full", "int8", "int8:group=8", "fp8", "fp8:format=e5m2", "int4", "int4:group=8"]
 
 
+@pytest.fixture(scope="module", params=["eager", "sdpa"])
+def tiny(request):
+    """Models of this module's own: a static cache switches an sdpa model to `grouped_sdpa`."""
+    return tiny_model(request.param)
+
+
 def _generate(model, ids, mask, strategy, generate=None, **options):
-    with make_cache(model, strategy, **options) as cache:
+    with make_cache(model, strategy, **options) if strategy else nullcontext(DynamicCache(config=model.config)) as cache:
         out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=20, min_new_tokens=20,
                              do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
                              **(generate or {}))
@@ -75,6 +85,20 @@ def test_compiled_step_matches_eager_and_compiles_once():
     torch.testing.assert_close(compiled[1], compiled[0], rtol=0, atol=0)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # every step of both caches, one graph
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_grouped_sdpa_attends_as_sdpa_does_and_the_seam_still_routes():
+    ids, mask = left_padded([45, 30])
+    reference, model = tiny_model("sdpa"), tiny_model("sdpa")  # the same weights; 4 query heads over 2 KV heads
+    before = {strategy: _generate(reference, ids, mask, strategy) for strategy in (None, "snapkv:budget=32,window=8")}
+    make_cache(model, "int8", compile=True, max_tokens=70)
+    assert model.config._attn_implementation == "kvcompress_grouped_sdpa"
+    after = _generate(model, ids, mask, None)  # DynamicCache, padding mask: now the grouped rows
+    assert torch.equal(after[0], before[None][0])
+    torch.testing.assert_close(after[1], before[None][1], rtol=0, atol=1e-5)
+    snapkv = _generate(model, ids, mask, "snapkv:budget=32,window=8")  # the seam wraps the sdpa it stands for
+    assert model.config._attn_implementation == "kvcompress_sdpa"
+    assert torch.equal(snapkv[0], before["snapkv:budget=32,window=8"][0])
 
 
 def test_bad_compile_input_names_the_parameter(tiny):
