@@ -30,8 +30,7 @@ def quantize_scaled(x: torch.Tensor, group: int, qmax: float, qdtype: torch.dtyp
 def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Writes q * scale into `out` (any strides, the model dtype) and returns it."""
     group = q.shape[-1] // scale.shape[-1]
-    # widen, then scale in place: ~1.5x faster on CPU than one mixed-dtype mul, and the same values (codes are exact)
-    _groups(out, group).copy_(_groups(q, group)).mul_(scale.to(out.dtype)[..., None])
+    torch.mul(_groups(q, group), scale.to(out.dtype)[..., None], out=_groups(out, group))
     return out
 
 
@@ -49,7 +48,8 @@ def quantize_affine(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Tenso
 def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     group = q.shape[-1] // scale.shape[-1]
     g = _groups(out, group)
-    g.copy_(_groups(q, group)).mul_(scale.to(out.dtype)[..., None]).add_(lo.to(out.dtype)[..., None])
+    torch.mul(_groups(q, group), scale.to(out.dtype)[..., None], out=g)
+    g.add_(lo.to(out.dtype)[..., None])
     return out
 
 

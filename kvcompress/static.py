@@ -11,6 +11,7 @@ No eviction: a static step keeps every token (retention `full`, device tier).
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -72,10 +73,10 @@ class StaticKVLayer(CacheLayerMixin):
                compute: torch.dtype) -> torch.Tensor:
         """Store `states` at `slots` and return the whole room as attention reads it, in the compute dtype."""
         for key, tensor in self._encode(states).items():
-            target = storage[key]
-            if tensor.element_size() == 1:  # as bytes: index_copy_ has no float8 kernel on CPU
-                target, tensor = target.view(torch.uint8), tensor.view(torch.uint8)
-            target[:, :, slots] = tensor  # index_put_: compiled, it writes in place (index_copy_ copied the room)
+            # index_put_: compiled, it writes in place (index_copy_ copied the room), float8 included. Detached:
+            # storage written with grad enabled (a prefill outside no_grad) became part of autograd, and a compiled
+            # step mutating it corrupted memory (torch 2.13, CPU: a crashed process)
+            storage[key][:, :, slots] = tensor.detach()
         if self.codec.lossless:
             return storage["x"].to(compute)
         room = states.new_empty(*states.shape[:2], self.room, states.shape[3], dtype=compute)
@@ -157,10 +158,20 @@ def compiled_step(model) -> Callable:
     """The model's forward compiled whole (`fullgraph`) for the decode steps of a static cache: inductor, and CUDA
     graphs on a GPU (transformers' `get_compiled_call`, which `generate` uses). Compiles on its first call per codec
     and storage size."""
+    if model.device.type != "cuda":
+        warnings.warn("compiled_step on CPU is experimental: inductor's CPU code for the static step (torch 2.13) gave "
+                      "NaN logits for int8 under AVX2 code generation and corrupted the heap now and then; the step "
+                      "is built for CUDA graphs", stacklevel=2)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES)
     mode = "reduce-overhead" if model.device.type == "cuda" else "default"
     # static shapes: a symbolic graph compiles several times slower, and CUDA graphs want fixed shapes anyway
-    return model.get_compiled_call(CompileConfig(fullgraph=True, dynamic=False, mode=mode))
+    compiled = model.get_compiled_call(CompileConfig(fullgraph=True, dynamic=False, mode=mode))
+
+    def step(*args, **kwargs):
+        with torch.no_grad():  # a decode step is inference; with grad enabled inductor compiles a training graph,
+            return compiled(*args, **kwargs)  # whose int8 step gave NaN logits on AVX2 (torch 2.13, CPU)
+
+    return step
 
 
 def capture(device: torch.device | str) -> str:

@@ -4,7 +4,8 @@
 #   bash experiments/gpu/decode_check.sh [OUT_DIR] [decode_check.py options]    (OUT_DIR defaults to results/gpu)
 #
 # 1. the fused-decode tests on the GPU (tests/test_fused.py: the Triton kernel compiled, against the torch path);
-# 2. decode_check.py: correctness, HBM bandwidth, decode ms/token and peak memory (OUT_DIR/decode.json and .md);
+# 2. decode_check.py: correctness, HBM bandwidth, decode ms/token and peak memory, fused and compiled (static step)
+#    rows (OUT_DIR/decode.json and .md);
 # 3. the pressure-transfer report on a random-weight Llama-3.1-8B shape (OUT_DIR/report/).
 # setup.sh makes kvcompress importable there (.whl/ wheels, or the repo laid out as pip installs it).
 set -euo pipefail
