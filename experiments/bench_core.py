@@ -51,9 +51,8 @@ def make(model, name, tokens):
         return QuantizedCache(backend="quanto", config=model.config, nbits=4)
     for suffix, options in OPTIONS.items():
         if name.endswith(suffix):
-            return kvcompress.make_cache(model, name.removesuffix(suffix), **options,
-                                         **({"max_tokens": tokens} if options.get("compile") else {}))
-    return kvcompress.make_cache(model, name)
+            return kvcompress.make_cache(model, name.removesuffix(suffix), max_tokens=tokens, **options)
+    return kvcompress.make_cache(model, name, max_tokens=tokens)
 
 
 def has_quanto() -> bool:

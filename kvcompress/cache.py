@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .accounting import kv_sizer
 from .attention import grouped_attention, hand_over, mask_visible, new_token_valid, route, route_grouped
 from .codecs import Codec
-from .dtypes import parse_dtype
+from .dtypes import cast_on_write, parse_dtype
 from .geometry import decoder_config, head_dim
 from .kernels.decode import CHUNK, attend_encoded, supports
 from .retention import RETENTIONS, Retention
@@ -119,8 +119,7 @@ class KVLayer(CacheLayerMixin):
     # -- update ------------------------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         compute = key_states.dtype
-        if self.kv_dtype is not None and compute != self.kv_dtype:  # cast on write, widened on read
-            key_states, value_states = key_states.to(self.kv_dtype), value_states.to(self.kv_dtype)
+        key_states, value_states = cast_on_write(self.kv_dtype, key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.next_layer is not None:

@@ -31,6 +31,13 @@ def parse_dtype(dtype: str | torch.dtype | None, name: str = "dtype") -> torch.d
     return DTYPES[dtype]
 
 
+def cast_on_write(kv_dtype: torch.dtype | None, keys: torch.Tensor, values: torch.Tensor):
+    """K/V as a cache stores them: in `kv_dtype` (None: as they arrive); attention gets them widened back."""
+    if kv_dtype is None or keys.dtype == kv_dtype:
+        return keys, values
+    return keys.to(kv_dtype), values.to(kv_dtype)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -19,6 +19,7 @@ from transformers import CompileConfig
 from transformers.cache_utils import CacheLayerMixin
 
 from .codecs import Codec
+from .dtypes import cast_on_write
 
 
 class StaticKVLayer(CacheLayerMixin):
@@ -35,7 +36,7 @@ class StaticKVLayer(CacheLayerMixin):
         self.v: dict[str, torch.Tensor] = {}
         # a tensor, so that a compiled step reads it instead of specialising on its value
         self.length = torch.zeros((), dtype=torch.long)
-        self.fused = False  # attention reads the room decoded (a compiled step fuses the decoding into its kernels)
+        self.fused = False  # attention reads the room decoded, never the codes
         self.resident_bytes = 0  # what kv_bytes() sums to (the room: the same at every step)
         self.transient_bytes = 0  # what a step allocates beside the storage (the room decoded or widened, K and V)
         self.on_step: Callable[[int], None] | None = None
@@ -57,8 +58,7 @@ class StaticKVLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         compute = key_states.dtype
-        if self.kv_dtype is not None and compute != self.kv_dtype:  # cast on write, widened on read
-            key_states, value_states = key_states.to(self.kv_dtype), value_states.to(self.kv_dtype)
+        key_states, value_states = cast_on_write(self.kv_dtype, key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self._note_step(key_states, compute)
