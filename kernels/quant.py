@@ -13,24 +13,31 @@ _TINY = torch.finfo(SCALE_DTYPE).tiny  # smallest normal float16: keeps all-zero
 
 
 def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
-    return x.unflatten(-1, (x.shape[-1] // group, group))
+    """[..., d] as [..., d // group, group] (a view; with one group per row, an added axis)."""
+    return x.unsqueeze(-2) if group == x.shape[-1] else x.unflatten(-1, (x.shape[-1] // group, group))
 
 
 def quantize_scaled(x: torch.Tensor, group: int, qmax: float, qdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric: q = x / scale with scale = absmax(group) / qmax, stored as `qdtype` (int8 codes are rounded,
     float8 codes are cast). Returns (q [..., d], scale [..., d // group])."""
     g = _groups(x.float(), group)
-    scale = (g.abs().amax(-1) / qmax).to(SCALE_DTYPE).clamp_min(_TINY)
-    q = g / scale.float()[..., None]
+    scale = (torch.linalg.vector_norm(g, float("inf"), dim=-1) / qmax).to(SCALE_DTYPE).clamp_min(_TINY)
+    q = g / scale[..., None]  # float32 / float16: computed in float32
     if not qdtype.is_floating_point:
-        q = q.round_().clamp_(-qmax, qmax)
+        # no clamp needed: rounding absmax / qmax to float16 shrinks it by at most 2**-11, so |q| <= 127.07
+        q = q.round_()
     return q.to(qdtype).flatten(-2), scale
 
 
-def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Writes q * scale into `out` (any strides, the model dtype) and returns it."""
+def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+    """Writes q * scale * factor into `out` (any strides, the model dtype) and returns it. factor: a power of two
+    that restores codes handed over rescaled (fp8's on CPU), so the product stays exact."""
     group = q.shape[-1] // scale.shape[-1]
-    torch.mul(_groups(q, group), scale.to(out.dtype)[..., None], out=_groups(out, group))
+    scale = scale.to(out.dtype) if factor == 1.0 else scale.to(out.dtype) * factor
+    out.copy_(q)  # widened in place, then scaled in place: a mixed-dtype mul would widen into a temporary first
+    if scale.shape[-1] == 1:  # one scale per row: it broadcasts as it is
+        return out.mul_(scale)
+    _groups(out, group).mul_(scale[..., None])
     return out
 
 
@@ -47,9 +54,9 @@ def quantize_affine(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Tenso
 
 def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     group = q.shape[-1] // scale.shape[-1]
+    out.copy_(q)  # widened in place (as in dequantize_scaled)
     g = _groups(out, group)
-    torch.mul(_groups(q, group), scale.to(out.dtype)[..., None], out=g)
-    g.add_(lo.to(out.dtype)[..., None])
+    g.mul_(scale.to(out.dtype)[..., None]).add_(lo.to(out.dtype)[..., None])
     return out
 
 

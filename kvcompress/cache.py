@@ -33,6 +33,11 @@ from .tiers import DevicePart, Part, Store, merge_bytes, no_tokens, take_tokens
 FUSED_QUERIES = 16  # steps of at most this many queries attend over encoded KV directly; longer ones decode it
 
 
+def _held_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the memory the tensors live in (a workspace view: the whole buffer)."""
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
 def _split_keep(keep: slice | torch.Tensor, n_encoded: int, stored: int):
     """Split a keep over [encoded | recent] storage into one keep per part, or None where rows differ in how many
     tokens they keep in a part (possible only on a multi-token step before the first eviction). A slice keeps
@@ -45,6 +50,27 @@ def _split_keep(keep: slice | torch.Tensor, n_encoded: int, stored: int):
         return None
     cut = int(in_encoded.flatten()[0])
     return keep[..., :cut], keep[..., cut:] - n_encoded
+
+
+class Workspace:
+    """Memory a cache's layers decode their history into, one layer after the other: a step's decoded K/V are dead
+    once the layer's attention has read them, so every layer reuses the same two buffers (K, V), grown in chunks of
+    `GROW` tokens. A fresh buffer per layer per step, one token longer each step, was mapped anew and page-faulted
+    by the CPU allocator: int8 decode at 4k tokens took ~1.25x full's time; reusing it, ~1.0x."""
+
+    GROW = 256
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A [batch, heads, tokens, dim] view of `slot`'s buffer, reallocated only when it is too small or unlike."""
+        buffer = self.buffers.get(slot)
+        if (buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.shape[:2] != shape[:2]
+                or buffer.shape[3] != shape[3] or buffer.shape[2] < shape[2]):
+            room = -(-shape[2] // self.GROW) * self.GROW
+            buffer = self.buffers[slot] = torch.empty(*shape[:2], room, shape[3], dtype=dtype, device=device)
+        return buffer[:, :, : shape[2]]
 
 
 class KVLayer(CacheLayerMixin):
@@ -74,8 +100,10 @@ class KVLayer(CacheLayerMixin):
         self.steps = self.last_eviction = 0  # finished steps, and the step count at the last eviction
         self.resident_bytes = 0  # what kv_bytes() summed to after the last step (for the cache's peak)
         self.transient_bytes = 0  # what the last step allocated beside the storage (decoded copies, attention)
-        self.on_step: Callable[[int], None] | None = None  # told each step's transient bytes (the cache's peak)
+        # told each step's change of resident bytes and its transient bytes (the cache's peak)
+        self.on_step: Callable[[int, int], None] | None = None
         self.next_layer: KVLayer | None = None  # prefetched at the start of this layer's update (offloading tiers)
+        self.workspace: Workspace | None = None  # where decoded history goes for attention (the cache's, shared)
         self._stash: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # seam: the step's K/V until attend
         self.capture_rows = 0  # keep the last rows of each step's attention in `captured` (Prefill records them)
         self.captured: torch.Tensor | None = None
@@ -129,16 +157,19 @@ class KVLayer(CacheLayerMixin):
             hand_over(self, key_states)
             return key_states, value_states
         if self.encoded_k:
-            keys = self._with_history(self.encoded_k, self.recent_k, key_states, compute)
-            values = self._with_history(self.encoded_v, self.recent_v, value_states, compute)
-            self.recent_k.append(key_states)
-            self.recent_v.append(value_states)
+            keys = self._with_history("k", key_states, compute, for_attention=True)
+            values = self._with_history("v", value_states, compute, for_attention=True)
+            if self.codec.residual_tokens:
+                self.recent_k.append(key_states)
+                self.recent_v.append(value_states)
+            else:  # no residual: the step's tokens go straight into the codes, not through recent and back
+                self._append_encoded(key_states, value_states)
         else:  # nothing encoded: what attention sees is exactly what is stored
             keys, values = self.recent_k.extend(key_states), self.recent_v.extend(value_states)
             keys, values = keys.to(compute), values.to(compute)
         self._store_plain(key_states, kwargs)
         shares_storage = self.codec.lossless and not self.store.offloads and keys.dtype == self.dtype
-        self._end_step(0 if shares_storage else keys.nbytes + values.nbytes)  # else decoded/widened copies
+        self._end_step(0 if shares_storage else _held_bytes(keys, values))  # else decoded/widened copies
         return keys, values
 
     def _store_plain(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
@@ -164,10 +195,10 @@ class KVLayer(CacheLayerMixin):
         if self.store.offloads:
             for part in self._parts():
                 part.release()
-        self.resident_bytes = sum(self.kv_bytes().values())
-        self.transient_bytes = transient_bytes
+        resident = sum(self.kv_bytes().values())
         if self.on_step is not None:
-            self.on_step(transient_bytes)
+            self.on_step(resident - self.resident_bytes, transient_bytes)
+        self.resident_bytes, self.transient_bytes = resident, transient_bytes
 
     # -- the seam: attention, statistics and eviction of a retention that reads them --------------------------------
     def attend(self, query: torch.Tensor, attention_mask, scaling: float, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -220,8 +251,8 @@ class KVLayer(CacheLayerMixin):
     def _history_and(self, new_k: torch.Tensor, new_v: torch.Tensor, compute: torch.dtype):
         """[every stored token decoded | the step's], K and V, in the compute dtype."""
         if self.encoded_k:
-            return (self._with_history(self.encoded_k, self.recent_k, new_k, compute),
-                    self._with_history(self.encoded_v, self.recent_v, new_v, compute))
+            return (self._with_history("k", new_k, compute, for_attention=True),
+                    self._with_history("v", new_v, compute, for_attention=True))
         return (torch.cat([self.recent_k.read(), new_k], dim=2).to(compute),
                 torch.cat([self.recent_v.read(), new_v], dim=2).to(compute))
 
@@ -236,7 +267,7 @@ class KVLayer(CacheLayerMixin):
         if weights or softcap is not None or not self._fuses(new_k.shape[2]):
             keys, values = self._history_and(new_k, new_v, compute)
             out, probs = grouped_attention(query, keys, values, visible, scaling, softcap, weights=weights)
-            return out, probs, keys.nbytes + values.nbytes + (probs.nbytes if probs is not None else 0)
+            return out, probs, _held_bytes(keys, values) + (probs.nbytes if probs is not None else 0)
         n_encoded = self.n_encoded
         tail_k = torch.cat([self.recent_k.read(), new_k], dim=2).to(compute)
         tail_v = torch.cat([self.recent_v.read(), new_v], dim=2).to(compute)
@@ -284,19 +315,26 @@ class KVLayer(CacheLayerMixin):
             self._evict(view)
 
     def _decoded(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Every stored K ("k") or V ("v") token, decoded, in `dtype`."""
-        encoded, recent = getattr(self, f"encoded_{name}"), getattr(self, f"recent_{name}")
-        if not encoded:
+        """Every stored K ("k") or V ("v") token, decoded, in `dtype` (fresh memory: callers may keep it)."""
+        recent = getattr(self, f"recent_{name}")
+        if not getattr(self, f"encoded_{name}"):
             return recent.read().to(dtype)
-        return self._with_history(encoded, recent, recent.read()[:, :, :0], dtype)
+        return self._with_history(name, recent.read()[:, :, :0], dtype)
 
-    def _with_history(self, encoded: dict[str, Part], recent: Part, new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[encoded history decoded | recent | new] in `dtype`, the compute dtype."""
-        n_encoded, held = len(next(iter(encoded.values()))) if encoded else 0, recent.read()
-        out = new.new_empty(*new.shape[:2], n_encoded + held.shape[2] + new.shape[2], new.shape[3], dtype=dtype)
-        self.codec.decode({name: part.read() for name, part in encoded.items()}, out[:, :, :n_encoded])
-        out[:, :, n_encoded : n_encoded + held.shape[2]] = held
-        out[:, :, n_encoded + held.shape[2] :] = new
+    def _with_history(self, name: str, new: torch.Tensor, dtype: torch.dtype, for_attention: bool = False) -> torch.Tensor:
+        """[K ("k") or V ("v") history decoded | recent | new] in `dtype`, the compute dtype. for_attention: only this
+        layer's attention reads it, so it may go into the cache's workspace."""
+        encoded, held = getattr(self, f"encoded_{name}"), getattr(self, f"recent_{name}").read()
+        n_encoded = len(next(iter(encoded.values()))) if encoded else 0
+        shape = (*new.shape[:2], n_encoded + held.shape[2] + new.shape[2], new.shape[3])
+        if for_attention and self.workspace is not None and not torch.is_grad_enabled():
+            out = self.workspace.take(name, shape, dtype, new.device)
+        else:  # autograd may keep what attention read
+            out = new.new_empty(shape, dtype=dtype)
+        self.codec.decode({key: part.read() for key, part in encoded.items()}, out.narrow(2, 0, n_encoded))
+        if held.shape[2]:
+            out.narrow(2, n_encoded, held.shape[2]).copy_(held)
+        out.narrow(2, n_encoded + held.shape[2], new.shape[2]).copy_(new)
         return out
 
     def _left_padding(self, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -336,15 +374,26 @@ class KVLayer(CacheLayerMixin):
         overflow = len(self.recent_k) - self.codec.residual_tokens
         if overflow <= 0:
             return
-        for name in ("k", "v"):
-            recent = getattr(self, f"recent_{name}")
-            encoded = self.codec.encode(recent.read()[:, :, :overflow])
+        self._append_encoded(self.recent_k.read()[:, :, :overflow], self.recent_v.read()[:, :, :overflow])
+        for recent in (self.recent_k, self.recent_v):
+            recent.keep(slice(overflow, len(recent)))
+
+    def _append_encoded(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        for name, packed in zip(("k", "v"), self._encode_pair(keys, values)):
             parts = getattr(self, f"encoded_{name}")
-            for key, tensor in encoded.items():
+            for key, tensor in packed.items():
                 if key not in parts:
                     parts[key] = self.store.part(no_tokens(tensor))
                 parts[key].append(tensor)
-            recent.keep(slice(overflow, len(recent)))
+
+    def _encode_pair(self, keys: torch.Tensor, values: torch.Tensor):
+        """The codec's encoding of K and of V, in one call where they have the same shape: a decode step encodes one
+        token, so its cost is the codec's per-op overhead, paid once instead of twice (every codec encodes each token
+        on its own, so the codes are the same)."""
+        if keys.shape != values.shape:
+            return self.codec.encode(keys), self.codec.encode(values)
+        packed, batch = self.codec.encode(torch.cat([keys, values])), keys.shape[0]
+        return {key: t[:batch] for key, t in packed.items()}, {key: t[batch:] for key, t in packed.items()}
 
     def _keep(self, keep_encoded: slice | torch.Tensor | None, keep_recent: slice | torch.Tensor) -> None:
         for part in self._parts():
@@ -409,10 +458,12 @@ class KVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.close()
-        next_layer, on_step = self.next_layer, self.on_step  # reset keeps the wiring the cache gave the layer
+        if self.on_step is not None:
+            self.on_step(-self.resident_bytes, 0)
+        wiring = self.next_layer, self.on_step, self.workspace  # reset keeps the wiring the cache gave the layer
         self.__init__(self.retention, self.codec, self.store, self.kv_dtype, self.layer_idx, self.layers,
                       self.prefill_chunk, self.fused)
-        self.next_layer, self.on_step = next_layer, on_step
+        self.next_layer, self.on_step, self.workspace = wiring
 
     def offload(self):
         raise NotImplementedError("use a host or disk tier (kvcompress strategy `...+host`), not Cache(offloading=True)")
@@ -434,9 +485,11 @@ class KVCache(Cache):
             layers = [KVLayer(spec.retention, spec.codec, self.store, kv_dtype, i, num_layers, prefill_chunk, fused)
                       for i in range(num_layers)]
         super().__init__(layers=layers)
+        self.resident_bytes = 0  # what every layer held after its last step
         self.peak_bytes = 0  # most KV bytes held at once: resident in every layer plus the step's transient copies
+        self.workspace = Workspace()
         for layer in self.layers:
-            layer.on_step = self._note_step
+            layer.on_step, layer.workspace = self._note_step, self.workspace
         if self.store.offloads:  # each layer prefetches the next; the last one the first, for the next step
             for layer, following in zip(self.layers, self.layers[1:] + self.layers[:1]):
                 layer.next_layer = following
@@ -451,9 +504,9 @@ class KVCache(Cache):
         """Whether every step has the same shapes (make_cache's compile=True), so it can be compiled whole."""
         return self.is_compileable
 
-    def _note_step(self, transient_bytes: int) -> None:
-        resident = sum(layer.resident_bytes for layer in self.layers)
-        self.peak_bytes = max(self.peak_bytes, resident + transient_bytes)
+    def _note_step(self, resident_change: int, transient_bytes: int) -> None:
+        self.resident_bytes += resident_change  # a running sum: summing every layer at every layer's step is O(layers^2)
+        self.peak_bytes = max(self.peak_bytes, self.resident_bytes + transient_bytes)
 
     def kv_bytes(self) -> dict[str, int]:
         """Exact resident bytes per tier name (device, host, disk), summed over layers, plus the store's staging."""

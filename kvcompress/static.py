@@ -39,7 +39,7 @@ class StaticKVLayer(CacheLayerMixin):
         self.fused = False  # attention reads the room decoded, never the codes
         self.resident_bytes = 0  # what kv_bytes() sums to (the room: the same at every step)
         self.transient_bytes = 0  # what a step allocates beside the storage (the room decoded or widened, K and V)
-        self.on_step: Callable[[int], None] | None = None
+        self.on_step: Callable[[int, int], None] | None = None  # told the change of resident bytes, and the transient
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -88,9 +88,10 @@ class StaticKVLayer(CacheLayerMixin):
         batch, heads, _, head_dim = states.shape
         widened = not self.codec.lossless or compute != self.dtype
         self.transient_bytes = 2 * batch * heads * self.room * head_dim * compute.itemsize if widened else 0
-        self.resident_bytes = sum(self.kv_bytes().values())
+        resident = sum(self.kv_bytes().values())
         if self.on_step is not None:
-            self.on_step(self.transient_bytes)
+            self.on_step(resident - self.resident_bytes, self.transient_bytes)
+        self.resident_bytes = resident
 
     @property
     def stored(self) -> int:

@@ -67,3 +67,27 @@ def test_bad_grow_names_the_parameter(tiny):
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="grow must be a number of tokens >= 0"):
             make_cache(tiny, "full", grow=bad)
+
+
+def _decode_steps(model, strategy: str, steps: int, grad: bool):
+    """Greedy decode steps by hand (generate always runs without autograd): the logits of every step, the addresses
+    of the workspace buffers seen, and the bytes the cache's peak holds beside its storage."""
+    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with make_cache(model, strategy) as cache, torch.set_grad_enabled(grad):
+        logits, out, addresses = model(input_ids=ids, cache=cache).logits[:, -1:], [], set()
+        for _ in range(steps):
+            logits = model(input_ids=logits.argmax(-1), cache=cache).logits
+            out.append(logits.detach())
+            addresses |= {buffer.data_ptr() for buffer in cache.workspace.buffers.values()}
+        return torch.cat(out, 1), addresses, cache.peak_bytes - sum(cache.kv_bytes().values()), cache.workspace
+
+
+@pytest.mark.parametrize("strategy", ["int8", "fp8:format=e5m2", "int4:group=8", "int8:residual=8",
+                                      "h2o:budget=24,window=8+int8"])
+def test_decode_steps_decode_the_history_into_one_reused_workspace(strategy):
+    model = tiny_model()
+    reused, addresses, beside, workspace = _decode_steps(model, strategy, 20, grad=False)
+    fresh, none, _, _ = _decode_steps(model, strategy, 20, grad=True)  # autograd may keep them: fresh memory
+    assert torch.equal(reused, fresh)
+    assert len(addresses) == 2 and not none  # K's and V's, shared by every layer, for every step (60 tokens < 256)
+    assert beside >= sum(buffer.untyped_storage().nbytes() for buffer in workspace.buffers.values())
