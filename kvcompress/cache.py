@@ -56,7 +56,7 @@ class Workspace:
     """Memory a cache's layers decode their history into, one layer after the other: a step's decoded K/V are dead
     once the layer's attention has read them, so every layer reuses the same two buffers (K, V), grown in chunks of
     `GROW` tokens. A fresh buffer per layer per step, one token longer each step, was mapped anew and page-faulted
-    by the CPU allocator: int8 decode at 4k tokens took ~1.25x full's time; reusing it, ~1.0x."""
+    by the CPU allocator: writing the decoded history cost several times what it costs into memory already touched."""
 
     GROW = 256
 
