@@ -108,7 +108,7 @@ def test_lm_evals_own_ruler_task_runs_offline_with_the_default_model(tmp_path, m
     _offline(monkeypatch)
     out = tmp_path / "ruler"
     main(["lm-eval", "run", "--model", "kvcompress", "--model_args", "pretrained=default,dtype=float32",
-          "--tasks", "niah_single_1", "--metadata", json.dumps({"max_seq_lengths": [512]}), "--limit", "2",
+          "--tasks", "niah_single_1", "--metadata", json.dumps({"max_seq_lengths": [512]}), "--limit", "1",
           "--device", "cpu", "--output_path", str(out)])
     written = json.loads(next(out.glob("**/results_*.json")).read_text())
     assert "512,none" in written["results"]["niah_single_1"]
