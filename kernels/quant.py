@@ -35,8 +35,6 @@ def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, f
     group = q.shape[-1] // scale.shape[-1]
     scale = scale.to(out.dtype) if factor == 1.0 else scale.to(out.dtype) * factor
     out.copy_(q)  # widened in place, then scaled in place: a mixed-dtype mul would widen into a temporary first
-    if scale.shape[-1] == 1:  # one scale per row: it broadcasts as it is
-        return out.mul_(scale)
     _groups(out, group).mul_(scale[..., None])
     return out
 

@@ -44,7 +44,6 @@ class Fp8Codec(GroupCodec):
 # what restores the value of a code laid out as float16 bits by _as_float16: float16's exponent bias (15) less the
 # format's (e4m3: 7, e5m2: 15), as a power of two
 _FLOAT16_FACTOR = {"e4m3": 2.0**8, "e5m2": 1.0}
-ROOM_CHUNK = 256
 
 
 def _as_float16(q: torch.Tensor, format: str) -> torch.Tensor:
@@ -53,9 +52,7 @@ def _as_float16(q: torch.Tensor, format: str) -> torch.Tensor:
     e5m2 is float16's upper byte; e4m3fn's s eeee mmm becomes s 0eeee mmm0000000 (every finite code, subnormals
     included: float16 holds them exactly). The codes are sign-extended to int16, which a left shift by 7 leaves in
     bit 14 of a negative code: cleared."""
-    # in whole chunks of tokens: one token longer each step, a fresh block was mapped and page-faulted every time
-    room = -(-q.shape[2] // ROOM_CHUNK) * ROOM_CHUNK
-    bits = q.new_empty(*q.shape[:2], room, q.shape[3], dtype=torch.int16)[:, :, : q.shape[2]].copy_(q.view(torch.int8))
+    bits = q.view(torch.int8).to(torch.int16)
     if format == "e5m2":
         return bits.bitwise_left_shift_(8).view(torch.float16)
     return bits.bitwise_left_shift_(7).bitwise_and_(~0x4000).view(torch.float16)
