@@ -154,8 +154,10 @@ class Reference:
         self.last_eviction[layer] = self.steps
         r = self.retention
         if r.name != "adakv":
+            # H2O's recent tokens: `recent` of what the sinks leave of the budget (at least `window`)
+            window = max(r.window, int(r.recent * (capacity - r.sinks))) if r.name == "h2o" else r.window
             for (row, head), (entries, score, newest) in chosen.items():
-                keep = _choose(r, entries, score, capacity, r.sinks, r.window, newest)
+                keep = _choose(r, entries, score, capacity, r.sinks, window, newest)
                 self.store[layer][row][head] = [self.store[layer][row][head][i] for i in keep]
             return
         selected = {}
@@ -329,6 +331,8 @@ def test_bad_input_is_refused_before_any_work(tiny):
         parse_strategy("h2o:ratio=1.5")
     with pytest.raises(ValueError, match="must not exceed h2o:window"):
         parse_strategy("h2o:budget=64+int8:residual=128")
+    with pytest.raises(ValueError, match=r"h2o:recent must be in \[0, 1\)"):
+        parse_strategy("h2o:budget=64,recent=1")
 
 
 def test_an_unrouted_model_is_caught_at_the_next_step(tiny):

@@ -97,9 +97,9 @@ class ScoreRetention(Retention):
     prefill), then keeps what follows (the question, the answer): kvpress's protocol; "budget" whenever more than
     the capacity is stored (memory bounded through any number of turns); "interval" after the first step and then
     every `interval` steps (up to `interval` tokens more are held between).
-    Defaults (nothing protected, evict after the prompt) are kvpress's: measured on the default
-    model, protecting 4 sinks and 32 recent tokens or evicting at every decode step cost recall at a quarter of the
-    bytes (results/eviction/eviction.md); set `sinks` to keep a system prompt whole, `window` to keep recent turns.
+    Defaults (nothing protected, evict after the prompt) are kvpress's, h2o's recent share aside: measured on the
+    default model, protecting 4 sinks and 32 recent tokens or evicting at every decode step cost recall at a quarter of
+    the bytes (README); set `sinks` to keep a system prompt whole, `window` to keep recent turns.
     """
 
     budget: int = 0
@@ -151,12 +151,17 @@ class ScoreRetention(Retention):
     def score(self, view: RetentionView) -> torch.Tensor:
         raise NotImplementedError
 
+    def recent_tokens(self, capacity: int) -> int:
+        """Newest tokens kept whatever their score, out of `capacity`."""
+        return self.window
+
     def protected_scores(self, view: RetentionView) -> torch.Tensor:
         """The member's scores as float32 [batch, heads, stored], +inf where protected, -inf on padding/filler."""
         positions = view.positions
         scores = self.score(view).float().expand(positions.shape)
         newest = positions.amax(dim=(1, 2), keepdim=True)
-        protected = (positions >= 0) & ((positions < self.sinks) | (positions > newest - self.window))
+        recent = self.recent_tokens(self.capacity(view.seen, view.layer, view.layers))
+        protected = (positions >= 0) & ((positions < self.sinks) | (positions > newest - recent))
         scores = scores.masked_fill(protected, float("inf"))
         return scores.masked_fill(positions < 0, float("-inf"))
 
