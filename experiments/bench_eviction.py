@@ -1,8 +1,9 @@
 """Score-based eviction on the default model: recall and needle survival for every member at 50 % and 25 % of the
 full cache's measured KV bytes, both question placements, against `full` and StreamingLLM (`sink`) on the same
-prompts; and, where results/eviction/kvpress.jsonl exists, against kvpress's presses on the same token ids.
+prompts; and, where the output folder has a kvpress.jsonl, against kvpress's presses on the same token ids.
 
     python experiments/bench_eviction.py                       # -> results/eviction/ (resumes if interrupted)
+    python experiments/bench_eviction.py --out results/eviction/v2   # the current committed run
     python experiments/bench_eviction.py --cases 10 --out /tmp/e   # a quick look
 
 It is one `kvcompress report` run (records, table, plots, provenance) over a grid sized for the question, plus
