@@ -26,7 +26,7 @@ class AdaKVRetention(SnapKVRetention):
         capacity = self.capacity(view.seen, view.layer, view.layers)
         if view.stored <= capacity:
             return None
-        scores = self.protected_scores(view)
+        scores = self.protected_scores(view, capacity)
         batch, heads, stored = scores.shape
         own = top(scores, int(self.floor * capacity))
         scores = scores.scatter(-1, own, float("inf"))

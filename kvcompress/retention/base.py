@@ -155,13 +155,13 @@ class ScoreRetention(Retention):
         """Newest tokens kept whatever their score, out of `capacity`."""
         return self.window
 
-    def protected_scores(self, view: RetentionView) -> torch.Tensor:
-        """The member's scores as float32 [batch, heads, stored], +inf where protected, -inf on padding/filler."""
+    def protected_scores(self, view: RetentionView, capacity: int) -> torch.Tensor:
+        """The member's scores as float32 [batch, heads, stored], +inf where protected (out of `capacity` kept),
+        -inf on padding/filler."""
         positions = view.positions
         scores = self.score(view).float().expand(positions.shape)
         newest = positions.amax(dim=(1, 2), keepdim=True)
-        recent = self.recent_tokens(self.capacity(view.seen, view.layer, view.layers))
-        protected = (positions >= 0) & ((positions < self.sinks) | (positions > newest - recent))
+        protected = (positions >= 0) & ((positions < self.sinks) | (positions > newest - self.recent_tokens(capacity)))
         scores = scores.masked_fill(protected, float("inf"))
         return scores.masked_fill(positions < 0, float("-inf"))
 
@@ -169,7 +169,7 @@ class ScoreRetention(Retention):
         capacity = self.capacity(view.seen, view.layer, view.layers)
         if view.stored <= capacity:
             return None
-        return top(self.protected_scores(view), capacity).sort(dim=-1).values
+        return top(self.protected_scores(view, capacity), capacity).sort(dim=-1).values
 
 
 def top(scores: torch.Tensor, k: int) -> torch.Tensor:
