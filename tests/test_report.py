@@ -355,7 +355,7 @@ def test_records_of_earlier_case_generators_are_never_mixed_with_new_cases(tmp_p
     assert _records(tmp_path)[1:] == records[1:]
 
 
-BATCHED = ["int8", "sink:sinks=4,window=60", "knorm:budget=64,window=16", "snapkv:budget=64,window=16,when=budget"]
+BATCHED = ["sink:sinks=4,window=60+int8", "knorm:budget=64,window=16", "snapkv:budget=64,window=16,when=budget"]
 
 
 def test_batched_recall_equals_one_case_at_a_time():

@@ -1,0 +1,52 @@
+"""Benchmark scripts under experiments/, run on CPU with a tiny random model: the GPU check must not be what fails
+on a lent GPU (minutes of it), and a benchmark's verdicts must come from its intervals."""
+
+import gc
+import json
+import runpy
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, argv: list[str], monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    try:
+        runpy.run_path(str(REPO / "experiments" / script), run_name="__main__")
+    finally:
+        gc.unfreeze()  # a script may freeze what it holds for its own run; this process goes on
+
+
+def test_decode_check_runs_every_cell_and_judges_the_targets_at_its_largest_cell(tmp_path, monkeypatch):
+    strategies = "HF DynamicCache,full,full grow,int8,int8 decoded,fp8,int4,int4 decoded,sink:sinks=4,window=2044,full+host"
+    _run("gpu/decode_check.py", ["--device", "cpu", "--model", "random:tiny", "--contexts", "32,48", "--batches", "1,2",
+                                 "--steps", "3", "--warmup", "1", "--strategies", strategies, "--out", str(tmp_path)],
+         monkeypatch)
+    result = json.loads((tmp_path / "decode.json").read_text())
+    assert result["correctness"] and all(r.get("same_tokens") and r["fused_ran"] for r in result["correctness"])
+    rows = result["rows"]
+    assert len(rows) == 10 * 2 * 2 and not [r for r in rows if "decode_ms_p50" not in r]  # no cell failed
+    assert all(r["kv_device_bytes"] > 0 for r in rows if r["strategy"] != "full+host")
+    targets = {t["strategy"]: t for t in result["targets"]}
+    for strategy in ("int8", "fp8", "int4"):  # judged at 48 tokens, batch 2: the run's largest cell
+        assert (targets[strategy]["context"], targets[strategy]["batch"]) == (48, 2)
+        assert targets[strategy]["ratio"] > 0 and targets[strategy]["met"] in (True, False)
+    assert targets["full compiled"]["met"] is None  # not in this run: said so, not judged
+    text = (tmp_path / "decode.md").read_text()
+    assert "## Targets" in text and "| int8 | full | 48 | 2 |" in text
+    assert result["meta"]["command"].startswith("bash experiments/gpu/decode_check.sh")
+
+
+def test_bench_core_judges_each_target_by_its_interval(tmp_path, monkeypatch):
+    _run("bench_core.py", ["--model", "random:tiny", "--lengths", "48", "--steps", "12", "--warmup", "2", "--rounds", "2",
+                           "--strategies", "full,int8,fp8", "--out", str(tmp_path)], monkeypatch)
+    result = json.loads((tmp_path / "bench_core.json").read_text())
+    rows = {r["strategy"]: r for r in result["rows"]}
+    assert all(len(r["decode_ms"]) == 2 * 10 for r in rows.values())  # the timed steps the verdicts come from
+    assert [(t["strategy"], t["reference"]) for t in result["targets"]] == [
+        ("full", "DynamicCache"), ("int8", "full"), ("fp8", "full")]
+    for t in result["targets"]:
+        low, high = t["interval"]
+        assert t["met"] == ("yes" if high <= t["limit"] else "no" if low > t["limit"] else "inconclusive")
+    assert "| 48 | int8 | full | 1.10x |" in (tmp_path / "bench_core.md").read_text()
