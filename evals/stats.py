@@ -310,3 +310,32 @@ def ratio_interval(samples_a: list[float], samples_b: list[float], confidence: f
     alpha = 1.0 - confidence
     low, high = np.quantile(med_b / med_a, [alpha / 2, 1.0 - alpha / 2])
     return float(np.median(b) / np.median(a)), float(low), float(high)
+
+
+def rounds_ratio_interval(rounds_a: list[list[float]], rounds_b: list[list[float]], confidence: float = 0.95,
+                          resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Ratio of medians median(b) / median(a) over every step of every round, with a bootstrap interval that resamples
+    whole rounds, paired: round i of `a` and round i of `b` ran one after the other (a benchmark's interleaved passes).
+
+    Steps of one pass share its cache, its allocator state and the machine's mood of that minute, so they are not
+    independent draws: resampling steps (`ratio_interval`) gives intervals far narrower than the spread between runs
+    of the same benchmark. Resampling rounds carries that spread; pairing them cancels drift common to both.
+    Returns (ratio, low, high); with a single round the interval is that round's ratio alone.
+    """
+    confidence = _check_confidence(confidence)
+    if not rounds_a or len(rounds_a) != len(rounds_b):
+        raise ValueError(f"rounds_a and rounds_b must be the same non-zero number of rounds, got {len(rounds_a)} and "
+                         f"{len(rounds_b)}")
+    a = [_samples(f"rounds_a[{i}]", r) for i, r in enumerate(rounds_a)]
+    b = [_samples(f"rounds_b[{i}]", r) for i, r in enumerate(rounds_b)]
+    resamples = _check_count("resamples", resamples)
+    if resamples < 1:
+        raise ValueError("resamples must be >= 1")
+    rng = np.random.default_rng(_check_count("seed", seed))
+    ratios = []
+    for _ in range(resamples):
+        chosen = rng.integers(0, len(a), size=len(a))
+        ratios.append(np.median(np.concatenate([b[i] for i in chosen])) / np.median(np.concatenate([a[i] for i in chosen])))
+    alpha = 1.0 - confidence
+    low, high = np.quantile(ratios, [alpha / 2, 1.0 - alpha / 2])
+    return float(np.median(np.concatenate(b)) / np.median(np.concatenate(a))), float(low), float(high)

@@ -53,14 +53,12 @@ def test_full_equals_dynamic_cache_on_default_model(default_model):
 def test_generate_keeps_working_when_resumed(tiny):
     """A second generate call on the same cache slices its input by get_seq_length and continues."""
     ids, mask = left_padded([30])
+    resumed = []
     for cache in (make_cache(tiny, "full"), DynamicCache(config=tiny.config)):
         first = _generate(tiny, ids, mask, cache, steps=5).sequences
         extended = torch.cat([first, torch.randint(3, 512, (1, 6), generator=torch.Generator().manual_seed(2))], 1)
-        out = _generate(tiny, extended, torch.ones_like(extended), cache, steps=5)
-        if isinstance(cache, DynamicCache):
-            assert torch.equal(out.sequences, ours)
-        else:
-            ours = out.sequences
+        resumed.append(_generate(tiny, extended, torch.ones_like(extended), cache, steps=5).sequences)
+    assert torch.equal(*resumed)  # ours, then DynamicCache's
 
 
 def test_beam_search_and_multiple_sequences_match_dynamic_cache(tiny):

@@ -13,6 +13,7 @@ from kvcompress.evals.stats import (
     paired_recall,
     proportion_interval,
     ratio_interval,
+    rounds_ratio_interval,
     verdict,
 )
 
@@ -266,3 +267,20 @@ def test_bad_input_raises_naming_the_parameter(call, name):
 
 def test_zero_one_outcomes_are_accepted_as_bools():
     assert paired_recall([1, 1, 0], [1, 0, 0]) == paired_recall([True, True, False], [True, False, False])
+
+
+def test_rounds_ratio_interval_carries_the_spread_between_rounds():
+    # each round: 20 steps around its own level; b is 1.1x a in every round, but the rounds' levels differ by 30 %
+    levels = [10, 13, 10.5, 12, 11]
+    a = [_noisy(level, 20, i) for i, level in enumerate(levels)]
+    b = [_noisy(1.1 * level, 20, 10 + i) for i, level in enumerate(levels)]
+    ratio, low, high = rounds_ratio_interval(a, b)
+    assert low <= 1.1 <= high and high < 1.25  # paired rounds: the common level cancels
+    unpaired = rounds_ratio_interval(a, b[::-1])  # rounds matched to the wrong partners
+    assert unpaired[2] - unpaired[1] > high - low
+    steps = ratio_interval(sum(a, []), sum(b, []))  # steps as independent draws
+    assert steps[0] == ratio
+    same_level = rounds_ratio_interval([_noisy(10, 20, i) for i in range(5)], [_noisy(10, 20, 20 + i) for i in range(5)])
+    assert same_level[1] < 1.0 < same_level[2]
+    with pytest.raises(ValueError, match="rounds_a and rounds_b must be the same non-zero number of rounds, got 5 and 4"):
+        rounds_ratio_interval(a, b[:4])
