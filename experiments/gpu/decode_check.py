@@ -17,7 +17,7 @@ within 1.3x of its read bound.
 
     bash experiments/gpu/decode_check.sh [OUT_DIR]
 
-Without a GPU, try the script itself (tests/test_gpu_scripts.py does, in CI):
+Without a GPU, try the script itself (tests/test_experiment_scripts.py does, in CI):
 
     python experiments/gpu/decode_check.py --device cpu --model random:tiny --contexts 32,48 --batches 1,2 --steps 3
 """
