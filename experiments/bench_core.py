@@ -12,7 +12,9 @@ compile it and fall in the warm-up). Targets (issue 12): our `full` <= 1.02x Dyn
     python experiments/bench_core.py [--model default] [--lengths 1024,4096] [--steps 48] [--rounds 3]
 
 Decode ms/token is the median over `rounds` interleaved passes (strategy order reversed every other round) of
-`steps` steps each, the first `warmup` steps of every pass excluded.
+`steps` steps each, the first `warmup` steps of every pass excluded. aten ops/step: the torch operations one more
+decode step dispatches after the first pass (profiled apart from the timed steps; eager rows only), since on CPU a
+small model's step costs per operation as much as per byte.
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ def make(model, name, tokens):
     return kvcompress.make_cache(model, name, max_tokens=tokens)
 
 
+@torch.no_grad()
+def ops_per_step(model, cache, token: torch.Tensor) -> int:
+    """aten operations one more decode step dispatches (profiled, not timed): what per-op overhead scales with."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
+        model(input_ids=token, cache=cache, use_cache=True)
+    return sum(e.count for e in profiled.key_averages() if e.key.startswith("aten::"))
+
+
 def has_quanto() -> bool:
     return importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
 
@@ -87,13 +97,15 @@ def main() -> None:
         else:
             ids = torch.randint(0, model.config.vocab_size, (1, length), device=args.device)
         samples = {n: {"rounds": [], "ttft_s": []} for n in names}
-        kv = {}
+        kv, ops = {}, {}
         for round_ in range(args.rounds):
             for name in names if round_ % 2 == 0 else names[::-1]:
                 cache = make(model, name, length + args.steps)
                 timing = time_generation(model, ids, cache, args.steps)
                 samples[name]["rounds"].append(timing["decode_s"][args.warmup:])
                 samples[name]["ttft_s"].append(timing["ttft_s"])
+                if round_ == 0 and not getattr(cache, "static", False):  # a compiled step's ops are not eager ones
+                    ops[name] = ops_per_step(model, cache, ids[:, -1:])
                 if hasattr(cache, "kv_bytes"):
                     reads = ("compiled" if cache.static else "fused" if cache.fused else
                              "-" if cache.spec.codec.lossless else "decoded")
@@ -112,6 +124,7 @@ def main() -> None:
                 "decode_ms_rounds": [[round(t * 1e3, 3) for t in r] for r in samples[name]["rounds"]],
                 "vs_dynamic_cache": round(decode_ms / base_ms, 3),
                 "ttft_s": round(statistics.median(samples[name]["ttft_s"]), 4),
+                "aten_ops_per_step": ops.get(name),
             }
             if name in kv:
                 resident, stored, seen, reads = kv[name]
@@ -156,14 +169,14 @@ def markdown(meta: dict, rows: list[dict], verdicts: list[dict]) -> str:
         f"torch CPU capability {meta.get('cpu_capability', '?')}, {meta.get('threads', '?')} threads",
         "",
         "| context | strategy | encoded history | resident KV MiB | saved vs full | decode ms/token p50 | p95 | "
-        "vs DynamicCache | TTFT s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "vs DynamicCache | TTFT s | aten ops/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kv = f"{r['kv_bytes'] / 2**20:.2f}" if "kv_bytes" in r else "-"
         saved = f"{r['saved_vs_full']:.1%}" if "saved_vs_full" in r else "-"
         lines.append(f"| {r['context']} | {r['strategy']} | {r.get('history_read', 'decoded')} | {kv} | {saved} | {r['decode_ms_p50']:.2f} | "
-                     f"{r['decode_ms_p95']:.2f} | {r['vs_dynamic_cache']:.3f} | {r['ttft_s']:.3f} |")
+                     f"{r['decode_ms_p95']:.2f} | {r['vs_dynamic_cache']:.3f} | {r['ttft_s']:.3f} | {r.get('aten_ops_per_step') or '-'} |")
     if verdicts:
         lines += ["", "## Targets", "", "Ratio of median decode ms/token with its bootstrap 95% interval over the "
                   "rounds (paired); met only when the whole interval is within the limit, not met when the whole of it is over.",

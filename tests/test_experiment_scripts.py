@@ -49,4 +49,5 @@ def test_bench_core_judges_each_target_by_its_interval(tmp_path, monkeypatch):
     for t in result["targets"]:
         low, high = t["interval"]
         assert t["met"] == ("yes" if high <= t["limit"] else "no" if low > t["limit"] else "inconclusive")
+    assert rows["int8"]["aten_ops_per_step"] > rows["full"]["aten_ops_per_step"] > 0  # encode + decode, every layer
     assert "| 48 | int8 | full | 1.10x |" in (tmp_path / "bench_core.md").read_text()
