@@ -37,6 +37,20 @@ def _check_count(name: str, value: int) -> int:
     return value
 
 
+def _check_resamples(resamples: int) -> int:
+    resamples = _check_count("resamples", resamples)
+    if resamples < 1:
+        raise ValueError("resamples must be >= 1")
+    return resamples
+
+
+def _percentile_interval(ratios, confidence: float) -> tuple[float, float]:
+    """The bootstrap percentile interval of resampled ratios."""
+    alpha = 1.0 - confidence
+    low, high = np.quantile(ratios, [alpha / 2, 1.0 - alpha / 2])
+    return float(low), float(high)
+
+
 def _outcomes(name: str, values: list[bool]) -> list[bool]:
     values = list(values)
     if not values:
@@ -300,16 +314,12 @@ def ratio_interval(samples_a: list[float], samples_b: list[float], confidence: f
     """
     confidence = _check_confidence(confidence)
     a, b = _samples("samples_a", samples_a), _samples("samples_b", samples_b)
-    resamples = _check_count("resamples", resamples)
-    if resamples < 1:
-        raise ValueError("resamples must be >= 1")
+    resamples = _check_resamples(resamples)
     seed = _check_count("seed", seed)
     rng = np.random.default_rng(seed)
     med_a = np.median(a[rng.integers(0, a.size, size=(resamples, a.size))], axis=1)
     med_b = np.median(b[rng.integers(0, b.size, size=(resamples, b.size))], axis=1)
-    alpha = 1.0 - confidence
-    low, high = np.quantile(med_b / med_a, [alpha / 2, 1.0 - alpha / 2])
-    return float(np.median(b) / np.median(a)), float(low), float(high)
+    return float(np.median(b) / np.median(a)), *_percentile_interval(med_b / med_a, confidence)
 
 
 def rounds_ratio_interval(rounds_a: list[list[float]], rounds_b: list[list[float]], confidence: float = 0.95,
@@ -328,14 +338,10 @@ def rounds_ratio_interval(rounds_a: list[list[float]], rounds_b: list[list[float
                          f"{len(rounds_b)}")
     a = [_samples(f"rounds_a[{i}]", r) for i, r in enumerate(rounds_a)]
     b = [_samples(f"rounds_b[{i}]", r) for i, r in enumerate(rounds_b)]
-    resamples = _check_count("resamples", resamples)
-    if resamples < 1:
-        raise ValueError("resamples must be >= 1")
+    resamples = _check_resamples(resamples)
     rng = np.random.default_rng(_check_count("seed", seed))
     ratios = []
     for _ in range(resamples):
         chosen = rng.integers(0, len(a), size=len(a))
         ratios.append(np.median(np.concatenate([b[i] for i in chosen])) / np.median(np.concatenate([a[i] for i in chosen])))
-    alpha = 1.0 - confidence
-    low, high = np.quantile(ratios, [alpha / 2, 1.0 - alpha / 2])
-    return float(np.median(np.concatenate(b)) / np.median(np.concatenate(a))), float(low), float(high)
+    return float(np.median(np.concatenate(b)) / np.median(np.concatenate(a))), *_percentile_interval(ratios, confidence)
