@@ -73,17 +73,20 @@ def test_fp8_relative_error(fmt, mantissa_bits):
     assert (err <= x.abs() * 2.0 ** -(mantissa_bits + 1) * 1.01 + absmax * 2e-3).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 def test_fp8_decode_equals_conversion_for_every_code(fmt, dtype):
-    """CPU decode re-lays the codes as float16 bits; it must give float8's own conversion for all 256 codes but NaN."""
+    """CPU decode re-lays the codes as float16 bits; it must give float8's own conversion for all 256 codes but NaN,
+    into a view of a larger buffer (as into the workspace)."""
     spec = parse_strategy(f"fp8:format={fmt}").codec
     bits = torch.arange(256, dtype=torch.uint8)
     codes = bits.masked_fill(bits.view(spec.qdtype).float().isnan(), 0).view(spec.qdtype).view(1, 1, 4, 64)
-    scale = torch.rand(1, 1, 4, 2, dtype=torch.float16) + 0.5
+    scale = torch.linspace(0.5, 1.5, 8, dtype=torch.float16).view(1, 1, 4, 2)
     direct = codes.to(dtype) * scale.to(dtype).repeat_interleave(32, -1)
-    decoded = spec.decode({"q": codes, "scale": scale}, torch.empty(1, 1, 4, 64, dtype=dtype))
+    room = torch.full((1, 1, 6, 64), float("nan"), dtype=dtype)
+    decoded = spec.decode({"q": codes, "scale": scale}, room[:, :, 1:5])
     assert torch.equal(decoded, direct)  # infinities (e5m2) included
+    assert room[:, :, [0, 5]].isnan().all()  # nothing written outside the view
 
 
 def test_nibbles_round_trip():
