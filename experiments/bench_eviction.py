@@ -37,14 +37,19 @@ MEMBERS = ["h2o", "tova", "snapkv", "pyramid", "knorm", "adakv"]
 KVPRESS_PRESSES = ["streaming_llm", "snapkv", "tova", "knorm", "expected_attention"]
 
 
+def with_ratio(member: str, ratio: float) -> str:
+    """`member` ("tova", or with parameters: "tova:observe=8") keeping `ratio` of the tokens seen."""
+    return f"{member}{',' if ':' in member else ':'}ratio={ratio:.4f}"
+
+
 def strategies_at(fraction: float, members: list[str], length: int, model_config, kv_dtype) -> dict[str, str]:
     """Strategy strings whose bytes are `fraction` of full's by the analytic size (tested equal to the measured one
     for every member but adakv, whose padding `calibrated` measures): member -> strategy."""
     full = bytes_per_token(model_config, "full", kv_dtype)
     chosen = {}
     for member in members:
-        ratio = fraction * full / bytes_per_token(model_config, f"{member}:ratio=0.5", kv_dtype)
-        chosen[member] = f"{member}:ratio={ratio:.4f}"
+        ratio = fraction * full / bytes_per_token(model_config, with_ratio(member, 0.5), kv_dtype)
+        chosen[member] = with_ratio(member, ratio)
     sink_tokens = math.floor(fraction * length * full / bytes_per_token(model_config, "sink", kv_dtype))
     chosen["sink"] = f"sink:sinks=4,window={sink_tokens - 4}"
     return chosen
@@ -142,7 +147,7 @@ def grid(args: argparse.Namespace) -> tuple[ReportConfig, dict[str, str]]:
     kv_dtype = parse_dtype(ReportConfig.default("kv_dtype"))
     fractions: dict[str, str] = {"full": "100%"}
     for fraction in map(float, args.fractions.split(",")):
-        for strategy in strategies_at(fraction, args.members.split(","), args.length, model.config, kv_dtype).values():
+        for strategy in strategies_at(fraction, args.members.split(";"), args.length, model.config, kv_dtype).values():
             if strategy.startswith("adakv"):
                 strategy = calibrated(strategy, fraction, model, tokenizer, args.length)
             fractions[str(parse_strategy(strategy))] = f"{fraction:.0%} of full's bytes"
@@ -197,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", default="passkey,multikey,vartrack")
     p.add_argument("--length", type=int, default=512, help="context tokens (where the default model recalls)")
     p.add_argument("--fractions", default="0.5,0.25", help="fractions of full's measured KV bytes")
-    p.add_argument("--members", default=",".join(MEMBERS))
+    p.add_argument("--members", default=";".join(MEMBERS),
+                   help="members separated by ';', each with parameters if any (tova;tova:observe=8)")
     p.add_argument("--questions", default="after,inside")
     p.add_argument("--max-new-tokens", type=int, default=16)
     args = p.parse_args(argv)

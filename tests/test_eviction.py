@@ -28,7 +28,8 @@ MEMBERS = {
     "pyramid": "pyramid:budget=20,sinks=2,window=4,observe=8,kernel=3,beta=4,when=budget",
     "adakv": "adakv:budget=20,sinks=2,window=4,observe=8,kernel=3,when=interval,interval=4",
 }
-RATIO = {"h2o": "h2o:ratio=0.4,sinks=2,window=4,when=budget", "snapkv": "snapkv:ratio=0.4,when=interval,interval=5"}
+RATIO = {"h2o": "h2o:ratio=0.4,sinks=2,window=4,when=budget", "snapkv": "snapkv:ratio=0.4,when=interval,interval=5",
+         "tova": "tova:ratio=0.4,observe=8,sinks=2,window=4,when=budget"}  # tova: its observation window too
 STEPS = [[(0, 40)] + [(t, t + 1) for t in range(40, 52)],                  # prefill, then decode
          [(0, 9), (9, 30), (30, 31), (31, 44), (44, 45), (45, 46)]]        # multi-token steps
 
@@ -142,11 +143,11 @@ class Reference:
         ts = [t for t, _ in entries]
         if name == "h2o":
             return [self.mass[layer][row][head][t] for t in ts]
-        if name == "tova":  # last query, averaged over every head of the layer
-            return [float(weights[row, :, stop - 1, t].mean()) for t in ts]
         if name == "knorm":
             return [-float(keys[row, head, t].float().norm()) for t in ts]
         observe = range(max(start, stop - self.retention.observe), stop)
+        if name == "tova":  # the last `observe` queries (the paper's: 1), averaged over every head of the layer
+            return [float(sum(weights[row, :, q, t].mean() for q in observe)) for t in ts]
         votes = [float(sum(weights[row, head, q, t] for q in observe)) for t in ts]
         return _pooled(votes, self.retention.kernel)  # snapkv, pyramid, adakv
 
@@ -325,6 +326,8 @@ def test_bad_input_is_refused_before_any_work(tiny):
         parse_strategy("h20:budget=64")
     with pytest.raises(ValueError, match="allowed: budget, ratio, sinks, window, when, interval, observe, kernel"):
         parse_strategy("snapkv:budgett=64")
+    with pytest.raises(ValueError, match=r"tova:observe must be >= 1"):
+        parse_strategy("tova:budget=64,observe=0")
     with pytest.raises(ValueError, match="must exceed snapkv:sinks"):
         parse_strategy("snapkv:budget=36,sinks=4,window=32")
     with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):

@@ -51,3 +51,23 @@ def test_bench_core_judges_each_target_by_its_interval(tmp_path, monkeypatch):
         assert t["met"] == ("yes" if high <= t["limit"] else "no" if low > t["limit"] else "inconclusive")
     assert rows["int8"]["aten_ops_per_step"] > rows["full"]["aten_ops_per_step"] > 0  # encode + decode, every layer
     assert "| 48 | int8 | full | 1.10x |" in (tmp_path / "bench_core.md").read_text()
+
+
+def test_eviction_budgets_take_members_with_parameters():
+    """bench_eviction sets each member's ratio from its bytes per token, a member given with parameters included."""
+    import torch
+
+    from kvcompress import bytes_per_token, parse_strategy
+    from kvcompress.models import load_model
+
+    bench = runpy.run_path(str(REPO / "experiments" / "bench_eviction.py"))
+    config = load_model("random:smollm2-135m")[0].config
+    chosen = bench["strategies_at"](0.5, ["tova", "tova:observe=8", "h2o"], 512, config, torch.bfloat16)
+    assert chosen["tova:observe=8"].startswith("tova:observe=8,ratio=")
+    assert parse_strategy(chosen["tova:observe=8"]).retention.observe == 8
+    full = bytes_per_token(config, "full", torch.bfloat16)
+    for member in ("tova", "tova:observe=8", "h2o"):  # h2o's score state costs more bytes per token: a lower ratio
+        ratio = parse_strategy(chosen[member]).retention.ratio
+        assert abs(ratio * bytes_per_token(config, chosen[member], torch.bfloat16) - 0.5 * full) < 1e-3 * full
+    assert chosen["tova"].split("ratio=")[1] == chosen["tova:observe=8"].split("ratio=")[1]
+    assert parse_strategy(chosen["h2o"]).retention.ratio < parse_strategy(chosen["tova"]).retention.ratio

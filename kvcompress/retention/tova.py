@@ -8,9 +8,22 @@ from .base import RETENTIONS, ScoreRetention
 class TOVARetention(ScoreRetention):
     """TOVA, Token Omission Via Attention (Oren et al. 2024, arXiv:2401.06104): keep the tokens the newest query
     attends to most, its attention averaged over all heads of the layer (the paper's choice over per-head scores), so
-    every head keeps the same tokens."""
+    every head keeps the same tokens.
 
+    observe > 1: the last `observe` queries of the step vote, their attention summed, as in SnapKV's observation
+    window (Li et al. 2024, arXiv:2404.14469) but still one token set per layer and without pooling. With the question
+    inside the prompt the window is the question's tokens: measured on the default model, `observe=8` kept 55 % recall
+    at half the bytes where the newest query alone kept 45 % (README); with the question after the context the window
+    sees the context's end and loses recall, so the default is the paper's (1). A decode step has one query, so
+    evicting at decode time votes with that query alone."""
+
+    observe: int = 1
     needs = ("attention",)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.observe < 1:
+            raise ValueError(f"{self.name}:observe must be >= 1 (the last queries that vote), got {self.observe}")
+
     def score(self, view):
-        return view.attention[:, :, -1].mean(dim=1, keepdim=True)
+        return view.attention[:, :, -self.observe :].sum(dim=2).mean(dim=1, keepdim=True)
