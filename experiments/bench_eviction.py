@@ -124,6 +124,7 @@ def evaluate(out: Path, fractions: dict[str, float]) -> str:
                 sink[label, question] = recall_pct
             elif strategy != "full":
                 best[label, question] = max(best.get((label, question), (-1.0, "")), (recall_pct, strategy))
+    lines += by_seed(by_cell, questions, fractions)
     lines += kvpress_comparison(out, by_cell, fractions, best)
     full_recall = {q: 100 * sum(r["correct"] for r in by_cell.get(("full", q), {}).values())
                    / max(1, len(by_cell.get(("full", q), {}))) for q in questions}
@@ -139,6 +140,22 @@ def evaluate(out: Path, fractions: dict[str, float]) -> str:
                          f"{floor:.1f}% (target >= 2x): " + ("met" if floor is not None and pct >= 2 * floor else
                                                             "not met"))
     return "\n".join(lines) + "\n"
+
+
+def by_seed(by_cell: dict, questions: list[str], fractions: dict[str, str]) -> list[str]:
+    """Correct answers per seed (each seed is a fresh set of needles and filler at every task and depth): a setting
+    chosen by looking at some seeds is checked on the others."""
+    seeds = sorted({key[3] for cases in by_cell.values() for key in cases})
+    rows = ["", "Correct answers by seed (tasks and depths pooled):", "",
+            "| question | strategy | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+            "|---|---|" + "---|" * len(seeds)]
+    for question in questions:
+        for strategy in sorted(fractions, key=lambda name: (fractions[name], name)):
+            cases = by_cell.get((strategy, question), {})
+            if cases:
+                counts = [[r["correct"] for key, r in cases.items() if key[3] == seed] for seed in seeds]
+                rows.append(f"| {question} | `{strategy}` | " + " | ".join(f"{sum(c)}/{len(c)}" for c in counts) + " |")
+    return rows
 
 
 def grid(args: argparse.Namespace) -> tuple[ReportConfig, dict[str, str]]:

@@ -71,3 +71,13 @@ def test_eviction_budgets_take_members_with_parameters():
         assert abs(ratio * bytes_per_token(config, chosen[member], torch.bfloat16) - 0.5 * full) < 1e-3 * full
     assert chosen["tova"].split("ratio=")[1] == chosen["tova:observe=8"].split("ratio=")[1]
     assert parse_strategy(chosen["h2o"]).retention.ratio < parse_strategy(chosen["tova"]).retention.ratio
+
+
+def test_eviction_summary_counts_correct_answers_by_seed():
+    bench = runpy.run_path(str(REPO / "experiments" / "bench_eviction.py"))
+    cases = {("passkey", 512, 0.0, 0): {"correct": True}, ("passkey", 512, 0.5, 0): {"correct": False},
+             ("passkey", 512, 0.0, 1): {"correct": True}}
+    rows = bench["by_seed"]({("full", "inside"): cases, ("tova:ratio=0.5", "inside"): {}}, ["inside"],
+                            {"full": "100%", "tova:ratio=0.5": "50% of full's bytes"})
+    assert "| inside | `full` | 1/2 | 1/1 |" in rows and not [r for r in rows if "tova" in r]  # no cases: no row
+    assert rows[3] == "| question | strategy | seed 0 | seed 1 |"
