@@ -12,10 +12,10 @@ class TOVARetention(ScoreRetention):
 
     observe > 1: the last `observe` queries of the step vote, their attention summed, as in SnapKV's observation
     window (Li et al. 2024, arXiv:2404.14469) but still one token set per layer and without pooling. With the question
-    inside the prompt the window is the question's tokens: measured on the default model, `observe=8` kept 56 % recall
-    at half the bytes where the newest query alone kept 44 % (README); with the question after the context the window
-    sees the context's end and loses recall, so the default is the paper's (1). A decode step has one query, so
-    evicting at decode time votes with that query alone."""
+    inside the prompt the window's queries are the question's end: measured on the default model, `observe=8` kept
+    56 % recall at half the bytes where the newest query alone kept 44 % (README; the best window depends on the
+    prompts); with the question after the context the window sees the context's end and loses recall, so the default
+    is the paper's (1). A decode step has one query, so evicting at decode time votes with that query alone."""
 
     observe: int = 1
     needs = ("attention",)
