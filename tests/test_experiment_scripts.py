@@ -7,6 +7,10 @@ import runpy
 import sys
 from pathlib import Path
 
+import torch
+
+from kvcompress import bytes_per_token, load_model, parse_strategy
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -55,11 +59,6 @@ def test_bench_core_judges_each_target_by_its_interval(tmp_path, monkeypatch):
 
 def test_eviction_budgets_take_members_with_parameters():
     """bench_eviction sets each member's ratio from its bytes per token, a member given with parameters included."""
-    import torch
-
-    from kvcompress import bytes_per_token, parse_strategy
-    from kvcompress.models import load_model
-
     bench = runpy.run_path(str(REPO / "experiments" / "bench_eviction.py"))
     config = load_model("random:smollm2-135m")[0].config
     chosen = bench["strategies_at"](0.5, ["tova", "tova:observe=8", "h2o"], 512, config, torch.bfloat16)
