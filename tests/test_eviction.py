@@ -7,6 +7,7 @@ the same logits. MEMBERS drives every test here: adding a member adds its cases.
 """
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ MEMBERS = {
     "adakv": "adakv:budget=20,sinks=2,window=4,observe=8,kernel=3,when=interval,interval=4",
 }
 RATIO = {"h2o": "h2o:ratio=0.4,sinks=2,window=4,when=budget", "snapkv": "snapkv:ratio=0.4,when=interval,interval=5",
-         "tova": "tova:ratio=0.4,observe=8,sinks=2,window=4,when=budget"}  # tova: its observation window too
+         "tova": "tova:ratio=0.4,observe=8,kernel=3,sinks=2,window=4,when=budget"}  # tova: its window and pooling
 STEPS = [[(0, 40)] + [(t, t + 1) for t in range(40, 52)],                  # prefill, then decode
          [(0, 9), (9, 30), (30, 31), (31, 44), (44, 45), (45, 46)]]        # multi-token steps
 
@@ -146,8 +147,11 @@ class Reference:
         if name == "knorm":
             return [-float(keys[row, head, t].float().norm()) for t in ts]
         observe = range(max(start, stop - self.retention.observe), stop)
-        if name == "tova":  # the last `observe` queries (the paper's: 1), averaged over every head of the layer
-            return [float(sum(weights[row, :, q, t].mean() for q in observe)) for t in ts]
+        if name == "tova":  # the last `observe` queries (the paper's: 1), averaged over every head of the layer, then
+            # over `kernel` neighbours
+            votes = [float(sum(weights[row, :, q, t].mean() for q in observe)) for t in ts]
+            half = self.retention.kernel // 2
+            return [statistics.fmean(votes[max(0, i - half): i + half + 1]) for i in range(len(votes))]
         votes = [float(sum(weights[row, head, q, t] for q in observe)) for t in ts]
         return _pooled(votes, self.retention.kernel)  # snapkv, pyramid, adakv
 
@@ -328,6 +332,8 @@ def test_bad_input_is_refused_before_any_work(tiny):
         parse_strategy("snapkv:budgett=64")
     with pytest.raises(ValueError, match=r"tova:observe must be >= 1"):
         parse_strategy("tova:budget=64,observe=0")
+    with pytest.raises(ValueError, match=r"tova:kernel must be an odd number >= 1"):
+        parse_strategy("tova:budget=64,kernel=4")
     with pytest.raises(ValueError, match="must exceed snapkv:sinks"):
         parse_strategy("snapkv:budget=36,sinks=4,window=32")
     with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):

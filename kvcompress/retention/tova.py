@@ -1,5 +1,7 @@
 from dataclasses import dataclass
 
+import torch.nn.functional as F
+
 from .base import RETENTIONS, ScoreRetention
 
 
@@ -15,15 +17,28 @@ class TOVARetention(ScoreRetention):
     inside the prompt the window's queries are the question's end: measured on the default model, `observe=8` kept
     56 % recall at half the bytes where the newest query alone kept 44 % (README; the best window depends on the
     prompts); with the question after the context the window sees the context's end and loses recall, so the default
-    is the paper's (1). A decode step has one query, so evicting at decode time votes with that query alone."""
+    is the paper's (1). A decode step has one query, so evicting at decode time votes with that query alone.
+
+    kernel > 1: each token's vote is averaged with its neighbours' (`kernel` stored tokens centred on it), so kept
+    tokens come with their context, as SnapKV pools. The queries that vote attend to where the answer starts more
+    than to its rest: unpooled, a quarter of the bytes kept a number's first digits and dropped the others (the model
+    answered them truncated). Averaged rather than SnapKV's max: on the default model both lifted recall at a quarter
+    of the bytes, the average by a few cases more (README)."""
 
     observe: int = 1
+    kernel: int = 1
     needs = ("attention",)
 
     def __post_init__(self):
         super().__post_init__()
         if self.observe < 1:
             raise ValueError(f"{self.name}:observe must be >= 1 (the last queries that vote), got {self.observe}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"{self.name}:kernel must be an odd number >= 1 (tokens averaged, centred), "
+                             f"got {self.kernel}")
 
     def score(self, view):
-        return view.attention[:, :, -self.observe :].sum(dim=2).mean(dim=1, keepdim=True)
+        votes = view.attention[:, :, -self.observe :].sum(dim=2).mean(dim=1, keepdim=True)
+        if self.kernel == 1:
+            return votes
+        return F.avg_pool1d(votes, self.kernel, stride=1, padding=self.kernel // 2, count_include_pad=False)
