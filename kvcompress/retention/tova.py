@@ -22,8 +22,9 @@ class TOVARetention(ScoreRetention):
     kernel > 1: each token's vote is averaged with its neighbours' (`kernel` stored tokens centred on it), so kept
     tokens come with their context, as SnapKV pools. The queries that vote attend to where the answer starts more
     than to its rest: unpooled, a quarter of the bytes kept a number's first digits and dropped the others (the model
-    answered them truncated). Averaged rather than SnapKV's max: on the default model both lifted recall at a quarter
-    of the bytes, the average by a few cases more (README)."""
+    answered them truncated). On the default model, question after the context, `kernel=7` kept 43 % recall at a
+    quarter of the bytes where the paper's TOVA kept 22 % (README). Averaged rather than SnapKV's max: both lifted
+    recall there, the average by a few cases more on the cases it was chosen on."""
 
     observe: int = 1
     kernel: int = 1
