@@ -61,7 +61,7 @@ class Prefill:
         if cache.layers[0].prefill_chunk is not None:
             return False
         return not retention.needs or (self.attention is not None
-                                       and getattr(retention, "observe", 1) <= ATTENTION_ROWS)
+                                       and retention.attention_rows <= ATTENTION_ROWS)
 
     @torch.no_grad()
     def fill(self, model, cache: KVCache) -> torch.Tensor:
@@ -77,12 +77,17 @@ class Prefill:
         positions = None  # a seam layer holds each token's position in its row, -1 for padding
         if self.attention_mask is not None:
             positions = position_ids(self.attention_mask).to(torch.int32).masked_fill(self.attention_mask == 0, -1)
-        if not cache.spec.retention.needs:  # keys only (knorm): the K/V are all it reads
+        retention = cache.spec.retention
+        if not retention.needs:  # keys only (knorm): the K/V are all it reads
             for layer, (keys, values) in zip(cache.layers, self.kv):
                 layer.restore(keys, values, None, None, compute, 2 * keys.numel() * compute.itemsize, positions)
-        else:
-            for layer, (keys, values), (rows, mass, transient) in zip(cache.layers, self.kv, self.attention):
-                layer.restore(keys, values, rows, mass, compute, transient, positions)
+            return self.last_logits
+        for layer, (keys, values), (rows, mass, transient) in zip(cache.layers, self.kv, self.attention):
+            if "mass" not in retention.needs:  # a live prefill holds the weights of its last queries only
+                batch, _, n = keys.shape[:3]
+                weights = batch * model.config.num_attention_heads * min(retention.attention_rows, n) * n * 4
+                transient = 2 * keys.numel() * compute.itemsize + weights
+            layer.restore(keys, values, rows, mass, compute, transient, positions)
         return self.last_logits
 
 

@@ -141,23 +141,34 @@ def mask_visible(attention_mask, batch: int, q: int, kv: int, device) -> torch.T
 
 
 def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
-                      scaling: float, softcap: float | None = None, weights: bool = False):
+                      scaling: float, softcap: float | None = None, weights: bool = False, rows: int | None = None):
     """Attention of query [b, hq, q, d] over keys/values [b, h, s, d] (h KV heads shared by hq/h query heads each),
     visible [b, h, q, s] bool. Returns the output [b, q, hq, d] and, if asked, the float32 attention weights
-    [b, h, hq/h, q, s]; without weights and softcap it is torch's fused sdpa."""
+    [b, h, hq/h, q, s], or of the last `rows` queries only [b, h, hq/h, rows, s]: a prompt's weights are prompt x
+    prompt per query head, which a member reading its last queries should not have to hold. Without softcap the
+    output is torch's fused sdpa unless every row's weights are asked for (then they make it)."""
     b, hq, q, d = query.shape
     h = keys.shape[1]
     group = hq // h
-    if not weights and softcap is None:
-        mask = visible.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(query, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1),
-                                             attn_mask=mask, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
-    grouped = query.view(b, h, group, q, d).float()
+    every_row = weights and (rows is None or rows >= q)
+    if softcap is not None or every_row:
+        probs = _weights(query, keys, visible, scaling, softcap)
+        out = (probs @ values.float()[:, :, None]).to(query.dtype).view(b, hq, q, d)
+        return out.transpose(1, 2).contiguous(), probs
+    mask = visible.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(query, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1),
+                                         attn_mask=mask, scale=scaling).transpose(1, 2).contiguous()
+    return out, (_weights(query[:, :, -rows:], keys, visible[:, :, -rows:], scaling) if weights else None)
+
+
+def _weights(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float,
+             softcap: float | None = None) -> torch.Tensor:
+    """float32 softmax weights [b, h, hq/h, q, s] of query [b, hq, q, d] over keys [b, h, s, d]."""
+    b, hq, q, d = query.shape
+    h = keys.shape[1]
+    grouped = query.reshape(b, h, hq // h, q, d).float()
     scores = grouped @ keys.float()[:, :, None].transpose(-1, -2) * scaling  # [b, h, g, q, s]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
-    probs = scores.softmax(-1).nan_to_num(0.0)  # a query that sees nothing (a pad query) attends to nothing
-    out = (probs @ values.float()[:, :, None]).to(query.dtype).view(b, hq, q, d)
-    return out.transpose(1, 2).contiguous(), probs
+    return scores.softmax(-1).nan_to_num(0.0)  # a query that sees nothing (a pad query) attends to nothing

@@ -238,12 +238,13 @@ class KVLayer(CacheLayerMixin):
         step = (causal & (new_positions >= 0)[:, None, None, :]) | torch.eye(n, dtype=torch.bool, device=self.device)
         visible = torch.cat([held, step.expand(batch, heads, n, n)], dim=-1)
         needs = self.retention.needs
+        rows = None if "mass" in needs else max(self.retention.attention_rows, self.capture_rows)
         out, probs, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute,
-                                                  weights="attention" in needs or "mass" in needs)
+                                                  weights="attention" in needs or "mass" in needs, rows=rows)
         attention = probs.mean(dim=2) if probs is not None else None  # pooled over the query heads of a KV head
         if self.capture_rows:
             self.captured = attention[:, :, -self.capture_rows:]
-        mass = None if attention is None else attention.sum(dim=2)
+        mass = attention.sum(dim=2) if "mass" in needs else None  # every query's: rows is None then
         self._store_step(new_k, new_v, new_positions, attention, mass, compute)
         self._end_step(transient)
         return out
@@ -260,13 +261,15 @@ class KVLayer(CacheLayerMixin):
         """Whether a step of this many queries attends over the codes (a fused layer's decode step, with codes)."""
         return self.fused and bool(self.encoded_k) and queries <= FUSED_QUERIES
 
-    def _attend_over(self, query, new_k, new_v, visible, scaling, softcap, compute, weights: bool = False):
+    def _attend_over(self, query, new_k, new_v, visible, scaling, softcap, compute, weights: bool = False,
+                     rows: int | None = None):
         """The step's attention over [stored | step] (visible [b, h or 1, q, stored + q]): read from the codes for a
         fused decode step that needs no weights and no softcap (Gemma 2), else over the decoded history. Returns the
-        output, the float32 weights when asked, and the bytes the step allocated beside the storage."""
+        output, the float32 weights when asked (of the last `rows` queries; None: of all), and the bytes the step
+        allocated beside the storage."""
         if weights or softcap is not None or not self._fuses(new_k.shape[2]):
             keys, values = self._history_and(new_k, new_v, compute)
-            out, probs = grouped_attention(query, keys, values, visible, scaling, softcap, weights=weights)
+            out, probs = grouped_attention(query, keys, values, visible, scaling, softcap, weights=weights, rows=rows)
             return out, probs, _held_bytes(keys, values) + (probs.nbytes if probs is not None else 0)
         n_encoded = self.n_encoded
         tail_k = torch.cat([self.recent_k.read(), new_k], dim=2).to(compute)

@@ -28,8 +28,9 @@ class RetentionView:
     positions: positional members: [batch, stored] index of each token in the padded sequence; score members:
       [batch, heads, stored] position of each token in its row (its position id), -1 for padding and filler.
     pad: [batch] left padding of each row (positional members). layer, layers: this layer's index and the count.
-    attention: [batch, heads, step tokens, stored] the step's attention weights, the mean over the query heads that
-      share each KV head (members that declare "attention"). mass: [batch, heads, stored] attention accumulated by
+    attention: [batch, heads, rows, stored] the attention weights of the step's last `attention_rows` queries (or
+      fewer: a step has as many as it has tokens), the mean over the query heads that share each KV head (members
+      that declare "attention"). mass: [batch, heads, stored] attention accumulated by
       each stored token over every query so far (members that declare "mass"). keys(): [batch, heads, stored, dim]
       the stored keys as attention reads them (decoded; computed on demand).
     """
@@ -63,6 +64,12 @@ class Retention:
     @property
     def evicts(self) -> bool:
         return True
+
+    @property
+    def attention_rows(self) -> int:
+        """How many of a step's newest queries' attention `keep` reads when it needs "attention" (the seam computes
+        only theirs; "mass" needs every query's)."""
+        return 1
 
     def capacity(self, seen: int, layer: int = 0, layers: int = 1) -> int | None:
         """Most tokens a row (and KV head) keeps after a step once `seen` tokens were seen, or None for unbounded."""

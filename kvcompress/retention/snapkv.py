@@ -24,6 +24,10 @@ class SnapKVRetention(ScoreRetention):
             raise ValueError(f"{self.name}:observe must be >= 1 and {self.name}:kernel an odd number >= 1, got "
                              f"observe={self.observe}, kernel={self.kernel}")
 
+    @property
+    def attention_rows(self) -> int:
+        return self.observe
+
     def score(self, view):
         votes = view.attention[:, :, -self.observe :].sum(dim=2)
         batch, heads, stored = votes.shape

@@ -38,6 +38,10 @@ class TOVARetention(ScoreRetention):
             raise ValueError(f"{self.name}:kernel must be an odd number >= 1 (tokens averaged, centred), "
                              f"got {self.kernel}")
 
+    @property
+    def attention_rows(self) -> int:
+        return self.observe
+
     def score(self, view):
         votes = view.attention[:, :, -self.observe :].sum(dim=2).mean(dim=1, keepdim=True)
         if self.kernel == 1:
