@@ -105,7 +105,8 @@ class Harness:
         self._recalled: dict[tuple, dict] = {}  # records of batch-mates, until their own cells ask for them
         # strategies that read attention replay a shared prefill only with the attention it recorded
         self.kv_heads = KVGeometry.of(self.model).kv_heads
-        self._records_attention = any(parse_strategy(s).retention.needs for s in config.strategies)
+        needs = {need for s in config.strategies for need in parse_strategy(s).retention.needs}
+        self._recorded = {"attention": bool(needs), "mass": "mass" in needs}  # mass takes every query's weights
 
     def dtypes(self) -> dict[str, str]:
         return {**self.model.dtype_plan.as_record(), "weights": self.model.weights, "cpu_capability": cpu_capability()}
@@ -130,7 +131,7 @@ class Harness:
             self._case_prefill = None  # the last batch's K/V go before this one's are made
             ids, mask = self._left_padded(rows)
             padded = None if bool(mask.all()) else mask  # unpadded: exactly the one-case prefill
-            self._case_prefill = (key, Prefill.of(self.model, ids, attention=self._records_attention,
+            self._case_prefill = (key, Prefill.of(self.model, ids, **self._recorded,
                                                   attention_mask=padded))
         return self._case_prefill[1]
 
@@ -251,8 +252,7 @@ class Harness:
         c = self.config
         ids = self._text_ids(c.fidelity_prefill + c.fidelity_steps, c.fidelity_windows)
         if self._full_logits is None:
-            self._fidelity_prefill = Prefill.of(self.model, ids[:, :c.fidelity_prefill],
-                                                attention=self._records_attention)
+            self._fidelity_prefill = Prefill.of(self.model, ids[:, :c.fidelity_prefill], **self._recorded)
             self._full_logits = step_logits(self.model, ids, "full", c.fidelity_prefill, self._fidelity_prefill)
         full = parse_strategy(strategy) == parse_strategy("full")  # the reference itself: no second run
         candidate = self._full_logits if full else step_logits(self.model, ids, strategy, c.fidelity_prefill,

@@ -3,8 +3,8 @@ the strategy (eviction and encoding run after the step), so its K/V and its logi
 compute them once with the full cache, then hand each strategy's layers those K/V as the prefill would have.
 
 A score-based retention also reads the prefill's attention. `Prefill.of(..., attention=True)` records what those
-read (per layer: each token's attention mass and the last `ATTENTION_ROWS` queries' attention, from the same seam
-computation a live prefill runs), and `fill` hands it over with the K/V; it prefills for real only when that is not
+read (per layer: the last `ATTENTION_ROWS` queries' attention and, with `mass=True`, each token's attention mass,
+which takes every query's weights; from the same seam computation a live prefill runs), and `fill` hands it over with the K/V; it prefills for real only when that is not
 exact (a chunked prefill, or a member that observes more queries than were recorded).
 
 Rows may be left-padded (`attention_mask`): positions then count from each row's first real token, as generate
@@ -19,10 +19,12 @@ import torch
 
 from ..cache import KVCache, make_cache
 from ..retention.h2o import H2ORetention
+from ..retention.tova import TOVARetention
 from ..strategy import StrategySpec
 
 ATTENTION_ROWS = 64  # the last prompt queries whose attention is recorded (SnapKV's observation window fits)
-_RECORDER = StrategySpec(retention=H2ORetention(budget=2**62))  # never evicts; keeps mass and computes attention
+_RECORDERS = {True: StrategySpec(retention=H2ORetention(budget=2**62)),  # never evict; h2o keeps mass
+              False: StrategySpec(retention=TOVARetention(budget=2**62, observe=ATTENTION_ROWS))}
 
 
 @dataclass
@@ -37,8 +39,8 @@ class Prefill:
     @classmethod
     @torch.no_grad()
     def of(cls, model, input_ids: torch.Tensor, attention: bool = False,
-           attention_mask: torch.Tensor | None = None) -> Prefill:
-        with make_cache(model, _RECORDER if attention else "full") as cache:
+           attention_mask: torch.Tensor | None = None, mass: bool = True) -> Prefill:
+        with make_cache(model, _RECORDERS[mass] if attention else "full") as cache:
             for layer in cache.layers:
                 layer.capture_rows = ATTENTION_ROWS if attention else 0
             logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1,
@@ -60,8 +62,8 @@ class Prefill:
             return True
         if cache.layers[0].prefill_chunk is not None:
             return False
-        return not retention.needs or (self.attention is not None
-                                       and retention.attention_rows <= ATTENTION_ROWS)
+        return not retention.needs or (self.attention is not None and retention.attention_rows <= ATTENTION_ROWS
+                                       and ("mass" not in retention.needs or self.attention[0][1] is not None))
 
     @torch.no_grad()
     def fill(self, model, cache: KVCache) -> torch.Tensor:

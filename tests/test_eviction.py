@@ -373,16 +373,19 @@ def test_a_prompt_holds_the_weights_of_the_queries_its_member_reads(tiny, strate
     assert replayed.peak_bytes == peaks[strategy]
 
 
+@pytest.mark.parametrize("mass", [True, False])
 @pytest.mark.parametrize("member", list(MEMBERS))
-def test_a_shared_prefill_replays_exactly(tiny, member):
+def test_a_shared_prefill_replays_exactly(tiny, member, mass):
     """The harness prefills a case once and hands every strategy its K/V and recorded attention: each member must
-    keep what a live prefill keeps, and decode the same."""
+    keep what a live prefill keeps, and decode the same. Recorded without mass (no grid member sums every query's
+    attention), a member that needs it prefills for real."""
     ids = distinct_tokens([44])[0]
     strategy = MEMBERS[member] + "+int8:residual=4"
     live, live_logits = _prefill_and_decode(tiny, strategy, ids, torch.ones_like(ids))
     replayed = make_cache(tiny, strategy)
-    prefill = Prefill.of(tiny, ids[:, :32], attention=bool(parse_strategy(strategy).retention.needs))
-    assert prefill.replays_exactly(replayed)
+    needs = parse_strategy(strategy).retention.needs
+    prefill = Prefill.of(tiny, ids[:, :32], attention=bool(needs), mass=mass)
+    assert prefill.replays_exactly(replayed) == (mass or "mass" not in needs)
     logits = [prefill.fill(tiny, replayed)[:, None]]
     with torch.no_grad():
         for t in range(32, 44):
