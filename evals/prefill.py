@@ -4,8 +4,9 @@ compute them once with the full cache, then hand each strategy's layers those K/
 
 A score-based retention also reads the prefill's attention. `Prefill.of(..., attention=True)` records what those
 read (per layer: the last `ATTENTION_ROWS` queries' attention and, with `mass=True`, each token's attention mass,
-which takes every query's weights; from the same seam computation a live prefill runs), and `fill` hands it over with the K/V; it prefills for real only when that is not
-exact (a chunked prefill, or a member that observes more queries than were recorded).
+which takes every query's weights; from the same seam computation a live prefill runs), and `fill` hands it over
+with the K/V; it prefills for real only when that is not exact (a chunked prefill, or a member that observes more
+queries than were recorded).
 
 Rows may be left-padded (`attention_mask`): positions then count from each row's first real token, as generate
 numbers them, and every layer learns its rows' padding on replay, as it would in a live prefill.
@@ -80,15 +81,12 @@ class Prefill:
         if self.attention_mask is not None:
             positions = position_ids(self.attention_mask).to(torch.int32).masked_fill(self.attention_mask == 0, -1)
         retention = cache.spec.retention
-        if not retention.needs:  # keys only (knorm): the K/V are all it reads
-            for layer, (keys, values) in zip(cache.layers, self.kv):
-                layer.restore(keys, values, None, None, compute, 2 * keys.numel() * compute.itemsize, positions)
-            return self.last_logits
-        for layer, (keys, values), (rows, mass, transient) in zip(cache.layers, self.kv, self.attention):
-            if "mass" not in retention.needs:  # a live prefill holds the weights of its last queries only
+        recorded = self.attention if retention.needs else [(None, None, 0)] * len(self.kv)  # knorm reads keys only
+        for layer, (keys, values), (rows, mass, transient) in zip(cache.layers, self.kv, recorded):
+            if "mass" not in retention.needs:  # a live prefill holds the K/V and the weights of the queries it reads
                 batch, _, n = keys.shape[:3]
-                weights = batch * model.config.num_attention_heads * min(retention.attention_rows, n) * n * 4
-                transient = 2 * keys.numel() * compute.itemsize + weights
+                read = min(retention.attention_rows, n) if retention.needs else 0
+                transient = 2 * keys.numel() * compute.itemsize + batch * model.config.num_attention_heads * read * n * 4
             layer.restore(keys, values, rows, mass, compute, transient, positions)
         return self.last_logits
 
