@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention import prompt_step_bytes
 from ..cache import KVCache, make_cache
 from ..retention.h2o import H2ORetention
 from ..retention.tova import TOVARetention
@@ -84,9 +85,9 @@ class Prefill:
         recorded = self.attention if retention.needs else [(None, None, 0)] * len(self.kv)  # knorm reads keys only
         for layer, (keys, values), (rows, mass, transient) in zip(cache.layers, self.kv, recorded):
             if "mass" not in retention.needs:  # a live prefill holds the K/V and the weights of the queries it reads
-                batch, _, n = keys.shape[:3]
-                read = min(retention.attention_rows, n) if retention.needs else 0
-                transient = 2 * keys.numel() * compute.itemsize + batch * model.config.num_attention_heads * read * n * 4
+                read = retention.attention_rows if retention.needs else 0
+                padded = self.attention_mask is not None and bool((self.attention_mask == 0).any())
+                transient = prompt_step_bytes(keys, model.config.num_attention_heads, read, padded, compute)
             layer.restore(keys, values, rows, mass, compute, transient, positions)
         return self.last_logits
 

@@ -140,25 +140,57 @@ def mask_visible(attention_mask, batch: int, q: int, kv: int, device) -> torch.T
     return visible.expand(batch, 1, q, kv).to(device)
 
 
-def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
+def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
                       scaling: float, softcap: float | None = None, weights: bool = False, rows: int | None = None):
     """Attention of query [b, hq, q, d] over keys/values [b, h, s, d] (h KV heads shared by hq/h query heads each),
-    visible [b, h, q, s] bool. Returns the output [b, q, hq, d] and, if asked, the float32 attention weights
-    [b, h, hq/h, q, s], or of the last `rows` queries only [b, h, hq/h, rows, s]: a prompt's weights are prompt x
-    prompt per query head, which a member reading its last queries should not have to hold. Without softcap the
-    output is torch's fused sdpa unless every row's weights are asked for (then they make it)."""
+    visible [b, h, q, s] bool, [b, 1, q, s] where every KV head sees the same keys, or None: causal over the step
+    alone (s == q). Returns the output [b, q, hq, d], the float32 attention weights if asked ([b, h, hq/h, q, s], or
+    of the last `rows` queries only [b, h, hq/h, rows, s]: a prompt's weights are prompt x prompt per query head, which
+    a member reading its last queries should not have to hold) and the bytes of the masks and K/V it repeated per
+    query head (the causal mask of the weights, 1/(4 * hq) of them, is not counted). Without softcap the output is
+    torch's fused sdpa unless every row's weights are asked for (then they make it). The mask is repeated per query
+    head only where KV heads see different keys (ragged heads): a prompt x prompt mask is 1 GiB per query head at 32k
+    tokens. K/V are repeated only on CUDA under a mask, where torch's fused kernels do not take GQA."""
     b, hq, q, d = query.shape
-    h = keys.shape[1]
+    h, s = keys.shape[1], keys.shape[2]
     group = hq // h
+    if visible is None and s != q:
+        raise ValueError(f"a causal step attends over its own {q} tokens, got {s} keys (pass the mask)")
     every_row = weights and (rows is None or rows >= q)
     if softcap is not None or every_row:
-        probs = _weights(query, keys, visible, scaling, softcap)
+        mask = _causal(q, s, keys.device) if visible is None else visible
+        probs = _weights(query, keys, mask, scaling, softcap)
         out = (probs @ values.float()[:, :, None]).to(query.dtype).view(b, hq, q, d)
-        return out.transpose(1, 2).contiguous(), probs
-    mask = visible.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(query, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1),
-                                         attn_mask=mask, scale=scaling).transpose(1, 2).contiguous()
-    return out, (_weights(query[:, :, -rows:], keys, visible[:, :, -rows:], scaling) if weights else None)
+        return out.transpose(1, 2).contiguous(), probs, 0
+    gqa = group > 1 and (visible is None or query.device.type == "cpu")  # CUDA's fused kernels take GQA unmasked only
+    mask, k, v, scratch = visible, keys, values, 0
+    if visible is not None and visible.shape[1] > 1 and group > 1:  # heads see different keys: a mask per query head
+        mask = visible.repeat_interleave(group, dim=1)
+        scratch += mask.nbytes
+    if group > 1 and not gqa:
+        k, v = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        scratch += k.nbytes + v.nbytes
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
+                                         enable_gqa=gqa).transpose(1, 2).contiguous()
+    if not weights:
+        return out, None, scratch
+    last = _causal(q, s, keys.device)[-rows:] if visible is None else visible[:, :, -rows:]
+    return out, _weights(query[:, :, -rows:], keys, last, scaling), scratch
+
+
+def prompt_step_bytes(keys: torch.Tensor, query_heads: int, rows: int, padded: bool, compute: torch.dtype) -> int:
+    """The analytic twin of what a seam layer's prompt step into an empty layer allocates beside the storage, for
+    keys [b, h, n, d] as stored: K/V in the compute dtype, the float32 weights of the last `rows` queries, and with
+    padding the step's mask [b, 1, n, n] (plus K/V repeated per query head on CUDA). A replayed prefill counts it."""
+    b, h, n = keys.shape[:3]
+    kv = 2 * keys.numel() * compute.itemsize
+    repeated = kv * (query_heads // h) if padded and query_heads > h and keys.device.type != "cpu" else 0
+    return kv + b * query_heads * min(rows, n) * n * 4 + (b * n * n if padded else 0) + repeated
+
+
+def _causal(q: int, s: int, device) -> torch.Tensor:
+    """[q, s] bool: query i sees keys up to s - q + i (the step's queries are the last q of the s tokens)."""
+    return torch.ones(q, s, dtype=torch.bool, device=device).tril(s - q)
 
 
 def _weights(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float,
@@ -170,5 +202,6 @@ def _weights(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, sca
     scores = grouped @ keys.float()[:, :, None].transpose(-1, -2) * scaling  # [b, h, g, q, s]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    visible = visible if visible.dim() == 4 else visible.expand(b, 1, q, -1)  # [q, s]: the same for every row
     scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
     return scores.softmax(-1).nan_to_num(0.0)  # a query that sees nothing (a pad query) attends to nothing

@@ -232,15 +232,22 @@ class KVLayer(CacheLayerMixin):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _attend_chunk(self, query, new_k, new_v, new_positions, scaling, softcap, compute) -> torch.Tensor:
-        batch, heads, n = new_k.shape[:3]
-        held = (self.positions >= 0)[:, :, None, :].expand(batch, heads, n, self.stored)
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-        step = (causal & (new_positions >= 0)[:, None, None, :]) | torch.eye(n, dtype=torch.bool, device=self.device)
-        visible = torch.cat([held, step.expand(batch, heads, n, n)], dim=-1)
+        batch, n = new_k.shape[0], new_k.shape[2]
+        visible = None  # a prompt into an empty layer without padding: causal, no mask
+        if self.stored or not bool((new_positions >= 0).all()):
+            held = self.positions >= 0  # [batch, heads, stored]
+            if n > 1 and bool((held == held[:, :1]).all()):
+                held = held[:, :1]  # every KV head sees the same tokens: one mask for all (q x s bytes a head)
+            heads = held.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+            step = (causal & (new_positions >= 0)[:, None, None, :]) | torch.eye(n, dtype=torch.bool, device=self.device)
+            visible = torch.cat([held[:, :, None].expand(batch, heads, n, self.stored), step.expand(batch, heads, n, n)],
+                                dim=-1)
         needs = self.retention.needs
         rows = None if "mass" in needs else max(self.retention.attention_rows, self.capture_rows)
         out, probs, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute,
                                                   weights="attention" in needs or "mass" in needs, rows=rows)
+        transient += visible.nbytes if visible is not None else 0
         attention = probs.mean(dim=2) if probs is not None else None  # pooled over the query heads of a KV head
         if self.capture_rows:
             self.captured = attention[:, :, -self.capture_rows:]
@@ -263,14 +270,15 @@ class KVLayer(CacheLayerMixin):
 
     def _attend_over(self, query, new_k, new_v, visible, scaling, softcap, compute, weights: bool = False,
                      rows: int | None = None):
-        """The step's attention over [stored | step] (visible [b, h or 1, q, stored + q]): read from the codes for a
-        fused decode step that needs no weights and no softcap (Gemma 2), else over the decoded history. Returns the
-        output, the float32 weights when asked (of the last `rows` queries; None: of all), and the bytes the step
-        allocated beside the storage."""
+        """The step's attention over [stored | step] (visible [b, h or 1, q, stored + q], or None: causal, the step
+        alone into an empty layer): read from the codes for a fused decode step that needs no weights and no softcap
+        (Gemma 2), else over the decoded history. Returns the output, the float32 weights when asked (of the last
+        `rows` queries; None: of all), and the bytes the step allocated beside the storage (its mask aside)."""
         if weights or softcap is not None or not self._fuses(new_k.shape[2]):
             keys, values = self._history_and(new_k, new_v, compute)
-            out, probs = grouped_attention(query, keys, values, visible, scaling, softcap, weights=weights, rows=rows)
-            return out, probs, _held_bytes(keys, values) + (probs.nbytes if probs is not None else 0)
+            out, probs, scratch = grouped_attention(query, keys, values, visible, scaling, softcap, weights=weights,
+                                                    rows=rows)
+            return out, probs, _held_bytes(keys, values) + scratch + (probs.nbytes if probs is not None else 0)
         n_encoded = self.n_encoded
         tail_k = torch.cat([self.recent_k.read(), new_k], dim=2).to(compute)
         tail_v = torch.cat([self.recent_v.read(), new_v], dim=2).to(compute)

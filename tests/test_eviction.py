@@ -373,6 +373,36 @@ def test_a_prompt_holds_the_weights_of_the_queries_its_member_reads(tiny, strate
     assert replayed.peak_bytes == peaks[strategy]
 
 
+@pytest.mark.parametrize("strategy", ["knorm:budget=20", "tova:budget=20"])
+def test_a_prompt_builds_no_mask_per_query_head(tiny, strategy, monkeypatch):
+    """A prompt into an empty layer attends causally without a mask; a left-padded one under one mask for every
+    head, [batch, 1, prompt, prompt], never repeated per query head (1 GiB per head at 32k tokens). The cache counts
+    that mask in its peak, live and replayed from a shared prefill alike."""
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, attn_mask=None, **kwargs):
+        masks.append(None if attn_mask is None else tuple(attn_mask.shape))
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    peaks = {}
+    with torch.no_grad():
+        for lengths in ([40, 40], [40, 31]):
+            ids, mask = distinct_tokens(lengths)
+            masks.clear()
+            cache = make_cache(tiny, strategy)
+            tiny(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache,
+                 use_cache=True)
+            assert set(masks) == ({None} if lengths[1] == 40 else {(2, 1, 40, 40)})
+            assert len(masks) == tiny.config.num_hidden_layers
+            peaks[lengths[1]] = cache.peak_bytes
+            replayed = make_cache(tiny, strategy)
+            Prefill.of(tiny, ids, attention=True, attention_mask=mask).fill(tiny, replayed)
+            assert replayed.peak_bytes == cache.peak_bytes
+    assert peaks[31] - peaks[40] == 2 * 40 * 40  # the bool mask, one layer's at a time
+
+
 @pytest.mark.parametrize("mass", [True, False])
 @pytest.mark.parametrize("member", list(MEMBERS))
 def test_a_shared_prefill_replays_exactly(tiny, member, mass):

@@ -176,7 +176,10 @@ def test_damaged_offload_file_raises_instead_of_returning_garbage(damage):
         if damage == "checksum":
             _flip_first_block(cache)
         else:
-            cache.layers[0].recent_k.rows.blocks[0][1].result()
+            for layer in cache.layers:  # every write done: one landing after the cut would refill it with zeros
+                for part in (layer.recent_k, layer.recent_v):
+                    for _, written in part.rows.blocks:
+                        written.result()
             os.truncate(cache.store.file.path, 4096 + 10)
         with pytest.raises(CorruptOffloadError, match="checksum mismatch" if damage == "checksum" else "short read"):
             for _ in range(2):  # the first step may use layer 0 as prefetched before the damage
