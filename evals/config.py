@@ -38,6 +38,7 @@ class ReportConfig:
     max_new_tokens: int = 24
     recall_batch: int = 8  # recall cases of one task and length run as one left-padded batch of up to this many rows
     decode_steps: int = 24
+    latency_rounds: int = 3  # latency cells run this many times, interleaved: the decode interval resamples rounds
     fidelity_windows: int = 16  # windows of the text, run as one batch: more predictions for the same decode steps
     fidelity_prefill: int = 384
     fidelity_steps: int = 64  # per window: 16 x 64 = 1,024 teacher-forced predictions
@@ -68,7 +69,7 @@ class ReportConfig:
         for name, value in (("lengths", min(self.lengths)), ("depths", self.depths), ("seeds", self.seeds),
                             ("sessions", self.sessions), ("context", self.context),
                             ("max_new_tokens", self.max_new_tokens), ("recall_batch", self.recall_batch),
-                            ("decode_steps", self.decode_steps),
+                            ("decode_steps", self.decode_steps), ("latency_rounds", self.latency_rounds),
                             ("fidelity_windows", self.fidelity_windows), ("fidelity_prefill", self.fidelity_prefill),
                             ("fidelity_steps", self.fidelity_steps)):
             if value <= 0:
@@ -115,4 +116,4 @@ def configs_of(meta: dict) -> list[ReportConfig]:
 
 # `kvcompress report --smoke`: the whole pipeline in about a minute on 2 CPU cores (CI runs it); numbers mean nothing
 SMOKE = dict(strategies=["full", "int8", "window:window=64"], tasks=["passkey"], lengths=[256], depths=2, seeds=1,
-             max_new_tokens=8, decode_steps=4, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8)
+             max_new_tokens=8, decode_steps=4, latency_rounds=2, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8)

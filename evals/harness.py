@@ -114,7 +114,7 @@ class Harness:
     def run(self, base: dict) -> dict:
         if self.skipped and base["kind"] in ("recall", "fidelity"):
             return {**base, "outcome": "skipped", "reason": self.skipped}
-        args = {k: v for k, v in base.items() if k not in ("kind", "id", "model")}
+        args = {k: v for k, v in base.items() if k not in ("kind", "id", "model", "round")}  # a round: a cell again
         return _guarded(base, lambda: getattr(self, base["kind"])(**args))
 
     def _sync_peak(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from .report import latency_cells
+
 
 def plot_all(records: list[dict], rows: list[dict], config, out: Path) -> list[Path]:
     try:
@@ -77,12 +79,12 @@ def _heatmaps(plt, records, config, out: Path) -> Path:
 
 
 def _latency(plt, records, config, out: Path) -> Path:
-    latency = [r for r in records if r["kind"] == "latency" and r.get("outcome") == "ok"]
+    latency = latency_cells(records)
     if not latency:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for strategy in config.strategies:
-        points = sorted((r["length"], r["decode_ms_p50"]) for r in latency if r["strategy"] == strategy)
+        points = sorted((length, r["decode_ms_p50"]) for (name, length), r in latency.items() if name == strategy)
         if points:
             ax.plot(*zip(*points), marker="o", label=strategy)
     ax.legend(fontsize=7)

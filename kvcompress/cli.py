@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-batch", type=int, help=f"recall cases of one task and length run as one left-padded "
                    f"batch of up to this many rows; 1: one at a time (default: {d('recall_batch')})")
     p.add_argument("--decode-steps", type=int, help=f"(default: {d('decode_steps')})")
+    p.add_argument("--latency-rounds", type=int, help=f"times every latency cell runs, interleaved; the decode interval "
+                   f"resamples whole rounds (default: {d('latency_rounds')})")
     p.add_argument("--fidelity-steps", type=int, help=f"(default: {d('fidelity_steps')})")
     p.add_argument("--fidelity-text", help="text file for teacher-forced fidelity (default: a shipped public-domain text)")
     t = Thresholds()

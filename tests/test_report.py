@@ -10,7 +10,7 @@ from kvcompress.evals import harness as harness_module, reference_text
 from kvcompress.evals.config import ReportConfig, Thresholds
 from kvcompress.evals.harness import run_report
 from kvcompress.evals.records import RecordStore
-from kvcompress.evals.report import COLUMNS, pressures
+from kvcompress.evals.report import COLUMNS, _decode_change, latency_cells, pressures
 from kvcompress.evals.stats import paired_recall
 from kvcompress.evals.cells import cell_keys
 from kvcompress.evals.sweep import load_sweep
@@ -103,7 +103,7 @@ def test_guardrail_verdicts():
 
 
 TINY = dict(strategies=["full", "window:window=64", "full+disk"], tasks=["passkey"], lengths=[160], depths=2, seeds=1,
-            decode_steps=4, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8, max_new_tokens=8)
+            decode_steps=4, latency_rounds=2, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8, max_new_tokens=8)
 
 
 def _records(out):
@@ -125,7 +125,7 @@ def test_report_writes_every_column_for_every_row(tmp_path):
         assert "n/a" not in line
     records = _records(tmp_path)
     assert records[0]["kind"] == "meta" and records[0]["command"] and records[0]["git_commit"] is not None
-    assert len(records) == 1 + 3 * 2 + 3 + 3
+    assert len(records) == 1 + 3 * 2 + 3 * 2 + 3  # latency: 2 rounds
     full = [r for r in records[1:] if r["kind"] == "recall" and r["strategy"] == "full"]
     window = [r for r in records[1:] if r["kind"] == "recall" and r["strategy"] == "window:window=64"]
     assert all(r["stored_tokens"] == r["seen_tokens"] for r in full)
@@ -184,6 +184,34 @@ def test_compiled_latency_cells_have_ids_of_their_own():
     assert ids["recall"][0] == ids["recall"][1]
 
 
+def test_latency_rounds_are_cells_of_their_own_and_round_zero_keeps_its_id():
+    one = ReportConfig(**{**TINY, "latency_rounds": 1})
+    three = ReportConfig(**{**TINY, "latency_rounds": 3})
+    latency = [[c for c in cell_keys(config) if c["kind"] == "latency"] for config in (one, three)]
+    assert len({c["id"] for c in latency[1]}) == 3 * len(latency[0])
+    assert {c["id"] for c in latency[0]} < {c["id"] for c in latency[1]}  # a run from before rounds resumes
+    assert [c.get("round", 0) for c in latency[1]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # interleaved
+    with pytest.raises(ValueError, match="latency_rounds must be positive"):
+        ReportConfig(**{**TINY, "latency_rounds": 0})
+
+
+def test_the_decode_interval_resamples_rounds_not_steps():
+    """The steps of one pass agree closely while passes differ (the machine's minute): the interval must carry the
+    spread between rounds, not the far narrower one between steps of a pass."""
+    def cell(strategy, round, ms):
+        steps = [ms + 0.01 * i for i in range(24)]
+        return {"kind": "latency", "outcome": "ok", "strategy": strategy, "length": 512, "round": round,
+                "decode_ms": steps, "decode_ms_p50": sorted(steps)[12], "ttft_s": 1.0}
+    records = [cell("full", r, 10.0) for r in range(3)] + [cell("int8", r, ms) for r, ms in enumerate([10.5, 11.5, 12.5])]
+    cells = latency_cells(records)
+    change, low, high = _decode_change(cells[("int8", 512)], cells[("full", 512)])
+    assert low < 6 and high > 24 and low < change < high  # rounds at +5 %, +15 %, +25 %
+    first = latency_cells([records[0], records[3]])
+    _, low1, high1 = _decode_change(first[("int8", 512)], first[("full", 512)])
+    assert high1 - low1 < 2 < (high - low) / 5  # one round: its steps' bootstrap, as narrow as they are alike
+    assert cells[("int8", 512)]["decode_ms_p50"] == pytest.approx(11.5 + 0.115, abs=0.01)
+
+
 def test_interrupted_run_resumes_without_redoing_anything(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = harness_module.Harness.recall
@@ -208,7 +236,7 @@ def test_interrupted_run_resumes_without_redoing_anything(tmp_path, monkeypatch)
     run_report(None, tmp_path, resume=True)
     records = _records(tmp_path)
     assert records[:3] == kept
-    assert len(records) == 1 + 3 * 2 + 3 + 3 and len(done) == len(records) - 3
+    assert len(records) == 1 + 3 * 2 + 3 * 2 + 3 and len(done) == len(records) - 3
     keys = [RecordStore.key(r) for r in records[1:]]
     assert len(keys) == len(set(keys))
 
@@ -224,7 +252,7 @@ def test_allocation_failure_is_recorded_and_the_run_goes_on(tmp_path, monkeypatc
     monkeypatch.setattr(harness_module.Harness, "latency", out_of_memory)
     path = run_report(ReportConfig(**{**TINY, "strategies": ["full", "window:window=64"]}), tmp_path)
     failed = [r for r in _records(tmp_path) if r.get("outcome") == "allocation_failure"]
-    assert len(failed) == 1 and failed[0]["kind"] == "latency" and "20.00 GiB" in failed[0]["error"]
+    assert len(failed) == 2 and all(r["kind"] == "latency" and "20.00 GiB" in r["error"] for r in failed)  # 2 rounds
     assert "incomplete: no decode_change_pct" in path.read_text()
 
 
