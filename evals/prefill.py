@@ -34,8 +34,7 @@ class Prefill:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, K/V [batch, kv heads, tokens, head dim] as stored
     last_logits: torch.Tensor  # [batch, vocab] at the last prompt position
     input_ids: torch.Tensor  # [batch, tokens] what was prefilled
-    attention: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None  # per layer, if recorded: last rows,
-    # mass, and the bytes the step's attention allocated beside the storage (for a replayed cache's peak)
+    attention: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, if recorded: last rows, mass
     attention_mask: torch.Tensor | None = None  # [batch, tokens], 0 for left padding; None: no padding
 
     @classmethod
@@ -48,8 +47,7 @@ class Prefill:
             logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1,
                            **_padding(attention_mask)).logits[:, -1]
             kv = [(layer.recent_k.read(), layer.recent_v.read()) for layer in cache.layers]
-            recorded = ([(layer.captured, layer.mass, layer.transient_bytes) for layer in cache.layers]
-                        if attention else None)
+            recorded = [(layer.captured, layer.mass) for layer in cache.layers] if attention else None
             return cls(kv, logits, input_ids, recorded, attention_mask)
 
     def replay(self, cache: KVCache) -> KVCache:
@@ -82,12 +80,13 @@ class Prefill:
         if self.attention_mask is not None:
             positions = position_ids(self.attention_mask).to(torch.int32).masked_fill(self.attention_mask == 0, -1)
         retention = cache.spec.retention
-        recorded = self.attention if retention.needs else [(None, None, 0)] * len(self.kv)  # knorm reads keys only
-        for layer, (keys, values), (rows, mass, transient) in zip(cache.layers, self.kv, recorded):
-            if "mass" not in retention.needs:  # a live prefill holds the K/V and the weights of the queries it reads
-                read = retention.attention_rows if retention.needs else 0
-                padded = self.attention_mask is not None and bool((self.attention_mask == 0).any())
-                transient = prompt_step_bytes(keys, model.config.num_attention_heads, read, padded, compute)
+        recorded = self.attention if retention.needs else [(None, None)] * len(self.kv)  # knorm reads keys only
+        padded = self.attention_mask is not None and bool((self.attention_mask == 0).any())
+        read = retention.attention_rows if "attention" in retention.needs else 0
+        for layer, (keys, values), (rows, mass) in zip(cache.layers, self.kv, recorded):
+            # what a live prefill holds: the K/V, the weights of the queries the member reads, the mask
+            transient = prompt_step_bytes(keys, model.config.num_attention_heads, read, padded, compute,
+                                          mass="mass" in retention.needs)
             layer.restore(keys, values, rows, mass, compute, transient, positions)
         return self.last_logits
 

@@ -140,57 +140,80 @@ def mask_visible(attention_mask, batch: int, q: int, kv: int, device) -> torch.T
     return visible.expand(batch, 1, q, kv).to(device)
 
 
+WEIGHT_ROWS = 256  # queries whose weights are held at once where every query's are read (mass, softcap)
+
+
 def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
-                      scaling: float, softcap: float | None = None, weights: bool = False, rows: int | None = None):
+                      scaling: float, softcap: float | None = None, rows: int = 0, mass: bool = False):
     """Attention of query [b, hq, q, d] over keys/values [b, h, s, d] (h KV heads shared by hq/h query heads each),
     visible [b, h, q, s] bool, [b, 1, q, s] where every KV head sees the same keys, or None: causal over the step
-    alone (s == q). Returns the output [b, q, hq, d], the float32 attention weights if asked ([b, h, hq/h, q, s], or
-    of the last `rows` queries only [b, h, hq/h, rows, s]: a prompt's weights are prompt x prompt per query head, which
-    a member reading its last queries should not have to hold) and the bytes of the masks and K/V it repeated per
-    query head (the causal mask of the weights, 1/(4 * hq) of them, is not counted). Without softcap the output is
-    torch's fused sdpa unless every row's weights are asked for (then they make it). The mask is repeated per query
-    head only where KV heads see different keys (ragged heads): a prompt x prompt mask is 1 GiB per query head at 32k
-    tokens. K/V are repeated only on CUDA under a mask, where torch's fused kernels do not take GQA."""
+    alone (s == q). Returns the output [b, q, hq, d]; the float32 attention weights of the last `rows` queries
+    [b, h, hq/h, rows, s] (or None); with `mass`, the attention each key received from every query, the mean over
+    the query heads of its KV head [b, h, s]; and the bytes it allocated beside its inputs and outputs (masks and K/V
+    repeated per query head, the weights of a block of queries).
+
+    A prompt's weights are prompt x prompt per query head (4 GiB per head at 32k tokens): the output comes from torch's
+    fused sdpa, and where every query's weights are read (mass; softcap, which sdpa lacks, makes the output from them)
+    they are computed WEIGHT_ROWS queries at a time. The mask is repeated per query head only where KV heads see
+    different keys (ragged heads): 1 GiB per query head at 32k tokens. K/V are repeated only on CUDA under a mask,
+    where torch's fused kernels do not take GQA. The causal masks of the weights' blocks (1/(4 * hq) of them) are not
+    counted."""
     b, hq, q, d = query.shape
     h, s = keys.shape[1], keys.shape[2]
     group = hq // h
     if visible is None and s != q:
         raise ValueError(f"a causal step attends over its own {q} tokens, got {s} keys (pass the mask)")
-    every_row = weights and (rows is None or rows >= q)
-    if softcap is not None or every_row:
-        mask = _causal(q, s, keys.device) if visible is None else visible
-        probs = _weights(query, keys, mask, scaling, softcap)
-        out = (probs @ values.float()[:, :, None]).to(query.dtype).view(b, hq, q, d)
-        return out.transpose(1, 2).contiguous(), probs, 0
-    gqa = group > 1 and (visible is None or query.device.type == "cpu")  # CUDA's fused kernels take GQA unmasked only
-    mask, k, v, scratch = visible, keys, values, 0
-    if visible is not None and visible.shape[1] > 1 and group > 1:  # heads see different keys: a mask per query head
-        mask = visible.repeat_interleave(group, dim=1)
-        scratch += mask.nbytes
-    if group > 1 and not gqa:
-        k, v = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-        scratch += k.nbytes + v.nbytes
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
-                                         enable_gqa=gqa).transpose(1, 2).contiguous()
-    if not weights:
-        return out, None, scratch
-    last = _causal(q, s, keys.device)[-rows:] if visible is None else visible[:, :, -rows:]
-    return out, _weights(query[:, :, -rows:], keys, last, scaling), scratch
+    scratch, out, total = 0, None, None
+    if softcap is not None or mass:
+        out = query.new_empty(b, hq, q, d) if softcap is not None else None
+        total = keys.new_zeros(b, h, s, dtype=torch.float32) if mass else None
+        for start in range(0, q, WEIGHT_ROWS):
+            stop = min(start + WEIGHT_ROWS, q)
+            block = _weights(query[:, :, start:stop], keys, _rows_visible(visible, q, s, start, stop, keys.device), scaling,
+                             softcap)
+            if out is not None:
+                out[:, :, start:stop] = (block @ values.float()[:, :, None]).to(query.dtype).view(b, hq, stop - start, d)
+            if total is not None:
+                total += block.mean(dim=2).sum(dim=2)
+            scratch = max(scratch, block.nbytes)
+        scratch += total.nbytes if total is not None else 0
+    if out is None:
+        gqa = group > 1 and (visible is None or query.device.type == "cpu")  # CUDA's fused kernels: GQA unmasked only
+        mask, k, v = visible, keys, values
+        if visible is not None and visible.shape[1] > 1 and group > 1:  # heads see different keys: a mask per head
+            mask = visible.repeat_interleave(group, dim=1)
+            scratch += mask.nbytes
+        if group > 1 and not gqa:
+            k, v = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+            scratch += k.nbytes + v.nbytes
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
+                                             enable_gqa=gqa)
+    out = out.transpose(1, 2).contiguous()
+    if not rows:
+        return out, None, total, scratch
+    rows = min(rows, q)
+    last = _weights(query[:, :, -rows:], keys, _rows_visible(visible, q, s, q - rows, q, keys.device), scaling, softcap)
+    return out, last, total, scratch
 
 
-def prompt_step_bytes(keys: torch.Tensor, query_heads: int, rows: int, padded: bool, compute: torch.dtype) -> int:
+def prompt_step_bytes(keys: torch.Tensor, query_heads: int, rows: int, padded: bool, compute: torch.dtype,
+                      mass: bool = False) -> int:
     """The analytic twin of what a seam layer's prompt step into an empty layer allocates beside the storage, for
-    keys [b, h, n, d] as stored: K/V in the compute dtype, the float32 weights of the last `rows` queries, and with
-    padding the step's mask [b, 1, n, n] (plus K/V repeated per query head on CUDA). A replayed prefill counts it."""
+    keys [b, h, n, d] as stored: K/V in the compute dtype, the float32 weights of the last `rows` queries, with `mass`
+    a block of WEIGHT_ROWS queries' weights and the sums, and with padding the step's mask [b, 1, n, n] (plus K/V
+    repeated per query head on CUDA). A replayed prefill counts it."""
     b, h, n = keys.shape[:3]
     kv = 2 * keys.numel() * compute.itemsize
     repeated = kv * (query_heads // h) if padded and query_heads > h and keys.device.type != "cpu" else 0
-    return kv + b * query_heads * min(rows, n) * n * 4 + (b * n * n if padded else 0) + repeated
+    summed = b * query_heads * min(WEIGHT_ROWS, n) * n * 4 + b * h * n * 4 if mass else 0
+    return kv + b * query_heads * min(rows, n) * n * 4 + summed + (b * n * n if padded else 0) + repeated
 
 
-def _causal(q: int, s: int, device) -> torch.Tensor:
-    """[q, s] bool: query i sees keys up to s - q + i (the step's queries are the last q of the s tokens)."""
-    return torch.ones(q, s, dtype=torch.bool, device=device).tril(s - q)
+def _rows_visible(visible: torch.Tensor | None, q: int, s: int, start: int, stop: int, device) -> torch.Tensor:
+    """What queries start..stop of the step see: rows of `visible`, or of the causal mask ([stop - start, s])."""
+    if visible is not None:
+        return visible[:, :, start:stop]
+    return torch.ones(stop - start, s, dtype=torch.bool, device=device).tril(s - q + start)
 
 
 def _weights(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float,

@@ -211,7 +211,7 @@ class KVLayer(CacheLayerMixin):
         softcap = kwargs.get("softcap")
         if not self.retention.seam:  # a fused decode step of a positional retention: the model's mask applies
             visible = mask_visible(attention_mask, batch, q, self.stored + q, self.device)
-            out, _, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute)
+            out, _, _, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute)
             self.recent_k.append(new_k)
             self.recent_v.append(new_v)
             self._store_plain(new_k, kwargs)
@@ -244,14 +244,13 @@ class KVLayer(CacheLayerMixin):
             visible = torch.cat([held[:, :, None].expand(batch, heads, n, self.stored), step.expand(batch, heads, n, n)],
                                 dim=-1)
         needs = self.retention.needs
-        rows = None if "mass" in needs else max(self.retention.attention_rows, self.capture_rows)
-        out, probs, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute,
-                                                  weights="attention" in needs or "mass" in needs, rows=rows)
+        rows = max(self.retention.attention_rows, self.capture_rows) if "attention" in needs or self.capture_rows else 0
+        out, probs, mass, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute,
+                                                        rows=rows, mass="mass" in needs)
         transient += visible.nbytes if visible is not None else 0
         attention = probs.mean(dim=2) if probs is not None else None  # pooled over the query heads of a KV head
         if self.capture_rows:
             self.captured = attention[:, :, -self.capture_rows:]
-        mass = attention.sum(dim=2) if "mass" in needs else None  # every query's: rows is None then
         self._store_step(new_k, new_v, new_positions, attention, mass, compute)
         self._end_step(transient)
         return out
@@ -268,17 +267,17 @@ class KVLayer(CacheLayerMixin):
         """Whether a step of this many queries attends over the codes (a fused layer's decode step, with codes)."""
         return self.fused and bool(self.encoded_k) and queries <= FUSED_QUERIES
 
-    def _attend_over(self, query, new_k, new_v, visible, scaling, softcap, compute, weights: bool = False,
-                     rows: int | None = None):
+    def _attend_over(self, query, new_k, new_v, visible, scaling, softcap, compute, rows: int = 0,
+                     mass: bool = False):
         """The step's attention over [stored | step] (visible [b, h or 1, q, stored + q], or None: causal, the step
         alone into an empty layer): read from the codes for a fused decode step that needs no weights and no softcap
-        (Gemma 2), else over the decoded history. Returns the output, the float32 weights when asked (of the last
-        `rows` queries; None: of all), and the bytes the step allocated beside the storage (its mask aside)."""
-        if weights or softcap is not None or not self._fuses(new_k.shape[2]):
+        (Gemma 2), else over the decoded history. Returns the output, the float32 weights of the last `rows` queries
+        (or None), with `mass` the attention each stored token received from every query (grouped_attention), and the
+        bytes the step allocated beside the storage (its mask aside)."""
+        if rows or mass or softcap is not None or not self._fuses(new_k.shape[2]):
             keys, values = self._history_and(new_k, new_v, compute)
-            out, probs, scratch = grouped_attention(query, keys, values, visible, scaling, softcap, weights=weights,
-                                                    rows=rows)
-            return out, probs, _held_bytes(keys, values) + scratch + (probs.nbytes if probs is not None else 0)
+            out, probs, summed, scratch = grouped_attention(query, keys, values, visible, scaling, softcap, rows, mass)
+            return out, probs, summed, _held_bytes(keys, values) + scratch + (probs.nbytes if probs is not None else 0)
         n_encoded = self.n_encoded
         tail_k = torch.cat([self.recent_k.read(), new_k], dim=2).to(compute)
         tail_v = torch.cat([self.recent_v.read(), new_v], dim=2).to(compute)
@@ -288,7 +287,7 @@ class KVLayer(CacheLayerMixin):
                              visible[..., n_encoded:], scaling)
         batch, heads, _, dim = new_k.shape
         decoded_chunk = 2 * batch * heads * min(CHUNK, n_encoded) * dim * 4  # float32 K and V of one chunk
-        return out, None, decoded_chunk + tail_k.nbytes + tail_v.nbytes
+        return out, None, None, decoded_chunk + tail_k.nbytes + tail_v.nbytes
 
     def restore(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None,
                 mass: torch.Tensor | None, compute: torch.dtype, transient_bytes: int = 0,

@@ -365,12 +365,29 @@ def test_a_prompt_holds_the_weights_of_the_queries_its_member_reads(tiny, strate
             cache = make_cache(tiny, member)
             tiny(input_ids=ids, cache=cache, use_cache=True)
             peaks[member] = cache.peak_bytes
-        replayed = make_cache(tiny, strategy)
-        Prefill.of(tiny, ids, attention=True).fill(tiny, replayed)
+        replayed = {}
+        for member in (strategy, "h2o:budget=20"):
+            replayed[member] = make_cache(tiny, member)
+            Prefill.of(tiny, ids, attention=True).fill(tiny, replayed[member])
     weights = tiny.config.num_attention_heads * rows * 48 * 4  # float32, one layer's at a time
     assert peaks[strategy] - peaks["knorm:budget=20"] == weights
     assert peaks["h2o:budget=20"] - peaks["knorm:budget=20"] > 48 // rows * weights / 2  # h2o reads every query's
-    assert replayed.peak_bytes == peaks[strategy]
+    assert all(replayed[member].peak_bytes == peaks[member] for member in replayed)
+
+
+def test_h2o_sums_a_prompts_attention_a_block_of_queries_at_a_time(tiny, monkeypatch):
+    """h2o reads every query's attention: a prompt's is computed WEIGHT_ROWS queries at a time, so the step holds one
+    block's weights, not prompt x prompt per query head (4 GiB per head at 32k tokens), and keeps what one block
+    would."""
+    ids, mask = distinct_tokens([52, 37])
+    whole, whole_logits = _prefill_and_decode(tiny, MEMBERS["h2o"], ids, mask)  # the prompt: 40 tokens, one block
+    monkeypatch.setattr("kvcompress.attention.WEIGHT_ROWS", 16)
+    blocks, block_logits = _prefill_and_decode(tiny, MEMBERS["h2o"], ids, mask)
+    assert torch.allclose(whole_logits, block_logits, atol=1e-5, rtol=0)
+    for one, other in zip(whole.layers, blocks.layers):
+        assert torch.equal(one.positions, other.positions)
+        torch.testing.assert_close(one.mass, other.mass)
+    assert whole.peak_bytes - blocks.peak_bytes == 2 * tiny.config.num_attention_heads * (40 - 16) * 40 * 4
 
 
 @pytest.mark.parametrize("strategy", ["knorm:budget=20", "tova:budget=20"])

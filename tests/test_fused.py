@@ -50,8 +50,8 @@ def _reference(query, decoded_k, decoded_v, valid, tail_k, tail_v, tail_visible)
     batch, heads, n = decoded_k.shape[0], decoded_k.shape[1], decoded_k.shape[2]
     q = query.shape[2]
     visible = torch.cat([valid[:, :, None].expand(batch, heads, q, n), tail_visible.expand(batch, heads, q, -1)], -1)
-    out, _, _ = grouped_attention(query, torch.cat([decoded_k, tail_k], 2), torch.cat([decoded_v, tail_v], 2), visible,
-                               0.125, weights=True)
+    out, _, _, _ = grouped_attention(query, torch.cat([decoded_k, tail_k], 2), torch.cat([decoded_v, tail_v], 2),
+                                     visible, 0.125)
     return out
 
 
