@@ -154,13 +154,10 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
 
     A prompt's weights are prompt x prompt per query head (4 GiB per head at 32k tokens): the output comes from torch's
     fused sdpa, and where every query's weights are read (mass; softcap, which sdpa lacks, makes the output from them)
-    they are computed WEIGHT_ROWS queries at a time. The mask is repeated per query head only where KV heads see
-    different keys (ragged heads): 1 GiB per query head at 32k tokens. K/V are repeated only on CUDA under a mask,
-    where torch's fused kernels do not take GQA. The causal masks of the weights' blocks (1/(4 * hq) of them) are not
-    counted."""
+    they are computed WEIGHT_ROWS queries at a time. The causal masks of the weights' blocks (1/(4 * hq) of them) are
+    not counted."""
     b, hq, q, d = query.shape
     h, s = keys.shape[1], keys.shape[2]
-    group = hq // h
     if visible is None and s != q:
         raise ValueError(f"a causal step attends over its own {q} tokens, got {s} keys (pass the mask)")
     scratch, out, total = 0, None, None
@@ -169,25 +166,18 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
         total = keys.new_zeros(b, h, s, dtype=torch.float32) if mass else None
         for start in range(0, q, WEIGHT_ROWS):
             stop = min(start + WEIGHT_ROWS, q)
-            block = _weights(query[:, :, start:stop], keys, _rows_visible(visible, q, s, start, stop, keys.device), scaling,
-                             softcap)
+            seen = _rows_visible(visible, q, s, start, stop, keys.device)
+            block = _weights(query[:, :, start:stop], keys, seen, scaling, softcap)
             if out is not None:
-                out[:, :, start:stop] = (block @ values.float()[:, :, None]).to(query.dtype).view(b, hq, stop - start, d)
+                made = block @ values.float()[:, :, None]
+                out[:, :, start:stop] = made.to(query.dtype).view(b, hq, stop - start, d)
             if total is not None:
                 total += block.mean(dim=2).sum(dim=2)
             scratch = max(scratch, block.nbytes)
         scratch += total.nbytes if total is not None else 0
     if out is None:
-        gqa = group > 1 and (visible is None or query.device.type == "cpu")  # CUDA's fused kernels: GQA unmasked only
-        mask, k, v = visible, keys, values
-        if visible is not None and visible.shape[1] > 1 and group > 1:  # heads see different keys: a mask per head
-            mask = visible.repeat_interleave(group, dim=1)
-            scratch += mask.nbytes
-        if group > 1 and not gqa:
-            k, v = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-            scratch += k.nbytes + v.nbytes
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
-                                             enable_gqa=gqa)
+        out, copied = _fused(query, keys, values, visible, scaling)
+        scratch += copied
     out = out.transpose(1, 2).contiguous()
     if not rows:
         return out, None, total, scratch
@@ -196,15 +186,42 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     return out, last, total, scratch
 
 
+def _fused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
+           scaling: float) -> tuple[torch.Tensor, int]:
+    """torch's fused attention [b, hq, q, d] over shared KV heads, copying as little as it can, and the bytes it
+    copied. Causal, or on CPU under one mask for all heads: sdpa's own GQA, nothing copied. Under a mask per KV head
+    (heads that keep different tokens), or on CUDA (whose fused kernels take GQA unmasked only) where it is smaller:
+    the g query heads of a KV head attend as g x q rows of it, under the mask repeated g times (g x q x s bytes per
+    mask head: a decode step's is tiny). Else (a long prompt on CUDA under one mask): K/V repeated per query head, as
+    transformers' sdpa does, rather than a prompt x prompt mask per query head (1 GiB per head at 32k tokens)."""
+    b, hq, q, d = query.shape
+    h, s = keys.shape[1], keys.shape[2]
+    group = hq // h
+    if group == 1 or visible is None or (visible.shape[1] == 1 and query.device.type == "cpu"):
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, is_causal=visible is None,
+                                             scale=scaling, enable_gqa=group > 1)
+        return out, 0
+    heads = visible.shape[1]
+    if heads > 1 or q < 2 * h * d * keys.element_size():  # the repeated mask is smaller than repeated K/V
+        mask = visible[:, :, None].expand(b, heads, group, q, s).reshape(b, heads, group * q, s)
+        out = F.scaled_dot_product_attention(query.reshape(b, h, group * q, d), keys, values, attn_mask=mask,
+                                             scale=scaling)
+        return out.view(b, hq, q, d), mask.nbytes
+    k, v = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(query, k, v, attn_mask=visible, scale=scaling), k.nbytes + v.nbytes
+
+
 def prompt_step_bytes(keys: torch.Tensor, query_heads: int, rows: int, padded: bool, compute: torch.dtype,
                       mass: bool = False) -> int:
     """The analytic twin of what a seam layer's prompt step into an empty layer allocates beside the storage, for
     keys [b, h, n, d] as stored: K/V in the compute dtype, the float32 weights of the last `rows` queries, with `mass`
-    a block of WEIGHT_ROWS queries' weights and the sums, and with padding the step's mask [b, 1, n, n] (plus K/V
-    repeated per query head on CUDA). A replayed prefill counts it."""
-    b, h, n = keys.shape[:3]
-    kv = 2 * keys.numel() * compute.itemsize
-    repeated = kv * (query_heads // h) if padded and query_heads > h and keys.device.type != "cpu" else 0
+    a block of WEIGHT_ROWS queries' weights and the sums, and with padding the step's mask [b, 1, n, n] (plus, on
+    CUDA, what _fused copies). A replayed prefill counts it."""
+    b, h, n, d = keys.shape
+    kv, group = 2 * keys.numel() * compute.itemsize, query_heads // h
+    repeated = 0  # _fused's copies: on CUDA, a padded prompt's mask per query head of a KV head, or K/V per query head
+    if padded and group > 1 and keys.device.type != "cpu":
+        repeated = b * group * n * n if n < 2 * h * d * compute.itemsize else kv * group
     summed = b * query_heads * min(WEIGHT_ROWS, n) * n * 4 + b * h * n * 4 if mass else 0
     return kv + b * query_heads * min(rows, n) * n * 4 + summed + (b * n * n if padded else 0) + repeated
 

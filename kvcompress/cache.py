@@ -240,9 +240,10 @@ class KVLayer(CacheLayerMixin):
                 held = held[:, :1]  # every KV head sees the same tokens: one mask for all (q x s bytes a head)
             heads = held.shape[1]
             causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-            step = (causal & (new_positions >= 0)[:, None, None, :]) | torch.eye(n, dtype=torch.bool, device=self.device)
-            visible = torch.cat([held[:, :, None].expand(batch, heads, n, self.stored), step.expand(batch, heads, n, n)],
-                                dim=-1)
+            eye = torch.eye(n, dtype=torch.bool, device=self.device)
+            step = (causal & (new_positions >= 0)[:, None, None, :]) | eye
+            visible = torch.cat([held[:, :, None].expand(batch, heads, n, self.stored),
+                                 step.expand(batch, heads, n, n)], dim=-1)
         needs = self.retention.needs
         rows = max(self.retention.attention_rows, self.capture_rows) if "attention" in needs or self.capture_rows else 0
         out, probs, mass, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute,

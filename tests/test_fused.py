@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvcompress import make_cache, parse_strategy
-from kvcompress.attention import grouped_attention
+from kvcompress.attention import _fused, grouped_attention
 from kvcompress.kernels.decode import attend_encoded, supports
 
 from .conftest import left_padded, tiny_model
@@ -187,3 +187,23 @@ def test_fused_where_the_model_allows(tiny):
         make_cache(tiny.config, "int8", fused=True)
     with pytest.raises(ValueError, match="fused must be None"):
         make_cache(tiny, "int8", fused="yes")
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("q", [1, 5])
+def test_shared_kv_heads_attend_without_repeating_kv(per_head, q):
+    """The seam's fused attention over GQA heads equals attention with K/V and the mask repeated per query head, and
+    copies nothing under one mask for all heads (CPU), only the mask per group of query heads under a mask per KV
+    head."""
+    gen = torch.Generator().manual_seed(0)
+    b, h, group, s, d = 2, 2, 3, 40, 16
+    query = torch.randn(b, h * group, q, d, generator=gen)
+    keys, values = torch.randn(b, h, s, d, generator=gen), torch.randn(b, h, s, d, generator=gen)
+    visible = torch.rand(b, h if per_head else 1, q, s, generator=gen) < 0.7
+    visible[..., -1] = True  # every query sees itself
+    out, copied = _fused(query, keys, values, visible, 0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1),
+        attn_mask=visible.expand(b, h, q, s).repeat_interleave(group, 1), scale=0.25)
+    torch.testing.assert_close(out, expected)
+    assert copied == (b * h * group * q * s if per_head else 0)
