@@ -116,4 +116,5 @@ def configs_of(meta: dict) -> list[ReportConfig]:
 
 # `kvcompress report --smoke`: the whole pipeline in about a minute on 2 CPU cores (CI runs it); numbers mean nothing
 SMOKE = dict(strategies=["full", "int8", "window:window=64"], tasks=["passkey"], lengths=[256], depths=2, seeds=1,
-             max_new_tokens=8, decode_steps=4, latency_rounds=2, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8)
+             max_new_tokens=8, decode_steps=4, latency_rounds=2, fidelity_windows=2, fidelity_prefill=64,
+             fidelity_steps=8)

@@ -123,8 +123,8 @@ def latency_cells(records: list[dict]) -> dict[tuple[str, int], dict]:
         first = by_round[min(by_round)]
         steps = [t for r in by_round.values() for t in r.get("decode_ms") or []]
         ttfts = [r["ttft_s"] for r in by_round.values() if r.get("ttft_s") is not None]
-        cells[key] = {**first, "rounds": by_round,
-                      "decode_ms_p50": statistics.median(steps) if len(by_round) > 1 and steps else first["decode_ms_p50"],
+        p50 = statistics.median(steps) if len(by_round) > 1 and steps else first["decode_ms_p50"]
+        cells[key] = {**first, "rounds": by_round, "decode_ms_p50": p50,
                       "ttft_s": statistics.median(ttfts) if ttfts else first.get("ttft_s")}
     return cells
 
@@ -329,7 +329,8 @@ def write_report(out: Path) -> Path:
         f"- guardrails: recall loss <= {t.recall_loss_pts:g} pts, decode latency <= +{t.decode_latency_pct:g}%, "
         f"top-1 >= {t.top1:.0%}; each judged on its 95% interval [in brackets]: recall loss paired against `full` "
         f"(exact, McNemar-consistent), top-1 Clopper-Pearson over the predictions, decode a bootstrap of the ratio of "
-        f"median step times that resamples whole rounds (one round: its steps); `fail` only when the whole interval breaks the guardrail, `pass` only when the whole of "
+        f"median step times that resamples whole rounds (one round: its steps); `fail` only when the whole interval "
+        f"breaks the guardrail, `pass` only when the whole of "
         f"it keeps it, else `inconclusive (n too small)` (identical recall passes a 2-point guardrail from "
         f"{stats.min_cases_for_pass(t.recall_loss_pts)} cases)",
         "",

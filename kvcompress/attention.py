@@ -84,13 +84,9 @@ def grouped_sdpa(module, query, key, value, attention_mask, scaling=None, dropou
     if (attention_mask is None or attention_mask.dtype != torch.bool or h == hq or dropout
             or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None):
         return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    group = hq // h
-    rows = query.reshape(b, h, group * q, d)  # query head i shares KV head i // group
     mask = attention_mask[:, :, -q:, : key.shape[2]].expand(b, 1, q, -1)
-    mask = mask[:, :, None].expand(b, 1, group, q, mask.shape[-1]).reshape(b, 1, group * q, mask.shape[-1])
-    scale = module.scaling if scaling is None else scaling
-    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scale)
-    return out.view(b, hq, q, d).transpose(1, 2).contiguous(), None
+    out, _ = _as_rows(query, key, value, mask, module.scaling if scaling is None else scaling)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def route_grouped(model) -> None:
@@ -195,20 +191,37 @@ def _fused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visibl
     mask head: a decode step's is tiny). Else (a long prompt on CUDA under one mask): K/V repeated per query head, as
     transformers' sdpa does, rather than a prompt x prompt mask per query head (1 GiB per head at 32k tokens)."""
     b, hq, q, d = query.shape
-    h, s = keys.shape[1], keys.shape[2]
+    h = keys.shape[1]
     group = hq // h
     if group == 1 or visible is None or (visible.shape[1] == 1 and query.device.type == "cpu"):
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, is_causal=visible is None,
                                              scale=scaling, enable_gqa=group > 1)
         return out, 0
-    heads = visible.shape[1]
-    if heads > 1 or q < 2 * h * d * keys.element_size():  # the repeated mask is smaller than repeated K/V
-        mask = visible[:, :, None].expand(b, heads, group, q, s).reshape(b, heads, group * q, s)
-        out = F.scaled_dot_product_attention(query.reshape(b, h, group * q, d), keys, values, attn_mask=mask,
-                                             scale=scaling)
-        return out.view(b, hq, q, d), mask.nbytes
+    if visible.shape[1] > 1 or _rows_are_smaller(q, h, d, keys.element_size()):
+        out, mask = _as_rows(query, keys, values, visible, scaling)
+        return out, mask.nbytes
     k, v = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     return F.scaled_dot_product_attention(query, k, v, attn_mask=visible, scale=scaling), k.nbytes + v.nbytes
+
+
+def _as_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+             scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """sdpa with the g query heads of each KV head attending as g x q rows of it (query head i shares KV head
+    i // g), under `mask` [b, 1 or h, q, s] repeated g times: K/V are never repeated. Returns the output
+    [b, hq, q, d] and the repeated mask (what it copied)."""
+    b, hq, q, d = query.shape
+    h, s = keys.shape[1], keys.shape[2]
+    group, heads = hq // h, mask.shape[1]
+    rows_mask = mask[:, :, None].expand(b, heads, group, q, s).reshape(b, heads, group * q, s)
+    out = F.scaled_dot_product_attention(query.reshape(b, h, group * q, d), keys, values, attn_mask=rows_mask,
+                                         scale=scaling)
+    return out.view(b, hq, q, d), rows_mask
+
+
+def _rows_are_smaller(q: int, kv_heads: int, head_dim: int, itemsize: int) -> bool:
+    """Whether one mask repeated per query head of a group (q x s bytes each) is smaller than K/V repeated per query
+    head (2 x s x kv_heads x head_dim x itemsize bytes each): under one mask on CUDA, which _fused copies."""
+    return q < 2 * kv_heads * head_dim * itemsize
 
 
 def prompt_step_bytes(keys: torch.Tensor, query_heads: int, rows: int, padded: bool, compute: torch.dtype,
@@ -221,7 +234,7 @@ def prompt_step_bytes(keys: torch.Tensor, query_heads: int, rows: int, padded: b
     kv, group = 2 * keys.numel() * compute.itemsize, query_heads // h
     repeated = 0  # _fused's copies: on CUDA, a padded prompt's mask per query head of a KV head, or K/V per query head
     if padded and group > 1 and keys.device.type != "cpu":
-        repeated = b * group * n * n if n < 2 * h * d * compute.itemsize else kv * group
+        repeated = b * group * n * n if _rows_are_smaller(n, h, d, compute.itemsize) else kv * group
     summed = b * query_heads * min(WEIGHT_ROWS, n) * n * 4 + b * h * n * 4 if mass else 0
     return kv + b * query_heads * min(rows, n) * n * 4 + summed + (b * n * n if padded else 0) + repeated
 
