@@ -21,6 +21,7 @@ import torch
 from ..attention import prompt_step_bytes
 from ..cache import KVCache, make_cache
 from ..retention.h2o import H2ORetention
+from ..retention.kvzip import reconstruct
 from ..retention.tova import TOVARetention
 from ..strategy import StrategySpec
 
@@ -62,8 +63,9 @@ class Prefill:
             return True
         if cache.layers[0].prefill_chunk is not None:
             return False
-        return not retention.needs or (self.attention is not None and retention.attention_rows <= ATTENTION_ROWS
-                                       and ("mass" not in retention.needs or self.attention[0][1] is not None))
+        recorded = set(retention.needs) - {"reconstruction"}  # kvzip's pass runs on the replayed prompt (fill)
+        return not recorded or (self.attention is not None and retention.attention_rows <= ATTENTION_ROWS
+                                and ("mass" not in recorded or self.attention[0][1] is not None))
 
     @torch.no_grad()
     def fill(self, model, cache: KVCache) -> torch.Tensor:
@@ -80,7 +82,7 @@ class Prefill:
         if self.attention_mask is not None:
             positions = position_ids(self.attention_mask).to(torch.int32).masked_fill(self.attention_mask == 0, -1)
         retention = cache.spec.retention
-        recorded = self.attention if retention.needs else [(None, None)] * len(self.kv)  # knorm reads keys only
+        recorded = self.attention if {"attention", "mass"} & set(retention.needs) else [(None, None)] * len(self.kv)
         padded = self.attention_mask is not None and bool((self.attention_mask == 0).any())
         read = retention.attention_rows if "attention" in retention.needs else 0
         for layer, (keys, values), (rows, mass) in zip(cache.layers, self.kv, recorded):
@@ -88,6 +90,8 @@ class Prefill:
             transient = prompt_step_bytes(keys, model.config.num_attention_heads, read, padded, compute,
                                           mass="mass" in retention.needs)
             layer.restore(keys, values, rows, mass, compute, transient, positions)
+        if not cache.reconstructed:  # kvzip: the model reads the prompt again, then every layer evicts
+            reconstruct(model, cache, self.input_ids, self.attention_mask)
         return self.last_logits
 
 

@@ -33,7 +33,7 @@ from kvcompress.evals.records import RecordStore
 from kvcompress.evals.tasks import depths, make_case, render
 from kvcompress.provenance import provenance
 
-MEMBERS = ["h2o", "tova", "snapkv", "pyramid", "knorm", "adakv"]
+MEMBERS = ["h2o", "tova", "snapkv", "pyramid", "knorm", "adakv", "kvzip"]
 KVPRESS_PRESSES = ["streaming_llm", "snapkv", "tova", "knorm", "expected_attention"]
 
 

@@ -8,6 +8,7 @@
 from .accounting import bytes_per_token, expected_kv_bytes
 from .cache import KVCache, KVLayer, make_cache
 from .models import load_model
+from .retention.kvzip import reconstruct
 from .static import compiled_step
 from .strategy import PRESETS, StrategySpec, list_strategies, parse_strategy
 
@@ -24,4 +25,5 @@ __all__ = [
     "load_model",
     "make_cache",
     "parse_strategy",
+    "reconstruct",
 ]

@@ -140,26 +140,29 @@ WEIGHT_ROWS = 256  # queries whose weights are held at once where every query's 
 
 
 def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
-                      scaling: float, softcap: float | None = None, rows: int = 0, mass: bool = False):
+                      scaling: float, softcap: float | None = None, rows: int = 0, per_key: str | None = None):
     """Attention of query [b, hq, q, d] over keys/values [b, h, s, d] (h KV heads shared by hq/h query heads each),
     visible [b, h, q, s] bool, [b, 1, q, s] where every KV head sees the same keys, or None: causal over the step
     alone (s == q). Returns the output [b, q, hq, d]; the float32 attention weights of the last `rows` queries
-    [b, h, hq/h, rows, s] (or None); with `mass`, the attention each key received from every query, the mean over
-    the query heads of its KV head [b, h, s]; and the bytes it allocated beside its inputs and outputs (masks and K/V
-    repeated per query head, the weights of a block of queries).
+    [b, h, hq/h, rows, s] (or None); per key [b, h, s], with per_key="mass" the attention it received from every
+    query, the mean over the query heads of its KV head, with "peak" the most any query of those heads gave it (else
+    None); and the bytes it allocated beside its inputs and outputs (masks and K/V repeated per query head, the
+    weights of a block of queries).
 
     A prompt's weights are prompt x prompt per query head (4 GiB per head at 32k tokens): the output comes from torch's
-    fused sdpa, and where every query's weights are read (mass; softcap, which sdpa lacks, makes the output from them)
-    they are computed WEIGHT_ROWS queries at a time. The causal masks of the weights' blocks (1/(4 * hq) of them) are
-    not counted."""
+    fused sdpa, and where every query's weights are read (per key; softcap, which sdpa lacks, makes the output from
+    them) they are computed WEIGHT_ROWS queries at a time. The causal masks of the weights' blocks (1/(4 * hq) of
+    them) are not counted."""
     b, hq, q, d = query.shape
     h, s = keys.shape[1], keys.shape[2]
     if visible is None and s != q:
         raise ValueError(f"a causal step attends over its own {q} tokens, got {s} keys (pass the mask)")
     scratch, out, total = 0, None, None
-    if softcap is not None or mass:
+    if per_key not in (None, "mass", "peak"):
+        raise ValueError(f"per_key must be None, 'mass' or 'peak', got {per_key!r}")
+    if softcap is not None or per_key:
         out = query.new_empty(b, hq, q, d) if softcap is not None else None
-        total = keys.new_zeros(b, h, s, dtype=torch.float32) if mass else None
+        total = keys.new_zeros(b, h, s, dtype=torch.float32) if per_key else None
         for start in range(0, q, WEIGHT_ROWS):
             stop = min(start + WEIGHT_ROWS, q)
             seen = _rows_visible(visible, q, s, start, stop, keys.device)
@@ -167,8 +170,10 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
             if out is not None:
                 made = block @ values.float()[:, :, None]
                 out[:, :, start:stop] = made.to(query.dtype).view(b, hq, stop - start, d)
-            if total is not None:
+            if per_key == "mass":
                 total += block.mean(dim=2).sum(dim=2)
+            elif per_key == "peak":
+                torch.maximum(total, block.amax(dim=(2, 3)), out=total)
             scratch = max(scratch, block.nbytes)
         scratch += total.nbytes if total is not None else 0
     if out is None:

@@ -26,6 +26,7 @@ from .geometry import decoder_config, head_dim
 from .kernels.decode import CHUNK, attend_encoded, supports
 from .retention import RETENTIONS, Retention
 from .retention.base import Kept, RetentionView
+from .retention.kvzip import reconstruct_after_prompt
 from .static import StaticKVLayer
 from .strategy import StrategySpec, parse_strategy
 from .tiers import DevicePart, Part, Store, merge_bytes, no_tokens, take_tokens
@@ -107,6 +108,8 @@ class KVLayer(CacheLayerMixin):
         self._stash: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # seam: the step's K/V until attend
         self.capture_rows = 0  # keep the last rows of each step's attention in `captured` (Prefill records them)
         self.captured: torch.Tensor | None = None
+        # [batch, heads, stored] float32 while the context is reconstructed (kvzip): steps then only score the stored
+        self.reconstruction: torch.Tensor | None = None
 
     @property
     def is_croppable(self) -> bool:
@@ -222,6 +225,8 @@ class KVLayer(CacheLayerMixin):
             position_ids = torch.arange(self.seen, self.seen + q, device=self.device).expand(batch, q)
         valid = new_token_valid(attention_mask, batch, q, self.device)
         positions = position_ids.to(self.device, torch.int32).masked_fill(~valid, -1)
+        if self.reconstruction is not None:
+            return self._score_reconstruction(query, new_k, new_v, positions, scaling, softcap, compute)
         chunk = self.prefill_chunk or q
         outputs = []
         for start in range(0, q, chunk):
@@ -231,23 +236,29 @@ class KVLayer(CacheLayerMixin):
         self.steps += 1
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
+    def _visible(self, new_positions: torch.Tensor) -> torch.Tensor | None:
+        """What the step's queries see of [stored | step]: [batch, heads or 1, n, stored + n] bool, or None (a prompt
+        into an empty layer without padding: causal, no mask). A padding query sees itself alone (its output is never
+        read, and what it attends to must not count: kvzip's reconstruction has padding after stored tokens)."""
+        batch, n = new_positions.shape
+        real = new_positions >= 0
+        if not self.stored and bool(real.all()):
+            return None
+        held = self.positions >= 0  # [batch, heads, stored]
+        if n > 1 and bool((held == held[:, :1]).all()):
+            held = held[:, :1]  # every KV head sees the same tokens: one mask for all (q x s bytes a head)
+        heads = held.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        eye = torch.eye(n, dtype=torch.bool, device=self.device)
+        step = (causal & real[:, None, None, :]) | eye
+        return torch.cat([held[:, :, None] & real[:, None, :, None], step.expand(batch, heads, n, n)], dim=-1)
+
     def _attend_chunk(self, query, new_k, new_v, new_positions, scaling, softcap, compute) -> torch.Tensor:
-        batch, n = new_k.shape[0], new_k.shape[2]
-        visible = None  # a prompt into an empty layer without padding: causal, no mask
-        if self.stored or not bool((new_positions >= 0).all()):
-            held = self.positions >= 0  # [batch, heads, stored]
-            if n > 1 and bool((held == held[:, :1]).all()):
-                held = held[:, :1]  # every KV head sees the same tokens: one mask for all (q x s bytes a head)
-            heads = held.shape[1]
-            causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-            eye = torch.eye(n, dtype=torch.bool, device=self.device)
-            step = (causal & (new_positions >= 0)[:, None, None, :]) | eye
-            visible = torch.cat([held[:, :, None].expand(batch, heads, n, self.stored),
-                                 step.expand(batch, heads, n, n)], dim=-1)
+        visible = self._visible(new_positions)
         needs = self.retention.needs
         rows = max(self.retention.attention_rows, self.capture_rows) if "attention" in needs or self.capture_rows else 0
         out, probs, mass, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute,
-                                                        rows=rows, mass="mass" in needs)
+                                                        rows=rows, per_key="mass" if "mass" in needs else None)
         transient += visible.nbytes if visible is not None else 0
         attention = probs.mean(dim=2) if probs is not None else None  # pooled over the query heads of a KV head
         if self.capture_rows:
@@ -255,6 +266,24 @@ class KVLayer(CacheLayerMixin):
         self._store_step(new_k, new_v, new_positions, attention, mass, compute)
         self._end_step(transient)
         return out
+
+    def _score_reconstruction(self, query, new_k, new_v, new_positions, scaling, softcap, compute) -> torch.Tensor:
+        """A step of the context's reconstruction (kvzip, `reconstruct`): attend over [stored | step] as any step,
+        raise each stored token's score to the most attention a query gave it, and store nothing."""
+        visible = self._visible(new_positions)
+        out, _, peak, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute,
+                                                    per_key="peak")
+        torch.maximum(self.reconstruction, peak[..., : self.stored], out=self.reconstruction)
+        self._end_step(transient + visible.nbytes + self.reconstruction.nbytes)
+        return out
+
+    def evict_reconstructed(self) -> None:
+        """Evict by the scores the reconstruction left (kvzip), then leave the scoring mode."""
+        view = RetentionView(self.seen, self.stored, self.positions, None, self.layer_idx, self.layers,
+                             reconstruction=self.reconstruction)
+        self.reconstruction = None
+        self._evict(view)
+        self._end_step(0)
 
     def _history_and(self, new_k: torch.Tensor, new_v: torch.Tensor, compute: torch.dtype):
         """[every stored token decoded | the step's], K and V, in the compute dtype."""
@@ -269,15 +298,16 @@ class KVLayer(CacheLayerMixin):
         return self.fused and bool(self.encoded_k) and queries <= FUSED_QUERIES
 
     def _attend_over(self, query, new_k, new_v, visible, scaling, softcap, compute, rows: int = 0,
-                     mass: bool = False):
+                     per_key: str | None = None):
         """The step's attention over [stored | step] (visible [b, h or 1, q, stored + q], or None: causal, the step
         alone into an empty layer): read from the codes for a fused decode step that needs no weights and no softcap
         (Gemma 2), else over the decoded history. Returns the output, the float32 weights of the last `rows` queries
-        (or None), with `mass` the attention each stored token received from every query (grouped_attention), and the
-        bytes the step allocated beside the storage (its mask aside)."""
-        if rows or mass or softcap is not None or not self._fuses(new_k.shape[2]):
+        (or None), with `per_key` what each key received from the step's queries (grouped_attention), and the bytes
+        the step allocated beside the storage (its mask aside)."""
+        if rows or per_key or softcap is not None or not self._fuses(new_k.shape[2]):
             keys, values = self._history_and(new_k, new_v, compute)
-            out, probs, summed, scratch = grouped_attention(query, keys, values, visible, scaling, softcap, rows, mass)
+            out, probs, summed, scratch = grouped_attention(query, keys, values, visible, scaling, softcap, rows,
+                                                            per_key)
             return out, probs, summed, _held_bytes(keys, values) + scratch + (probs.nbytes if probs is not None else 0)
         n_encoded = self.n_encoded
         tail_k = torch.cat([self.recent_k.read(), new_k], dim=2).to(compute)
@@ -496,6 +526,7 @@ class KVCache(Cache):
             layers = [KVLayer(spec.retention, spec.codec, self.store, kv_dtype, i, num_layers, prefill_chunk, fused)
                       for i in range(num_layers)]
         super().__init__(layers=layers)
+        self.reconstructed = "reconstruction" not in spec.retention.needs  # False: kvzip's scoring pass is to come
         self.resident_bytes = 0  # what every layer held after its last step
         self.peak_bytes = 0  # most KV bytes held at once: resident in every layer plus the step's transient copies
         self.workspace = Workspace()
@@ -588,6 +619,8 @@ def make_cache(
         if not spec.retention.seam:
             raise ValueError(f"prefill_chunk needs a score-based retention ({', '.join(seam_retentions())}); "
                              f"{spec.retention.name!r} already evicts before each step's attention")
+    if "reconstruction" in spec.retention.needs:
+        _check_reconstructs(model_or_config, spec, prefill_chunk)
     config = decoder_config(model_or_config)
     if not isinstance(grow, int) or isinstance(grow, bool) or grow < 0:
         raise ValueError(f"grow must be a number of tokens >= 0 (0: storage holds exactly its tokens), got {grow!r}")
@@ -641,6 +674,20 @@ def _check_static(spec: StrategySpec, max_tokens: int | None, prefill_chunk: int
     for name, value, default in (("prefill_chunk", prefill_chunk, None), ("fused", fused, None), ("grow", grow, 0)):
         if value not in (default, False):
             raise ValueError(f"compile=True has storage of its own: leave {name} out, got {name}={value!r}")
+
+
+def _check_reconstructs(model: Any, spec: StrategySpec, prefill_chunk: int | None) -> None:
+    """A kvzip cache scores its prompt by running the model over it again after the first forward: it needs the model
+    (the hook that runs it is registered once per model) and the whole prompt in that forward."""
+    if not hasattr(model, "register_forward_hook"):
+        raise ValueError(f"{spec.retention.name} reconstructs the prompt with the model after prefilling it: pass the "
+                         "model to make_cache, not its config")
+    if prefill_chunk is not None:
+        raise ValueError(f"{spec.retention.name} scores the whole prompt once it is prefilled, so a chunked prefill "
+                         f"would hold it whole anyway: leave prefill_chunk out, got prefill_chunk={prefill_chunk}")
+    if not getattr(model, "_kvcompress_reconstructs", False):
+        model.register_forward_hook(reconstruct_after_prompt, with_kwargs=True)
+        model._kvcompress_reconstructs = True
 
 
 def _routable(model: Any, config: Any) -> bool:

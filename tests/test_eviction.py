@@ -14,7 +14,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-from kvcompress import expected_kv_bytes, make_cache, parse_strategy
+from kvcompress import expected_kv_bytes, make_cache, parse_strategy, reconstruct
 from kvcompress.evals.prefill import Prefill
 from kvcompress.cache import seam_retentions
 
@@ -28,6 +28,7 @@ MEMBERS = {
     "knorm": "knorm:budget=20,sinks=2,window=4,when=budget",
     "pyramid": "pyramid:budget=20,sinks=2,window=4,observe=8,kernel=3,beta=4,when=budget",
     "adakv": "adakv:budget=20,sinks=2,window=4,observe=8,kernel=3,when=interval,interval=4",
+    "kvzip": "kvzip:budget=8,sinks=1,window=4,when=prefill",  # scores once: a budget the first of STEPS[1] exceeds
 }
 RATIO = {"h2o": "h2o:ratio=0.4,sinks=2,window=4,when=budget", "snapkv": "snapkv:ratio=0.4,when=interval,interval=5",
          "tova": "tova:ratio=0.4,observe=8,kernel=3,sinks=2,window=4,when=budget"}  # tova: its window and pooling
@@ -41,7 +42,8 @@ def test_members_table_covers_every_score_member():
 
 # -- the reference ---------------------------------------------------------------------------------------------------
 _visible: dict[int, torch.Tensor] = {}  # layer -> [batch, kv heads, T, T] bool
-_seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (weights [b, kv heads, T, T], keys [b, h, T, d])
+# layer -> (weights [b, kv heads, T, T] the mean and the max over the KV head's query heads, keys [b, h, T, d])
+_seen: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -50,7 +52,7 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     scores = query.view(b, h, hq // h, t, d) @ key[:, :, None].transpose(-1, -2) * scaling
     scores = scores.masked_fill(~_visible[module.layer_idx][:, :, None], float("-inf"))
     probs = scores.softmax(-1)
-    _seen[module.layer_idx] = (probs.mean(2), key)
+    _seen[module.layer_idx] = (probs.mean(2), probs.amax(2), key)
     out = (probs @ value[:, :, None]).view(b, hq, t, d)
     return out.transpose(1, 2).contiguous(), None
 
@@ -115,7 +117,7 @@ class Reference:
                             position_ids=self.positions[:, :stop]).logits[:, start:stop]
         seen = stop
         for layer in range(self.layers):
-            weights, keys = _seen[layer]
+            weights, _, keys = _seen[layer]
             capacity = self.retention.capacity(seen, layer, self.layers)
             for row in range(batch):
                 for head in range(self.heads):
@@ -137,7 +139,37 @@ class Reference:
             if due:
                 self.evict(layer, chosen, capacity)
         self.steps += 1
+        if self.retention.name == "kvzip" and self.steps == 1:
+            self.reconstruct(stop)
         return logits
+
+    @torch.no_grad()
+    def reconstruct(self, n):
+        """KVzip: the prompt fed again after itself, its copy seeing the prompt and itself causally; each prompt token
+        scores the most attention any query of the copy gives it in any query head of its KV head."""
+        batch = self.ids.shape[0]
+        mask = torch.cat([self.mask[:, :n], self.mask[:, :n]], dim=1)
+        for layer in range(self.layers):
+            visible = torch.zeros(batch, self.heads, 2 * n, 2 * n, dtype=torch.bool)
+            visible[:, :, :n, :n] = self.visible[layer][:, :, :n, :n]  # the prompt's queries as they ran
+            for row in range(batch):
+                for head in range(self.heads):
+                    for q in range(n, 2 * n):  # a padding query sees itself alone
+                        if mask[row, q]:
+                            visible[row, head, q, [t for t in range(q + 1) if mask[row, t]]] = True
+                        visible[row, head, q, q] = True
+            _visible[layer] = visible
+        self.model(input_ids=torch.cat([self.ids[:, :n], self.ids[:, :n]], dim=1), attention_mask=mask,
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        for layer in range(self.layers):
+            peak = _seen[layer][1]
+            chosen = {}
+            for row in range(batch):
+                for head in range(self.heads):
+                    entries = [(t, self.position(row, t, live)) for t, live in self.store[layer][row][head]]
+                    score = [float(peak[row, head, n:, t].max()) for t, _ in entries]
+                    chosen[row, head] = (entries, score, int(self.positions[row, n - 1]))
+            self.evict(layer, chosen, self.retention.capacity(n, layer, self.layers))
 
     def score(self, layer, row, head, entries, weights, keys, start, stop):
         name = self.retention.name
@@ -266,7 +298,8 @@ def test_left_padded_batch_equals_each_row_alone(tiny, strategy):
 def test_storage_falls_to_the_budget_and_matches_the_analytic_size(tiny, strategy):
     strategy += ",when=budget" if "when=" not in strategy else ""  # the analytic size: eviction whenever over budget
     ids, mask = distinct_tokens([52, 52])
-    cache, _ = _prefill_and_decode(tiny, strategy, ids, mask)
+    # a member that evicts once (kvzip) holds the budget after the prompt, then every token after it
+    cache, _ = _prefill_and_decode(tiny, strategy, ids, mask, decode=0 if "when=prefill" in strategy else 12)
     full, _ = _prefill_and_decode(tiny, "full", ids, mask)
     measured, expected = cache.kv_bytes()["device"], expected_kv_bytes(tiny, strategy, 52, batch=2)
     if parse_strategy(strategy).retention.name == "adakv":  # padded to the widest head: more than nominal, counted
@@ -343,6 +376,38 @@ def test_bad_input_is_refused_before_any_work(tiny):
         parse_strategy("h2o:budget=64+int8:residual=128")
     with pytest.raises(ValueError, match=r"h2o:recent must be in \[0, 1\)"):
         parse_strategy("h2o:budget=64,recent=1")
+    with pytest.raises(ValueError, match="kvzip:when must be prefill"):
+        parse_strategy("kvzip:budget=64,when=budget")
+    with pytest.raises(ValueError, match="kvzip:chunk must be >= 1"):
+        parse_strategy("kvzip:budget=64,chunk=0")
+    with pytest.raises(ValueError, match="pass the model to make_cache"):
+        make_cache(tiny.config, "kvzip:budget=64")
+    with pytest.raises(ValueError, match="leave prefill_chunk out"):
+        make_cache(tiny, "kvzip:budget=64", prefill_chunk=16)
+
+
+def test_kvzip_scores_the_prompt_by_reconstructing_it_under_generate(tiny):
+    """generate's prompt forward is followed by the reconstruction (the model's forward hook): the cache then holds
+    the budget of the prompt plus what came after it, has seen only the real tokens, and counted the copy's
+    transient, less of it in chunks. A cache holding another prompt than the ids is refused."""
+    ids, mask = distinct_tokens([30, 22])
+    peaks = {}
+    for chunk in (64, 7):
+        cache = make_cache(tiny, f"kvzip:budget=12,chunk={chunk}")
+        out = tiny.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=6, min_new_tokens=6,
+                            do_sample=False, pad_token_id=0)
+        assert out.shape == (2, 36) and cache.reconstructed and cache.get_seq_length() == 35
+        assert all(layer.stored == 12 + 5 and layer.reconstruction is None for layer in cache.layers)
+        peaks[chunk] = cache.peak_bytes
+    full = make_cache(tiny, "full")
+    tiny.generate(input_ids=ids, attention_mask=mask, cache=full, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert peaks[7] < peaks[64] and peaks[7] > full.peak_bytes  # the prompt whole, and a chunk's copy beside it
+    cache = make_cache(tiny, "kvzip:budget=12")
+    cache.reconstructed = True  # a forward that does not reconstruct by itself
+    with torch.no_grad():
+        tiny(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="it holds 30 tokens, input_ids has 20"):
+        reconstruct(tiny, cache, ids[:, :20])
 
 
 def test_an_unrouted_model_is_caught_at_the_next_step(tiny):

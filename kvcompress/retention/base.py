@@ -32,7 +32,9 @@ class RetentionView:
       fewer: a step has as many as it has tokens), the mean over the query heads that share each KV head (members
       that declare "attention"). mass: [batch, heads, stored] attention accumulated by
       each stored token over every query so far (members that declare "mass"). keys(): [batch, heads, stored, dim]
-      the stored keys as attention reads them (decoded; computed on demand).
+      the stored keys as attention reads them (decoded; computed on demand). reconstruction: [batch, heads, stored]
+      the most attention any query of the context's reconstruction gave each token, over the query heads of its KV
+      head (members that declare "reconstruction": `kvcompress.reconstruct`).
     """
 
     seen: int
@@ -44,6 +46,7 @@ class RetentionView:
     attention: torch.Tensor | None = None
     mass: torch.Tensor | None = None
     keys: Callable[[], torch.Tensor] | None = None
+    reconstruction: torch.Tensor | None = None
 
 
 class Kept(NamedTuple):
@@ -58,7 +61,7 @@ class Retention:
     name = "base"
     needs_positions = False  # whether `keep` reads the position of every stored token
     seam = False  # whether it runs on the attention seam (after attention) rather than inside `update`
-    needs = ()  # statistics the seam computes for it: "attention", "mass"
+    needs = ()  # statistics the seam computes for it: "attention", "mass", "reconstruction"
     capacity_by_layer = False  # whether `capacity` depends on the layer (then sizes are summed layer by layer)
 
     @property
