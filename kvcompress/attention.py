@@ -150,8 +150,8 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     weights of a block of queries).
 
     A prompt's weights are prompt x prompt per query head (4 GiB per head at 32k tokens): the output comes from torch's
-    fused sdpa, and where every query's weights are read (per key; softcap, which sdpa lacks, makes the output from
-    them) they are computed WEIGHT_ROWS queries at a time. The causal masks of the weights' blocks (1/(4 * hq) of
+    fused sdpa, and where every query's weights are read (per key; softcap, which sdpa lacks) they are computed
+    WEIGHT_ROWS queries at a time, and make the output too where a mask applies. The causal masks of the weights' blocks (1/(4 * hq) of
     them) are not counted."""
     b, hq, q, d = query.shape
     h, s = keys.shape[1], keys.shape[2]
@@ -161,7 +161,10 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     if per_key not in (None, "mass", "peak"):
         raise ValueError(f"per_key must be None, 'mass' or 'peak', got {per_key!r}")
     if softcap is not None or per_key:
-        out = query.new_empty(b, hq, q, d) if softcap is not None else None
+        # under a mask the output comes from these weights too: on CPU a second pass of torch's masked attention
+        # costs more than this product (kvzip's reconstruction, every step of which is masked)
+        made_here = softcap is not None or visible is not None
+        out = query.new_empty(b, hq, q, d) if made_here else None
         total = keys.new_zeros(b, h, s, dtype=torch.float32) if per_key else None
         for start in range(0, q, WEIGHT_ROWS):
             stop = min(start + WEIGHT_ROWS, q)
@@ -262,4 +265,4 @@ def _weights(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, sca
         scores = torch.tanh(scores / softcap) * softcap
     visible = visible if visible.dim() == 4 else visible.expand(b, 1, q, -1)  # [q, s]: the same for every row
     scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
-    return scores.softmax(-1).nan_to_num(0.0)  # a query that sees nothing (a pad query) attends to nothing
+    return scores.softmax(-1).nan_to_num_(0.0)  # a query that sees nothing (a pad query) attends to nothing
