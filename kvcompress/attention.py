@@ -151,8 +151,8 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
 
     A prompt's weights are prompt x prompt per query head (4 GiB per head at 32k tokens): the output comes from torch's
     fused sdpa, and where every query's weights are read (per key; softcap, which sdpa lacks) they are computed
-    WEIGHT_ROWS queries at a time, and make the output too where a mask applies. The causal masks of the weights' blocks (1/(4 * hq) of
-    them) are not counted."""
+    WEIGHT_ROWS queries at a time, and make the output too where a mask applies. The causal masks of the weights'
+    blocks (1/(4 * hq) of them) are not counted."""
     b, hq, q, d = query.shape
     h, s = keys.shape[1], keys.shape[2]
     if visible is None and s != q:

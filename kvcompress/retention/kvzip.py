@@ -13,10 +13,10 @@ class KVzipRetention(ScoreRetention):
     the cache and storing nothing); a token scores the most attention any query of that reconstruction gave it, over
     the query heads of its KV head, and each KV head keeps its top tokens. What the model must look up to restore the
     context (a passkey, every key of a multi-key haystack) scores high before any question is known, where a
-    query-aware member sees only the context's last query. The price is a second pass over the prompt: time to first
-    token about doubles, which the report's latency rows measure. The paper prefixes a "repeat the context" prompt and
-    ranks across heads and layers; here the context follows itself bare (no tokenizer needed) and every head keeps the
-    same count, as the other members do.
+    query-aware member sees only the context's last query. The price is a second pass over the prompt, through float32
+    weights for every query of it: time to first token is 2-4x `full`'s on CPU (README), which the report's latency
+    rows measure. The paper prefixes a "repeat the context" prompt and ranks across heads and layers; here the context
+    follows itself bare (no tokenizer needed) and every head keeps the same count, as the other members do.
 
     The scoring runs once, after the cache's first forward (the prompt, however it was called: `generate`, a manual
     forward, a replayed prefill); so `when` is "prefill", and the whole prompt must be in that first forward (no
