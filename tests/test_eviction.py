@@ -31,7 +31,8 @@ MEMBERS = {
     "kvzip": "kvzip:budget=8,sinks=1,window=4,when=prefill",  # scores once: a budget the first of STEPS[1] exceeds
 }
 RATIO = {"h2o": "h2o:ratio=0.4,sinks=2,window=4,when=budget", "snapkv": "snapkv:ratio=0.4,when=interval,interval=5",
-         "tova": "tova:ratio=0.4,observe=8,kernel=3,sinks=2,window=4,when=budget"}  # tova: its window and pooling
+         "tova": "tova:ratio=0.4,observe=8,kernel=3,sinks=2,window=4,when=budget",  # tova: its window and pooling
+         "kvzip": "kvzip:ratio=0.2,floor=0.5"}  # kvzip: heads sharing the layer's budget
 STEPS = [[(0, 40)] + [(t, t + 1) for t in range(40, 52)],                  # prefill, then decode
          [(0, 9), (9, 30), (30, 31), (31, 44), (44, 45), (45, 46)]]        # multi-token steps
 
@@ -190,7 +191,7 @@ class Reference:
     def evict(self, layer, chosen, capacity):
         self.last_eviction[layer] = self.steps
         r = self.retention
-        if r.name != "adakv":
+        if r.name != "adakv" and getattr(r, "floor", 1.0) >= 1:  # else heads share the layer's budget (Ada-KV)
             # H2O's recent tokens: `recent` of what the sinks leave of the budget (at least `window`)
             window = max(r.window, int(r.recent * (capacity - r.sinks))) if r.name == "h2o" else r.window
             for (row, head), (entries, score, newest) in chosen.items():
@@ -380,6 +381,8 @@ def test_bad_input_is_refused_before_any_work(tiny):
         parse_strategy("kvzip:budget=64,when=budget")
     with pytest.raises(ValueError, match="kvzip:chunk must be >= 1"):
         parse_strategy("kvzip:budget=64,chunk=0")
+    with pytest.raises(ValueError, match=r"kvzip:floor must be in \[0, 1\]"):
+        parse_strategy("kvzip:budget=64,floor=2")
     with pytest.raises(ValueError, match="pass the model to make_cache"):
         make_cache(tiny.config, "kvzip:budget=64")
     with pytest.raises(ValueError, match="leave prefill_chunk out"):

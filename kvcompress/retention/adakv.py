@@ -26,13 +26,19 @@ class AdaKVRetention(SnapKVRetention):
         capacity = self.capacity(view.seen, view.layer, view.layers)
         if view.stored <= capacity:
             return None
-        scores = self.protected_scores(view, capacity)
-        batch, heads, stored = scores.shape
-        own = top(scores, int(self.floor * capacity))
-        scores = scores.scatter(-1, own, float("inf"))
-        chosen = top(scores.flatten(1), heads * capacity)
-        selected = torch.zeros(batch, heads * stored, dtype=torch.bool, device=scores.device)
-        selected = selected.scatter(1, chosen, True).view(batch, heads, stored)
-        width = int(selected.sum(-1).max())
-        index = top(selected.float(), width).sort(dim=-1).values  # the selected, then the newest unselected as filler
-        return Kept(index, selected.gather(-1, index))
+        return shared_across_heads(self.protected_scores(view, capacity), capacity, self.floor)
+
+
+def shared_across_heads(scores: torch.Tensor, capacity: int, floor: float) -> Kept:
+    """Ada-KV's choice from scores [batch, heads, stored]: each head keeps its own top `floor` x `capacity`, the
+    layer's other slots (heads x capacity in all) go to the best-scored tokens of any head; storage is as wide as the
+    widest head, narrower heads padded with their newest unselected tokens as filler."""
+    batch, heads, stored = scores.shape
+    own = top(scores, int(floor * capacity))
+    scores = scores.scatter(-1, own, float("inf"))
+    chosen = top(scores.flatten(1), heads * capacity)
+    selected = torch.zeros(batch, heads * stored, dtype=torch.bool, device=scores.device)
+    selected = selected.scatter(1, chosen, True).view(batch, heads, stored)
+    width = int(selected.sum(-1).max())
+    index = top(selected.float(), width).sort(dim=-1).values  # the selected, then the newest unselected as filler
+    return Kept(index, selected.gather(-1, index))

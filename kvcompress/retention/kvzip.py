@@ -2,6 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adakv import shared_across_heads
 from .base import RETENTIONS, ScoreRetention
 
 
@@ -16,7 +17,11 @@ class KVzipRetention(ScoreRetention):
     query-aware member sees only the context's last query. The price is a second pass over the prompt, through float32
     weights for every query of it: time to first token is 2-4x `full`'s on CPU (README), which the report's latency
     rows measure. The paper prefixes a "repeat the context" prompt and ranks across heads and layers; here the context
-    follows itself bare (no tokenizer needed) and every head keeps the same count, as the other members do.
+    follows itself bare (no tokenizer needed), and every head keeps the same count (floor=1, the default), or, with
+    floor < 1, each head keeps its top `floor` share of the budget and the layer's other slots go to the best-scored
+    tokens of any head (Ada-KV's sharing, `adakv`: storage padded to the widest head, the padding counted). On
+    RULER's essay haystack, where every head keeping the same count lost most multi-key cases (README), sharing
+    kept most of them in ad-hoc runs; it is not yet measured on a grid.
 
     The scoring runs once, after the cache's first forward (the prompt, however it was called: `generate`, a manual
     forward, a replayed prefill); so `when` is "prefill", and the whole prompt must be in that first forward (no
@@ -24,6 +29,7 @@ class KVzipRetention(ScoreRetention):
     attention weights a block of queries at a time, and K/V of the chunk beside the cache."""
 
     chunk: int = 2048
+    floor: float = 1.0
     needs = ("reconstruction",)
 
     def __post_init__(self):
@@ -34,12 +40,21 @@ class KVzipRetention(ScoreRetention):
         if self.chunk < 1:
             raise ValueError(f"{self.name}:chunk must be >= 1 (context tokens reconstructed per pass), "
                              f"got {self.chunk}")
+        if not 0 <= self.floor <= 1:
+            raise ValueError(f"{self.name}:floor must be in [0, 1] (the share of its budget each head keeps by its own "
+                             f"scores), got {self.floor}")
 
     def due(self, stored, seen, layer, layers, step, since_eviction) -> bool:
         return False  # `reconstruct` evicts, once the whole model has scored the context
 
     def score(self, view):
         return view.reconstruction
+
+    def keep(self, view):
+        capacity = self.capacity(view.seen, view.layer, view.layers)
+        if self.floor >= 1 or view.stored <= capacity:
+            return super().keep(view)
+        return shared_across_heads(self.protected_scores(view, capacity), capacity, self.floor)
 
 
 @torch.no_grad()
