@@ -20,8 +20,8 @@ class KVzipRetention(ScoreRetention):
     follows itself bare (no tokenizer needed), and every head keeps the same count (floor=1, the default), or, with
     floor < 1, each head keeps its top `floor` share of the budget and the layer's other slots go to the best-scored
     tokens of any head (Ada-KV's sharing, `adakv`: storage padded to the widest head, the padding counted). On
-    RULER's essay haystack, where every head keeping the same count lost most multi-key cases (README), sharing
-    kept most of them in ad-hoc runs; it is not yet measured on a grid.
+    RULER's essay haystack every head keeping the same count lost most multi-key cases (README); whether sharing does
+    better at equal bytes is not yet known (its runs so far held a third of the bytes: README).
 
     The scoring runs once, after the cache's first forward (the prompt, however it was called: `generate`, a manual
     forward, a replayed prefill); so `when` is "prefill", and the whole prompt must be in that first forward (no
