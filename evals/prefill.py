@@ -18,13 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import prompt_step_bytes
+from ..attention import position_ids, prompt_step_bytes
 from ..cache import KVCache, make_cache
 from ..retention.h2o import H2ORetention
 from ..retention.kvzip import reconstruct
 from ..retention.tova import TOVARetention
 from ..strategy import StrategySpec
 
+RECORDED = {"attention", "mass"}  # the needs a recording serves (kvzip's reconstruction runs on the replay: fill)
 ATTENTION_ROWS = 64  # the last prompt queries whose attention is recorded (SnapKV's observation window fits)
 _RECORDERS = {True: StrategySpec(retention=H2ORetention(budget=2**62)),  # never evict; h2o keeps mass
               False: StrategySpec(retention=TOVARetention(budget=2**62, observe=ATTENTION_ROWS))}
@@ -63,7 +64,7 @@ class Prefill:
             return True
         if cache.layers[0].prefill_chunk is not None:
             return False
-        recorded = set(retention.needs) - {"reconstruction"}  # kvzip's pass runs on the replayed prompt (fill)
+        recorded = RECORDED & set(retention.needs)
         return not recorded or (self.attention is not None and retention.attention_rows <= ATTENTION_ROWS
                                 and ("mass" not in recorded or self.attention[0][1] is not None))
 
@@ -82,7 +83,7 @@ class Prefill:
         if self.attention_mask is not None:
             positions = position_ids(self.attention_mask).to(torch.int32).masked_fill(self.attention_mask == 0, -1)
         retention = cache.spec.retention
-        recorded = self.attention if {"attention", "mass"} & set(retention.needs) else [(None, None)] * len(self.kv)
+        recorded = self.attention if RECORDED & set(retention.needs) else [(None, None)] * len(self.kv)
         padded = self.attention_mask is not None and bool((self.attention_mask == 0).any())
         read = retention.attention_rows if "attention" in retention.needs else 0
         for layer, (keys, values), (rows, mass) in zip(cache.layers, self.kv, recorded):
@@ -100,7 +101,3 @@ def _padding(attention_mask: torch.Tensor | None) -> dict:
     return {} if attention_mask is None else {"attention_mask": attention_mask,
                                               "position_ids": position_ids(attention_mask)}
 
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of left-padded rows as generate numbers them: from 0 at each row's first real token (padding 1)."""
-    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)

@@ -119,6 +119,11 @@ def route(model) -> None:
     model.set_attn_implementation(_register(current))
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows as generate numbers them: from 0 at each row's first real token (padding 1)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
 def new_token_valid(attention_mask, batch: int, q: int, device) -> torch.Tensor:
     """[batch, q] bool: which of the step's tokens are real (not padding), read from the model's own mask (the last q
     columns are the step's tokens whatever the layer stores): bool masks say True, additive ones 0."""

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import RETENTIONS, Kept, top
+from .base import RETENTIONS, Kept, RetentionView, ScoreRetention, top
 from .snapkv import SnapKVRetention
 
 
@@ -23,16 +23,18 @@ class AdaKVRetention(SnapKVRetention):
             raise ValueError(f"{self.name}:floor must be in [0, 1], got {self.floor}")
 
     def keep(self, view):
-        capacity = self.capacity(view.seen, view.layer, view.layers)
-        if view.stored <= capacity:
-            return None
-        return shared_across_heads(self.protected_scores(view, capacity), capacity, self.floor)
+        return shared_across_heads(self, view, self.floor)
 
 
-def shared_across_heads(scores: torch.Tensor, capacity: int, floor: float) -> Kept:
-    """Ada-KV's choice from scores [batch, heads, stored]: each head keeps its own top `floor` x `capacity`, the
-    layer's other slots (heads x capacity in all) go to the best-scored tokens of any head; storage is as wide as the
-    widest head, narrower heads padded with their newest unselected tokens as filler."""
+def shared_across_heads(retention: ScoreRetention, view: RetentionView, floor: float) -> Kept | None:
+    """Ada-KV's choice from a member's protected scores [batch, heads, stored] (None: everything fits): each head
+    keeps its own top `floor` x capacity, the layer's other slots (heads x capacity in all) go to the best-scored
+    tokens of any head; storage is as wide as the widest head, narrower heads padded with their newest unselected
+    tokens as filler."""
+    capacity = retention.capacity(view.seen, view.layer, view.layers)
+    if view.stored <= capacity:
+        return None
+    scores = retention.protected_scores(view, capacity)
     batch, heads, stored = scores.shape
     own = top(scores, int(floor * capacity))
     scores = scores.scatter(-1, own, float("inf"))

@@ -2,6 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention import position_ids
 from .adakv import shared_across_heads
 from .base import RETENTIONS, ScoreRetention
 
@@ -51,10 +52,7 @@ class KVzipRetention(ScoreRetention):
         return view.reconstruction
 
     def keep(self, view):
-        capacity = self.capacity(view.seen, view.layer, view.layers)
-        if self.floor >= 1 or view.stored <= capacity:
-            return super().keep(view)
-        return shared_across_heads(self.protected_scores(view, capacity), capacity, self.floor)
+        return super().keep(view) if self.floor >= 1 else shared_across_heads(self, view, self.floor)
 
 
 @torch.no_grad()
@@ -76,8 +74,8 @@ def reconstruct(model, cache, input_ids: torch.Tensor, attention_mask: torch.Ten
     for start in range(0, tokens, chunk):
         stop = min(start + chunk, tokens)
         seen = torch.cat([mask, mask[:, start:stop]], dim=1)  # the prompt, then this chunk again after it
-        positions = (seen.cumsum(-1) - 1).masked_fill(seen == 0, 1)[:, tokens:]
-        model(input_ids=input_ids[:, start:stop], attention_mask=seen, position_ids=positions, cache=cache,
+        model(input_ids=input_ids[:, start:stop], attention_mask=seen, position_ids=position_ids(seen)[:, tokens:],
+              cache=cache,
               use_cache=True, logits_to_keep=1)
     for layer in layers:
         layer.evict_reconstructed()
@@ -86,7 +84,7 @@ def reconstruct(model, cache, input_ids: torch.Tensor, attention_mask: torch.Ten
 def reconstruct_after_prompt(model, args: tuple, kwargs: dict, output) -> None:
     """A model forward hook: after the first forward into a kvzip cache, reconstruct what it prefilled."""
     cache = kwargs.get("cache")
-    if getattr(cache, "reconstructed", True) or "reconstruction" not in cache.spec.retention.needs:
+    if getattr(cache, "reconstructed", True):  # another cache, or no pass to come (KVCache sets it for kvzip only)
         return
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if input_ids is None:
