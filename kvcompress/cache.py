@@ -277,10 +277,13 @@ class KVLayer(CacheLayerMixin):
         self._end_step(transient + visible.nbytes + self.reconstruction.nbytes)
         return out
 
-    def evict_reconstructed(self) -> None:
-        """Evict by the scores the reconstruction left (kvzip), then leave the scoring mode."""
-        view = RetentionView(self.seen, self.stored, self.positions, None, self.layer_idx, self.layers,
+    def reconstruction_view(self) -> RetentionView:
+        """What the retention sees once the reconstruction (kvzip) scored every stored token."""
+        return RetentionView(self.seen, self.stored, self.positions, None, self.layer_idx, self.layers,
                              reconstruction=self.reconstruction)
+
+    def evict_reconstructed(self, view: RetentionView) -> None:
+        """Evict by the scores the reconstruction left (`view`), then leave the scoring mode."""
         self.reconstruction = None
         self._evict(view)
         self._end_step(0)

@@ -17,6 +17,7 @@ from transformers.masking_utils import sdpa_mask
 from kvcompress import expected_kv_bytes, make_cache, parse_strategy, reconstruct
 from kvcompress.evals.prefill import Prefill
 from kvcompress.cache import seam_retentions
+from kvcompress.retention.base import RetentionView
 
 from .conftest import left_padded, tiny_model
 
@@ -32,7 +33,7 @@ MEMBERS = {
 }
 RATIO = {"h2o": "h2o:ratio=0.4,sinks=2,window=4,when=budget", "snapkv": "snapkv:ratio=0.4,when=interval,interval=5",
          "tova": "tova:ratio=0.4,observe=8,kernel=3,sinks=2,window=4,when=budget",  # tova: its window and pooling
-         "kvzip": "kvzip:ratio=0.2,floor=0.5"}  # kvzip: heads sharing the layer's budget
+         "kvzip": "kvzip:ratio=0.2,layers=equal"}  # kvzip: every layer the same budget
 STEPS = [[(0, 40)] + [(t, t + 1) for t in range(40, 52)],                  # prefill, then decode
          [(0, 9), (9, 30), (30, 31), (31, 44), (44, 45), (45, 46)]]        # multi-token steps
 
@@ -162,15 +163,44 @@ class Reference:
             _visible[layer] = visible
         self.model(input_ids=torch.cat([self.ids[:, :n], self.ids[:, :n]], dim=1), attention_mask=mask,
                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        chosen = []  # per layer
         for layer in range(self.layers):
             peak = _seen[layer][1]
-            chosen = {}
+            chosen.append({})
             for row in range(batch):
                 for head in range(self.heads):
                     entries = [(t, self.position(row, t, live)) for t, live in self.store[layer][row][head]]
                     score = [float(peak[row, head, n:, t].max()) for t, _ in entries]
-                    chosen[row, head] = (entries, score, int(self.positions[row, n - 1]))
-            self.evict(layer, chosen, self.retention.capacity(n, layer, self.layers))
+                    chosen[layer][row, head] = (entries, score, int(self.positions[row, n - 1]))
+        capacity = self.retention.capacity(n)
+        if self.retention.layers == "ranked":
+            capacity = self.layer_capacities(chosen, capacity)
+        for layer in range(self.layers):
+            self.evict(layer, chosen[layer], capacity[layer] if isinstance(capacity, list) else capacity)
+
+    def layer_capacities(self, chosen, capacity):
+        """KVzip's ranking across layers: per row, the top layers x heads x capacity (head, token) scores of the whole
+        model, counted by layer and split over its heads; leftover slots to the largest remainders (ties: the later
+        layer), at least one token a layer. Returns per layer {row: tokens per head}."""
+        r, layers, heads = self.retention, self.layers, self.heads
+        capacities = [{} for _ in range(layers)]
+        for row in range(self.ids.shape[0]):
+            ranked = []  # (rank, layer) in (layer, head, storage index) order
+            for layer in range(layers):
+                for head in range(heads):
+                    entries, score, newest = chosen[layer][row, head]
+                    for i, (t, position) in enumerate(entries):
+                        protected = position >= 0 and (position < r.sinks or position > newest - r.window)
+                        ranked.append((-math.inf if position < 0 else math.inf if protected else score[i], layer))
+            order = sorted(range(len(ranked)), key=lambda j: (-ranked[j][0], -j))[: layers * heads * capacity]
+            counts = [sum(1 for j in order if ranked[j][1] == layer) for layer in range(layers)]
+            per_head = [count // heads for count in counts]
+            short = layers * capacity - sum(per_head)
+            for layer in sorted(range(layers), key=lambda i: (-(counts[i] % heads), -i))[:short]:
+                per_head[layer] += 1
+            for layer in range(layers):
+                capacities[layer][row] = max(1, per_head[layer])
+        return capacities
 
     def score(self, layer, row, head, entries, weights, keys, start, stop):
         name = self.retention.name
@@ -189,26 +219,29 @@ class Reference:
         return _pooled(votes, self.retention.kernel)  # snapkv, pyramid, adakv
 
     def evict(self, layer, chosen, capacity):
+        """capacity: tokens per head, or {row: tokens per head}."""
         self.last_eviction[layer] = self.steps
         r = self.retention
-        if r.name != "adakv" and getattr(r, "floor", 1.0) >= 1:  # else heads share the layer's budget (Ada-KV)
-            # H2O's recent tokens: `recent` of what the sinks leave of the budget (at least `window`)
-            window = max(r.window, int(r.recent * (capacity - r.sinks))) if r.name == "h2o" else r.window
-            for (row, head), (entries, score, newest) in chosen.items():
-                keep = _choose(r, entries, score, capacity, r.sinks, window, newest)
-                self.store[layer][row][head] = [self.store[layer][row][head][i] for i in keep]
-            return
-        selected = {}
+        selected = {}  # row -> {(head, storage index)}
         for row in {row for row, _ in chosen}:
-            ranked = []  # (rank, head, storage index) over the layer's heads
+            kept = capacity[row] if isinstance(capacity, dict) else capacity
+            if r.name != "adakv":
+                # H2O's recent tokens: `recent` of what the sinks leave of the budget (at least `window`)
+                window = max(r.window, int(r.recent * (kept - r.sinks))) if r.name == "h2o" else r.window
+                selected[row] = set()
+                for head in range(self.heads):
+                    entries, score, newest = chosen[row, head]
+                    selected[row] |= {(head, i) for i in _choose(r, entries, score, kept, r.sinks, window, newest)}
+                continue
+            ranked = []  # Ada-KV: (rank, head, storage index) over the layer's heads, which share its budget
             for head in range(self.heads):
                 entries, score, newest = chosen[row, head]
-                own = set(_choose(r, entries, score, int(r.floor * capacity), r.sinks, r.window, newest))
+                own = set(_choose(r, entries, score, int(r.floor * kept), r.sinks, r.window, newest))
                 for i, (t, position) in enumerate(entries):
                     protected = position >= 0 and (position < r.sinks or position > newest - r.window)
                     rank = -math.inf if position < 0 else math.inf if (protected or i in own) else score[i]
                     ranked.append((rank, head, i))
-            order = sorted(range(len(ranked)), key=lambda j: (-ranked[j][0], -j))[: self.heads * capacity]
+            order = sorted(range(len(ranked)), key=lambda j: (-ranked[j][0], -j))[: self.heads * kept]
             selected[row] = {(ranked[j][1], ranked[j][2]) for j in order}
         # one storage width for the layer: the widest head of any row; narrower heads keep their newest as filler
         width = max(sum(1 for h, _ in picks if h == head) for picks in selected.values() for head in range(self.heads))
@@ -217,7 +250,8 @@ class Reference:
                 store = self.store[layer][row][head]
                 picks = [i for i in range(len(store)) if (head, i) in picked]
                 filler = [i for i in reversed(range(len(store))) if (head, i) not in picked][: width - len(picks)]
-                self.store[layer][row][head] = [[store[i][0], (head, i) in picked] for i in sorted(picks + filler)]
+                self.store[layer][row][head] = [[store[i][0], store[i][1] and (head, i) in picked]
+                                                for i in sorted(picks + filler)]
 
     def kept(self, layer, row, head):
         return sorted(self.position(row, t, live) for t, live in self.store[layer][row][head]
@@ -381,8 +415,8 @@ def test_bad_input_is_refused_before_any_work(tiny):
         parse_strategy("kvzip:budget=64,when=budget")
     with pytest.raises(ValueError, match="kvzip:chunk must be >= 1"):
         parse_strategy("kvzip:budget=64,chunk=0")
-    with pytest.raises(ValueError, match=r"kvzip:floor must be in \[0, 1\]"):
-        parse_strategy("kvzip:budget=64,floor=2")
+    with pytest.raises(ValueError, match="kvzip:layers must be one of ranked, equal"):
+        parse_strategy("kvzip:budget=64,layers=heads")
     with pytest.raises(ValueError, match="pass the model to make_cache"):
         make_cache(tiny.config, "kvzip:budget=64")
     with pytest.raises(ValueError, match="leave prefill_chunk out"):
@@ -400,7 +434,9 @@ def test_kvzip_scores_the_prompt_by_reconstructing_it_under_generate(tiny):
         out = tiny.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=6, min_new_tokens=6,
                             do_sample=False, pad_token_id=0)
         assert out.shape == (2, 36) and cache.reconstructed and cache.get_seq_length() == 35
-        assert all(layer.stored == 12 + 5 and layer.reconstruction is None for layer in cache.layers)
+        assert all(layer.reconstruction is None for layer in cache.layers)
+        for row in range(2):  # the layers' budgets are ranked: 12 per head on average, then the 5 new tokens
+            assert sum(int((layer.positions[row] >= 0).sum()) for layer in cache.layers) == (12 + 5) * 2 * 2
         peaks[chunk] = cache.peak_bytes
     full = make_cache(tiny, "full")
     tiny.generate(input_ids=ids, attention_mask=mask, cache=full, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -411,6 +447,27 @@ def test_kvzip_scores_the_prompt_by_reconstructing_it_under_generate(tiny):
         tiny(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
     with pytest.raises(ValueError, match="it holds 30 tokens, input_ids has 20"):
         reconstruct(tiny, cache, ids[:, :20])
+
+
+@pytest.mark.parametrize("counts, expected", [([8, 7, 3], [3, 2, 1]), ([10, 8, 0], [3, 3, 1])])
+def test_kvzip_splits_the_models_top_scores_into_layer_budgets(counts, expected):
+    """3 layers x 3 heads at budget 2: the model's top 18 scores fall `counts` per layer; each layer keeps its count
+    over 3 heads, the slot the division leaves to the largest remainder, and at least one token."""
+    retention = parse_strategy("kvzip:budget=2").retention
+    views = []
+    for layer, count in enumerate(counts):
+        scores = torch.zeros(1, 3 * 8)
+        scores[0, torch.randperm(3 * 8, generator=torch.Generator().manual_seed(layer))[:count]] = 1.0
+        views.append(RetentionView(8, 8, torch.arange(8).expand(1, 3, 8), layer=layer, layers=3,
+                                   reconstruction=scores.view(1, 3, 8)))
+    capacities = retention.layer_capacities(views)
+    assert [int(c) for c in capacities] == expected
+    assert parse_strategy("kvzip:budget=2,layers=equal").retention.layer_capacities(views) == [None] * 3
+    kept = retention.keep(RetentionView(**{**views[0].__dict__, "capacity": capacities[0]}))
+    assert kept.index.shape == (1, 3, 3) and bool(kept.live.all())
+    scores = views[0].reconstruction[0]
+    for head in range(3):  # each head keeps its own top 3: as many of its top-scored tokens as fit
+        assert scores[head, kept.index[0, head]].sum() == min(3, scores[head].sum())
 
 
 def test_an_unrouted_model_is_caught_at_the_next_step(tiny):

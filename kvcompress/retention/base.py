@@ -34,7 +34,8 @@ class RetentionView:
       each stored token over every query so far (members that declare "mass"). keys(): [batch, heads, stored, dim]
       the stored keys as attention reads them (decoded; computed on demand). reconstruction: [batch, heads, stored]
       the most attention any query of the context's reconstruction gave each token, over the query heads of its KV
-      head (members that declare "reconstruction": `kvcompress.reconstruct`).
+      head (members that declare "reconstruction": `kvcompress.reconstruct`). capacity: [batch] tokens each row
+      keeps per head in this layer, where a pass over the whole model set it (kvzip's ranking across layers).
     """
 
     seen: int
@@ -47,6 +48,7 @@ class RetentionView:
     mass: torch.Tensor | None = None
     keys: Callable[[], torch.Tensor] | None = None
     reconstruction: torch.Tensor | None = None
+    capacity: torch.Tensor | None = None
 
 
 class Kept(NamedTuple):
@@ -188,6 +190,14 @@ def top(scores: torch.Tensor, k: int) -> torch.Tensor:
     repeated in the context has the same key norm at every position in the first layer (RoPE rotates)."""
     last = scores.shape[-1] - 1
     return last - scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def kept_from(selected: torch.Tensor) -> Kept:
+    """The storage a selection [batch, heads, stored] bool needs: as wide as the head (of any row) that selects the
+    most, narrower heads padded with their newest unselected tokens as filler (masked out, counted in kv_bytes())."""
+    width = int(selected.sum(-1).max())
+    index = top(selected.float(), width).sort(dim=-1).values  # the selected, then the newest unselected as filler
+    return Kept(index, selected.gather(-1, index))
 
 
 RETENTIONS: Registry[Retention] = Registry("retention")

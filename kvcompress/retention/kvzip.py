@@ -3,8 +3,9 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import position_ids
-from .adakv import shared_across_heads
-from .base import RETENTIONS, ScoreRetention
+from .base import RETENTIONS, Kept, RetentionView, ScoreRetention, kept_from, top
+
+LAYERS = ("ranked", "equal")
 
 
 @RETENTIONS.register("kvzip")
@@ -17,12 +18,15 @@ class KVzipRetention(ScoreRetention):
     context (a passkey, every key of a multi-key haystack) scores high before any question is known, where a
     query-aware member sees only the context's last query. The price is a second pass over the prompt, through float32
     weights for every query of it: time to first token is 2-4x `full`'s on CPU (README), which the report's latency
-    rows measure. The paper prefixes a "repeat the context" prompt and ranks across heads and layers; here the context
-    follows itself bare (no tokenizer needed), and every head keeps the same count (floor=1, the default), or, with
-    floor < 1, each head keeps its top `floor` share of the budget and the layer's other slots go to the best-scored
-    tokens of any head (Ada-KV's sharing, `adakv`: storage padded to the widest head, the padding counted). On
-    RULER's essay haystack every head keeping the same count lost most multi-key cases (README); whether sharing does
-    better at equal bytes is not yet known (its runs so far held a third of the bytes: README).
+    rows measure.
+
+    layers="ranked" (the default, the paper's ranking across layers): one ranking of every layer's scores sets each
+    layer's share of the model's budget (layers x budget per head), so a layer whose heads the copy barely reads gives
+    its slots to one it reads closely; within a layer every head keeps the same count, so storage stays dense at the
+    bytes `layers="equal"` (every layer keeps `budget`) holds. On RULER's essay haystack "equal" lost most multi-key
+    cases that "ranked" keeps (README). The paper also ranks across heads, which a dense store pays for in padding to
+    the widest head; and it prefixes a "repeat the context" prompt, where here the context follows itself bare (no
+    tokenizer needed).
 
     The scoring runs once, after the cache's first forward (the prompt, however it was called: `generate`, a manual
     forward, a replayed prefill); so `when` is "prefill", and the whole prompt must be in that first forward (no
@@ -30,7 +34,7 @@ class KVzipRetention(ScoreRetention):
     attention weights a block of queries at a time, and K/V of the chunk beside the cache."""
 
     chunk: int = 2048
-    floor: float = 1.0
+    layers: str = "ranked"
     needs = ("reconstruction",)
 
     def __post_init__(self):
@@ -41,9 +45,10 @@ class KVzipRetention(ScoreRetention):
         if self.chunk < 1:
             raise ValueError(f"{self.name}:chunk must be >= 1 (context tokens reconstructed per pass), "
                              f"got {self.chunk}")
-        if not 0 <= self.floor <= 1:
-            raise ValueError(f"{self.name}:floor must be in [0, 1] (the share of its budget each head keeps by its own "
-                             f"scores), got {self.floor}")
+        if self.layers not in LAYERS:
+            raise ValueError(f"{self.name}:layers must be one of {', '.join(LAYERS)} (ranked: layers' budgets from one "
+                             f"ranking of every layer's scores; equal: every layer keeps the budget), "
+                             f"got {self.layers!r}")
 
     def due(self, stored, seen, layer, layers, step, since_eviction) -> bool:
         return False  # `reconstruct` evicts, once the whole model has scored the context
@@ -51,8 +56,32 @@ class KVzipRetention(ScoreRetention):
     def score(self, view):
         return view.reconstruction
 
-    def keep(self, view):
-        return super().keep(view) if self.floor >= 1 else shared_across_heads(self, view, self.floor)
+    def keep(self, view: RetentionView) -> torch.Tensor | Kept | None:
+        if view.capacity is None:
+            return super().keep(view)
+        scores = self.protected_scores(view, int(view.capacity.min()))
+        order = top(scores, view.stored)  # each head's tokens, best first
+        ranked = (torch.arange(view.stored, device=scores.device) < view.capacity[:, None, None]).expand_as(order)
+        return kept_from(torch.zeros_like(ranked).scatter(-1, order, ranked))
+
+    def layer_capacities(self, views: list[RetentionView]) -> list[torch.Tensor | None]:
+        """Tokens each row keeps per head in each layer ([batch] per layer; None: the member's own capacity). With
+        layers="ranked", every layer's (head, token) scores are ranked together; the model's top layers x heads x
+        budget are counted by layer and each count split evenly over the layer's heads, the slots the division leaves
+        going to the layers with the largest remainders, and every layer keeping at least one token."""
+        capacity = self.capacity(views[0].seen)
+        if self.layers == "equal" or views[0].stored <= capacity:
+            return [None] * len(views)
+        scores = [self.protected_scores(view, capacity).flatten(1) for view in views]
+        layers, heads, device = len(views), views[0].positions.shape[1], scores[0].device
+        layer_of = torch.cat([torch.full((s.shape[1],), i, device=device) for i, s in enumerate(scores)])
+        chosen = layer_of[top(torch.cat(scores, dim=1), heads * capacity * layers)]  # each chosen token's layer
+        counts = torch.zeros(len(chosen), layers, dtype=torch.long, device=device)
+        counts = counts.scatter_add_(1, chosen, torch.ones_like(chosen))
+        per_head, remainder = counts // heads, counts % heads
+        short = capacity * layers - per_head.sum(dim=1, keepdim=True)
+        per_head = per_head.scatter_add(1, top(remainder, layers), (torch.arange(layers, device=device) < short).long())
+        return list(per_head.clamp(min=1).unbind(1))
 
 
 @torch.no_grad()
@@ -77,8 +106,10 @@ def reconstruct(model, cache, input_ids: torch.Tensor, attention_mask: torch.Ten
         model(input_ids=input_ids[:, start:stop], attention_mask=seen, position_ids=position_ids(seen)[:, tokens:],
               cache=cache,
               use_cache=True, logits_to_keep=1)
-    for layer in layers:
-        layer.evict_reconstructed()
+    views = [layer.reconstruction_view() for layer in layers]
+    for layer, view, capacity in zip(layers, views, cache.spec.retention.layer_capacities(views)):
+        view.capacity = capacity
+        layer.evict_reconstructed(view)
 
 
 def reconstruct_after_prompt(model, args: tuple, kwargs: dict, output) -> None:
