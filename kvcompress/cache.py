@@ -553,6 +553,10 @@ class KVCache(Cache):
         self.resident_bytes += resident_change  # a running sum: summing every layer at every layer's step is O(layers^2)
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes + transient_bytes)
 
+    def reset(self) -> None:
+        super().reset()
+        self.reconstructed = "reconstruction" not in self.spec.retention.needs  # the next prompt is scored again
+
     def kv_bytes(self) -> dict[str, int]:
         """Exact resident bytes per tier name (device, host, disk), summed over layers, plus the store's staging."""
         return merge_bytes(*(layer.kv_bytes() for layer in self.layers), self.store.nbytes())

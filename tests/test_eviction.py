@@ -179,27 +179,26 @@ class Reference:
             self.evict(layer, chosen[layer], capacity[layer] if isinstance(capacity, list) else capacity)
 
     def layer_capacities(self, chosen, capacity):
-        """KVzip's ranking across layers: per row, the top layers x heads x capacity (head, token) scores of the whole
-        model, counted by layer and split over its heads; leftover slots to the largest remainders (ties: the later
-        layer), at least one token a layer. Returns per layer {row: tokens per head}."""
-        r, layers, heads = self.retention, self.layers, self.heads
+        """KVzip's ranking of every (layer, head, token) score, stored densely: per row, a layer is as wide as its head
+        holding most of the model's top scores, the widths summing to layers x capacity: each layer's profile (at rank
+        j, the best j-th score of its heads), the top layers x capacity profile entries of the model (ties: the later
+        entry in (layer, rank) order) counted by layer, at least one token a layer. Returns per layer {row: width}."""
+        r, layers = self.retention, self.layers
         capacities = [{} for _ in range(layers)]
         for row in range(self.ids.shape[0]):
-            ranked = []  # (rank, layer) in (layer, head, storage index) order
+            profile = []  # (score, layer) in (layer, rank) order
             for layer in range(layers):
-                for head in range(heads):
+                ranked = []
+                for head in range(self.heads):
                     entries, score, newest = chosen[layer][row, head]
-                    for i, (t, position) in enumerate(entries):
-                        protected = position >= 0 and (position < r.sinks or position > newest - r.window)
-                        ranked.append((-math.inf if position < 0 else math.inf if protected else score[i], layer))
-            order = sorted(range(len(ranked)), key=lambda j: (-ranked[j][0], -j))[: layers * heads * capacity]
-            counts = [sum(1 for j in order if ranked[j][1] == layer) for layer in range(layers)]
-            per_head = [count // heads for count in counts]
-            short = layers * capacity - sum(per_head)
-            for layer in sorted(range(layers), key=lambda i: (-(counts[i] % heads), -i))[:short]:
-                per_head[layer] += 1
+                    ranks = [-math.inf if position < 0 else
+                             math.inf if position < r.sinks or position > newest - r.window else score[i]
+                             for i, (t, position) in enumerate(entries)]
+                    ranked.append(sorted(ranks, reverse=True))
+                profile += [(max(column), layer) for column in zip(*ranked)]
+            order = sorted(range(len(profile)), key=lambda j: (-profile[j][0], -j))[: layers * capacity]
             for layer in range(layers):
-                capacities[layer][row] = max(1, per_head[layer])
+                capacities[layer][row] = max(1, sum(1 for j in order if profile[j][1] == layer))
         return capacities
 
     def score(self, layer, row, head, entries, weights, keys, start, stop):
@@ -426,7 +425,8 @@ def test_bad_input_is_refused_before_any_work(tiny):
 def test_kvzip_scores_the_prompt_by_reconstructing_it_under_generate(tiny):
     """generate's prompt forward is followed by the reconstruction (the model's forward hook): the cache then holds
     the budget of the prompt plus what came after it, has seen only the real tokens, and counted the copy's
-    transient, less of it in chunks. A cache holding another prompt than the ids is refused."""
+    transient, less of it in chunks; reset, it scores its next prompt. A cache holding another prompt than the ids is
+    refused."""
     ids, mask = distinct_tokens([30, 22])
     peaks = {}
     for chunk in (64, 7):
@@ -438,6 +438,9 @@ def test_kvzip_scores_the_prompt_by_reconstructing_it_under_generate(tiny):
         for row in range(2):  # the layers' budgets are ranked: 12 per head on average, then the 5 new tokens
             assert sum(int((layer.positions[row] >= 0).sum()) for layer in cache.layers) == (12 + 5) * 2 * 2
         peaks[chunk] = cache.peak_bytes
+    cache.reset()  # a reused cache scores its next prompt too
+    tiny.generate(input_ids=ids[:1], cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert cache.reconstructed and sum(layer.stored for layer in cache.layers) == (12 + 1) * 2
     full = make_cache(tiny, "full")
     tiny.generate(input_ids=ids, attention_mask=mask, cache=full, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert peaks[7] < peaks[64] and peaks[7] > full.peak_bytes  # the prompt whole, and a chunk's copy beside it
@@ -449,25 +452,27 @@ def test_kvzip_scores_the_prompt_by_reconstructing_it_under_generate(tiny):
         reconstruct(tiny, cache, ids[:, :20])
 
 
-@pytest.mark.parametrize("counts, expected", [([8, 7, 3], [3, 2, 1]), ([10, 8, 0], [3, 3, 1])])
-def test_kvzip_splits_the_models_top_scores_into_layer_budgets(counts, expected):
-    """3 layers x 3 heads at budget 2: the model's top 18 scores fall `counts` per layer; each layer keeps its count
-    over 3 heads, the slot the division leaves to the largest remainder, and at least one token."""
+@pytest.mark.parametrize("high, expected", [(4, [4, 1, 1]), (5, [5, 1, 1])])
+def test_kvzip_ranks_every_layers_heads_together(high, expected):
+    """3 layers x 3 heads at budget 2 (6 tokens a head over the model): layer 0's first head scores `high` tokens
+    above everything, its other heads nothing; layer 1's heads one token each; layer 2's every token 0.4 (or nothing:
+    it still keeps one). A layer is as wide as its head holding most of the model's top 6 (by the heads' mean, layer
+    2 would take 5), and keeps at least one token; every head of it keeps its own top that many."""
+    spots = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    scores = torch.zeros(3, 1, 3, 8)
+    scores[0, 0, 0, spots[:high]] = torch.linspace(0.9, 0.5, high)
+    scores[1, 0, :] = 0.02
+    scores[1, 0, :, spots[0]] = 0.85
+    scores[2, 0, :] = 0.4 if high == 4 else 0.0
+    views = [RetentionView(8, 8, torch.arange(8).expand(1, 3, 8), layer=layer, layers=3, reconstruction=scores[layer])
+             for layer in range(3)]
     retention = parse_strategy("kvzip:budget=2").retention
-    views = []
-    for layer, count in enumerate(counts):
-        scores = torch.zeros(1, 3 * 8)
-        scores[0, torch.randperm(3 * 8, generator=torch.Generator().manual_seed(layer))[:count]] = 1.0
-        views.append(RetentionView(8, 8, torch.arange(8).expand(1, 3, 8), layer=layer, layers=3,
-                                   reconstruction=scores.view(1, 3, 8)))
     capacities = retention.layer_capacities(views)
     assert [int(c) for c in capacities] == expected
     assert parse_strategy("kvzip:budget=2,layers=equal").retention.layer_capacities(views) == [None] * 3
     kept = retention.keep(RetentionView(**{**views[0].__dict__, "capacity": capacities[0]}))
-    assert kept.index.shape == (1, 3, 3) and bool(kept.live.all())
-    scores = views[0].reconstruction[0]
-    for head in range(3):  # each head keeps its own top 3: as many of its top-scored tokens as fit
-        assert scores[head, kept.index[0, head]].sum() == min(3, scores[head].sum())
+    assert kept.index.shape == (1, 3, high) and bool(kept.live.all())
+    assert kept.index[0, 0].tolist() == sorted(spots[:high].tolist())
 
 
 def test_an_unrouted_model_is_caught_at_the_next_step(tiny):

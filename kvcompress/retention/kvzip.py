@@ -20,13 +20,13 @@ class KVzipRetention(ScoreRetention):
     weights for every query of it: time to first token is 2-4x `full`'s on CPU (README), which the report's latency
     rows measure.
 
-    layers="ranked" (the default, the paper's ranking across layers): one ranking of every layer's scores sets each
-    layer's share of the model's budget (layers x budget per head), so a layer whose heads the copy barely reads gives
-    its slots to one it reads closely; within a layer every head keeps the same count, so storage stays dense at the
-    bytes `layers="equal"` (every layer keeps `budget`) holds. On RULER's essay haystack "equal" lost most multi-key
-    cases that "ranked" keeps (README). The paper also ranks across heads, which a dense store pays for in padding to
-    the widest head; and it prefixes a "repeat the context" prompt, where here the context follows itself bare (no
-    tokenizer needed).
+    layers="ranked" (the default): the paper ranks every (layer, head, token) score of the model together and keeps
+    the top; stored densely, a layer is as wide as its head that holds most of that top, and every head of it keeps
+    that many tokens (the narrower heads' extra tokens are their next best, where padding would hold nothing), the
+    widths summing to layers x budget: the bytes of layers="equal", where every layer keeps `budget`. The copy reads
+    some layers' heads across the whole context and others hardly at all, and ranking moves the budget to the
+    former: on RULER's essay haystack "equal" lost most multi-key cases that "ranked" keeps (README). The paper
+    prefixes a "repeat the context" prompt; here the context follows itself bare (no tokenizer needed).
 
     The scoring runs once, after the cache's first forward (the prompt, however it was called: `generate`, a manual
     forward, a replayed prefill); so `when` is "prefill", and the whole prompt must be in that first forward (no
@@ -66,22 +66,21 @@ class KVzipRetention(ScoreRetention):
 
     def layer_capacities(self, views: list[RetentionView]) -> list[torch.Tensor | None]:
         """Tokens each row keeps per head in each layer ([batch] per layer; None: the member's own capacity). With
-        layers="ranked", every layer's (head, token) scores are ranked together; the model's top layers x heads x
-        budget are counted by layer and each count split evenly over the layer's heads, the slots the division leaves
-        going to the layers with the largest remainders, and every layer keeping at least one token."""
+        layers="ranked", the paper's ranking of every (layer, head, token) score, in dense storage: a layer is as wide
+        as its head that holds most of the model's top scores, and every head of it keeps that many. At a threshold,
+        a layer's width is the number of ranks j at which its best head's j-th score clears it; so the widths are the
+        counts by layer of the model's top layers x budget such profiles (each layer's heads' sorted scores, the
+        maximum over heads at each rank), at least one token a layer."""
         capacity = self.capacity(views[0].seen)
         if self.layers == "equal" or views[0].stored <= capacity:
             return [None] * len(views)
-        scores = [self.protected_scores(view, capacity).flatten(1) for view in views]
-        layers, heads, device = len(views), views[0].positions.shape[1], scores[0].device
-        layer_of = torch.cat([torch.full((s.shape[1],), i, device=device) for i, s in enumerate(scores)])
-        chosen = layer_of[top(torch.cat(scores, dim=1), heads * capacity * layers)]  # each chosen token's layer
-        counts = torch.zeros(len(chosen), layers, dtype=torch.long, device=device)
-        counts = counts.scatter_add_(1, chosen, torch.ones_like(chosen))
-        per_head, remainder = counts // heads, counts % heads
-        short = capacity * layers - per_head.sum(dim=1, keepdim=True)
-        per_head = per_head.scatter_add(1, top(remainder, layers), (torch.arange(layers, device=device) < short).long())
-        return list(per_head.clamp(min=1).unbind(1))
+        profiles = [self.protected_scores(view, capacity).sort(dim=-1, descending=True).values.amax(dim=1)
+                    for view in views]  # [batch, stored] per layer
+        device = profiles[0].device
+        layer_of = torch.cat([torch.full((p.shape[1],), i, device=device) for i, p in enumerate(profiles)])
+        chosen = layer_of[top(torch.cat(profiles, dim=1), capacity * len(views))]  # each chosen rank's layer
+        widths = torch.zeros(len(chosen), len(views), dtype=torch.long, device=device)
+        return list(widths.scatter_add_(1, chosen, torch.ones_like(chosen)).clamp(min=1).unbind(1))
 
 
 @torch.no_grad()
