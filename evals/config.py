@@ -16,9 +16,9 @@ from .tasks import TASKS
 QUESTIONS = ("after", "inside")  # the question arrives after the context was compressed, or inside the prompt
 
 # Presets sized for the quick grid: budgets well below its longest context, so eviction is visible. Two score-based
-# members: kvzip kept most recall at both budgets and placements on this grid's haystack (results/eviction/v5), for a
-# second pass over the prompt; tova:kernel=7, the best without that pass (results/eviction/v4-after), kept far more
-# than kvzip on RULER's essay haystack (results/eviction/v5-ruler).
+# members: kvzip, ranking its layers, kept most recall at both budgets, on this grid's haystack and RULER's essay
+# (results/eviction/v6, v6-ruler), for a second pass over the prompt; tova:kernel=7, the best without that pass
+# (results/eviction/v4-after).
 QUICK_STRATEGIES = ["full", "int8", "fp8", "int4", "window:window=256", "sink:sinks=4,window=252",
                     "tova:kernel=7,budget=256", "kvzip:budget=256", "full+disk"]
 
