@@ -46,9 +46,9 @@ class KVzipRetention(ScoreRetention):
             raise ValueError(f"{self.name}:chunk must be >= 1 (context tokens reconstructed per pass), "
                              f"got {self.chunk}")
         if self.layers not in LAYERS:
-            raise ValueError(f"{self.name}:layers must be one of {', '.join(LAYERS)} (ranked: layers' budgets from one "
-                             f"ranking of every layer's scores; equal: every layer keeps the budget), "
-                             f"got {self.layers!r}")
+            raise ValueError(f"{self.name}:layers must be one of {', '.join(LAYERS)} (ranked: every layer's heads' "
+                             f"scores ranked together, layers as wide as their share; equal: every layer keeps the "
+                             f"budget), got {self.layers!r}")
 
     def due(self, stored, seen, layer, layers, step, since_eviction) -> bool:
         return False  # `reconstruct` evicts, once the whole model has scored the context
