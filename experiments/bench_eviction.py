@@ -57,8 +57,8 @@ def strategies_at(fraction: float, members: list[str], length: int, model_config
 
 def calibrated(strategy: str, fraction: float, model, tokenizer, length: int) -> str:
     """adakv pads each layer's heads to the widest, so its measured bytes exceed its nominal ratio: scale the ratio
-    by what one probe case (passkey, middle depth, seed 99: not a graded case) measures, so
-    that the grid compares members at equal measured bytes."""
+    by what one probe case (passkey, middle depth, seed 99: not a graded case) measures, so that the grid compares
+    members at equal measured bytes."""
     case = make_case("passkey", tokenizer, length, 0.5, 99)
     context = torch.tensor([render(tokenizer, case.messages, case.question)[0]])
     prefill = Prefill.of(model, context, attention=True)
@@ -165,7 +165,7 @@ def grid(args: argparse.Namespace) -> tuple[ReportConfig, dict[str, str]]:
     fractions: dict[str, str] = {"full": "100%"}
     for fraction in map(float, args.fractions.split(",")):
         for strategy in strategies_at(fraction, args.members.split(";"), args.length, model.config, kv_dtype).values():
-            if parse_strategy(strategy).retention.name == "adakv":  # heads share a layer's budget: padded, calibrate
+            if strategy.startswith("adakv"):
                 strategy = calibrated(strategy, fraction, model, tokenizer, args.length)
             fractions[str(parse_strategy(strategy))] = f"{fraction:.0%} of full's bytes"
     config = ReportConfig(strategies=list(fractions), tasks=args.tasks.split(","), lengths=[args.length],

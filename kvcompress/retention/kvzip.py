@@ -103,8 +103,7 @@ def reconstruct(model, cache, input_ids: torch.Tensor, attention_mask: torch.Ten
         stop = min(start + chunk, tokens)
         seen = torch.cat([mask, mask[:, start:stop]], dim=1)  # the prompt, then this chunk again after it
         model(input_ids=input_ids[:, start:stop], attention_mask=seen, position_ids=position_ids(seen)[:, tokens:],
-              cache=cache,
-              use_cache=True, logits_to_keep=1)
+              cache=cache, use_cache=True, logits_to_keep=1)
     views = [layer.reconstruction_view() for layer in layers]
     for layer, view, capacity in zip(layers, views, cache.spec.retention.layer_capacities(views)):
         view.capacity = capacity
