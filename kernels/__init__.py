@@ -6,6 +6,7 @@ from .quant import (
     pack_nibbles,
     quantize_affine,
     quantize_scaled,
+    scale_groups,
     unpack_nibbles,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "pack_nibbles",
     "quantize_affine",
     "quantize_scaled",
+    "scale_groups",
     "unpack_nibbles",
 ]

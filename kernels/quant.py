@@ -29,12 +29,17 @@ def quantize_scaled(x: torch.Tensor, group: int, qmax: float, qdtype: torch.dtyp
     return q.to(qdtype).flatten(-2), scale
 
 
-def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
-    """Writes q * scale * factor into `out` (any strides, the model dtype) and returns it. factor: a power of two
-    that restores codes handed over rescaled (fp8's on CPU), so the product stays exact."""
-    group = q.shape[-1] // scale.shape[-1]
-    scale = scale.to(out.dtype) if factor == 1.0 else scale.to(out.dtype) * factor
+def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Writes q * scale into `out` (any strides, the model dtype) and returns it."""
     out.copy_(q)  # widened in place, then scaled in place: a mixed-dtype mul would widen into a temporary first
+    return scale_groups(out, scale)
+
+
+def scale_groups(out: torch.Tensor, scale: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+    """Multiplies each group of `out`'s channels in place by its scale [..., d // group] times `factor` (a power of
+    two that restores codes laid in rescaled, fp8's on CPU, so the product stays exact) and returns `out`."""
+    group = out.shape[-1] // scale.shape[-1]
+    scale = scale.to(out.dtype) if factor == 1.0 else scale.to(out.dtype) * factor
     _groups(out, group).mul_(scale[..., None])
     return out
 

@@ -76,17 +76,24 @@ def test_fp8_relative_error(fmt, mantissa_bits):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 def test_fp8_decode_equals_conversion_for_every_code(fmt, dtype):
-    """CPU decode re-lays the codes as float16 bits; it must give float8's own conversion for all 256 codes but NaN,
-    into a view of a larger buffer (as into the workspace)."""
+    """CPU decode lays the codes' bits into the output; it must give float8's own conversion for every finite code
+    (all an encoder given finite values makes), into a view of a larger buffer (as into the workspace), under small
+    scales and under scales whose product with the layout's power of two overflows (e4m3 into float32 over 2**8)."""
     spec = parse_strategy(f"fp8:format={fmt}").codec
     bits = torch.arange(256, dtype=torch.uint8)
-    codes = bits.masked_fill(bits.view(spec.qdtype).float().isnan(), 0).view(spec.qdtype).view(1, 1, 4, 64)
-    scale = torch.linspace(0.5, 1.5, 8, dtype=torch.float16).view(1, 1, 4, 2)
-    direct = codes.to(dtype) * scale.to(dtype).repeat_interleave(32, -1)
-    room = torch.full((1, 1, 6, 64), float("nan"), dtype=dtype)
-    decoded = spec.decode({"q": codes, "scale": scale}, room[:, :, 1:5])
-    assert torch.equal(decoded, direct)  # infinities (e5m2) included
-    assert room[:, :, [0, 5]].isnan().all()  # nothing written outside the view
+    codes = bits.masked_fill(~bits.view(spec.qdtype).float().isfinite(), 0).view(spec.qdtype).view(1, 1, 4, 64)
+    for high in (1.5, 60000.0 if dtype != torch.float16 else 1.0):
+        scale = torch.linspace(0.5, high, 8, dtype=torch.float16).view(1, 1, 4, 2)
+        direct = codes.to(dtype) * scale.to(dtype).repeat_interleave(32, -1)
+        room = torch.full((1, 1, 6, 64), float("nan"), dtype=dtype)
+        decoded = spec.decode({"q": codes, "scale": scale}, room[:, :, 1:5])
+        assert torch.equal(decoded, direct), high
+        assert room[:, :, [0, 5]].isnan().all()  # nothing written outside the view
+    # a non-finite input makes a non-finite scale: its group decodes non-finite, the other groups as they were
+    x = torch.randn(1, 1, 2, 64, dtype=dtype)
+    x[0, 0, 0, 3] = float("inf")
+    decoded = spec.decode(spec.encode(x), torch.empty_like(x))
+    assert not decoded[0, 0, 0].isfinite().all() and decoded[0, 0, 1].isfinite().all()
 
 
 def test_nibbles_round_trip():
