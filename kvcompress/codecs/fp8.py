@@ -38,7 +38,7 @@ class Fp8Codec(GroupCodec):
             return dequantize_scaled(q, scale, out)
         factor = _lay_codes(q, self.format, out)
         if factor * torch.finfo(scale.dtype).max > torch.finfo(out.dtype).max and \
-                scale.max().item() * factor > torch.finfo(out.dtype).max:  # e4m3 into float32, a scale over 2**8
+                scale.max().item() * factor > torch.finfo(out.dtype).max:  # e4m3 into float32 or bfloat16, a scale over 2**8
             out.mul_(factor)  # exact: a power of two
             factor = 1.0
         return scale_groups(out, scale, factor)
