@@ -39,6 +39,11 @@ def scale_groups(out: torch.Tensor, scale: torch.Tensor, factor: float = 1.0) ->
     """Multiplies each group of `out`'s channels in place by its scale [..., d // group] times `factor` (a power of
     two that restores codes laid in rescaled, fp8's on CPU, so the product stays exact) and returns `out`."""
     group = out.shape[-1] // scale.shape[-1]
+    largest = torch.finfo(out.dtype).max
+    # scale * factor can overflow (e4m3 into float32 or bfloat16 under a scale over 2**8): then factor goes in first
+    if factor * torch.finfo(scale.dtype).max > largest and scale.max().item() * factor > largest:
+        out.mul_(factor)  # exact: a power of two
+        factor = 1.0
     scale = scale.to(out.dtype) if factor == 1.0 else scale.to(out.dtype) * factor
     _groups(out, group).mul_(scale[..., None])
     return out

@@ -36,13 +36,7 @@ class Fp8Codec(GroupCodec):
         # compiled or CUDA code converts float8 at speed; eager CPU code ~10x slower than laying the bits in
         if torch.compiler.is_compiling() or q.device.type != "cpu" or out.dtype not in _FLOAT_LAYOUTS:
             return dequantize_scaled(q, scale, out)
-        factor = _lay_codes(q, self.format, out)
-        # scale * factor can overflow where a scale is over 2**8 (e4m3 into float32 or bfloat16): apply factor first
-        if factor * torch.finfo(scale.dtype).max > torch.finfo(out.dtype).max and \
-                scale.max().item() * factor > torch.finfo(out.dtype).max:
-            out.mul_(factor)  # exact: a power of two
-            factor = 1.0
-        return scale_groups(out, scale, factor)
+        return scale_groups(out, scale, _lay_codes(q, self.format, out))
 
     def bytes_per_token(self, head_dim, dtype):
         return head_dim + self.scale_bytes(head_dim)
