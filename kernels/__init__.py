@@ -1,7 +1,6 @@
 """Kernels: quantization primitives in plain PyTorch (the CPU reference every fused kernel is tested against)."""
 
 from .quant import (
-    dequantize_affine,
     dequantize_scaled,
     pack_nibbles,
     quantize_affine,
@@ -11,7 +10,6 @@ from .quant import (
 )
 
 __all__ = [
-    "dequantize_affine",
     "dequantize_scaled",
     "pack_nibbles",
     "quantize_affine",

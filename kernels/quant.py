@@ -35,9 +35,11 @@ def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -
     return scale_groups(out, scale)
 
 
-def scale_groups(out: torch.Tensor, scale: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+def scale_groups(out: torch.Tensor, scale: torch.Tensor, factor: float = 1.0,
+                 lo: torch.Tensor | None = None) -> torch.Tensor:
     """Multiplies each group of `out`'s channels in place by its scale [..., d // group] times `factor` (a power of
-    two that restores codes laid in rescaled, fp8's on CPU, so the product stays exact) and returns `out`."""
+    two that restores codes laid in rescaled, fp8's on CPU, so the product stays exact), then adds its minimum `lo`
+    (like scale; affine codes), and returns `out`."""
     group = out.shape[-1] // scale.shape[-1]
     largest = torch.finfo(out.dtype).max
     # scale * factor can overflow (e4m3 into float32 or bfloat16 under a scale over 2**8): then factor goes in first
@@ -45,7 +47,9 @@ def scale_groups(out: torch.Tensor, scale: torch.Tensor, factor: float = 1.0) ->
         out.mul_(factor)  # exact: a power of two
         factor = 1.0
     scale = scale.to(out.dtype) if factor == 1.0 else scale.to(out.dtype) * factor
-    _groups(out, group).mul_(scale[..., None])
+    groups = _groups(out, group).mul_(scale[..., None])
+    if lo is not None:
+        groups.add_(lo.to(out.dtype)[..., None])
     return out
 
 
@@ -60,18 +64,18 @@ def quantize_affine(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Tenso
     return q.to(torch.uint8).flatten(-2), scale, lo
 
 
-def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    group = q.shape[-1] // scale.shape[-1]
-    out.copy_(q)  # widened in place (as in dequantize_scaled)
-    g = _groups(out, group)
-    g.mul_(scale.to(out.dtype)[..., None]).add_(lo.to(out.dtype)[..., None])
-    return out
-
-
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte along the last axis (even index in the low nibble)."""
-    return q[..., 0::2] | (q[..., 1::2] << 4)
+    """Two 4-bit codes per byte along the last axis: channel c in the low nibble, channel c + d/2 in the high one, so
+    that each half of the channels unpacks as one run (interleaved pairs unpack at half the speed on CPU)."""
+    half = q.shape[-1] // 2
+    return q[..., :half] | (q[..., half:] << 4)
 
 
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+def unpack_nibbles(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The codes `pack_nibbles` packed, [..., 2 * bytes]: as uint8, or widened into `out` (any dtype and strides)."""
+    half = packed.shape[-1]
+    if out is None:
+        out = packed.new_empty(*packed.shape[:-1], 2 * half)
+    out[..., :half].copy_(packed & 0xF)
+    out[..., half:].copy_(packed >> 4)
+    return out

@@ -24,11 +24,11 @@ TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
 
 
 @triton.jit
-def dequantize(codes, scales, mins, n, d, inside, code_stride, scale_stride, GROUP: tl.constexpr,
+def dequantize(codes, scales, mins, n, d, inside, code_stride, scale_stride, D: tl.constexpr, GROUP: tl.constexpr,
                CODE: tl.constexpr):
-    if CODE == 3:  # two codes per byte, the even channel in the low nibble
-        byte = tl.load(codes + n[:, None] * code_stride + (d // 2)[None, :], mask=inside[:, None], other=0)
-        x = ((byte.to(tl.int32) >> ((d % 2) * 4)[None, :]) & 15).to(tl.float32)
+    if CODE == 3:  # two codes per byte: channel c in the low nibble, channel c + D / 2 in the high one
+        byte = tl.load(codes + n[:, None] * code_stride + (d % (D // 2))[None, :], mask=inside[:, None], other=0)
+        x = ((byte.to(tl.int32) >> ((d // (D // 2)) * 4)[None, :]) & 15).to(tl.float32)
     else:
         raw = tl.load(codes + n[:, None] * code_stride + d[None, :], mask=inside[:, None], other=0)
         if CODE == 0:
@@ -66,7 +66,7 @@ def decode_split(Q, KQ, KS, KM, VQ, VS, VM, VALID, OUT, LSE,
         inside = n < end
         ok = tl.load(VALID + b * valid_b + h * valid_h + n, mask=inside, other=0) != 0
         k = dequantize(KQ + b * kq_b + h * kq_h, KS + b * ks_b + h * ks_h, KM + b * ks_b + h * ks_h, n, d,
-                       inside, kq_n, ks_n, GROUP, CODE)
+                       inside, kq_n, ks_n, D, GROUP, CODE)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * scaling
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -74,7 +74,7 @@ def decode_split(Q, KQ, KS, KM, VQ, VS, VM, VALID, OUT, LSE,
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         v = dequantize(VQ + b * vq_b + h * vq_h, VS + b * vs_b + h * vs_h, VM + b * vs_b + h * vs_h, n, d,
-                       inside, vq_n, vs_n, GROUP, CODE)
+                       inside, vq_n, vs_n, D, GROUP, CODE)
         total = total * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m = m_new
