@@ -102,6 +102,8 @@ def test_nibbles_round_trip():
     assert packed.shape[-1] == 16 and torch.equal(unpack_nibbles(packed), q)
     room = torch.full((2, 3, 7, 32), float("nan"))  # widened into a view, as a decode writes into the workspace
     assert torch.equal(unpack_nibbles(packed, room[:, :, 1:6]), q.float()) and room[:, :, [0, 6]].isnan().all()
+    with pytest.raises(ValueError, match=r"int4 packs two channels per byte: the model's head_dim \(63\) must be even"):
+        parse_strategy("int4:group=0").codec.check(63, torch.float32)
 
 
 @pytest.fixture(scope="module")
