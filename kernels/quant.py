@@ -76,6 +76,8 @@ def unpack_nibbles(packed: torch.Tensor, out: torch.Tensor | None = None) -> tor
     half = packed.shape[-1]
     if out is None:
         out = packed.new_empty(*packed.shape[:-1], 2 * half)
-    out[..., :half].copy_(packed & 0xF)
-    out[..., half:].copy_(packed >> 4)
+    # the halves as one view's two rows: compiled (the static step), two slices of `out` ran ~5x slower (CPU inductor)
+    halves = out.unflatten(-1, (2, half))
+    halves[..., 0, :].copy_(packed & 0xF)
+    halves[..., 1, :].copy_(packed >> 4)
     return out
