@@ -23,7 +23,7 @@ from .attention import grouped_attention, hand_over, mask_visible, new_token_val
 from .codecs import Codec
 from .dtypes import cast_on_write, parse_dtype
 from .geometry import decoder_config, head_dim
-from .kernels.decode import CHUNK, attend_encoded, supports
+from .kernels.decode import attend_encoded, auto_backend, chunk_tokens, supports
 from .retention import RETENTIONS, Retention
 from .retention.base import Kept, RetentionView
 from .retention.kvzip import reconstruct_after_prompt
@@ -317,11 +317,17 @@ class KVLayer(CacheLayerMixin):
         tail_v = torch.cat([self.recent_v.read(), new_v], dim=2).to(compute)
         packed_k = {name: part.read() for name, part in self.encoded_k.items()}
         packed_v = {name: part.read() for name, part in self.encoded_v.items()}
-        out = attend_encoded(query, self.codec, packed_k, packed_v, visible[:, :, -1, :n_encoded], tail_k, tail_v,
-                             visible[..., n_encoded:], scaling)
         batch, heads, _, dim = new_k.shape
-        decoded_chunk = 2 * batch * heads * min(CHUNK, n_encoded) * dim * 4  # float32 K and V of one chunk
-        return out, None, None, decoded_chunk + tail_k.nbytes + tail_v.nbytes
+        chunk = (batch, heads, min(chunk_tokens(batch, heads, dim), n_encoded), dim)
+        decoded, buffer = 0, None  # the Triton kernel decodes in registers
+        if auto_backend(query, self.codec) == "torch":  # a chunk of K, then of V, decoded into one float32 buffer
+            decoded = batch * heads * chunk[2] * dim * 4
+            if self.workspace is not None and not torch.is_grad_enabled():  # memory already touched
+                buffer = self.workspace.take("k", chunk, torch.float32, new_k.device)
+                decoded = _held_bytes(buffer)
+        out = attend_encoded(query, self.codec, packed_k, packed_v, visible[:, :, -1, :n_encoded], tail_k, tail_v,
+                             visible[..., n_encoded:], scaling, buffer=buffer)
+        return out, None, None, decoded + tail_k.nbytes + tail_v.nbytes
 
     def restore(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None,
                 mass: torch.Tensor | None, compute: torch.dtype, transient_bytes: int = 0,

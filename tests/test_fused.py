@@ -12,7 +12,8 @@ import torch
 
 from kvcompress import make_cache, parse_strategy
 from kvcompress.attention import _fused, grouped_attention
-from kvcompress.kernels.decode import attend_encoded, supports
+from kvcompress.kernels import decode
+from kvcompress.kernels.decode import NEGLIGIBLE, attend_encoded, supports
 
 from .conftest import left_padded, tiny_model
 
@@ -63,6 +64,58 @@ def test_torch_path_equals_dequantize_then_attend(codec_name, group, q, per_head
     for chunk in (32, 1000):  # several chunks, and one
         out = attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="torch", chunk=chunk)
         torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("codec_name", ["int8", "fp8", "fp8:format=e5m2", "int8:group=16", "int4"])
+def test_unscaled_codes_times_their_scales_are_the_decoded_tokens(codec_name):
+    codec = parse_strategy(f"full+{codec_name}").codec
+    x = torch.randn(2, 3, 40, 64, generator=torch.Generator().manual_seed(0))
+    packed = codec.encode(x)
+    decoded = codec.decode(packed, torch.empty_like(x))
+    unscaled = codec.decode_unscaled(packed, torch.empty_like(x))
+    if codec_name in ("int8:group=16", "int4"):  # several scales a token, or an offset: decode applies them
+        assert unscaled is None
+        return
+    scale, exponent = unscaled
+    codes = torch.empty_like(x)
+    codec.decode_unscaled(packed, codes)
+    assert torch.equal(codes * scale.float()[..., None] * 2.0**exponent, decoded)
+
+
+@pytest.mark.parametrize("codec_name", ["int8", "fp8", "fp8:format=e5m2"])
+@pytest.mark.parametrize("magnitude", ["sharp", "huge"])
+def test_torch_path_keeps_large_and_peaked_inputs_exact(codec_name, magnitude):
+    """fp8's codes enter the matmuls laid in float32 bits worth code / 2**120: the queries and weights are lifted by as
+    much as keeps them finite (all of it, or half for scales over 2**8 and queries over 2**8), and weights too small to
+    count are dropped, so that no product is subnormal. Both stay the reference's attention."""
+    codec, query, pk, pv, dk, dv, valid, tk, tv, tvis = _case(codec_name, group=4)
+    if magnitude == "sharp":  # most weights far below 2**-100
+        query = query * 40
+    else:  # e4m3's scales over 2**8 (int8's still within float16), queries over 2**8
+        keys, values = dk * 3e4, dv * 3e4
+        pk, pv = codec.encode(keys), codec.encode(values)
+        dk, dv = codec.decode(pk, torch.empty_like(keys)), codec.decode(pv, torch.empty_like(values))
+        assert pk["scale"].isfinite().all() and (codec_name != "fp8" or pk["scale"].max() > 2**8)
+        query, tk, tv = query * 400, tk * 3e4, tv * 3e4
+    expected = _reference(query, dk, dv, valid, tk, tv, tvis)
+    out = attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="torch")
+    assert torch.isfinite(out).all()
+    scores = _reference_scores(query, dk, tk, valid, tvis)
+    if magnitude == "sharp":
+        assert ((scores.softmax(-1) > 0) & (scores.softmax(-1) < NEGLIGIBLE)).any()  # the case drops weights
+    # a score's rounding (float32's 2**-24 of its magnitude) is its weight's relative error: sharp scores are large
+    largest_score = scores[scores.isfinite()].abs().max().item()
+    atol = 4 * 2**-24 * max(largest_score, 1.0) * expected.abs().max().item()
+    torch.testing.assert_close(out, expected, atol=atol, rtol=1e-5)
+
+
+def _reference_scores(query, keys, tail_k, valid, tail_visible):
+    b, h, n = keys.shape[:3]
+    q = query.shape[2]
+    rows = query.reshape(b, h, -1, keys.shape[-1])
+    scores = rows @ torch.cat([keys, tail_k], 2).transpose(-1, -2) * 0.125
+    visible = torch.cat([valid[:, :, None].expand(b, h, q, n), tail_visible.expand(b, h, q, -1)], -1)
+    return scores.masked_fill(~visible.repeat_interleave(rows.shape[2] // q, 2), float("-inf"))
 
 
 def test_a_row_that_sees_nothing_attends_to_nothing():
@@ -162,7 +215,8 @@ def test_fused_cache_under_beam_search(tiny):
     assert torch.equal(fused.sequences, plain.sequences)
 
 
-def test_fused_decode_never_holds_the_decoded_history():
+def test_fused_decode_never_holds_the_decoded_history(monkeypatch):
+    monkeypatch.setattr(decode, "CHUNK_BYTES", 1024 * 2 * 16 * 4)  # 1,024 tokens of the tiny model's heads a chunk
     model = tiny_model()
     ids = torch.randint(3, 512, (1, 2000), generator=torch.Generator().manual_seed(0))
     peaks = {}

@@ -32,6 +32,12 @@ class Codec:
         """Write the decoded tokens into `out` (a [b, h, t, d] view, model dtype) and return it."""
         raise NotImplementedError
 
+    def decode_unscaled(self, packed: Packed, out: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """For a codec with one scale per token and head: write the codes into `out` (float32) unscaled and return
+        (scale [b, h, t], exponent), the decoded token being out * scale * 2**exponent, so that attention can scale its
+        few rows of scores and weights instead of every decoded channel. None for any other codec (then `decode`)."""
+        return None
+
     def bytes_per_token(self, head_dim: int, dtype: torch.dtype) -> float:
         """Encoded bytes of one token of one head, for K or V, scales included."""
         raise NotImplementedError

@@ -36,7 +36,14 @@ class Fp8Codec(GroupCodec):
         # compiled or CUDA code converts float8 at speed; eager CPU code ~10x slower than laying the bits in
         if torch.compiler.is_compiling() or q.device.type != "cpu" or out.dtype not in _FLOAT_LAYOUTS:
             return dequantize_scaled(q, scale, out)
-        return scale_groups(out, scale, _lay_codes(q, self.format, out))
+        return scale_groups(out, scale, 2.0 ** _lay_codes(q, self.format, out))
+
+    def decode_unscaled(self, packed, out):
+        q, scale = packed["q"], packed["scale"]
+        if (scale.shape[-1] != 1 or q.device.type != "cpu" or out.dtype not in _FLOAT_LAYOUTS
+                or torch.compiler.is_compiling()):
+            return None
+        return scale[..., 0], _lay_codes(q, self.format, out)
 
     def bytes_per_token(self, head_dim, dtype):
         return head_dim + self.scale_bytes(head_dim)
@@ -48,14 +55,14 @@ _FLOAT_LAYOUTS = {torch.float32: (torch.int32, 23, 127), torch.bfloat16: (torch.
 _FP8_LAYOUTS = {"e4m3": (3, 7), "e5m2": (2, 15)}
 
 
-def _lay_codes(q: torch.Tensor, format: str, out: torch.Tensor) -> float:
-    """Writes float8 codes q into `out` as out's own float bits worth code / factor, and returns that factor (a power
-    of two: the exponent biases' difference). Integer operations in out's own memory: eager float8 -> float
-    conversion on CPU is ~10x slower, and building float16 bits in a temporary to widen into `out` takes a pass and
-    an allocation more. The code is sign-extended and shifted so that its mantissa ends where out's does; the copies
-    of its sign between its exponent and out's sign bit are cleared. Every finite code is exact, subnormals included
-    (they land as out's subnormals: ~1e-4 of the default model's codes); infinity and NaN codes, which encode makes
-    only from non-finite inputs (whose scale is then non-finite too), do not stay non-finite on their own."""
+def _lay_codes(q: torch.Tensor, format: str, out: torch.Tensor) -> int:
+    """Writes float8 codes q into `out` as out's own float bits worth code / 2**e, and returns e (the exponent
+    biases' difference). Integer operations in out's own memory: eager float8 -> float conversion on CPU is ~10x
+    slower, and building float16 bits in a temporary to widen into `out` takes a pass and an allocation more. The
+    code is sign-extended and shifted so that its mantissa ends where out's does; the copies of its sign between its
+    exponent and out's sign bit are cleared. Every finite code is exact, subnormals included (they land as out's
+    subnormals: ~1e-4 of the default model's codes); infinity and NaN codes, which encode makes only from non-finite
+    inputs (whose scale is then non-finite too), do not stay non-finite on their own."""
     view, mantissa, bias = _FLOAT_LAYOUTS[out.dtype]
     code_mantissa, code_bias = _FP8_LAYOUTS[format]
     shift = mantissa - code_mantissa
@@ -63,4 +70,4 @@ def _lay_codes(q: torch.Tensor, format: str, out: torch.Tensor) -> float:
     sign_copies = (1 << (torch.iinfo(view).bits - 1)) - (1 << (7 + shift))
     if sign_copies:
         bits.bitwise_and_(~sign_copies)
-    return 2.0 ** (bias - code_bias)
+    return bias - code_bias

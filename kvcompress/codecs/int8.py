@@ -18,5 +18,11 @@ class Int8Codec(GroupCodec):
     def decode(self, packed, out):
         return dequantize_scaled(packed["q"], packed["scale"], out)
 
+    def decode_unscaled(self, packed, out):
+        if packed["scale"].shape[-1] != 1:
+            return None
+        out.copy_(packed["q"])
+        return packed["scale"][..., 0], 0
+
     def bytes_per_token(self, head_dim, dtype):
         return head_dim + self.scale_bytes(head_dim)
