@@ -47,10 +47,14 @@ def _case(codec_name, batch=2, kv_heads=2, group=2, q=1, n=150, tail=5, dim=64, 
     return codec, query, packed_k, packed_v, decoded_k, decoded_v, valid, tail_k, tail_v, tail_visible
 
 
+def _visible(valid, tail_visible, heads, q):
+    """[b, heads, q, n + t]: what each query sees of [encoded | tail]."""
+    batch, n = valid.shape[0], valid.shape[2]
+    return torch.cat([valid[:, :, None].expand(batch, heads, q, n), tail_visible.expand(batch, heads, q, -1)], -1)
+
+
 def _reference(query, decoded_k, decoded_v, valid, tail_k, tail_v, tail_visible):
-    batch, heads, n = decoded_k.shape[0], decoded_k.shape[1], decoded_k.shape[2]
-    q = query.shape[2]
-    visible = torch.cat([valid[:, :, None].expand(batch, heads, q, n), tail_visible.expand(batch, heads, q, -1)], -1)
+    visible = _visible(valid, tail_visible, decoded_k.shape[1], query.shape[2])
     out, _, _, _ = grouped_attention(query, torch.cat([decoded_k, tail_k], 2), torch.cat([decoded_v, tail_v], 2),
                                      visible, 0.125)
     return out
@@ -109,11 +113,11 @@ def test_torch_path_keeps_large_and_peaked_inputs_exact(codec_name, magnitude):
 
 
 def _reference_scores(query, keys, tail_k, valid, tail_visible):
-    b, h, n = keys.shape[:3]
+    b, h = keys.shape[:2]
     q = query.shape[2]
     rows = query.reshape(b, h, -1, keys.shape[-1])
     scores = rows @ torch.cat([keys, tail_k], 2).transpose(-1, -2) * 0.125
-    visible = torch.cat([valid[:, :, None].expand(b, h, q, n), tail_visible.expand(b, h, q, -1)], -1)
+    visible = _visible(valid, tail_visible, h, q)
     return scores.masked_fill(~visible.repeat(1, 1, rows.shape[2] // q, 1), float("-inf"))  # rows: query heads, then q
 
 
