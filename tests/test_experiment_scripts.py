@@ -57,6 +57,37 @@ def test_bench_core_judges_each_target_by_its_interval(tmp_path, monkeypatch):
     assert "| 48 | int8 | full | 1.10x |" in (tmp_path / "bench_core.md").read_text()
 
 
+def test_bench_core_pools_processes_and_keeps_finished_ones(tmp_path, monkeypatch):
+    argv = ["--model", "random:tiny", "--lengths", "32", "--steps", "6", "--warmup", "1", "--rounds", "2",
+            "--processes", "2", "--strategies", "full", "--out", str(tmp_path)]
+    _run("bench_core.py", argv, monkeypatch)
+    result = json.loads((tmp_path / "bench_core.json").read_text())
+    processes = [json.loads((tmp_path / f"process-{k}" / "bench_core.json").read_text()) for k in (1, 2)]
+    full = next(r for r in result["rows"] if r["strategy"] == "full")
+    assert full["decode_ms_rounds"] == sum((next(r for r in p["rows"] if r["strategy"] == "full")["decode_ms_rounds"]
+                                            for p in processes), [])  # four rounds, process by process
+    [target] = result["targets"]
+    assert len(target["per_process"]) == 2 and result["meta"]["processes"] == 2
+    assert "each process" in (tmp_path / "bench_core.md").read_text()
+
+    # A rerun keeps a process made by the same command at this commit of a clean tree, and runs none anew
+    import subprocess
+
+    from kvcompress.provenance import provenance
+    for k, process in enumerate(processes, 1):
+        process["meta"].update(git_commit=provenance("random:tiny", None)["git_commit"], git_dirty=False)
+        (tmp_path / f"process-{k}" / "bench_core.json").write_text(json.dumps(process))
+
+    real_run = subprocess.run
+
+    def only_git(command, *args, **kwargs):  # provenance asks git; a benchmark process must not start
+        assert command[0] == "git", f"ran a process again: {command}"
+        return real_run(command, *args, **kwargs)
+    monkeypatch.setattr(subprocess, "run", only_git)
+    _run("bench_core.py", argv, monkeypatch)
+    assert json.loads((tmp_path / "bench_core.json").read_text())["rows"] == result["rows"]
+
+
 def test_eviction_budgets_take_members_with_parameters():
     """bench_eviction sets each member's ratio from its bytes per token, a member given with parameters included."""
     bench = runpy.run_path(str(REPO / "experiments" / "bench_eviction.py"))
