@@ -9,7 +9,7 @@ storage for the context plus the decoded tokens, allocated once) compiled whole 
 compile it and fall in the warm-up). Targets (issue 12): our `full` <= 1.02x DynamicCache; int8 and fp8 <= 1.10x our
 `full`, eager and compiled alike.
 
-    python experiments/bench_core.py [--model default] [--lengths 1024,4096] [--steps 48] [--rounds 3]
+    python experiments/bench_core.py [--model default] [--lengths 1024,4096] [--steps 48] [--rounds 3] [--processes 1]
 
 Decode ms/token is the median over `rounds` interleaved passes (strategy order reversed every other round) of
 `steps` steps each, the first `warmup` steps of every pass excluded. `--processes N` runs those rounds in N fresh
