@@ -106,8 +106,9 @@ def main() -> None:
     verdicts = targets(rows, args.rounds)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_core.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets": verdicts}, indent=1) + "\n")
-    (out / "bench_core.md").write_text(markdown(meta, rows, verdicts))
-    print(markdown(meta, rows, verdicts))
+    text = markdown(meta, rows, verdicts)
+    (out / "bench_core.md").write_text(text)
+    print(text)
 
 
 def run_process(args: argparse.Namespace, out: Path) -> dict:
@@ -118,12 +119,11 @@ def run_process(args: argparse.Namespace, out: Path) -> dict:
             "--strategies", args.strategies, "--out", str(out)]
     done = out / "bench_core.json"
     if done.exists():
-        previous = json.loads(done.read_text())["meta"]
-        now = provenance(args.model, None, ["python", "experiments/bench_core.py", *argv])
-        if (previous["command"], previous["git_commit"], previous["git_dirty"]) == (now["command"], now["git_commit"],
-                                                                                     False):
+        previous = json.loads(done.read_text())
+        made, now = previous["meta"], provenance(args.model, None, ["python", "experiments/bench_core.py", *argv])
+        if (made["command"], made["git_commit"], made["git_dirty"]) == (now["command"], now["git_commit"], False):
             print(f"{out}: kept (same command and commit)", file=sys.stderr)
-            return json.loads(done.read_text())
+            return previous
     subprocess.run([sys.executable, __file__, *argv], check=True, stdout=subprocess.DEVNULL)
     return json.loads(done.read_text())
 

@@ -4,12 +4,14 @@ on a lent GPU (minutes of it), and a benchmark's verdicts must come from its int
 import gc
 import json
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 from kvcompress import bytes_per_token, load_model, parse_strategy
+from kvcompress.provenance import provenance
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,9 +73,6 @@ def test_bench_core_pools_processes_and_keeps_finished_ones(tmp_path, monkeypatc
     assert "each process" in (tmp_path / "bench_core.md").read_text()
 
     # A rerun keeps a process made by the same command at this commit of a clean tree, and runs none anew
-    import subprocess
-
-    from kvcompress.provenance import provenance
     for k, process in enumerate(processes, 1):
         process["meta"].update(git_commit=provenance("random:tiny", None)["git_commit"], git_dirty=False)
         (tmp_path / f"process-{k}" / "bench_core.json").write_text(json.dumps(process))
