@@ -1,6 +1,15 @@
-"""Evaluation harness: texts and (issue 3) recall tasks, fidelity, latency, memory and the report."""
+"""Evaluation harness: recall tasks, fidelity, latency, memory and the report; this module holds the shipped texts.
 
+This folder ships as `kvcompress.evals`; found as the top-level `evals` (Python started in the repo root) it loads the
+installed package of that name instead, as kernels/ does."""
+
+import os
 from pathlib import Path
+
+if "." not in __name__:
+    from kvcompress.kernels import load_installed
+
+    load_installed(__name__, os.path.dirname(__file__))
 
 import torch
 

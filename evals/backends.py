@@ -19,8 +19,8 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -77,7 +77,11 @@ class Worker:
 
     def describe(self) -> dict:
         """What the records' meta says about the machine: its device and dtypes (a Ray worker's, not the driver's)."""
-        return {"device": device_name(self.harness.config.device), "host": socket.gethostname(), **self.harness.dtypes()}
+        return {
+            "device": device_name(self.harness.config.device),
+            "host": socket.gethostname(),
+            **self.harness.dtypes(),
+        }
 
     def run(self, config: dict, cell: dict) -> dict:
         if config != self.config:
@@ -91,6 +95,7 @@ def units(jobs: list[Job], configs: list[dict]) -> list[list[Job]]:
     """Jobs that run best on one worker, in order: a task and length's recall cells (its cases run in batches, one
     prefill serving every strategy; a case's strategies when cases run one at a time), a length's latency cells
     (each ratio against `full` timed on one device), one fidelity cell each."""
+
     def group(job: Job) -> tuple:
         index, cell = job
         if cell["kind"] == "recall":
@@ -152,8 +157,13 @@ class WorkerLoadError(ValueError):
 def _cause(err: BaseException) -> str:
     """The last line of a Ray error that names the exception ('ValueError: unknown model ...'), not its traceback."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    named = [line for line in lines if ": " in line and line.split(":", 1)[0].replace(".", "").isidentifier()
-             and not line.startswith(("class_name", "actor_id", "pid", "name", "namespace", "ip"))]
+    named = [
+        line
+        for line in lines
+        if ": " in line
+        and line.split(":", 1)[0].replace(".", "").isidentifier()
+        and not line.startswith(("class_name", "actor_id", "pid", "name", "namespace", "ip"))
+    ]
     return (named or lines or [type(err).__name__])[-1][:500]
 
 
@@ -175,12 +185,15 @@ def connect(backend: Backend, device: str):
 def _fits(ray, backend: Backend, gpus: float) -> int:
     """Workers the cluster holds now, or an error when not one fits (Ray would otherwise wait for it forever)."""
     resources = ray.cluster_resources()
-    fits = min(resources.get("CPU", 0) // backend.cpus_per_worker,
-               resources.get("GPU", 0) // gpus if gpus else math.inf)
+    fits = min(
+        resources.get("CPU", 0) // backend.cpus_per_worker, resources.get("GPU", 0) // gpus if gpus else math.inf
+    )
     if fits < 1:
-        raise ValueError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} "
-                         f"GPUs: not one worker of {backend.cpus_per_worker:g} CPUs and {gpus:g} GPUs "
-                         f"fits (--cpus-per-worker, --gpus-per-worker)")
+        raise ValueError(
+            f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} "
+            f"GPUs: not one worker of {backend.cpus_per_worker:g} CPUs and {gpus:g} GPUs "
+            f"fits (--cpus-per-worker, --gpus-per-worker)"
+        )
     return int(fits)
 
 
@@ -195,8 +208,9 @@ def run_tasks(backend: Backend, device: str, function: Callable, calls: list[tup
     ray, started, gpus = connect(backend, device)
     try:
         _fits(ray, backend, gpus)
-        task = ray.remote(_threaded).options(num_cpus=backend.cpus_per_worker, num_gpus=gpus,
-                                             max_retries=backend.retries)
+        task = ray.remote(_threaded).options(
+            num_cpus=backend.cpus_per_worker, num_gpus=gpus, max_retries=backend.retries
+        )
         refs = [task.remote(backend.threads, function, *args) for args in calls]
         try:
             return ray.get(refs)
@@ -223,8 +237,11 @@ class RayRunner:
             fits = _fits(self.ray, backend, self.gpus)
             self.size = backend.workers or fits
             if self.size > fits:
-                print(f"kvcompress: {self.size} workers asked, the cluster holds {int(fits)} now; the others start "
-                      f"when resources appear", file=sys.stderr)
+                print(
+                    f"kvcompress: {self.size} workers asked, the cluster holds {int(fits)} now; the others start "
+                    f"when resources appear",
+                    file=sys.stderr,
+                )
             self.actor_class = self.ray.remote(Worker)
             self.ready: dict = {}  # describe() call -> worker, until the worker has loaded its model
             self.where: dict[str, str] = {}
@@ -239,9 +256,12 @@ class RayRunner:
         name = f"worker-{self.count}"
         self.count += 1
         # named per run, so two sweeps on one cluster never ask for the same actor name
-        actor = self.actor_class.options(name=f"kvcompress-{self.run_id}-{name}", num_cpus=self.backend.cpus_per_worker,
-                                         num_gpus=self.gpus, max_restarts=0).remote(
-            self.first_config, self.backend.threads)
+        actor = self.actor_class.options(
+            name=f"kvcompress-{self.run_id}-{name}",
+            num_cpus=self.backend.cpus_per_worker,
+            num_gpus=self.gpus,
+            max_restarts=0,
+        ).remote(self.first_config, self.backend.threads)
         self.actors[name] = actor
         self.ready[actor.describe.remote()] = name
 
@@ -256,8 +276,9 @@ class RayRunner:
             try:
                 described = self.ray.get(done[0])
             except self.ray.exceptions.RayError as err:
-                raise WorkerLoadError(f"Ray worker {name} could not start (model "
-                                      f"{self.first_config['model']!r}): {_cause(err)}") from None
+                raise WorkerLoadError(
+                    f"Ray worker {name} could not start (model {self.first_config['model']!r}): {_cause(err)}"
+                ) from None
             self.where[name] = f"{described['host']}, {described['device']}"
             block = False
         return described
@@ -297,8 +318,10 @@ class RayRunner:
                     except ray.exceptions.RayTaskError as err:
                         raise err.as_instanceof_cause() from None
                     del self.inflight[ref]
-                    self._done({**record, **({"attempt": self.attempts[cell["id"]] + 1}
-                                             if self.attempts[cell["id"]] else {})}, name)
+                    self._done(
+                        {**record, **({"attempt": self.attempts[cell["id"]] + 1} if self.attempts[cell["id"]] else {})},
+                        name,
+                    )
         finally:
             self.progress.bar.close()
         return dict(self.progress.per_worker)
@@ -320,8 +343,14 @@ class RayRunner:
             if out_of_memory and position == 0:  # a worker runs its cells in order: the first was running
                 self._done({**cell, "outcome": "allocation_failure", "error": f"{name} killed: {reason}"}, name)
             elif self.attempts[cell["id"]] >= self.backend.retries:
-                self._done({**cell, "outcome": "error",
-                            "error": f"its worker died {self.attempts[cell['id']] + 1} times: {reason}"}, name)
+                self._done(
+                    {
+                        **cell,
+                        "outcome": "error",
+                        "error": f"its worker died {self.attempts[cell['id']] + 1} times: {reason}",
+                    },
+                    name,
+                )
             else:
                 self.attempts[cell["id"]] += 1
                 retry.append((index, cell))

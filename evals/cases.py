@@ -9,14 +9,36 @@ planted answer appears in the generated text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from . import haystack_text
 
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
-WORDS = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "indigo", "juniper", "kestrel",
-         "lantern", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saffron", "tundra", "umber", "violet")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+WORDS = (
+    "amber",
+    "birch",
+    "cobalt",
+    "delta",
+    "ember",
+    "falcon",
+    "garnet",
+    "harbor",
+    "indigo",
+    "juniper",
+    "kestrel",
+    "lantern",
+    "meadow",
+    "nickel",
+    "orchid",
+    "pepper",
+    "quartz",
+    "raven",
+    "saffron",
+    "tundra",
+    "umber",
+    "violet",
+)
 # The generators' version: bumped whenever a seed's prompt changes, so a resumed run never mixes two versions' cases
 # under one cell id (2: prompts end in a partial haystack unit and reach their length within a token; 1: before).
 CASES = 2
@@ -51,13 +73,15 @@ def _fit(build: Callable[[int, int], tuple], tokenizer, length: int) -> tuple:
     whole haystack units, then the most characters of what the haystack would go on with (`build(units, chars)`),
     so the prompt ends within a token of the target. Raises ValueError naming the shortest length when even no
     haystack does not fit."""
+
     def tokens(units: int, chars: int = 0) -> int:
         return sum(map(len, render(tokenizer, *build(units, chars)[:2])))
 
     shortest = tokens(0)
     if shortest > length:
-        raise ValueError(f"length {length} is too short for this task: its prompt without any haystack takes "
-                         f"{shortest} tokens")
+        raise ValueError(
+            f"length {length} is too short for this task: its prompt without any haystack takes {shortest} tokens"
+        )
     units = _largest(lambda n: tokens(n) <= length, max(1, length))
     return build(units, _largest(lambda c: tokens(units, c) <= length, TAIL_CHARS))
 
@@ -86,8 +110,13 @@ def haystack_units(haystack: str) -> list[str]:
     return haystack_text().split()
 
 
-def fill(haystack: str, count: int, needles: list[tuple[float, str]], tail: int = 0,
-         distractor: Callable[[], str] | None = None) -> str:
+def fill(
+    haystack: str,
+    count: int,
+    needles: list[tuple[float, str]],
+    tail: int = 0,
+    distractor: Callable[[], str] | None = None,
+) -> str:
     """`count` haystack units (noise sentences, essay words, or distractor needles, each a `distractor()` call) and
     the first `tail` characters of the units that would follow, with each needle at its relative depth (the partial
     unit counts as the last one, so depth 1 is still the end)."""

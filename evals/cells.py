@@ -15,8 +15,11 @@ from .tasks import depths
 # nothing else, so changing a guardrail or the at-scale column reruns nothing, and changing decode steps reruns
 # only latency cells.
 COMMON_SETTINGS = ("model", "device", "kv_dtype", "compute_dtype", "weights")
-CELL_SETTINGS = {"recall": ("max_new_tokens", "prefill_chunk"), "latency": ("decode_steps",),
-                 "fidelity": ("fidelity_windows", "fidelity_prefill", "fidelity_steps", "fidelity_text")}
+CELL_SETTINGS = {
+    "recall": ("max_new_tokens", "prefill_chunk"),
+    "latency": ("decode_steps",),
+    "fidelity": ("fidelity_windows", "fidelity_prefill", "fidelity_steps", "fidelity_text"),
+}
 
 
 def cell_id(config: ReportConfig, cell: dict) -> str:
@@ -40,13 +43,30 @@ def cell_id(config: ReportConfig, cell: dict) -> str:
 def cell_keys(config: ReportConfig) -> list[dict]:
     """Every cell of a run, each with its id, in the order it runs: recall case by case (strategies innermost, so
     one prefill of a batch's contexts serves them all), then latency round by round, then fidelity."""
-    cells = [{"kind": "recall", "strategy": strategy, "task": task, "length": length, "depth": depth, "seed": seed,
-              "question": question}
-             for task in config.tasks for length in config.lengths for depth in depths(config.depths)
-             for seed in range(config.seeds) for question in config.questions for strategy in config.strategies]
+    cells = [
+        {
+            "kind": "recall",
+            "strategy": strategy,
+            "task": task,
+            "length": length,
+            "depth": depth,
+            "seed": seed,
+            "question": question,
+        }
+        for task in config.tasks
+        for length in config.lengths
+        for depth in depths(config.depths)
+        for seed in range(config.seeds)
+        for question in config.questions
+        for strategy in config.strategies
+    ]
     # every strategy's round r before any round r + 1, so drift of the machine lands in every strategy's rounds alike;
     # round 0 has no key, so the cells of runs from before rounds keep their ids
-    cells += [{"kind": "latency", "strategy": s, "length": length, **({"round": r} if r else {})}
-              for length in config.lengths for r in range(config.latency_rounds) for s in config.strategies]
+    cells += [
+        {"kind": "latency", "strategy": s, "length": length, **({"round": r} if r else {})}
+        for length in config.lengths
+        for r in range(config.latency_rounds)
+        for s in config.strategies
+    ]
     cells += [{"kind": "fidelity", "strategy": s} for s in config.strategies]
     return [{"id": cell_id(config, cell), "model": config.model, **cell} for cell in cells]

@@ -19,8 +19,17 @@ QUESTIONS = ("after", "inside")  # the question arrives after the context was co
 # members: kvzip, ranking its layers, kept most recall at both budgets, on this grid's haystack and RULER's essay
 # (results/eviction/v6, v6-ruler), for a second pass over the prompt; tova:kernel=7, the best without that pass
 # (results/eviction/v4-after).
-QUICK_STRATEGIES = ["full", "int8", "fp8", "int4", "window:window=256", "sink:sinks=4,window=252",
-                    "tova:kernel=7,budget=256", "kvzip:budget=256", "full+disk"]
+QUICK_STRATEGIES = [
+    "full",
+    "int8",
+    "fp8",
+    "int4",
+    "window:window=256",
+    "sink:sinks=4,window=252",
+    "tova:kernel=7,budget=256",
+    "kvzip:budget=256",
+    "full+disk",
+]
 
 
 @dataclass
@@ -69,12 +78,20 @@ class ReportConfig:
         self.context = parse_tokens(self.context, "context")
         if not self.lengths:
             raise ValueError("lengths must list at least one token count")
-        for name, value in (("lengths", min(self.lengths)), ("depths", self.depths), ("seeds", self.seeds),
-                            ("sessions", self.sessions), ("context", self.context),
-                            ("max_new_tokens", self.max_new_tokens), ("recall_batch", self.recall_batch),
-                            ("decode_steps", self.decode_steps), ("latency_rounds", self.latency_rounds),
-                            ("fidelity_windows", self.fidelity_windows), ("fidelity_prefill", self.fidelity_prefill),
-                            ("fidelity_steps", self.fidelity_steps)):
+        for name, value in (
+            ("lengths", min(self.lengths)),
+            ("depths", self.depths),
+            ("seeds", self.seeds),
+            ("sessions", self.sessions),
+            ("context", self.context),
+            ("max_new_tokens", self.max_new_tokens),
+            ("recall_batch", self.recall_batch),
+            ("decode_steps", self.decode_steps),
+            ("latency_rounds", self.latency_rounds),
+            ("fidelity_windows", self.fidelity_windows),
+            ("fidelity_prefill", self.fidelity_prefill),
+            ("fidelity_steps", self.fidelity_steps),
+        ):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         bad = [q for q in self.questions if q not in QUESTIONS]
@@ -97,7 +114,9 @@ class ReportConfig:
     def from_dict(cls, data: dict) -> ReportConfig:
         unknown = sorted(set(data) - set(cls.fields()))
         if unknown:
-            raise ValueError(f"unknown report setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(cls.fields()))}")
+            raise ValueError(
+                f"unknown report setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(cls.fields()))}"
+            )
         return cls(**data)
 
     @classmethod
@@ -114,10 +133,22 @@ class ReportConfig:
 def configs_of(meta: dict) -> list[ReportConfig]:
     """The ReportConfigs a records file was run with: one per model (files from before model grids hold one; files
     from before batched recall ran one case at a time, with the first generators' cases)."""
-    return [ReportConfig.from_dict({"recall_batch": 1, "cases": 1, **c}) for c in meta.get("configs") or [meta["config"]]]
+    return [
+        ReportConfig.from_dict({"recall_batch": 1, "cases": 1, **c}) for c in meta.get("configs") or [meta["config"]]
+    ]
 
 
 # `kvcompress report --smoke`: the whole pipeline in about a minute on 2 CPU cores (CI runs it); numbers mean nothing
-SMOKE = dict(strategies=["full", "int8", "window:window=64"], tasks=["passkey"], lengths=[256], depths=2, seeds=1,
-             max_new_tokens=8, decode_steps=4, latency_rounds=2, fidelity_windows=2, fidelity_prefill=64,
-             fidelity_steps=8)
+SMOKE = dict(
+    strategies=["full", "int8", "window:window=64"],
+    tasks=["passkey"],
+    lengths=[256],
+    depths=2,
+    seeds=1,
+    max_new_tokens=8,
+    decode_steps=4,
+    latency_rounds=2,
+    fidelity_windows=2,
+    fidelity_prefill=64,
+    fidelity_steps=8,
+)

@@ -13,8 +13,9 @@ from .prefill import Prefill
 
 
 @torch.no_grad()
-def step_logits(model, input_ids: torch.Tensor, strategy: str | StrategySpec, prefill: int,
-                prefix: Prefill | None = None) -> torch.Tensor:
+def step_logits(
+    model, input_ids: torch.Tensor, strategy: str | StrategySpec, prefill: int, prefix: Prefill | None = None
+) -> torch.Tensor:
     """Prefill `prefill` tokens of each row (windows of a text, equal lengths, no padding), then feed the rest one
     token per step through the strategy's cache. Returns float32 logits [rows * steps, vocab] predicting tokens
     prefill .. end of each row. `prefix`: the rows' prefill, made once (`Prefill.of`) and shared by strategies."""
@@ -39,6 +40,7 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, targets: torch.Ten
     if targets is not None:
         nll_ref = -log_ref.gather(-1, targets[:, None]).mean().item()
         nll_cand = -log_cand.gather(-1, targets[:, None]).mean().item()
-        result.update(ppl_full=math.exp(nll_ref), ppl=math.exp(nll_cand),
-                      ppl_change_pct=100 * (math.exp(nll_cand - nll_ref) - 1))
+        result.update(
+            ppl_full=math.exp(nll_ref), ppl=math.exp(nll_cand), ppl_change_pct=100 * (math.exp(nll_cand - nll_ref) - 1)
+        )
     return result

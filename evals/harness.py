@@ -7,8 +7,8 @@ import dataclasses
 import resource
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -22,7 +22,7 @@ from ..static import capture
 from ..strategy import parse_strategy
 from . import reference_text, text_ids
 from .backends import Backend, start
-from .cases import CASES
+from .cases import CASES, needle_positions, render, score
 from .cells import cell_keys
 from .config import ReportConfig, configs_of
 from .fidelity import compare, step_logits
@@ -30,7 +30,7 @@ from .latency import percentile, time_generation
 from .prefill import Prefill
 from .records import RecordStore
 from .report import write_report
-from .tasks import depths, make_case, needle_positions, render, score
+from .tasks import depths, make_case
 
 
 def _is_allocation_failure(err: BaseException) -> bool:
@@ -80,7 +80,7 @@ class AnswerFound(StoppingCriteria):
         self.tokenizer, self.prompt_tokens, self.answers = tokenizer, prompt_tokens, answers
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_tokens:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_tokens :], skip_special_tokens=True)
         found = [score(answer, text) for answer, text in zip(self.answers, texts)]
         return torch.tensor(found, dtype=torch.bool, device=input_ids.device)
 
@@ -92,11 +92,19 @@ def _per_row(kv_bytes: dict[str, int], rows: int) -> dict[str, int]:
 class Harness:
     def __init__(self, config: ReportConfig):
         self.config = config
-        self.model, self.tokenizer = load_model(config.model, dtype=config.compute_dtype, device=config.device,
-                                                kv_dtype=config.kv_dtype, weights=config.weights)
+        self.model, self.tokenizer = load_model(
+            config.model,
+            dtype=config.compute_dtype,
+            device=config.device,
+            kv_dtype=config.kv_dtype,
+            weights=config.weights,
+        )
         # a random-weight model (random:<arch>) has no tokenizer and answers nothing: memory and latency only
-        self.skipped = (None if self.tokenizer is not None else
-                        f"{config.model} has random weights and no tokenizer: recall and fidelity mean nothing")
+        self.skipped = (
+            None
+            if self.tokenizer is not None
+            else f"{config.model} has random weights and no tokenizer: recall and fidelity mean nothing"
+        )
         self._full_logits: torch.Tensor | None = None
         self._fidelity_prefill: Prefill | None = None
         self._text_token_ids: torch.Tensor | None = None
@@ -131,8 +139,7 @@ class Harness:
             self._case_prefill = None  # the last batch's K/V go before this one's are made
             ids, mask = self._left_padded(rows)
             padded = None if bool(mask.all()) else mask  # unpadded: exactly the one-case prefill
-            self._case_prefill = (key, Prefill.of(self.model, ids, **self._recorded,
-                                                  attention_mask=padded))
+            self._case_prefill = (key, Prefill.of(self.model, ids, **self._recorded, attention_mask=padded))
         return self._case_prefill[1]
 
     def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,8 +155,11 @@ class Harness:
         context only those whose question has as many tokens (every row's context step must end at one column).
         Fixed by the grid, not by which cells are left, so a resumed run batches a case as the first run did."""
         if self._cases[0] != (task, length):
-            cases = [make_case(task, self.tokenizer, length, d, s)
-                     for d in depths(self.config.depths) for s in range(self.config.seeds)]
+            cases = [
+                make_case(task, self.tokenizer, length, d, s)
+                for d in depths(self.config.depths)
+                for s in range(self.config.seeds)
+            ]
             self._cases = ((task, length), [self._rendered(case) for case in cases])
         cases = self._cases[1]
         mine = next((c for c in cases if c[0].key == (task, length, round(depth, 4), seed)), None)
@@ -157,7 +167,7 @@ class Harness:
             return [self._rendered(make_case(task, self.tokenizer, length, depth, seed))]
         alike = [c for c in cases if question == "inside" or len(c[2]) == len(mine[2])]
         start = alike.index(mine) // self.config.recall_batch * self.config.recall_batch
-        return alike[start:start + self.config.recall_batch]
+        return alike[start : start + self.config.recall_batch]
 
     def _rendered(self, case) -> tuple:
         return (case, *render(self.tokenizer, case.messages, case.question))
@@ -185,29 +195,45 @@ class Harness:
         with make_cache(self.model, strategy, prefill_chunk=chunk, batch_size=rows) as cache:
             prefill.fill(self.model, cache)
             kv_bytes_prefill, peak_prefill = cache.kv_bytes(), cache.peak_bytes
-            survival = [needle_survival(cache, needle_positions(self.tokenizer, case), self.kv_heads, row, pad)
-                        for row, ((case, *_), pad) in enumerate(zip(batch, pads))]
+            survival = [
+                needle_survival(cache, needle_positions(self.tokenizer, case), self.kv_heads, row, pad)
+                for row, ((case, *_), pad) in enumerate(zip(batch, pads))
+            ]
             answers = [case.answer for case, *_ in batch]
             self._sync_peak()
-            out = self.model.generate(input_ids=ids, attention_mask=mask, cache=cache,
-                                      max_new_tokens=max(self.config.max_new_tokens,
-                                                         *(case.answer_tokens or 0 for case, *_ in batch)),
-                                      do_sample=False,
-                                      stopping_criteria=StoppingCriteriaList([AnswerFound(self.tokenizer, ids.shape[1],
-                                                                                          answers)]),
-                                      pad_token_id=self.tokenizer.eos_token_id)
-            outputs = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-            shared = {"kv_bytes_prefill": _per_row(kv_bytes_prefill, rows),
-                      "kv_bytes_final": _per_row(cache.kv_bytes(), rows),
-                      "peak_kv_bytes_prefill": peak_prefill // rows, "peak_kv_bytes": cache.peak_bytes // rows,
-                      "peak_device_bytes": self._peak(),  # the batch's (weights included), not divided
-                      "stored_tokens": cache.stored_tokens(), "seen_tokens": cache.get_seq_length(),
-                      "process_peak_rss_bytes": _peak_rss_bytes(), "batch_rows": rows}
-            return [{"answer": case.answer, "correct": score(case.answer, output),
-                     "prompt_tokens": len(context) + len(asked), "output": output,
-                     "needle_survival": row_survival["mean"],
-                     "needle_survival_per_layer_head": row_survival["per_layer_head"], **shared}
-                    for (case, context, asked), output, row_survival in zip(batch, outputs, survival)]
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                cache=cache,
+                max_new_tokens=max(self.config.max_new_tokens, *(case.answer_tokens or 0 for case, *_ in batch)),
+                do_sample=False,
+                stopping_criteria=StoppingCriteriaList([AnswerFound(self.tokenizer, ids.shape[1], answers)]),
+                pad_token_id=self.tokenizer.eos_token_id,
+            )
+            outputs = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+            shared = {
+                "kv_bytes_prefill": _per_row(kv_bytes_prefill, rows),
+                "kv_bytes_final": _per_row(cache.kv_bytes(), rows),
+                "peak_kv_bytes_prefill": peak_prefill // rows,
+                "peak_kv_bytes": cache.peak_bytes // rows,
+                "peak_device_bytes": self._peak(),  # the batch's (weights included), not divided
+                "stored_tokens": cache.stored_tokens(),
+                "seen_tokens": cache.get_seq_length(),
+                "process_peak_rss_bytes": _peak_rss_bytes(),
+                "batch_rows": rows,
+            }
+            return [
+                {
+                    "answer": case.answer,
+                    "correct": score(case.answer, output),
+                    "prompt_tokens": len(context) + len(asked),
+                    "output": output,
+                    "needle_survival": row_survival["mean"],
+                    "needle_survival_per_layer_head": row_survival["per_layer_head"],
+                    **shared,
+                }
+                for (case, context, asked), output, row_survival in zip(batch, outputs, survival)
+            ]
 
     def _text_ids(self, length: int, windows: int = 1) -> torch.Tensor:
         if self._text_token_ids is None and self.tokenizer is None:  # random weights: timing ignores the values
@@ -230,38 +256,54 @@ class Harness:
             kv_bytes_final, fused = cache.kv_bytes(), cache.fused
         decode = timing["decode_s"][warmup:]
         p50 = statistics.median(decode)
-        record = {"ttft_s": timing["ttft_s"], "decode_ms_p50": p50 * 1e3,
-                  "decode_ms_p95": percentile(decode, 95) * 1e3, "tokens_per_s": 1 / p50,
-                  "decode_ms": [round(1e3 * s, 4) for s in decode],  # every step: the spread verdicts are judged on
-                  "peak_device_bytes": self._peak(), "kv_bytes_final": kv_bytes_final,
-                  "fused_decode": fused,  # whether decode steps attended over the codes (make_cache's fused)
-                  "compiled": capture(self.model.device) if compile else None}
+        record = {
+            "ttft_s": timing["ttft_s"],
+            "decode_ms_p50": p50 * 1e3,
+            "decode_ms_p95": percentile(decode, 95) * 1e3,
+            "tokens_per_s": 1 / p50,
+            "decode_ms": [round(1e3 * s, 4) for s in decode],  # every step: the spread verdicts are judged on
+            "peak_device_bytes": self._peak(),
+            "kv_bytes_final": kv_bytes_final,
+            "fused_decode": fused,  # whether decode steps attended over the codes (make_cache's fused)
+            "compiled": capture(self.model.device) if compile else None,
+        }
         if refusal:  # --compile, and this strategy has no static step: it ran eager
             record["compile_skipped"] = refusal
         if timing["transfer"]:  # offloading tiers: what one decode step moves, and how long the host waited for it
             per_step = {key: value / steps for key, value in timing["transfer"].items()}
             busy = per_step["transfer_s"] + per_step["disk_s"]
-            record.update(moved_bytes_per_step=sum(v for k, v in per_step.items() if k.endswith("_bytes")),
-                          transfer_ms_per_step=1e3 * busy, stall_ms_per_step=1e3 * per_step["stall_s"],
-                          # the share of copy/I-O time the host did not wait for: hidden behind compute
-                          overlap=max(0.0, 1 - per_step["stall_s"] / busy) if busy else None,
-                          transfer_per_step=per_step)
+            record.update(
+                moved_bytes_per_step=sum(v for k, v in per_step.items() if k.endswith("_bytes")),
+                transfer_ms_per_step=1e3 * busy,
+                stall_ms_per_step=1e3 * per_step["stall_s"],
+                # the share of copy/I-O time the host did not wait for: hidden behind compute
+                overlap=max(0.0, 1 - per_step["stall_s"] / busy) if busy else None,
+                transfer_per_step=per_step,
+            )
         return record
 
     def fidelity(self, strategy: str) -> dict:
         c = self.config
         ids = self._text_ids(c.fidelity_prefill + c.fidelity_steps, c.fidelity_windows)
         if self._full_logits is None:
-            self._fidelity_prefill = Prefill.of(self.model, ids[:, :c.fidelity_prefill], **self._recorded)
+            self._fidelity_prefill = Prefill.of(self.model, ids[:, : c.fidelity_prefill], **self._recorded)
             self._full_logits = step_logits(self.model, ids, "full", c.fidelity_prefill, self._fidelity_prefill)
         full = parse_strategy(strategy) == parse_strategy("full")  # the reference itself: no second run
-        candidate = self._full_logits if full else step_logits(self.model, ids, strategy, c.fidelity_prefill,
-                                                                self._fidelity_prefill)
-        return compare(self._full_logits, candidate, ids[:, c.fidelity_prefill:].flatten())
+        candidate = (
+            self._full_logits
+            if full
+            else step_logits(self.model, ids, strategy, c.fidelity_prefill, self._fidelity_prefill)
+        )
+        return compare(self._full_logits, candidate, ids[:, c.fidelity_prefill :].flatten())
 
 
-def run_report(config: ReportConfig | list[ReportConfig] | None, out: Path, resume: bool = False,
-               command: list[str] | None = None, backend: Backend | None = None) -> Path:
+def run_report(
+    config: ReportConfig | list[ReportConfig] | None,
+    out: Path,
+    resume: bool = False,
+    command: list[str] | None = None,
+    backend: Backend | None = None,
+) -> Path:
     """Run (or finish, with resume=True) every cell into out/records.jsonl, then write the report. `config` may list
     one ReportConfig per model (a sweep over models: same strategies and cells, rows grouped by model). Resuming with
     a config (a sweep file widened or narrowed) keeps every record whose cell is still in the grid and runs only the
@@ -277,21 +319,31 @@ def run_report(config: ReportConfig | list[ReportConfig] | None, out: Path, resu
     grid = {"config": dataclasses.asdict(configs[0]), "configs": [dataclasses.asdict(c) for c in configs]}
     if store is not None and {k: store.meta.get(k) for k in grid} != grid:
         store.replace_meta({**store.meta, **grid})
-    jobs = [(index, cell) for index, c in enumerate(configs) for cell in cell_keys(c)
-            if store is None or not store.has(cell)]
+    jobs = [
+        (index, cell)
+        for index, c in enumerate(configs)
+        for cell in cell_keys(c)
+        if store is None or not store.has(cell)
+    ]
     if not jobs:  # a resumed run with nothing left: no model loads, no worker starts; the report alone
         return write_report(out)
     stale = {configs[index].cases for index, cell in jobs if cell["kind"] == "recall"} - {CASES}
     if stale:
-        raise ValueError(f"{out}: its recall records were made by version {min(stale)} of the case "
-                         f"generators and this kvcompress makes version {CASES} (other prompts), so its missing "
-                         "recall cells cannot be run to match them; run the grid into a new --out, or resume it "
-                         "with `kvcompress sweep FILE --resume` (which reruns every recall cell)")
+        raise ValueError(
+            f"{out}: its recall records were made by version {min(stale)} of the case "
+            f"generators and this kvcompress makes version {CASES} (other prompts), so its missing "
+            "recall cells cannot be run to match them; run the grid into a new --out, or resume it "
+            "with `kvcompress sweep FILE --resume` (which reruns every recall cell)"
+        )
     runner = start(backend, configs, jobs[0][0])  # a bad model or device fails here, before a records file exists
     try:
         if store is None:
-            meta = {**provenance(configs[0].model, None, command), **runner.describe(), **grid,
-                    "backend": backend.record()}
+            meta = {
+                **provenance(configs[0].model, None, command),
+                **runner.describe(),
+                **grid,
+                "backend": backend.record(),
+            }
             store = RecordStore(out / "records.jsonl", meta)
         per_worker = runner.run(jobs, store.append)
     finally:

@@ -37,14 +37,20 @@ from ..models import _pretrained_source, default_model_dir, load_model
 from ..strategy import AXES, parse_strategy
 from ..units import parse_token_list
 from .backends import Backend, run_tasks
+from .cases import render, score
 from .records import FORMAT
-from .tasks import TASKS, make_case, render, score
+from .tasks import TASKS, make_case
 from .tasks import depths as depth_grid
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 REQUESTS_FILE = "kvcompress_requests.jsonl"
-_STRATEGY_KEYS = {f.name for registry in AXES.values() for name in registry.names()
-                  for f in dataclasses.fields(registry.get(name)) if f.init}
+_STRATEGY_KEYS = {
+    f.name
+    for registry in AXES.values()
+    for name in registry.names()
+    for f in dataclasses.fields(registry.get(name))
+    if f.init
+}
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
@@ -69,8 +75,10 @@ class _StepClock(LogitsProcessor):
 
     def summary(self) -> dict[str, float | None]:
         gaps = [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]
-        return {"ttft_s": self.stamps[1] - self.stamps[0] if len(self.stamps) > 1 else None,
-                "decode_ms_per_token": 1e3 * sum(gaps) / len(gaps) if gaps else None}
+        return {
+            "ttft_s": self.stamps[1] - self.stamps[0] if len(self.stamps) > 1 else None,
+            "decode_ms_per_token": 1e3 * sum(gaps) / len(gaps) if gaps else None,
+        }
 
 
 @register_model("kvcompress")
@@ -83,10 +91,20 @@ class KVCompressLM(HFLM):
     JSON line each.
     """
 
-    def __init__(self, pretrained: str = "default", strategy: str = "full", dtype: str | None = None,
-                 kv_dtype: str | None = None, device: str | None = None, batch_size: int | str = 1,
-                 requests_file: str | None = None, offload_dir: str | None = None, weights: str | None = None,
-                 tokenizer: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        pretrained: str = "default",
+        strategy: str = "full",
+        dtype: str | None = None,
+        kv_dtype: str | None = None,
+        device: str | None = None,
+        batch_size: int | str = 1,
+        requests_file: str | None = None,
+        offload_dir: str | None = None,
+        weights: str | None = None,
+        tokenizer: str | None = None,
+        **kwargs: Any,
+    ):
         # tokenizer: read by lm-eval's synthetic tasks (RULER) to size their prompts; the model uses its own
         strategy_parts = [str(strategy)]
         for key in [k for k in kwargs if k in _STRATEGY_KEYS]:  # lm-eval split `strategy=sink:sinks=4,window=512`
@@ -96,8 +114,9 @@ class KVCompressLM(HFLM):
             raise ValueError(f"batch_size must be a positive integer for the kvcompress model, got {batch_size!r}")
         if usable_device(device) != (device or "cpu"):
             warnings.warn(f"device={device!r} but CUDA is not available: running on the CPU", stacklevel=2)
-        model, tokenizer = load_model(pretrained, dtype=dtype, device=usable_device(device), kv_dtype=kv_dtype,
-                                      weights=weights)
+        model, tokenizer = load_model(
+            pretrained, dtype=dtype, device=usable_device(device), kv_dtype=kv_dtype, weights=weights
+        )
         if tokenizer is None:
             raise ValueError(f"pretrained={pretrained!r} has no tokenizer; lm-eval needs text in and out")
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
@@ -109,8 +128,15 @@ class KVCompressLM(HFLM):
         return make_cache(self.model, self.spec, offload_dir=self.offload_dir)
 
     def _record(self, kind: str, cache, tokens: int, **timing: float | None) -> None:
-        record = {"strategy": str(self.spec), "kind": kind, "seen_tokens": cache.get_seq_length(),
-                  "stored_tokens": cache.stored_tokens(), "kv_bytes": cache.kv_bytes(), "new_tokens": tokens, **timing}
+        record = {
+            "strategy": str(self.spec),
+            "kind": kind,
+            "seen_tokens": cache.get_seq_length(),
+            "stored_tokens": cache.stored_tokens(),
+            "kv_bytes": cache.kv_bytes(),
+            "new_tokens": tokens,
+            **timing,
+        }
         self.requests.append(record)
         if self.requests_file is not None:
             self.requests_file.parent.mkdir(parents=True, exist_ok=True)
@@ -120,34 +146,51 @@ class KVCompressLM(HFLM):
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         clock = _StepClock(self.model.device)
         with self._cache() as cache:
-            out = super()._model_generate(context, max_length, stop, cache=cache,
-                                          logits_processor=LogitsProcessorList([clock]), **generation_kwargs)
+            out = super()._model_generate(
+                context,
+                max_length,
+                stop,
+                cache=cache,
+                logits_processor=LogitsProcessorList([clock]),
+                **generation_kwargs,
+            )
             self._record("generate_until", cache, out.shape[1] - context.shape[1], **clock.summary())
         return out
 
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         results = []
-        for request, context_enc, continuation_enc in tqdm(requests, disable=disable_tqdm or self.rank != 0,
-                                                            desc="Running loglikelihood requests"):
-            tokens = (context_enc + continuation_enc)[-(self.max_length + 1):]
+        for request, context_enc, continuation_enc in tqdm(
+            requests, disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests"
+        ):
+            tokens = (context_enc + continuation_enc)[-(self.max_length + 1) :]
             count = min(len(continuation_enc), len(tokens) - 1)
             inputs, targets = tokens[:-1], torch.tensor(tokens[-count:], device=self.model.device)
             split = len(inputs) - count + 1  # the context, through the token that predicts the first target
             with self._cache() as cache:
                 start = time.perf_counter()
-                logits = [self.model(input_ids=torch.tensor([inputs[:split]], device=self.model.device),
-                                     cache=cache).logits[0, -1:]]
+                logits = [
+                    self.model(input_ids=torch.tensor([inputs[:split]], device=self.model.device), cache=cache).logits[
+                        0, -1:
+                    ]
+                ]
                 prefilled = time.perf_counter()
                 for token in inputs[split:]:
                     step = torch.tensor([[token]], device=self.model.device)
                     logits.append(self.model(input_ids=step, cache=cache).logits[0, -1:])
                 logprobs = F.log_softmax(torch.cat(logits).to(self.softmax_dtype or torch.float32), dim=-1)
-                answer = (logprobs.gather(-1, targets[:, None]).sum().item(),
-                          bool((logprobs.argmax(-1) == targets).all()))
+                answer = (
+                    logprobs.gather(-1, targets[:, None]).sum().item(),
+                    bool((logprobs.argmax(-1) == targets).all()),
+                )
                 steps = len(inputs) - split
-                self._record("loglikelihood", cache, count, ttft_s=prefilled - start,
-                             decode_ms_per_token=1e3 * (time.perf_counter() - prefilled) / steps if steps else None)
+                self._record(
+                    "loglikelihood",
+                    cache,
+                    count,
+                    ttft_s=prefilled - start,
+                    decode_ms_per_token=1e3 * (time.perf_counter() - prefilled) / steps if steps else None,
+                )
             results.append(answer)
             if request is not None:
                 self.cache_hook.add_partial("loglikelihood", request, answer)
@@ -167,8 +210,10 @@ def _as_list(value) -> list:
 
 def load_tokenizer(spec: str):
     if spec.startswith("random:"):
-        raise ValueError(f"tokenizer {spec!r}: random models have no tokenizer; pass --metadata "
-                         "'{\"tokenizer\": \"default\"}' or an HF id")
+        raise ValueError(
+            f"tokenizer {spec!r}: random models have no tokenizer; pass --metadata "
+            '\'{"tokenizer": "default"}\' or an HF id'
+        )
     source, kwargs = _pretrained_source(spec)
     return AutoTokenizer.from_pretrained(source, **kwargs)
 
@@ -186,9 +231,17 @@ def recall_docs(task: str, tokenizer, lengths: list[int], depth_count: int, seed
                 else:
                     text = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in case.messages[:-1])
                     text += f"\nUser: {case.question}"
-                docs.append({"input": text, "answer": case.answer, "length": length, "depth": depth, "seed": seed,
-                             "prompt_tokens": sum(map(len, render(tokenizer, case.messages, case.question))),
-                             "answer_tokens": case.answer_tokens or 0})
+                docs.append(
+                    {
+                        "input": text,
+                        "answer": case.answer,
+                        "length": length,
+                        "depth": depth,
+                        "seed": seed,
+                        "prompt_tokens": sum(map(len, render(tokenizer, case.messages, case.question))),
+                        "answer_tokens": case.answer_tokens or 0,
+                    }
+                )
     return docs
 
 
@@ -207,8 +260,9 @@ class KVCTask(ConfigurableTask):
         meta = dict(config.get("metadata") or {})
         task = config["task"].removeprefix("kvc_")
         if task not in TASKS:
-            raise ValueError(f"unknown kvcompress task {config['task']!r}; allowed: "
-                             + ", ".join(f"kvc_{t}" for t in TASKS))
+            raise ValueError(
+                f"unknown kvcompress task {config['task']!r}; allowed: " + ", ".join(f"kvc_{t}" for t in TASKS)
+            )
         lengths = parse_token_list(_as_list(meta.get("lengths", [512, 1024])), "metadata lengths")
         depth_count, seeds = int(meta.get("depths", 5)), int(meta.get("seeds", 1))
         tokenizer_spec = str(meta.get("tokenizer") or meta.get("pretrained") or "default")
@@ -218,12 +272,18 @@ class KVCTask(ConfigurableTask):
         # to 10 words, 4 uuids) that may span lines: no stop, and the budget the report gives the task's cases
         budget = max(doc["answer_tokens"] for doc in docs)
         config.update(
-            output_type="generate_until", test_split="test", doc_to_text="{{input}}", doc_to_target="{{answer}}",
+            output_type="generate_until",
+            test_split="test",
+            doc_to_text="{{input}}",
+            doc_to_target="{{answer}}",
             custom_dataset=lambda **_: {"test": datasets.Dataset.from_list(docs)},
             process_results=process_results,
             metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
-            generation_kwargs=({"until": [], "max_gen_toks": budget, "do_sample": False} if budget
-                               else {"until": ["\n"], "max_gen_toks": 16, "do_sample": False}),
+            generation_kwargs=(
+                {"until": [], "max_gen_toks": budget, "do_sample": False}
+                if budget
+                else {"until": ["\n"], "max_gen_toks": 16, "do_sample": False}
+            ),
         )
         config.pop("class", None)
         super().__init__(config=config, **kwargs)
@@ -232,7 +292,13 @@ class KVCTask(ConfigurableTask):
 def task_manager(include_path: str | Path | list | None = None, **kwargs) -> TaskManager:
     """A TaskManager that knows our tasks beside lm-eval's and `include_path`'s, for `simple_evaluate(...,
     task_manager=kvcompress.lm_eval.task_manager())`."""
-    paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+    paths = (
+        []
+        if include_path is None
+        else list(include_path)
+        if isinstance(include_path, (list, tuple))
+        else [include_path]
+    )
     return TaskManager(include_path=[*paths, str(TASKS_DIR)], **kwargs)
 
 
@@ -249,8 +315,11 @@ def run_cli(argv: list[str]) -> None:
     out, model_args = _option(argv, "--output_path"), _model_args(_option(argv, "--model_args") or "")
     meta = None
     if _option(argv, "--model") == "kvcompress" and out is not None:
-        meta = provenance(model_args.get("pretrained", "default"), usable_device(_option(argv, "--device")),
-                          ["kvcompress", "lm-eval", *argv])
+        meta = provenance(
+            model_args.get("pretrained", "default"),
+            usable_device(_option(argv, "--device")),
+            ["kvcompress", "lm-eval", *argv],
+        )
         requests = Path(model_args["requests_file"])
         requests.parent.mkdir(parents=True, exist_ok=True)
         with requests.open("a") as f:
@@ -297,11 +366,14 @@ def _model_args(text: str) -> dict[str, str]:
 def _quote_strategy(argv: list[str]) -> list[str]:
     """lm-eval's CLI splits --model_args at every comma outside quotes, so `strategy=sink:sinks=4,window=512` would
     reach it (and its log and results config) as `{'strategy': 'sink:sinks=4', 'window': '512'}`: quote the strategy."""
+
     def quoted(text: str) -> str:
         if text.lstrip().startswith("{"):  # JSON: lm-eval reads it whole
             return text
-        return ",".join(f'strategy="{_unquoted(item.split("=", 1)[1])}"' if re.match(r"\s*strategy=.*,", item) else item
-                        for item in _arg_items(text))
+        return ",".join(
+            f'strategy="{_unquoted(item.split("=", 1)[1])}"' if re.match(r"\s*strategy=.*,", item) else item
+            for item in _arg_items(text)
+        )
 
     rewritten, in_model_args = [], False
     for arg in argv:
@@ -320,9 +392,11 @@ def _with_our_tasks(argv: list[str]) -> list[str]:
     if given is None:
         return [*argv, "--include_path", str(TASKS_DIR)]
     if Path(given).resolve() != TASKS_DIR.resolve():
-        raise ValueError(f"--include_path {given}: lm-eval's CLI takes one task directory and kvcompress lm-eval passes "
-                         f"its own ({TASKS_DIR}); put your task files in one directory with copies of ours, or call "
-                         "lm_eval.simple_evaluate with kvcompress.lm_eval.task_manager(include_path=...)")
+        raise ValueError(
+            f"--include_path {given}: lm-eval's CLI takes one task directory and kvcompress lm-eval passes "
+            f"its own ({TASKS_DIR}); put your task files in one directory with copies of ours, or call "
+            "lm_eval.simple_evaluate with kvcompress.lm_eval.task_manager(include_path=...)"
+        )
     return argv
 
 
@@ -380,13 +454,21 @@ def main(argv: list[str]) -> None:
 
     out = Path(_option(argv, "--output_path") or "results/lm-eval")
     model_args = _option(argv, "--model_args") or "pretrained=default"
-    meta = provenance(_model_args(model_args).get("pretrained", "default"), usable_device(_option(argv, "--device")),
-                      ["kvcompress", "lm-eval", *argv])
+    meta = provenance(
+        _model_args(model_args).get("pretrained", "default"),
+        usable_device(_option(argv, "--device")),
+        ["kvcompress", "lm-eval", *argv],
+    )
     names = split_strategies(strategies)
     for name in names:
         parse_strategy(name)  # every strategy checked before the first run starts
-    backend = Backend(**{field: kind(value) for flag, (field, kind) in BACKEND_FLAGS.items()
-                         if (value := _option(argv, flag)) is not None})
+    backend = Backend(
+        **{
+            field: kind(value)
+            for flag, (field, kind) in BACKEND_FLAGS.items()
+            if (value := _option(argv, flag)) is not None
+        }
+    )
     argv = _without(argv, "--strategies", "--model", "--output_path", "--model_args", *BACKEND_FLAGS)
     if argv and argv[0] == "run":
         argv = argv[1:]
@@ -396,8 +478,21 @@ def main(argv: list[str]) -> None:
         if _results_file(folder) is not None:
             print(f"kvcompress lm-eval: {name}: results found in {folder}, not rerun", file=sys.stderr)
             continue
-        runs.append((["run", "--model", "kvcompress", "--model_args", f"{model_args},strategy={name}",
-                      "--output_path", str(folder), *argv, *([] if "--log_samples" in argv else ["--log_samples"])],))
+        runs.append(
+            (
+                [
+                    "run",
+                    "--model",
+                    "kvcompress",
+                    "--model_args",
+                    f"{model_args},strategy={name}",
+                    "--output_path",
+                    str(folder),
+                    *argv,
+                    *([] if "--log_samples" in argv else ["--log_samples"]),
+                ],
+            )
+        )
     if backend.name == "ray":  # one Ray task per strategy, each on a worker's CPUs and GPU; the table is built here
         run_tasks(backend, usable_device(_option(argv, "--device")), run_cli, runs)
     else:
@@ -407,8 +502,13 @@ def main(argv: list[str]) -> None:
 
 
 # `kvcompress lm-eval --strategies ...` flags of its own, beside lm-eval's: where the per-strategy runs execute
-BACKEND_FLAGS = {"--backend": ("name", str), "--address": ("address", str), "--gpus-per-worker": ("gpus_per_worker", float), "--cpus-per-worker": ("cpus_per_worker", float),
-                 "--retries": ("retries", int)}
+BACKEND_FLAGS = {
+    "--backend": ("name", str),
+    "--address": ("address", str),
+    "--gpus-per-worker": ("gpus_per_worker", float),
+    "--cpus-per-worker": ("cpus_per_worker", float),
+    "--retries": ("retries", int),
+}
 
 
 def _without(argv: list[str], *names: str) -> list[str]:
@@ -437,9 +537,15 @@ def _samples(folder: Path) -> dict[str, list[dict]]:
     newest: dict[str, Path] = {}
     for path in sorted(folder.glob("**/samples_*.jsonl")):
         newest[path.name.removeprefix("samples_").rsplit("_", 1)[0]] = path
-    return {task: [sample for line in path.read_text().splitlines() if line.strip()
-                   if (sample := json.loads(line)).get("kind") != "meta"]
-            for task, path in newest.items()}
+    return {
+        task: [
+            sample
+            for line in path.read_text().splitlines()
+            if line.strip()
+            if (sample := json.loads(line)).get("kind") != "meta"
+        ]
+        for task, path in newest.items()
+    }
 
 
 def _document_correct(sample: dict) -> bool:
@@ -454,8 +560,12 @@ def _document_correct(sample: dict) -> bool:
 
 def _requests(folder: Path) -> list[dict]:
     """A run's request records (kvcompress_requests.jsonl), without its meta line."""
-    return [r for line in (folder / REQUESTS_FILE).read_text().splitlines() if line.strip()
-            if (r := json.loads(line))["kind"] != "meta"]
+    return [
+        r
+        for line in (folder / REQUESTS_FILE).read_text().splitlines()
+        if line.strip()
+        if (r := json.loads(line))["kind"] != "meta"
+    ]
 
 
 def run_records(folder: Path, strategy: str, length: int, requests: list[dict]) -> list[dict]:
@@ -464,24 +574,45 @@ def run_records(folder: Path, strategy: str, length: int, requests: list[dict]) 
     spread judged like a report's steps; TTFT; resident KV bytes per tier, means over the requests)."""
     samples_by_task = _samples(folder)
     if not samples_by_task:
-        raise ValueError(f"{folder} holds lm-eval results without per-document samples (a run from before "
-                         f"--log_samples was added): remove the folder to rerun that strategy")
+        raise ValueError(
+            f"{folder} holds lm-eval results without per-document samples (a run from before "
+            f"--log_samples was added): remove the folder to rerun that strategy"
+        )
     records = []
     for task, samples in samples_by_task.items():
         for sample in samples:
             doc = sample.get("doc") or {}
-            records.append({"kind": "recall", "strategy": strategy, "task": task, "doc_id": sample["doc_id"],
-                            "length": doc.get("length") or doc.get("max_length") or length, "depth": doc.get("depth"),
-                            "seed": doc.get("seed", 0), "question": "inside", "outcome": "ok",
-                            "correct": _document_correct(sample), "answer": sample.get("target")})
+            records.append(
+                {
+                    "kind": "recall",
+                    "strategy": strategy,
+                    "task": task,
+                    "doc_id": sample["doc_id"],
+                    "length": doc.get("length") or doc.get("max_length") or length,
+                    "depth": doc.get("depth"),
+                    "seed": doc.get("seed", 0),
+                    "question": "inside",
+                    "outcome": "ok",
+                    "correct": _document_correct(sample),
+                    "answer": sample.get("target"),
+                }
+            )
     timed = [r for r in requests if r["kind"] == "generate_until"] or requests  # multiple choice: scoring steps
     decode = [r["decode_ms_per_token"] for r in timed if r.get("decode_ms_per_token") is not None]
     tiers = {tier for r in timed for tier in r["kv_bytes"]}
-    records.append({"kind": "latency", "strategy": strategy, "length": length, "outcome": "ok", "requests": len(timed),
-                    "decode_ms": decode, "decode_ms_p50": statistics.median(decode) if decode else None,
-                    "ttft_s": statistics.fmean([r["ttft_s"] for r in timed if r.get("ttft_s") is not None] or [0.0]),
-                    "kv_bytes_final": {tier: statistics.fmean(r["kv_bytes"].get(tier, 0) for r in timed)
-                                       for tier in tiers}})
+    records.append(
+        {
+            "kind": "latency",
+            "strategy": strategy,
+            "length": length,
+            "outcome": "ok",
+            "requests": len(timed),
+            "decode_ms": decode,
+            "decode_ms_p50": statistics.median(decode) if decode else None,
+            "ttft_s": statistics.fmean([r["ttft_s"] for r in timed if r.get("ttft_s") is not None] or [0.0]),
+            "kv_bytes_final": {tier: statistics.fmean(r["kv_bytes"].get(tier, 0) for r in timed) for tier in tiers},
+        }
+    )
     return records
 
 
@@ -503,26 +634,46 @@ def write_table(out: Path, strategies: list[str], model_args: str, meta: dict, d
     folders = {name: out / _slug(name) for name in strategies}
     requests = {name: _requests(folder) for name, folder in folders.items()}
     longest = max(r.get("seen_tokens", 0) for mine in requests.values() for r in mine)
-    config = ReportConfig(model=pretrained, strategies=strategies, tasks=[], lengths=[longest], questions=["inside"],
-                          device=device, compute_dtype=args.get("dtype"),
-                          kv_dtype=args.get("kv_dtype") or dtype_name(config_dtype(load_config(pretrained))),
-                          weights=args.get("weights"))
-    lm_records = [record for name, folder in folders.items()  # named as the report names them: canonical
-                  for record in run_records(folder, str(parse_strategy(name)), longest, requests[name])]
+    config = ReportConfig(
+        model=pretrained,
+        strategies=strategies,
+        tasks=[],
+        lengths=[longest],
+        questions=["inside"],
+        device=device,
+        compute_dtype=args.get("dtype"),
+        kv_dtype=args.get("kv_dtype") or dtype_name(config_dtype(load_config(pretrained))),
+        weights=args.get("weights"),
+    )
+    lm_records = [
+        record
+        for name, folder in folders.items()  # named as the report names them: canonical
+        for record in run_records(folder, str(parse_strategy(name)), longest, requests[name])
+    ]
     path = out / "records.jsonl"
     kept = {r["id"]: r for r in (RecordStore(path).records if path.exists() else []) if r["kind"] == "fidelity"}
     fidelity, harness = [], None
     for cell in (c for c in cell_keys(config) if c["kind"] == "fidelity"):
         if cell["id"] not in kept:
             harness = harness or Harness(config)
-            print(f"kvcompress lm-eval: fidelity of {cell['strategy']} against the full cache, "
-                  f"{config.fidelity_windows} windows x {config.fidelity_steps} teacher-forced steps", file=sys.stderr)
+            print(
+                f"kvcompress lm-eval: fidelity of {cell['strategy']} against the full cache, "
+                f"{config.fidelity_windows} windows x {config.fidelity_steps} teacher-forced steps",
+                file=sys.stderr,
+            )
         fidelity.append(kept.get(cell["id"]) or harness.run(cell))
     tasks = sorted({r["task"] for r in lm_records if r["kind"] == "recall"})
     plan = plan_dtypes(config.kv_dtype, config.device, config.compute_dtype)
-    meta = {**meta, **plan.as_record(), "weights": config.weights or dtype_name(plan.compute),
-            "config": dataclasses.asdict(config),
-            "lm_eval": {"tasks": tasks, "model_args": model_args,
-                        "runs": {name: str(folder) for name, folder in folders.items()}}}
+    meta = {
+        **meta,
+        **plan.as_record(),
+        "weights": config.weights or dtype_name(plan.compute),
+        "config": dataclasses.asdict(config),
+        "lm_eval": {
+            "tasks": tasks,
+            "model_args": model_args,
+            "runs": {name: str(folder) for name, folder in folders.items()},
+        },
+    }
     RecordStore.write(path, {"kind": "meta", "format": FORMAT, **meta}, [*lm_records, *fidelity])
     return write_report(out)

@@ -33,9 +33,15 @@ def _pareto(plt, rows, out: Path) -> Path:
         ax.annotate(r["label"], point, fontsize=8, xytext=(4, 4 + 10 * labels_at[spot]), textcoords="offset points")
         labels_at[spot] += 1
     ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
-    return _finish(plt, fig, ax, "HBM saved (% of full KV, measured)", "recall loss (points vs full)",
-                   "Pressure transfer: HBM relieved vs recall lost\n(marker area grows with decode latency)",
-                   out / "pareto.png")
+    return _finish(
+        plt,
+        fig,
+        ax,
+        "HBM saved (% of full KV, measured)",
+        "recall loss (points vs full)",
+        "Pressure transfer: HBM relieved vs recall lost\n(marker area grows with decode latency)",
+        out / "pareto.png",
+    )
 
 
 def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
@@ -63,11 +69,13 @@ def _heatmaps(plt, records, config, out: Path) -> Path:
         for r in recall:
             if r["strategy"] == strategy:
                 cells[(r["depth"], r["length"])].append(r["correct"])
-        grid = [[(sum(cells[(d, l)]) / len(cells[(d, l)])) if cells[(d, l)] else float("nan") for l in lengths]
-                for d in depths]
+        grid = [
+            [(sum(cells[(d, n)]) / len(cells[(d, n)])) if cells[(d, n)] else float("nan") for n in lengths]
+            for d in depths
+        ]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_title(strategy, fontsize=7)
-        ax.set_xticks(range(len(lengths)), [str(l) for l in lengths], fontsize=7)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths] if ax is axes[0][0] else [], fontsize=7)
         ax.set_xlabel("context tokens", fontsize=7)
     axes[0][0].set_ylabel("needle depth", fontsize=7)
@@ -88,5 +96,12 @@ def _latency(plt, records, config, out: Path) -> Path:
         if points:
             ax.plot(*zip(*points), marker="o", label=strategy)
     ax.legend(fontsize=7)
-    return _finish(plt, fig, ax, "context tokens", "decode ms/token (p50)", "Decode latency vs context",
-                   out / "latency_vs_context.png")
+    return _finish(
+        plt,
+        fig,
+        ax,
+        "context tokens",
+        "decode ms/token (p50)",
+        "Decode latency vs context",
+        out / "latency_vs_context.png",
+    )

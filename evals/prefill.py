@@ -27,8 +27,10 @@ from ..strategy import StrategySpec
 
 RECORDED = {"attention", "mass"}  # the needs a recording serves (kvzip's reconstruction runs on the replay: fill)
 ATTENTION_ROWS = 64  # the last prompt queries whose attention is recorded (SnapKV's observation window fits)
-_RECORDERS = {True: StrategySpec(retention=H2ORetention(budget=2**62)),  # never evict; h2o keeps mass
-              False: StrategySpec(retention=TOVARetention(budget=2**62, observe=ATTENTION_ROWS))}
+_RECORDERS = {
+    True: StrategySpec(retention=H2ORetention(budget=2**62)),  # never evict; h2o keeps mass
+    False: StrategySpec(retention=TOVARetention(budget=2**62, observe=ATTENTION_ROWS)),
+}
 
 
 @dataclass
@@ -41,13 +43,20 @@ class Prefill:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, model, input_ids: torch.Tensor, attention: bool = False,
-           attention_mask: torch.Tensor | None = None, mass: bool = True) -> Prefill:
+    def of(
+        cls,
+        model,
+        input_ids: torch.Tensor,
+        attention: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        mass: bool = True,
+    ) -> Prefill:
         with make_cache(model, _RECORDERS[mass] if attention else "full") as cache:
             for layer in cache.layers:
                 layer.capture_rows = ATTENTION_ROWS if attention else 0
-            logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1,
-                           **_padding(attention_mask)).logits[:, -1]
+            logits = model(
+                input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1, **_padding(attention_mask)
+            ).logits[:, -1]
             kv = [(layer.recent_k.read(), layer.recent_v.read()) for layer in cache.layers]
             recorded = [(layer.captured, layer.mass) for layer in cache.layers] if attention else None
             return cls(kv, logits, input_ids, recorded, attention_mask)
@@ -65,16 +74,20 @@ class Prefill:
         if cache.layers[0].prefill_chunk is not None:
             return False
         recorded = RECORDED & set(retention.needs)
-        return not recorded or (self.attention is not None and retention.attention_rows <= ATTENTION_ROWS
-                                and ("mass" not in recorded or self.attention[0][1] is not None))
+        return not recorded or (
+            self.attention is not None
+            and retention.attention_rows <= ATTENTION_ROWS
+            and ("mass" not in recorded or self.attention[0][1] is not None)
+        )
 
     @torch.no_grad()
     def fill(self, model, cache: KVCache) -> torch.Tensor:
         """Bring `cache` to where a prefill of these tokens would, and return the last position's logits [batch,
         vocab]: replayed where exact, prefilled for real otherwise."""
         if not self.replays_exactly(cache):
-            return model(input_ids=self.input_ids, cache=cache, use_cache=True, logits_to_keep=1,
-                         **_padding(self.attention_mask)).logits[:, -1]
+            return model(
+                input_ids=self.input_ids, cache=cache, use_cache=True, logits_to_keep=1, **_padding(self.attention_mask)
+            ).logits[:, -1]
         compute = self.last_logits.dtype
         if not cache.spec.retention.seam:
             self.replay(cache)
@@ -88,8 +101,9 @@ class Prefill:
         read = retention.attention_rows if "attention" in retention.needs else 0
         for layer, (keys, values), (rows, mass) in zip(cache.layers, self.kv, recorded):
             # what a live prefill holds: the K/V, the weights of the queries the member reads, the mask
-            transient = prompt_step_bytes(keys, model.config.num_attention_heads, read, padded, compute,
-                                          mass="mass" in retention.needs)
+            transient = prompt_step_bytes(
+                keys, model.config.num_attention_heads, read, padded, compute, mass="mass" in retention.needs
+            )
             layer.restore(keys, values, rows, mass, compute, transient, positions)
         if not cache.reconstructed:  # kvzip: the model reads the prompt again, then every layer evicts
             reconstruct(model, cache, self.input_ids, self.attention_mask)
@@ -98,6 +112,8 @@ class Prefill:
 
 def _padding(attention_mask: torch.Tensor | None) -> dict:
     """What a forward over left-padded rows takes beside the ids: the mask and generate's position ids."""
-    return {} if attention_mask is None else {"attention_mask": attention_mask,
-                                              "position_ids": position_ids(attention_mask)}
-
+    return (
+        {}
+        if attention_mask is None
+        else {"attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
+    )

@@ -57,8 +57,9 @@ class RecordStore:
 
     @staticmethod
     def coordinates(record: dict) -> tuple:
-        return tuple(record[k] for k in ("kind", "strategy", "task", "length", "depth", "seed", "question")
-                     if k in record)
+        return tuple(
+            record[k] for k in ("kind", "strategy", "task", "length", "depth", "seed", "question") if k in record
+        )
 
     def has(self, cell: dict) -> bool:
         """Whether `cell` finished here: by its id, or by its coordinates in a file written before ids."""

@@ -13,15 +13,27 @@ from ..dtypes import parse_dtype
 from ..models import load_config
 from ..provenance import provenance_lines
 from ..strategy import parse_strategy
+from . import stats
 from .cells import cell_keys
 from .config import ReportConfig, Thresholds, configs_of
 from .records import RecordStore
-from . import stats
 from .stats import FAIL, INCONCLUSIVE, paired_recall, proportion_interval, ratio_interval, rounds_ratio_interval
 
 GB = 1e9
-COLUMNS = ["strategy", "HBM saved", "at scale", "decode latency", "TTFT", "recall loss", "fidelity",
-           "host RAM / disk added, transfers", "relieved pressure", "created pressure", "guardrail verdict", "rollback trigger"]
+COLUMNS = [
+    "strategy",
+    "HBM saved",
+    "at scale",
+    "decode latency",
+    "TTFT",
+    "recall loss",
+    "fidelity",
+    "host RAM / disk added, transfers",
+    "relieved pressure",
+    "created pressure",
+    "guardrail verdict",
+    "rollback trigger",
+]
 
 
 def _mean(values):
@@ -48,8 +60,11 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
         mine = [r for r in recall if r["strategy"] == strategy and r.get("question", "after") == question]
         paired = [(full_correct[k], r["correct"]) for r in mine if (k := _case(r)) in full_correct]
         at_longest = [r for r in mine if r["length"] == longest]
-        full_longest = [r for r in recall if r["strategy"] == "full" and r["length"] == longest
-                        and r.get("question", "after") == question]
+        full_longest = [
+            r
+            for r in recall
+            if r["strategy"] == "full" and r["length"] == longest and r.get("question", "after") == question
+        ]
         if not any("kv_bytes_final" in r for r in at_longest):  # recall skipped (random weights) or scored without
             # bytes (lm-eval's documents): bytes as the latency cells measured them
             at_longest = [r for r in [latency.get((strategy, latency_length))] if r and "kv_bytes_final" in r]
@@ -96,8 +111,9 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
             "moved_bytes_per_step": lat and lat.get("moved_bytes_per_step"),
             "stall_ms_per_step": lat and lat.get("stall_ms_per_step"),
             "overlap": lat and lat.get("overlap"),
-            "allocation_failures": sum(1 for r in records if r.get("strategy") == strategy
-                                       and r.get("outcome") == "allocation_failure"),
+            "allocation_failures": sum(
+                1 for r in records if r.get("strategy") == strategy and r.get("outcome") == "allocation_failure"
+            ),
             "cell_errors": sum(1 for r in records if r.get("strategy") == strategy and r.get("outcome") == "error"),
         }
         row.update(pressures(row, spec, config.thresholds))
@@ -106,8 +122,14 @@ def summarize(records: list[dict], config: ReportConfig) -> list[dict]:
 
 
 def _case(record: dict) -> tuple:
-    return (record["task"], record["length"], record["depth"], record["seed"], record.get("question", "after"),
-            record.get("doc_id"))  # lm-eval's documents pair by task and document
+    return (
+        record["task"],
+        record["length"],
+        record["depth"],
+        record["seed"],
+        record.get("question", "after"),
+        record.get("doc_id"),
+    )  # lm-eval's documents pair by task and document
 
 
 def latency_cells(records: list[dict]) -> dict[tuple[str, int], dict]:
@@ -124,8 +146,12 @@ def latency_cells(records: list[dict]) -> dict[tuple[str, int], dict]:
         steps = [t for r in by_round.values() for t in r.get("decode_ms") or []]
         ttfts = [r["ttft_s"] for r in by_round.values() if r.get("ttft_s") is not None]
         p50 = statistics.median(steps) if len(by_round) > 1 and steps else first["decode_ms_p50"]
-        cells[key] = {**first, "rounds": by_round, "decode_ms_p50": p50,
-                      "ttft_s": statistics.median(ttfts) if ttfts else first.get("ttft_s")}
+        cells[key] = {
+            **first,
+            "rounds": by_round,
+            "decode_ms_p50": p50,
+            "ttft_s": statistics.median(ttfts) if ttfts else first.get("ttft_s"),
+        }
     return cells
 
 
@@ -137,8 +163,11 @@ def _decode_change(lat: dict | None, lat_full: dict | None) -> tuple[float, floa
     if not (lat and lat_full) or lat.get("decode_ms_p50") is None or lat_full.get("decode_ms_p50") is None:
         return None  # nothing timed (lm-eval requests that generated one token)
     mine, full = lat.get("rounds", {0: lat}), lat_full.get("rounds", {0: lat_full})
-    paired = [(full[r]["decode_ms"], mine[r]["decode_ms"]) for r in sorted(set(mine) & set(full))
-              if mine[r].get("decode_ms") and full[r].get("decode_ms")]
+    paired = [
+        (full[r]["decode_ms"], mine[r]["decode_ms"])
+        for r in sorted(set(mine) & set(full))
+        if mine[r].get("decode_ms") and full[r].get("decode_ms")
+    ]
     if len(paired) > 1:
         return tuple(100 * (x - 1) for x in rounds_ratio_interval([a for a, _ in paired], [b for _, b in paired]))
     if paired:
@@ -153,8 +182,9 @@ def _top1_interval(record: dict | None) -> tuple[float, float] | None:
     return proportion_interval(round(record["top1"] * record["steps"]), record["steps"])
 
 
-def _judged(name: str, value: float, interval, limit: float, higher_is_better: bool, text: str,
-            unit: str = "") -> tuple[str, str]:
+def _judged(
+    name: str, value: float, interval, limit: float, higher_is_better: bool, text: str, unit: str = ""
+) -> tuple[str, str]:
     """(verdict, words) of one guardrail, judged on the interval (a point is its own interval)."""
     low, high = interval or (value, value)
     shown = text.format(value) + unit + (f" (95% CI {text.format(low)} to {text.format(high)})" if low != high else "")
@@ -171,10 +201,14 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
     created = []
     retention = spec.retention
     if retention.evicts:
-        kept = (f"tokens outside each head's top {retention.budget or f'{retention.ratio:.0%}'} by score are gone"
-                if retention.seam else f"tokens older than the {retention.capacity(0)}-token budget are gone")
-        created.append(f"recall: {kept}"
-                       + (f" (-{row['recall_loss_pts']:.1f} pts measured)" if row["recall_loss_pts"] else ""))
+        kept = (
+            f"tokens outside each head's top {retention.budget or f'{retention.ratio:.0%}'} by score are gone"
+            if retention.seam
+            else f"tokens older than the {retention.capacity(0)}-token budget are gone"
+        )
+        created.append(
+            f"recall: {kept}" + (f" (-{row['recall_loss_pts']:.1f} pts measured)" if row["recall_loss_pts"] else "")
+        )
     elif row["recall_loss_pts"] and row["recall_loss_pts"] > 0:
         created.append(f"recall -{row['recall_loss_pts']:.1f} pts")
     if not spec.codec.lossless and row["top1"] is not None:
@@ -182,18 +216,44 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
     if row["decode_change_pct"] is not None and row["decode_change_pct"] > 1:
         created.append(f"decode latency +{row['decode_change_pct']:.0f}%")
     if row["host_bytes"] or row["disk_bytes"]:
-        where = " + ".join(f"{name} {row[f'{name}_bytes'] / GB:.3f} GB" for name in ("host", "disk") if row[f"{name}_bytes"])
-        created.append(f"{where} holding KV" + (f"; {row['moved_bytes_per_step'] / 1e6:.1f} MB moved per decode step"
-                                                 if row["moved_bytes_per_step"] else ""))
+        where = " + ".join(
+            f"{name} {row[f'{name}_bytes'] / GB:.3f} GB" for name in ("host", "disk") if row[f"{name}_bytes"]
+        )
+        created.append(
+            f"{where} holding KV"
+            + (
+                f"; {row['moved_bytes_per_step'] / 1e6:.1f} MB moved per decode step"
+                if row["moved_bytes_per_step"]
+                else ""
+            )
+        )
     # a guardrail fails only when its whole 95% interval is on the wrong side, passes only when the whole of it is
     # on the right side, and is inconclusive (n too small) otherwise
     judged = []
     if row["recall_loss_pts"] is not None:
-        judged.append(_judged("recall loss", row["recall_loss_pts"], row.get("recall_loss_interval"),
-                              t.recall_loss_pts, False, "{:.1f}", " pts"))
+        judged.append(
+            _judged(
+                "recall loss",
+                row["recall_loss_pts"],
+                row.get("recall_loss_interval"),
+                t.recall_loss_pts,
+                False,
+                "{:.1f}",
+                " pts",
+            )
+        )
     if row["decode_change_pct"] is not None:
-        judged.append(_judged("decode", row["decode_change_pct"], row.get("decode_change_interval"),
-                              t.decode_latency_pct, False, "{:+.0f}", "%"))
+        judged.append(
+            _judged(
+                "decode",
+                row["decode_change_pct"],
+                row.get("decode_change_interval"),
+                t.decode_latency_pct,
+                False,
+                "{:+.0f}",
+                "%",
+            )
+        )
     if row["top1"] is not None:
         judged.append(_judged("top-1", row["top1"], row.get("top1_interval"), t.top1, True, "{:.1%}"))
     failures = [words for outcome, words in judged if outcome == FAIL]
@@ -207,13 +267,23 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
     elif missing:
         verdict = "incomplete: no " + ", ".join(missing)
     else:
-        verdict = ("fail: " + "; ".join(failures) if failures else
-                   "inconclusive (n too small): " + "; ".join(unsure) if unsure else "pass")
-    rollback = (f"roll back to full when live needle probes lose > {t.recall_loss_pts:g} pts, decode p95 rises "
-                f"> {t.decode_latency_pct:g}% or top-1 agreement drops < {t.top1:.0%}")
+        verdict = (
+            "fail: " + "; ".join(failures)
+            if failures
+            else "inconclusive (n too small): " + "; ".join(unsure)
+            if unsure
+            else "pass"
+        )
+    rollback = (
+        f"roll back to full when live needle probes lose > {t.recall_loss_pts:g} pts, decode p95 rises "
+        f"> {t.decode_latency_pct:g}% or top-1 agreement drops < {t.top1:.0%}"
+    )
     if retention.evicts:
-        rollback += (", or needle probes show the fact evicted (needle survival falls)" if retention.seam else
-                     f", or users report facts older than {retention.capacity(0)} tokens forgotten")
+        rollback += (
+            ", or needle probes show the fact evicted (needle survival falls)"
+            if retention.seam
+            else f", or users report facts older than {retention.capacity(0)} tokens forgotten"
+        )
     complete = baseline or bool(relieved and created)
     if not complete:
         verdict = "incomplete: cannot name " + ("relieved" if not relieved else "created") + " pressure"
@@ -221,8 +291,13 @@ def pressures(row: dict, spec, t: Thresholds) -> dict:
         verdict = f"incomplete: {row['cell_errors']} cells lost with their worker (--resume reruns them); " + verdict
     if row.get("skipped"):
         verdict += f" (memory and latency only: {row['skipped']})"
-    return {"relieved": "; ".join(relieved) or "-", "created": "; ".join(created) or "-", "verdict": verdict,
-            "rollback": "-" if baseline else rollback, "complete": complete}
+    return {
+        "relieved": "; ".join(relieved) or "-",
+        "created": "; ".join(created) or "-",
+        "verdict": verdict,
+        "rollback": "-" if baseline else rollback,
+        "complete": complete,
+    }
 
 
 def _fmt(value, spec: str, suffix: str = "") -> str:
@@ -256,7 +331,9 @@ def _offload_cell(r: dict) -> str:
         return "0 GB"
     cell = f"host {r['host_bytes'] / GB:.3f} GB, disk {r['disk_bytes'] / GB:.3f} GB"
     if r["moved_bytes_per_step"] is not None:
-        cell += f"; {r['moved_bytes_per_step'] / 1e6:.1f} MB/step moved, host waits {r['stall_ms_per_step']:.1f} ms/step"
+        cell += (
+            f"; {r['moved_bytes_per_step'] / 1e6:.1f} MB/step moved, host waits {r['stall_ms_per_step']:.1f} ms/step"
+        )
         if r.get("overlap") is not None:
             cell += f" ({r['overlap']:.0%} of transfer time hidden)"
     return cell
@@ -267,14 +344,19 @@ def table(rows: list[dict], config: ReportConfig) -> str:
     for r in rows:
         cells = [
             f"`{r['label']}`",
-            f"{_fmt(r['hbm_saved_pct'], '.1f', '%')} ({_fmt(r['hbm_saved_gb'], '.4f', ' GB')} at {r['measured_length']} tok)",
-            f"{r['scale_kv_gb']:.1f} GB KV on device, {r['scale_saved_gb']:.1f} GB saved ({config.sessions} x {config.context} tok)",
+            f"{_fmt(r['hbm_saved_pct'], '.1f', '%')} ({_fmt(r['hbm_saved_gb'], '.4f', ' GB')} "
+            f"at {r['measured_length']} tok)",
+            f"{r['scale_kv_gb']:.1f} GB KV on device, {r['scale_saved_gb']:.1f} GB saved "
+            f"({config.sessions} x {config.context} tok)",
             _decode_cell(r),
             _fmt(r["ttft_change_pct"], "+.1f", "%"),
             _recall_cell(r),
             f"top-1 {_fidelity_cell(r)}",
             _offload_cell(r),
-            r["relieved"], r["created"], r["verdict"], r["rollback"],
+            r["relieved"],
+            r["created"],
+            r["verdict"],
+            r["rollback"],
         ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -285,8 +367,12 @@ def grid_records(records: list[dict], config: ReportConfig) -> list[dict]:
     narrowed, cells outside it; a cell whose worker died (`error`) counts until a rerun finishes it."""
     wanted = {cell["id"] for cell in cell_keys(config)}
     finished = {r["id"] for r in records if "id" in r and r.get("outcome") != "error"}
-    return [r for r in records if "id" not in r  # files from before content-addressed cells: one grid, all of it
-            or (r["id"] in wanted and (r.get("outcome") != "error" or r["id"] not in finished))]
+    return [
+        r
+        for r in records
+        if "id" not in r  # files from before content-addressed cells: one grid, all of it
+        or (r["id"] in wanted and (r.get("outcome") != "error" or r["id"] not in finished))
+    ]
 
 
 def write_report(out: Path) -> Path:
@@ -304,25 +390,33 @@ def write_report(out: Path) -> Path:
         writer.writeheader()
         writer.writerows({**r, **{k: meta[k] for k in ("command", "device", "git_commit")}} for r in rows)
     t = config.thresholds
-    dtypes = (f"- dtypes: KV stored as {meta['kv_dtype']}, computed in {meta['compute_dtype']}: {meta['dtype_reason']}; "
-              f"weights {meta.get('weights', meta['compute_dtype'])}; every byte counted is a stored byte"
-              if "kv_dtype" in meta else None)
+    dtypes = (
+        f"- dtypes: KV stored as {meta['kv_dtype']}, computed in {meta['compute_dtype']}: {meta['dtype_reason']}; "
+        f"weights {meta.get('weights', meta['compute_dtype'])}; every byte counted is a stored byte"
+        if "kv_dtype" in meta
+        else None
+    )
     header = [
         "# Pressure-transfer table",
         "",
         *provenance_lines(meta),
         *([dtypes] if dtypes else []),
-        *(_lm_eval_lines(meta["lm_eval"]) if "lm_eval" in meta else [
-            f"- recall: {', '.join(config.tasks)} at {', '.join(map(str, config.lengths))} tokens, {config.depths} "
-            f"depths, {config.seeds} seed(s)"
-            + (f", in left-padded batches of up to {config.recall_batch} cases" if config.recall_batch > 1 else "")
-            + "; exact match; loss in points against `full` on the same prompts",
-            f"- HBM saved: measured resident KV after prefill + decode at the longest length; at scale: "
-            f"{config.sessions} sessions x {config.context} tokens from the analytic formula the measurement is tested "
-            f"against",
-            f"- latency: decode ms/token p50 vs `full` at {rows[0]['latency_length']} tokens, over "
-            f"{config.latency_rounds} interleaved round(s) of {config.decode_steps} steps"
-            + _compiled(store.records)]),
+        *(
+            _lm_eval_lines(meta["lm_eval"])
+            if "lm_eval" in meta
+            else [
+                f"- recall: {', '.join(config.tasks)} at {', '.join(map(str, config.lengths))} tokens, {config.depths} "
+                f"depths, {config.seeds} seed(s)"
+                + (f", in left-padded batches of up to {config.recall_batch} cases" if config.recall_batch > 1 else "")
+                + "; exact match; loss in points against `full` on the same prompts",
+                f"- HBM saved: measured resident KV after prefill + decode at the longest length; at scale: "
+                f"{config.sessions} sessions x {config.context} tokens from the analytic formula the measurement is "
+                f"tested against",
+                f"- latency: decode ms/token p50 vs `full` at {rows[0]['latency_length']} tokens, over "
+                f"{config.latency_rounds} interleaved round(s) of {config.decode_steps} steps"
+                + _compiled(store.records),
+            ]
+        ),
         f"- fidelity: teacher-forced top-1 / KL / perplexity vs `full` over {config.fidelity_windows} windows of "
         f"{config.fidelity_text or 'Northanger Abbey (shipped, public domain)'} x {config.fidelity_steps} steps after "
         f"{config.fidelity_prefill} tokens",
@@ -337,14 +431,19 @@ def write_report(out: Path) -> Path:
     ]
     path = out / "pressure_transfer.md"
     # CommonMark needs a blank line between the list and the table, or the table is swallowed by the last item
-    body = (table(rows, config) if len(configs) == 1 else
-            "\n".join(f"## {c.model}\n\n{table(mine, c)}" for c, _, mine in sections))
+    body = (
+        table(rows, config)
+        if len(configs) == 1
+        else "\n".join(f"## {c.model}\n\n{table(mine, c)}" for c, _, mine in sections)
+    )
     path.write_text("\n".join(header) + "\n" + body + _by_task(sections))
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     from .plots import plot_all
 
     for c, records, mine in sections:  # several models: each model's plots in a folder of its own
-        folder = out if len(configs) == 1 else out / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c.model)
+        folder = (
+            out if len(configs) == 1 else out / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c.model)
+        )
         folder.mkdir(exist_ok=True)
         plot_all(records, mine, c, folder)
     return path
@@ -358,18 +457,21 @@ def _compiled(records: list[dict]) -> str:
         return ""
     eager = sorted({r["strategy"] for r in latency if not r.get("compiled")})
     how = next(r["compiled"] for r in latency if r.get("compiled"))
-    return (f"; decode steps compiled whole ({how}, static storage) for {', '.join(compiled)}"
-            + (f"; eager (no static step: eviction, offload or a codec residual) for {', '.join(eager)}" if eager else ""))
+    return f"; decode steps compiled whole ({how}, static storage) for {', '.join(compiled)}" + (
+        f"; eager (no static step: eviction, offload or a codec residual) for {', '.join(eager)}" if eager else ""
+    )
 
 
 def _lm_eval_lines(lm_eval: dict) -> list[str]:
-    return [f"- recall: lm-eval's score of each document (`--log_samples`) on {', '.join(lm_eval['tasks'])}, the "
-            f"question inside the prompt, a document recalled when its score is whole; loss in points against `full` "
-            f"on the same documents; each strategy's lm-eval run in its own folder ({lm_eval['model_args']}"
-            f",strategy=S)",
-            "- HBM saved and latency: from each run's requests (`kvcompress_requests.jsonl`): resident KV after each "
-            "request, mean over the run, against `full`'s; decode ms/token p50 over the requests vs `full`'s, "
-            "judged on their spread; at scale: the analytic formula"]
+    return [
+        f"- recall: lm-eval's score of each document (`--log_samples`) on {', '.join(lm_eval['tasks'])}, the "
+        f"question inside the prompt, a document recalled when its score is whole; loss in points against `full` "
+        f"on the same documents; each strategy's lm-eval run in its own folder ({lm_eval['model_args']}"
+        f",strategy=S)",
+        "- HBM saved and latency: from each run's requests (`kvcompress_requests.jsonl`): resident KV after each "
+        "request, mean over the run, against `full`'s; decode ms/token p50 over the requests vs `full`'s, "
+        "judged on their spread; at scale: the analytic formula",
+    ]
 
 
 def _by_task(sections) -> str:
@@ -380,13 +482,23 @@ def _by_task(sections) -> str:
         tasks = sorted({r["task"] for r in recall})
         if not tasks:
             continue
-        lines += ["", f"## Recall by task{f' ({config.model})' if len(sections) > 1 else ''}", "",
-                  "| strategy | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        lines += [
+            "",
+            f"## Recall by task{f' ({config.model})' if len(sections) > 1 else ''}",
+            "",
+            "| strategy | " + " | ".join(tasks) + " |",
+            "|---|" + "---|" * len(tasks),
+        ]
         for row in rows:
             cells = []
             for task in tasks:
-                outcomes = [r["correct"] for r in recall if r["strategy"] == row["strategy"] and r["task"] == task
-                            and r.get("question", "after") == row["question"]]
+                outcomes = [
+                    r["correct"]
+                    for r in recall
+                    if r["strategy"] == row["strategy"]
+                    and r["task"] == task
+                    and r.get("question", "after") == row["question"]
+                ]
                 cells.append(f"{sum(outcomes)}/{len(outcomes)}")
             lines.append(f"| `{row['label']}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + ("\n" if lines else "")
@@ -397,5 +509,14 @@ def terminal_rows(out: Path) -> tuple[list[str], list[list[str]]]:
     rows = json.loads((Path(out) / "summary.json").read_text())["rows"]
     header = ["strategy", "HBM saved", "decode", "recall loss", "top-1, KL", "verdict"]
     several = len({r.get("model") for r in rows}) > 1
-    return header, [[f"{r['model']}: {r['label']}" if several else r["label"], _fmt(r["hbm_saved_pct"], ".1f", "%"), _decode_cell(r), _recall_cell(r),
-                     _fidelity_cell(r), r["verdict"]] for r in rows]
+    return header, [
+        [
+            f"{r['model']}: {r['label']}" if several else r["label"],
+            _fmt(r["hbm_saved_pct"], ".1f", "%"),
+            _decode_cell(r),
+            _recall_cell(r),
+            _fidelity_cell(r),
+            r["verdict"],
+        ]
+        for r in rows
+    ]

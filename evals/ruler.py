@@ -14,25 +14,55 @@ the output (RULER's string_match_all, all-or-nothing per case so recall stays pa
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from .cases import TAIL_UNITS, WORDS, Case, _fit, _single_turn, fill, partial
 
-ADJECTIVES = ("ancient", "bitter", "calm", "dusty", "eager", "fierce", "gentle", "hollow", "icy", "jolly", "keen",
-              "lively", "mellow", "noisy", "odd", "proud", "quiet", "rapid", "silent", "tidy", "upbeat", "vivid")
-NIAH = ("Some special magic {kind} are hidden within the following text. Make sure to memorize it. I will quiz you "
-        "about the {kind} afterwards.\n{context}")
+ADJECTIVES = (
+    "ancient",
+    "bitter",
+    "calm",
+    "dusty",
+    "eager",
+    "fierce",
+    "gentle",
+    "hollow",
+    "icy",
+    "jolly",
+    "keen",
+    "lively",
+    "mellow",
+    "noisy",
+    "odd",
+    "proud",
+    "quiet",
+    "rapid",
+    "silent",
+    "tidy",
+    "upbeat",
+    "vivid",
+)
+NIAH = (
+    "Some special magic {kind} are hidden within the following text. Make sure to memorize it. I will quiz you "
+    "about the {kind} afterwards.\n{context}"
+)
 NIAH_QUESTION = "What are all the special magic {kind} for {query} mentioned in the provided text?"
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 VT = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}"
 VT_QUESTION = "Question: Find all variables that are assigned the value {value} in the text above."
-CWE = ("Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones "
-       "that appear most often.\n{context}")
+CWE = (
+    "Below is a numbered list of words. In these words, some appear more often than others. Memorize the ones "
+    "that appear most often.\n{context}"
+)
 CWE_QUESTION = "Question: What are the {count} most common words in the above list?"
-FWE = ("Read the following coded text and track the frequency of each coded word. Find the three most frequently "
-       "appeared coded words. {context}")
-FWE_QUESTION = ("Question: Do not provide any explanation. Please ignore the dots '....'. What are the three most "
-                "frequently appeared words in the above coded text?")
+FWE = (
+    "Read the following coded text and track the frequency of each coded word. Find the three most frequently "
+    "appeared coded words. {context}"
+)
+FWE_QUESTION = (
+    "Question: Do not provide any explanation. Please ignore the dots '....'. What are the three most "
+    "frequently appeared words in the above coded text?"
+)
 
 
 def _word_key(rng: random.Random) -> str:
@@ -48,8 +78,15 @@ def _uuid(rng: random.Random) -> str:
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
-def niah(name: str, haystack: str, keys: str = "words", values: str = "numbers", needle_keys: int = 1,
-         needle_values: int = 1, queries: int = 1) -> Callable[..., Case]:
+def niah(
+    name: str,
+    haystack: str,
+    keys: str = "words",
+    values: str = "numbers",
+    needle_keys: int = 1,
+    needle_values: int = 1,
+    queries: int = 1,
+) -> Callable[..., Case]:
     """A needle-in-a-haystack task: `needle_keys` keys (the first `queries` of them asked for), each with
     `needle_values` values; the other keys are distractors."""
     make_key = _word_key if keys == "words" else _uuid
@@ -63,7 +100,9 @@ def niah(name: str, haystack: str, keys: str = "words", values: str = "numbers",
             chosen += [key] if key not in chosen else []
         planted = [[make_value(rng) for _ in range(needle_values)] for _ in chosen]
         places = [depth] + [rng.random() for _ in range(needle_keys * needle_values - 1)]
-        needles = [NEEDLE.format(kind=values, key=key, value=value) for key, vals in zip(chosen, planted) for value in vals]
+        needles = [
+            NEEDLE.format(kind=values, key=key, value=value) for key, vals in zip(chosen, planted) for value in vals
+        ]
         asked = chosen[:queries]
         question = NIAH_QUESTION.format(kind=values, query=", ".join(asked))
         answers = tuple(value for vals in planted[:queries] for value in vals)
@@ -99,9 +138,13 @@ def variable_tracking(tokenizer, length: int, depth: float, seed: int, chains: i
     statements = []
     for c in range(chains):
         group = names[c * (hops + 1) : (c + 1) * (hops + 1)]
-        statements += [(depth + (1 - depth) * i / (hops + 1) + (c * (hops + 1) + i) * 1e-9,  # strictly in order
-                        f"VAR {group[0]} = {values[c]}." if i == 0 else f"VAR {group[i]} = VAR {group[i - 1]}.")
-                       for i in range(hops + 1)]
+        statements += [
+            (
+                depth + (1 - depth) * i / (hops + 1) + (c * (hops + 1) + i) * 1e-9,  # strictly in order
+                f"VAR {group[0]} = {values[c]}." if i == 0 else f"VAR {group[i]} = VAR {group[i - 1]}.",
+            )
+            for i in range(hops + 1)
+        ]
     question = VT_QUESTION.format(value=values[0])
 
     def build(n, tail):

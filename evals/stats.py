@@ -237,14 +237,23 @@ def paired_recall(full: list[bool], candidate: list[bool], confidence: float = 0
     confidence = _check_confidence(confidence)
     full, candidate = _outcomes("full", full), _outcomes("candidate", candidate)
     if len(full) != len(candidate):
-        raise ValueError(f"full and candidate must have the same length (the same cases), got {len(full)} and "
-                         f"{len(candidate)}")
+        raise ValueError(
+            f"full and candidate must have the same length (the same cases), got {len(full)} and {len(candidate)}"
+        )
     n = len(full)
     b = sum(f and not k for f, k in zip(full, candidate))
     c = sum(k and not f for f, k in zip(full, candidate))
     low, high = _loss_interval(b, c, n, confidence)
-    return PairedRecall(n=n, b=b, c=c, loss_pts=100.0 * (b - c) / n, low_pts=100.0 * low, high_pts=100.0 * high,
-                        p_value=mcnemar_exact_p(b, c), confidence=confidence)
+    return PairedRecall(
+        n=n,
+        b=b,
+        c=c,
+        loss_pts=100.0 * (b - c) / n,
+        low_pts=100.0 * low,
+        high_pts=100.0 * high,
+        p_value=mcnemar_exact_p(b, c),
+        confidence=confidence,
+    )
 
 
 def min_cases_for_pass(limit_pts: float = 2.0, confidence: float = 0.95) -> int:
@@ -301,8 +310,9 @@ def _samples(name: str, values: list[float]) -> np.ndarray:
     return arr
 
 
-def ratio_interval(samples_a: list[float], samples_b: list[float], confidence: float = 0.95, resamples: int = 2000,
-                   seed: int = 0) -> tuple[float, float, float]:
+def ratio_interval(
+    samples_a: list[float], samples_b: list[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Ratio of medians median(b) / median(a) (e.g. decode ms per step of a strategy over `full`) with a bootstrap
     percentile interval (Efron & Tibshirani, An Introduction to the Bootstrap, 1993, ch. 13).
 
@@ -322,8 +332,13 @@ def ratio_interval(samples_a: list[float], samples_b: list[float], confidence: f
     return float(np.median(b) / np.median(a)), *_percentile_interval(med_b / med_a, confidence)
 
 
-def rounds_ratio_interval(rounds_a: list[list[float]], rounds_b: list[list[float]], confidence: float = 0.95,
-                          resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def rounds_ratio_interval(
+    rounds_a: list[list[float]],
+    rounds_b: list[list[float]],
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """Ratio of medians median(b) / median(a) over every step of every round, with a bootstrap interval that resamples
     whole rounds, paired: round i of `a` and round i of `b` ran one after the other (a benchmark's interleaved passes).
 
@@ -334,8 +349,9 @@ def rounds_ratio_interval(rounds_a: list[list[float]], rounds_b: list[list[float
     """
     confidence = _check_confidence(confidence)
     if not rounds_a or len(rounds_a) != len(rounds_b):
-        raise ValueError(f"rounds_a and rounds_b must be the same non-zero number of rounds, got {len(rounds_a)} and "
-                         f"{len(rounds_b)}")
+        raise ValueError(
+            f"rounds_a and rounds_b must be the same non-zero number of rounds, got {len(rounds_a)} and {len(rounds_b)}"
+        )
     a = [_samples(f"rounds_a[{i}]", r) for i, r in enumerate(rounds_a)]
     b = [_samples(f"rounds_b[{i}]", r) for i, r in enumerate(rounds_b)]
     resamples = _check_resamples(resamples)
@@ -343,5 +359,7 @@ def rounds_ratio_interval(rounds_a: list[list[float]], rounds_b: list[list[float
     ratios = []
     for _ in range(resamples):
         chosen = rng.integers(0, len(a), size=len(a))
-        ratios.append(np.median(np.concatenate([b[i] for i in chosen])) / np.median(np.concatenate([a[i] for i in chosen])))
+        ratios.append(
+            np.median(np.concatenate([b[i] for i in chosen])) / np.median(np.concatenate([a[i] for i in chosen]))
+        )
     return float(np.median(np.concatenate(b)) / np.median(np.concatenate(a))), *_percentile_interval(ratios, confidence)

@@ -40,7 +40,9 @@ def _templated(path, entries) -> list[str]:
             try:
                 strategies.append(entry["template"].format(**dict(zip(names, values))))
             except KeyError as err:
-                raise ValueError(f"{path}: sweep entry {number} template uses {err} but its grid has no such key") from None
+                raise ValueError(
+                    f"{path}: sweep entry {number} template uses {err} but its grid has no such key"
+                ) from None
     return strategies
 
 
@@ -53,8 +55,9 @@ def _axis_of(path, key: str) -> tuple[str, str, str]:
         raise ValueError(f"{path}: grid key {key!r} must be <member>.<parameter> with a member among {members}")
     fields = [f.name for f in dataclasses.fields(AXES[axis].get(member)) if f.init]
     if parameter not in fields:
-        raise ValueError(f"{path}: grid key {key!r}: {member} has no parameter {parameter!r}; allowed: "
-                         f"{', '.join(fields) or 'none'}")
+        raise ValueError(
+            f"{path}: grid key {key!r}: {member} has no parameter {parameter!r}; allowed: {', '.join(fields) or 'none'}"
+        )
     return axis, member, parameter
 
 
@@ -67,11 +70,11 @@ def _varied(path, strategies: list[str], grid: dict) -> list[str]:
             specs.append(parse_strategy(strategy))
         except ValueError as err:
             raise ValueError(f"{path}: strategy {strategy!r}: {err}") from None
-    unused = [key for key, (axis, member, _) in keys.items()
-              if not any(getattr(spec, axis).name == member for spec in specs)]
+    unused = [
+        key for key, (axis, member, _) in keys.items() if not any(getattr(spec, axis).name == member for spec in specs)
+    ]
     if unused:
-        raise ValueError(f"{path}: grid key(s) {', '.join(unused)} vary none of the strategies "
-                         f"{', '.join(strategies)}")
+        raise ValueError(f"{path}: grid key(s) {', '.join(unused)} vary none of the strategies {', '.join(strategies)}")
     out = []
     for spec in specs:
         mine = {key: k for key, k in keys.items() if getattr(spec, k[0]).name == k[1]}
@@ -96,8 +99,9 @@ def load_sweep(path: str | Path) -> tuple[list[ReportConfig], Path]:
     if not (data.get("sweep") or data.get("strategies")):
         raise ValueError(f"{path}: list 'strategies' (with an optional 'grid') or 'sweep' {{template, grid}} entries")
     strategies = ["full"]
-    for strategy in (_varied(path, _values(data.get("strategies") or []), data.get("grid") or {})
-                     + _templated(path, data.get("sweep") or [])):
+    for strategy in _varied(path, _values(data.get("strategies") or []), data.get("grid") or {}) + _templated(
+        path, data.get("sweep") or []
+    ):
         strategy = str(parse_strategy(strategy))  # canonical, so two spellings of one strategy run once
         if strategy not in strategies:
             strategies.append(strategy)

@@ -4,17 +4,26 @@ vartrack, multiturn) and RULER's synthetic family (ruler.py). What a case is and
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
-from .cases import (TAIL_UNITS, WORDS, Case, _fit, _single_turn, fill, needle_positions, partial,  # noqa: F401
-                    render, score)
+from .cases import (
+    TAIL_UNITS,
+    WORDS,
+    Case,
+    _fit,
+    _single_turn,
+    fill,
+    partial,
+)
 from .ruler import RULER_TASKS
 
 
 def passkey(tokenizer, length: int, depth: float, seed: int) -> Case:
     key = str(random.Random(f"passkey-{seed}-{depth}").randint(10000, 99999))
-    intro = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
-             "memorize it. I will quiz you about it.")
+    intro = (
+        "There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+        "memorize it. I will quiz you about it."
+    )
 
     question = "What is the pass key? Answer with the number only."
 
@@ -36,7 +45,9 @@ def multikey(tokenizer, length: int, depth: float, seed: int, keys: int = 4) -> 
     def build(n, tail):
         needles = [(depth, f"The special magic number for {names[0]} is: {values[0]}.")]
         needles += [(d, f"The special magic number for {k} is: {v}.") for d, k, v in zip(others, names[1:], values[1:])]
-        context = f"Some special magic numbers are hidden in this text. Memorize them.\n{fill('noise', n, needles, tail)}"
+        context = (
+            f"Some special magic numbers are hidden in this text. Memorize them.\n{fill('noise', n, needles, tail)}"
+        )
         return _single_turn(context, question), question, values[0], needles[0][1]
 
     return Case("multikey", length, depth, seed, *_fit(build, tokenizer, length))
@@ -51,8 +62,9 @@ def vartrack(tokenizer, length: int, depth: float, seed: int, hops: int = 3) -> 
 
     def build(n, tail):
         chain = [(depth, f"VAR {names[0]} = {value}.")]
-        chain += [(depth + (1 - depth) * (i + 1) / (hops + 1), f"VAR {names[i + 1]} = VAR {names[i]}.")
-                  for i in range(hops)]
+        chain += [
+            (depth + (1 - depth) * (i + 1) / (hops + 1), f"VAR {names[i + 1]} = VAR {names[i]}.") for i in range(hops)
+        ]
         context = "Track the variable assignments in this text.\n" + fill("noise", n, chain, tail)
         return _single_turn(context, question), question, value, chain[0][1]
 
@@ -62,9 +74,11 @@ def vartrack(tokenizer, length: int, depth: float, seed: int, hops: int = 3) -> 
 def multiturn(tokenizer, length: int, depth: float, seed: int) -> Case:
     """A chat whose early turn states a fact a late turn asks for: what a sliding window silently drops."""
     code = str(random.Random(f"multiturn-{seed}-{depth}").randint(10000, 99999))
-    small_talk = [("Tell me something about the weather.", "The sky is blue and the sun is yellow today."),
-                  ("What color is grass?", "The grass is green."),
-                  ("Any plans?", "Here we go, there and back again.")]
+    small_talk = [
+        ("Tell me something about the weather.", "The sky is blue and the sun is yellow today."),
+        ("What color is grass?", "The grass is green."),
+        ("Any plans?", "Here we go, there and back again."),
+    ]
 
     question = "What is my locker code? Answer with the number only."
 
@@ -76,15 +90,23 @@ def multiturn(tokenizer, length: int, depth: float, seed: int) -> Case:
             turns[-1] = (user, " ".join([reply] + partial(following, tail)))
         fact = (f"Please remember this: my locker code is {code}.", "Noted, I will remember your locker code.")
         turns.insert(round(depth * len(turns)), fact)
-        messages = [m for user, assistant in turns for m in ({"role": "user", "content": user},
-                                                              {"role": "assistant", "content": assistant})]
+        messages = [
+            m
+            for user, assistant in turns
+            for m in ({"role": "user", "content": user}, {"role": "assistant", "content": assistant})
+        ]
         return tuple(messages) + ({"role": "user", "content": question},), question, code, fact[0]
 
     return Case("multiturn", length, depth, seed, *_fit(build, tokenizer, length))
 
 
-TASKS: dict[str, Callable[..., Case]] = {"passkey": passkey, "multikey": multikey, "vartrack": vartrack,
-                                         "multiturn": multiturn, **RULER_TASKS}
+TASKS: dict[str, Callable[..., Case]] = {
+    "passkey": passkey,
+    "multikey": multikey,
+    "vartrack": vartrack,
+    "multiturn": multiturn,
+    **RULER_TASKS,
+}
 
 
 def depths(count: int) -> list[float]:

@@ -32,23 +32,48 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, QuantizedCache
-
-import kvcompress
 from kvcompress.evals import reference_text, text_ids
 from kvcompress.evals.latency import percentile, time_generation
 from kvcompress.evals.stats import FAIL, INCONCLUSIVE, PASS, rounds_ratio_interval, verdict
+from transformers import DynamicCache, QuantizedCache
+
+import kvcompress
 from kvcompress.provenance import provenance, provenance_lines
 from kvcompress.strategy import split_strategies
 
-STRATEGIES = ["full", "full grow", "int8", "int8 fused", "fp8", "fp8 fused", "int4", "int4 fused", "nf4", "int8:residual=128",
-              "window:window=512", "sink:sinks=4,window=508", "sink:sinks=4,window=508+int8",
-              "full compiled", "int8 compiled", "fp8 compiled", "int4 compiled"]
+STRATEGIES = [
+    "full",
+    "full grow",
+    "int8",
+    "int8 fused",
+    "fp8",
+    "fp8 fused",
+    "int4",
+    "int4 fused",
+    "nf4",
+    "int8:residual=128",
+    "window:window=512",
+    "sink:sinks=4,window=508",
+    "sink:sinks=4,window=508+int8",
+    "full compiled",
+    "int8 compiled",
+    "fp8 compiled",
+    "int4 compiled",
+]
 BASELINE, QUANTO = "DynamicCache", "QuantizedCache(quanto int4)"
-OPTIONS = {" fused": {"fused": True}, " unfused": {"fused": False}, " grow": {"grow": 256},  # name suffix: make_cache
-           " compiled": {"compile": True}}
-TARGETS = [("full", BASELINE, 1.02), ("int8", "full", 1.10), ("fp8", "full", 1.10),
-           ("int8 compiled", "full compiled", 1.10), ("fp8 compiled", "full compiled", 1.10)]
+OPTIONS = {
+    " fused": {"fused": True},
+    " unfused": {"fused": False},
+    " grow": {"grow": 256},  # name suffix: make_cache
+    " compiled": {"compile": True},
+}
+TARGETS = [
+    ("full", BASELINE, 1.02),
+    ("int8", "full", 1.10),
+    ("fp8", "full", 1.10),
+    ("int8 compiled", "full compiled", 1.10),
+    ("fp8 compiled", "full compiled", 1.10),
+]
 
 
 def make(model, name, tokens):
@@ -79,7 +104,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", help="compute and KV dtype (float32: what the committed run used)")
+    parser.add_argument(
+        "--dtype", default="float32", help="compute and KV dtype (float32: what the committed run used)"
+    )
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--warmup", type=int, default=8)
@@ -101,8 +128,14 @@ def main() -> None:
     else:
         runs = [run_process(args, out / f"process-{k + 1}") for k in range(args.processes)]
         meta_run, rows = runs[0]["meta"], pool([run["rows"] for run in runs])
-    meta.update(steps=args.steps, warmup=args.warmup, rounds=args.rounds, processes=args.processes,
-                cpu_capability=meta_run["cpu_capability"], threads=meta_run["threads"])
+    meta.update(
+        steps=args.steps,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        processes=args.processes,
+        cpu_capability=meta_run["cpu_capability"],
+        threads=meta_run["threads"],
+    )
     verdicts = targets(rows, args.rounds)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_core.json").write_text(json.dumps({"meta": meta, "rows": rows, "targets": verdicts}, indent=1) + "\n")
@@ -114,9 +147,26 @@ def main() -> None:
 def run_process(args: argparse.Namespace, out: Path) -> dict:
     """One process's measurement (this script with --processes 1, writing to `out`), kept when `out` already holds
     one made by the same command at the same commit of a clean tree."""
-    argv = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--lengths", args.lengths,
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
-            "--strategies", args.strategies, "--out", str(out)]
+    argv = [
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--lengths",
+        args.lengths,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--rounds",
+        str(args.rounds),
+        "--strategies",
+        args.strategies,
+        "--out",
+        str(out),
+    ]
     done = out / "bench_core.json"
     if done.exists():
         previous = json.loads(done.read_text())
@@ -148,26 +198,41 @@ def measure(args: argparse.Namespace) -> tuple[dict, list[dict]]:
             for name in names if round_ % 2 == 0 else names[::-1]:
                 cache = make(model, name, length + args.steps)
                 timing = time_generation(model, ids, cache, args.steps)
-                samples[name]["rounds"].append(timing["decode_s"][args.warmup:])
+                samples[name]["rounds"].append(timing["decode_s"][args.warmup :])
                 samples[name]["ttft_s"].append(timing["ttft_s"])
                 if round_ == 0 and not getattr(cache, "static", False):  # a compiled step's ops are not eager ones
                     ops[name] = ops_per_step(model, cache, ids[:, -1:])
                 if hasattr(cache, "kv_bytes"):
-                    reads = ("compiled" if cache.static else "fused" if cache.fused else
-                             "-" if cache.spec.codec.lossless else "decoded")
+                    reads = (
+                        "compiled"
+                        if cache.static
+                        else "fused"
+                        if cache.fused
+                        else "-"
+                        if cache.spec.codec.lossless
+                        else "decoded"
+                    )
                     kv[name] = (sum(cache.kv_bytes().values()), cache.stored_tokens(), cache.get_seq_length(), reads)
                 del cache
             print(f"length {length}: round {round_ + 1}/{args.rounds} done", file=sys.stderr)
         full_bytes = kvcompress.expected_kv_bytes(model, "full", length + args.steps)
         for name in names:
-            row = {"strategy": name, "context": length,
-                   "decode_ms_rounds": [[round(t * 1e3, 3) for t in r] for r in samples[name]["rounds"]],
-                   "ttft_s_rounds": [round(t, 4) for t in samples[name]["ttft_s"]],
-                   "aten_ops_per_step": ops.get(name)}
+            row = {
+                "strategy": name,
+                "context": length,
+                "decode_ms_rounds": [[round(t * 1e3, 3) for t in r] for r in samples[name]["rounds"]],
+                "ttft_s_rounds": [round(t, 4) for t in samples[name]["ttft_s"]],
+                "aten_ops_per_step": ops.get(name),
+            }
             if name in kv:
                 resident, stored, seen, reads = kv[name]
-                row.update(kv_bytes=resident, stored_tokens=stored, seen_tokens=seen,
-                           saved_vs_full=round(1 - resident / full_bytes, 4), history_read=reads)
+                row.update(
+                    kv_bytes=resident,
+                    stored_tokens=stored,
+                    seen_tokens=seen,
+                    saved_vs_full=round(1 - resident / full_bytes, 4),
+                    history_read=reads,
+                )
             rows.append(row)
     cpu = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
     return cpu, summarise(rows)
@@ -191,9 +256,12 @@ def summarise(rows: list[dict]) -> list[dict]:
     steps = {(r["context"], r["strategy"]): sum(r["decode_ms_rounds"], []) for r in rows}
     for row in rows:
         own, base = steps[row["context"], row["strategy"]], steps[row["context"], BASELINE]
-        row.update(decode_ms_p50=round(statistics.median(own), 3), decode_ms_p95=round(percentile(own, 95), 3),
-                   vs_dynamic_cache=round(statistics.median(own) / statistics.median(base), 3),
-                   ttft_s=round(statistics.median(row["ttft_s_rounds"]), 4))
+        row.update(
+            decode_ms_p50=round(statistics.median(own), 3),
+            decode_ms_p95=round(percentile(own, 95), 3),
+            vs_dynamic_cache=round(statistics.median(own) / statistics.median(base), 3),
+            ttft_s=round(statistics.median(row["ttft_s_rounds"]), 4),
+        )
     return rows
 
 
@@ -209,16 +277,30 @@ def targets(rows: list[dict], rounds_per_process: int) -> list[dict]:
     for context in sorted({r["context"] for r in rows}):
         for strategy, reference, limit in TARGETS:
             if (context, strategy) in rounds and (context, reference) in rounds:
-                ref, own = ([rounds[context, name][i:i + rounds_per_process]
-                             for i in range(0, len(rounds[context, name]), rounds_per_process)]
-                            for name in (reference, strategy))
+                ref, own = (
+                    [
+                        rounds[context, name][i : i + rounds_per_process]
+                        for i in range(0, len(rounds[context, name]), rounds_per_process)
+                    ]
+                    for name in (reference, strategy)
+                )
                 pooled = [[sum(process, []) for process in side] for side in (ref, own)]
-                ratio, low, high = rounds_ratio_interval(*pooled) if len(own) > 1 else rounds_ratio_interval(ref[0], own[0])
+                ratio, low, high = (
+                    rounds_ratio_interval(*pooled) if len(own) > 1 else rounds_ratio_interval(ref[0], own[0])
+                )
                 met = {PASS: "yes", FAIL: "no", INCONCLUSIVE: "inconclusive"}[verdict(low, high, limit)]
-                verdicts.append({"context": context, "strategy": strategy, "reference": reference, "limit": limit,
-                                 "ratio": round(ratio, 3), "interval": [round(low, 3), round(high, 3)], "met": met,
-                                 "per_process": [round(statistics.median(b) / statistics.median(a), 3)
-                                                 for a, b in zip(*pooled)]})
+                verdicts.append(
+                    {
+                        "context": context,
+                        "strategy": strategy,
+                        "reference": reference,
+                        "limit": limit,
+                        "ratio": round(ratio, 3),
+                        "interval": [round(low, 3), round(high, 3)],
+                        "met": met,
+                        "per_process": [round(statistics.median(b) / statistics.median(a), 3) for a, b in zip(*pooled)],
+                    }
+                )
     return verdicts
 
 
@@ -238,17 +320,29 @@ def markdown(meta: dict, rows: list[dict], verdicts: list[dict]) -> str:
     for r in rows:
         kv = f"{r['kv_bytes'] / 2**20:.2f}" if "kv_bytes" in r else "-"
         saved = f"{r['saved_vs_full']:.1%}" if "saved_vs_full" in r else "-"
-        lines.append(f"| {r['context']} | {r['strategy']} | {r.get('history_read', 'decoded')} | {kv} | {saved} | {r['decode_ms_p50']:.2f} | "
-                     f"{r['decode_ms_p95']:.2f} | {r['vs_dynamic_cache']:.3f} | {r['ttft_s']:.3f} | {r.get('aten_ops_per_step') or '-'} |")
+        lines.append(
+            f"| {r['context']} | {r['strategy']} | {r.get('history_read', 'decoded')} | {kv} | {saved} "
+            f"| {r['decode_ms_p50']:.2f} | {r['decode_ms_p95']:.2f} | {r['vs_dynamic_cache']:.3f} | {r['ttft_s']:.3f} "
+            f"| {r.get('aten_ops_per_step') or '-'} |"
+        )
     if verdicts:
         unit = "processes" if meta.get("processes", 1) > 1 else "rounds"
-        lines += ["", "## Targets", "", f"Ratio of median decode ms/token with its bootstrap 95% interval over the {unit} "
-                  "(paired); met only when the whole interval is within the limit, not met when the whole of it is over.",
-                  "", "| context | strategy | over | limit | measured [95% CI] | met | each process |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {v['context']} | {v['strategy']} | {v['reference']} | {v['limit']:.2f}x | {v['ratio']:.3f}x "
-                  f"[{v['interval'][0]:.3f}, {v['interval'][1]:.3f}] | {v['met']} | "
-                  f"{', '.join(f'{x:.3f}' for x in v.get('per_process', []))} |" for v in verdicts]
+        lines += [
+            "",
+            "## Targets",
+            "",
+            f"Ratio of median decode ms/token with its bootstrap 95% interval over the {unit} "
+            "(paired); met only when the whole interval is within the limit, not met when the whole of it is over.",
+            "",
+            "| context | strategy | over | limit | measured [95% CI] | met | each process |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {v['context']} | {v['strategy']} | {v['reference']} | {v['limit']:.2f}x | {v['ratio']:.3f}x "
+            f"[{v['interval'][0]:.3f}, {v['interval'][1]:.3f}] | {v['met']} | "
+            f"{', '.join(f'{x:.3f}' for x in v.get('per_process', []))} |"
+            for v in verdicts
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -22,15 +22,16 @@ import sys
 from pathlib import Path
 
 import torch
-
-from kvcompress import bytes_per_token, load_model, make_cache, parse_strategy
-from kvcompress.dtypes import parse_dtype
 from kvcompress.evals import stats
+from kvcompress.evals.cases import render
 from kvcompress.evals.config import ReportConfig, configs_of
 from kvcompress.evals.harness import run_report
 from kvcompress.evals.prefill import Prefill
 from kvcompress.evals.records import RecordStore
-from kvcompress.evals.tasks import depths, make_case, render
+from kvcompress.evals.tasks import depths, make_case
+
+from kvcompress import bytes_per_token, load_model, make_cache, parse_strategy
+from kvcompress.dtypes import parse_dtype
 from kvcompress.provenance import provenance
 
 MEMBERS = ["h2o", "tova", "snapkv", "pyramid", "knorm", "adakv", "kvzip"]
@@ -83,9 +84,21 @@ def write_prompts(config: ReportConfig, tokenizer, path: Path, meta: dict) -> No
                     for seed in range(config.seeds):
                         case = make_case(task, tokenizer, length, depth, seed)
                         context, question = render(tokenizer, case.messages, case.question)
-                        f.write(json.dumps({"case": f"{task}-{length}-{depth}-{seed}", "task": task, "length": length,
-                                            "depth": depth, "seed": seed, "context_ids": context,
-                                            "question_ids": question, "answer": case.answer}) + "\n")
+                        f.write(
+                            json.dumps(
+                                {
+                                    "case": f"{task}-{length}-{depth}-{seed}",
+                                    "task": task,
+                                    "length": length,
+                                    "depth": depth,
+                                    "seed": seed,
+                                    "context_ids": context,
+                                    "question_ids": question,
+                                    "answer": case.answer,
+                                }
+                            )
+                            + "\n"
+                        )
 
 
 def _paired(full: dict, mine: dict) -> stats.PairedRecall | None:
@@ -102,8 +115,10 @@ def evaluate(out: Path, fractions: dict[str, float]) -> str:
     for r in recall:
         by_cell.setdefault((r["strategy"], r["question"]), {})[(r["task"], r["length"], r["depth"], r["seed"])] = r
     questions = sorted({q for _, q in by_cell})
-    lines = ["| budget | question | strategy | recall | loss vs full [95% CI] | needle kept | measured bytes vs full |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| budget | question | strategy | recall | loss vs full [95% CI] | needle kept | measured bytes vs full |",
+        "|---|---|---|---|---|---|---|",
+    ]
     best: dict[tuple[str, str], tuple[float, str]] = {}
     sink: dict[tuple[str, str], float] = {}
     for question in questions:
@@ -117,28 +132,37 @@ def evaluate(out: Path, fractions: dict[str, float]) -> str:
             share = [r["kv_bytes_prefill"]["device"] / full_bytes[k] for k, r in mine.items() if k in full_bytes]
             survival = [r["needle_survival"] for r in mine.values()]
             recall_pct = 100 * sum(r["correct"] for r in mine.values()) / len(mine)
-            lines.append(f"| {label} | {question} | `{strategy}` | {recall_pct:.1f}% (n={len(mine)}) | "
-                         f"{paired.loss_pts:+.1f} pts [{paired.low_pts:+.1f}, {paired.high_pts:+.1f}] | "
-                         f"{100 * sum(survival) / len(survival):.0f}% | {100 * sum(share) / len(share):.1f}% |")
+            lines.append(
+                f"| {label} | {question} | `{strategy}` | {recall_pct:.1f}% (n={len(mine)}) | "
+                f"{paired.loss_pts:+.1f} pts [{paired.low_pts:+.1f}, {paired.high_pts:+.1f}] | "
+                f"{100 * sum(survival) / len(survival):.0f}% | {100 * sum(share) / len(share):.1f}% |"
+            )
             if strategy.startswith("sink"):
                 sink[label, question] = recall_pct
             elif strategy != "full":
                 best[label, question] = max(best.get((label, question), (-1.0, "")), (recall_pct, strategy))
     lines += by_seed(by_cell, questions, fractions)
     lines += kvpress_comparison(out, by_cell, fractions, best)
-    full_recall = {q: 100 * sum(r["correct"] for r in by_cell.get(("full", q), {}).values())
-                   / max(1, len(by_cell.get(("full", q), {}))) for q in questions}
+    full_recall = {
+        q: 100
+        * sum(r["correct"] for r in by_cell.get(("full", q), {}).values())
+        / max(1, len(by_cell.get(("full", q), {})))
+        for q in questions
+    }
     lines += ["", "Targets (issue 11):"]
     for (label, question), (pct, strategy) in sorted(best.items()):
         if label.startswith("50%"):
-            lines.append(f"- {label}, question {question}: best member `{strategy}` {pct:.1f}% vs full "
-                         f"{full_recall[question]:.1f}%: loses {full_recall[question] - pct:.1f} pts (target <= 5): "
-                         + ("met" if full_recall[question] - pct <= 5 else "not met"))
+            lines.append(
+                f"- {label}, question {question}: best member `{strategy}` {pct:.1f}% vs full "
+                f"{full_recall[question]:.1f}%: loses {full_recall[question] - pct:.1f} pts (target <= 5): "
+                + ("met" if full_recall[question] - pct <= 5 else "not met")
+            )
         else:
             floor = sink.get((label, question))
-            lines.append(f"- {label}, question {question}: best member `{strategy}` {pct:.1f}% vs sink "
-                         f"{floor:.1f}% (target >= 2x): " + ("met" if floor is not None and pct >= 2 * floor else
-                                                            "not met"))
+            lines.append(
+                f"- {label}, question {question}: best member `{strategy}` {pct:.1f}% vs sink "
+                f"{floor:.1f}% (target >= 2x): " + ("met" if floor is not None and pct >= 2 * floor else "not met")
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -146,9 +170,13 @@ def by_seed(by_cell: dict, questions: list[str], fractions: dict[str, str]) -> l
     """Correct answers per seed (each seed is a fresh set of needles and filler at every task and depth): a setting
     chosen by looking at some seeds is checked on the others."""
     seeds = sorted({key[3] for cases in by_cell.values() for key in cases})
-    rows = ["", "Correct answers by seed (tasks and depths pooled):", "",
-            "| question | strategy | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
-            "|---|---|" + "---|" * len(seeds)]
+    rows = [
+        "",
+        "Correct answers by seed (tasks and depths pooled):",
+        "",
+        "| question | strategy | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
+    ]
     for question in questions:
         for strategy in sorted(fractions, key=lambda name: (fractions[name], name)):
             cases = by_cell.get((strategy, question), {})
@@ -168,12 +196,18 @@ def grid(args: argparse.Namespace) -> tuple[ReportConfig, dict[str, str]]:
             if strategy.startswith("adakv"):
                 strategy = calibrated(strategy, fraction, model, tokenizer, args.length)
             fractions[str(parse_strategy(strategy))] = f"{fraction:.0%} of full's bytes"
-    config = ReportConfig(strategies=list(fractions), tasks=args.tasks.split(","), lengths=[args.length],
-                          depths=min(10, args.cases), seeds=max(1, args.cases // 10),
-                          questions=args.questions.split(","), max_new_tokens=args.max_new_tokens,
-                          # one case at a time: each case's bytes are its own (a batch pads a ragged member such as
-                          # adakv to the largest head of all its rows: +1.7 to +2.9 points of full's bytes, measured)
-                          recall_batch=1)
+    config = ReportConfig(
+        strategies=list(fractions),
+        tasks=args.tasks.split(","),
+        lengths=[args.length],
+        depths=min(10, args.cases),
+        seeds=max(1, args.cases // 10),
+        questions=args.questions.split(","),
+        max_new_tokens=args.max_new_tokens,
+        # one case at a time: each case's bytes are its own (a batch pads a ragged member such as
+        # adakv to the largest head of all its rows: +1.7 to +2.9 points of full's bytes, measured)
+        recall_batch=1,
+    )
     return config, fractions
 
 
@@ -189,38 +223,54 @@ def kvpress_comparison(out: Path, by_cell: dict, fractions: dict[str, str], best
     for line in lines[1:]:
         r = json.loads(line)
         runs.setdefault((r["press"], r["compression_ratio"], r["question"]), {})[
-            (r["task"], r["length"], r["depth"], r["seed"])] = r
+            (r["task"], r["length"], r["depth"], r["seed"])
+        ] = r
     command = " ".join(["python", *meta["argv"]])
-    rows = ["", f"kvpress {meta['kvpress']} (transformers {meta['transformers']}, its KV in {meta['dtype']}) on the "
-            f"same prompts, by `{command}` in its own environment (see that script's docstring); `ours - press` "
-            "pairs each case with our best member at the same share of bytes:", "",
-            "| press | kept | question | recall | measured bytes vs its full | best member | ours - press [95% CI] |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "",
+        f"kvpress {meta['kvpress']} (transformers {meta['transformers']}, its KV in {meta['dtype']}) on the "
+        f"same prompts, by `{command}` in its own environment (see that script's docstring); `ours - press` "
+        "pairs each case with our best member at the same share of bytes:",
+        "",
+        "| press | kept | question | recall | measured bytes vs its full | best member | ours - press [95% CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (press, ratio, question), cases in sorted(runs.items()):
         label = f"{1 - ratio:.0%} of full's bytes"
         recall_pct = 100 * sum(r["correct"] for r in cases.values()) / len(cases)
         share = 100 * sum(r["kv_fraction"] for r in cases.values()) / len(cases)
         if press == "none" or (label, question) not in best:
-            rows.append(f"| {press} | {1 - ratio:.0%} | {question} | {recall_pct:.1f}% (n={len(cases)}) | {share:.1f}% | | |")
+            rows.append(
+                f"| {press} | {1 - ratio:.0%} | {question} | {recall_pct:.1f}% (n={len(cases)}) | {share:.1f}% | | |"
+            )
             continue
         strategy = best[label, question][1]
         ours = by_cell.get((strategy, question), {})
         paired = _paired({k: r["correct"] for k, r in cases.items()}, {k: r["correct"] for k, r in ours.items()})
-        rows.append(f"| {press} | {1 - ratio:.0%} | {question} | {recall_pct:.1f}% (n={len(cases)}) | {share:.1f}% | "
-                    f"`{strategy}` | {-paired.loss_pts:+.1f} pts [{-paired.high_pts:+.1f}, {-paired.low_pts:+.1f}] |")
+        rows.append(
+            f"| {press} | {1 - ratio:.0%} | {question} | {recall_pct:.1f}% (n={len(cases)}) | {share:.1f}% | "
+            f"`{strategy}` | {-paired.loss_pts:+.1f} pts [{-paired.high_pts:+.1f}, {-paired.low_pts:+.1f}] |"
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/eviction")
-    p.add_argument("--cases", type=int, default=20,
-                   help="cases per task (10 depths x cases/10 seeds); a cell (member, budget, placement) pools the tasks")
+    p.add_argument(
+        "--cases",
+        type=int,
+        default=20,
+        help="cases per task (10 depths x cases/10 seeds); a cell (member, budget, placement) pools the tasks",
+    )
     p.add_argument("--tasks", default="passkey,multikey,vartrack")
     p.add_argument("--length", type=int, default=512, help="context tokens (where the default model recalls)")
     p.add_argument("--fractions", default="0.5,0.25", help="fractions of full's measured KV bytes")
-    p.add_argument("--members", default=";".join(MEMBERS),
-                   help="members separated by ';', each with parameters if any (tova;tova:observe=8)")
+    p.add_argument(
+        "--members",
+        default=";".join(MEMBERS),
+        help="members separated by ';', each with parameters if any (tova;tova:observe=8)",
+    )
     p.add_argument("--questions", default="after,inside")
     p.add_argument("--max-new-tokens", type=int, default=16)
     args = p.parse_args(argv)
@@ -242,9 +292,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_summary(out: Path, fractions: dict[str, str], command: list[str]) -> None:
     summary = evaluate(out, fractions)
-    (out / "eviction.md").write_text("# Score-based eviction on the default model\n\n"
-                                     f"Command: `{' '.join(command)}`; provenance in records.jsonl's first line and "
-                                     "pressure_transfer.md.\n\n" + summary)
+    (out / "eviction.md").write_text(
+        "# Score-based eviction on the default model\n\n"
+        f"Command: `{' '.join(command)}`; provenance in records.jsonl's first line and "
+        "pressure_transfer.md.\n\n" + summary
+    )
     print(summary)
 
 

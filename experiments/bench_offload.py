@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-
-import kvcompress
 from kvcompress.evals import reference_text, text_ids
 from kvcompress.evals.latency import time_generation
+
+import kvcompress
 from kvcompress.provenance import provenance, provenance_lines
 from kvcompress.strategy import split_strategies
 from kvcompress.tiers.disk import DiskTier
@@ -55,11 +55,14 @@ def decode_rows(model, tokenizer, lengths, names, steps, warmup, rounds, directo
             if transfer:
                 per_step = {k: v / (steps + warmup) for k, v in transfer.items()}
                 io_s = per_step["disk_s"]
-                row.update(vs_device=round(ms / (statistics.median(samples[device_name]) * 1e3), 3),
-                           read_mb_per_step=round(per_step["disk_read_bytes"] / 1e6, 2),
-                           moved_mb_per_step=round((per_step["h2d_bytes"] + per_step["d2h_bytes"]) / 1e6, 2),
-                           disk_ms_per_step=round(io_s * 1e3, 2), stall_ms_per_step=round(per_step["stall_s"] * 1e3, 2),
-                           overlap=round(max(0.0, 1 - per_step["stall_s"] / io_s), 3) if io_s else None)
+                row.update(
+                    vs_device=round(ms / (statistics.median(samples[device_name]) * 1e3), 3),
+                    read_mb_per_step=round(per_step["disk_read_bytes"] / 1e6, 2),
+                    moved_mb_per_step=round((per_step["h2d_bytes"] + per_step["d2h_bytes"]) / 1e6, 2),
+                    disk_ms_per_step=round(io_s * 1e3, 2),
+                    stall_ms_per_step=round(per_step["stall_s"] * 1e3, 2),
+                    overlap=round(max(0.0, 1 - per_step["stall_s"] / io_s), 3) if io_s else None,
+                )
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     return rows
@@ -101,36 +104,61 @@ def read_bandwidth(directory: str, total: int = 512 << 20, reps: int = 5) -> dic
     ours(), plain("whole"), plain("chunk")  # first touch of buffers and extents, not measured
     samples = [(ours(), plain("whole"), plain("chunk")) for _ in range(reps)]  # interleaved: same disk state
     ours_gbps, whole_gbps, chunk_gbps = (statistics.median(s[i] for s in samples) / GB for i in range(3))
-    result = {"bytes": on_disk, "o_direct": store.file.direct_fd is not None, "block_bytes": rows.block_bytes,
-              "disk_tier_GBps": round(ours_gbps, 3), "plain_sequential_GBps": round(whole_gbps, 3),
-              "ratio": round(ours_gbps / whole_gbps, 3), "plain_reused_4MiB_GBps": round(chunk_gbps, 3),
-              "ratio_vs_reused_4MiB": round(ours_gbps / chunk_gbps, 3)}
+    result = {
+        "bytes": on_disk,
+        "o_direct": store.file.direct_fd is not None,
+        "block_bytes": rows.block_bytes,
+        "disk_tier_GBps": round(ours_gbps, 3),
+        "plain_sequential_GBps": round(whole_gbps, 3),
+        "ratio": round(ours_gbps / whole_gbps, 3),
+        "plain_reused_4MiB_GBps": round(chunk_gbps, 3),
+        "ratio_vs_reused_4MiB": round(ours_gbps / chunk_gbps, 3),
+    }
     part.close()
     store.close()
     return result
 
 
 def markdown(meta: dict, rows: list[dict], bandwidth: dict) -> str:
-    lines = ["# Disk tier on the CPU: decode overhead and read bandwidth", "", *provenance_lines(meta),
-             f"- decode: median over {meta['rounds']} interleaved passes x {meta['steps']} timed steps; `vs device` "
-             "compares with the same strategy without `+disk` (on the CPU the device is RAM)",
-             "- overlap = share of the disk thread's I/O time the decode did not wait for (1 - host wait / I/O time)",
-             "", "| context | strategy | decode ms/token | vs device | disk read MB/step | I/O ms/step | host wait ms/step"
-             " | overlap | RAM (device+host) MiB | disk MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Disk tier on the CPU: decode overhead and read bandwidth",
+        "",
+        *provenance_lines(meta),
+        f"- decode: median over {meta['rounds']} interleaved passes x {meta['steps']} timed steps; `vs device` "
+        "compares with the same strategy without `+disk` (on the CPU the device is RAM)",
+        "- overlap = share of the disk thread's I/O time the decode did not wait for (1 - host wait / I/O time)",
+        "",
+        "| context | strategy | decode ms/token | vs device | disk read MB/step | I/O ms/step | host wait ms/step"
+        " | overlap | RAM (device+host) MiB | disk MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         kv = r["kv_bytes"]
         ram = (kv.get("device", 0) + kv.get("host", 0)) / 2**20
-        cells = [r["context"], f"`{r['strategy']}`", r["decode_ms_p50"], r.get("vs_device", "-"),
-                 r.get("read_mb_per_step", "-"), r.get("disk_ms_per_step", "-"), r.get("stall_ms_per_step", "-"),
-                 "-" if r.get("overlap") is None else f"{r['overlap']:.0%}", f"{ram:.1f}", f"{kv.get('disk', 0) / 2**20:.1f}"]
+        cells = [
+            r["context"],
+            f"`{r['strategy']}`",
+            r["decode_ms_p50"],
+            r.get("vs_device", "-"),
+            r.get("read_mb_per_step", "-"),
+            r.get("disk_ms_per_step", "-"),
+            r.get("stall_ms_per_step", "-"),
+            "-" if r.get("overlap") is None else f"{r['overlap']:.0%}",
+            f"{ram:.1f}",
+            f"{kv.get('disk', 0) / 2**20:.1f}",
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     b = bandwidth
-    lines += ["", "## Sustained read bandwidth", "",
-              f"{b['bytes'] / 2**20:.0f} MiB in {b['block_bytes'] // 1024} KiB blocks, O_DIRECT: {b['o_direct']}: "
-              f"disk tier {b['disk_tier_GBps']:.2f} GB/s (checksums verified) vs a plain sequential read of the same "
-              f"file into one buffer of its size {b['plain_sequential_GBps']:.2f} GB/s: **{b['ratio']:.0%}** (target "
-              f">= 70 %). Against 4 MiB reads into one reused buffer (data dropped, the disk's ceiling here) "
-              f"{b['plain_reused_4MiB_GBps']:.2f} GB/s: {b['ratio_vs_reused_4MiB']:.0%}."]
+    lines += [
+        "",
+        "## Sustained read bandwidth",
+        "",
+        f"{b['bytes'] / 2**20:.0f} MiB in {b['block_bytes'] // 1024} KiB blocks, O_DIRECT: {b['o_direct']}: "
+        f"disk tier {b['disk_tier_GBps']:.2f} GB/s (checksums verified) vs a plain sequential read of the same "
+        f"file into one buffer of its size {b['plain_sequential_GBps']:.2f} GB/s: **{b['ratio']:.0%}** (target "
+        f">= 70 %). Against 4 MiB reads into one reused buffer (data dropped, the disk's ceiling here) "
+        f"{b['plain_reused_4MiB_GBps']:.2f} GB/s: {b['ratio_vs_reused_4MiB']:.0%}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -151,12 +179,21 @@ def main() -> None:
     bandwidth = read_bandwidth(directory)
     print(json.dumps(bandwidth), file=sys.stderr)
     model, tokenizer = kvcompress.load_model(args.model, dtype="float32")  # float32 compute and KV, as documented
-    rows = decode_rows(model, tokenizer, [int(x) for x in args.lengths.split(",")], split_strategies(args.strategies),
-                       args.steps, args.warmup, args.rounds, directory)
+    rows = decode_rows(
+        model,
+        tokenizer,
+        [int(x) for x in args.lengths.split(",")],
+        split_strategies(args.strategies),
+        args.steps,
+        args.warmup,
+        args.rounds,
+        directory,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_offload.json").write_text(json.dumps({"meta": meta, "rows": rows, "read_bandwidth": bandwidth},
-                                                       indent=1) + "\n")
+    (out / "bench_offload.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "read_bandwidth": bandwidth}, indent=1) + "\n"
+    )
     (out / "bench_offload.md").write_text(markdown(meta, rows, bandwidth))
     print(markdown(meta, rows, bandwidth))
 

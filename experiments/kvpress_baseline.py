@@ -67,8 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help="a local model directory (no hub access)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
-                   help="sdpa: SnapKV/TOVA recompute their window attention; eager: they read the layer's weights")
+    p.add_argument(
+        "--attn",
+        default="sdpa",
+        choices=["sdpa", "eager"],
+        help="sdpa: SnapKV/TOVA recompute their window attention; eager: they read the layer's weights",
+    )
     args = p.parse_args(argv)
     args.presses = [s.strip() for s in args.presses.split(",") if s.strip()]
     unknown = [s for s in args.presses if s not in PRESSES]
@@ -107,17 +111,29 @@ def load_prompts(path: Path, limit: int | None) -> list[dict]:
 
 def git_state() -> dict:
     """The commit of the repo this script lives in, and whether its work tree is dirty."""
+
     def git(*a: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+
     return {"git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain"))}
 
 
 def meta(args: argparse.Namespace) -> dict:
     """The provenance line written before the first record of a new file."""
-    return {"command": " ".join(["python", *sys.argv]), "argv": sys.argv, "kvpress": version("kvpress"), "transformers": transformers.__version__,
-            "torch": torch.__version__, "model": args.model, "device": args.device, "dtype": args.dtype,
-            "attn_implementation": args.attn, "max_new_tokens": args.max_new_tokens,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **git_state()}
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "argv": sys.argv,
+        "kvpress": version("kvpress"),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "attn_implementation": args.attn,
+        "max_new_tokens": args.max_new_tokens,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **git_state(),
+    }
 
 
 def read_done(out: Path) -> dict[tuple, dict]:
@@ -154,8 +170,7 @@ def prefill(model, ids: list[int], press) -> tuple[DynamicCache, int]:
     return cache, kv_bytes(cache)
 
 
-def decode(model, tokenizer, cache: DynamicCache, feed: list[int], start: int, answer: str,
-           max_new_tokens: int) -> str:
+def decode(model, tokenizer, cache: DynamicCache, feed: list[int], start: int, answer: str, max_new_tokens: int) -> str:
     """Feed the remaining prompt tokens at positions start.. (the uncompressed length), then greedy-decode until
     EOS, max_new_tokens, or the answer string appears in the decoded output."""
     eos = model.generation_config.eos_token_id
@@ -179,8 +194,7 @@ def decode(model, tokenizer, cache: DynamicCache, feed: list[int], start: int, a
 
 
 @torch.no_grad()
-def run_one(model, tokenizer, prompt: dict, question: str, press_name: str, ratio: float,
-            max_new_tokens: int) -> dict:
+def run_one(model, tokenizer, prompt: dict, question: str, press_name: str, ratio: float, max_new_tokens: int) -> dict:
     """One prefill-compress-decode run; the record lacks kv_fraction (filled in by the caller)."""
     ctx, q = prompt["context_ids"], prompt["question_ids"]
     first, feed = (ctx, q) if question == "after" else (ctx + q[:-1], q[-1:])
@@ -189,9 +203,17 @@ def run_one(model, tokenizer, prompt: dict, question: str, press_name: str, rati
     cache, nbytes = prefill(model, first, press)
     output = decode(model, tokenizer, cache, feed, len(first), prompt["answer"], max_new_tokens)
     seconds = time.perf_counter() - t0
-    return {**{k: prompt[k] for k in ("case", "task", "length", "depth", "seed")}, "question": question,
-            "press": press_name, "compression_ratio": ratio, "correct": prompt["answer"] in output, "output": output,
-            "kv_bytes": nbytes, "prompt_tokens": len(ctx) + len(q), "seconds": round(seconds, 3)}
+    return {
+        **{k: prompt[k] for k in ("case", "task", "length", "depth", "seed")},
+        "question": question,
+        "press": press_name,
+        "compression_ratio": ratio,
+        "correct": prompt["answer"] in output,
+        "output": output,
+        "kv_bytes": nbytes,
+        "prompt_tokens": len(ctx) + len(q),
+        "seconds": round(seconds, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,9 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     new_file = not args.out.exists() or args.out.stat().st_size == 0
     with args.out.open("a") as f:
+
         def write(row: dict) -> None:
             f.write(json.dumps(row) + "\n")
             f.flush()
+
         if new_file:
             write({"meta": meta(args)})
         runs = [("none", 0.0)] + [(p, r) for p in args.presses for r in args.ratios]
@@ -223,8 +247,11 @@ def main(argv: list[str] | None = None) -> None:
                     if key not in done:
                         row["kv_fraction"] = round(row["kv_bytes"] / full, 6)
                         write(row)
-                        print(f"{row['case']} {question} {press_name}@{ratio}: correct={row['correct']} "
-                              f"kv_fraction={row['kv_fraction']} {row['seconds']}s {row['output']!r}", flush=True)
+                        print(
+                            f"{row['case']} {question} {press_name}@{ratio}: correct={row['correct']} "
+                            f"kv_fraction={row['kv_fraction']} {row['seconds']}s {row['output']!r}",
+                            flush=True,
+                        )
 
 
 if __name__ == "__main__":

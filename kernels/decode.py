@@ -43,8 +43,12 @@ def codec_code(codec: Codec) -> int | None:
 
 def supports(codec: Codec, head_dim: int) -> bool:
     """Whether the Triton kernel reads this codec at this head_dim (and triton is installed)."""
-    return (codec_code(codec) is not None and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and importlib.util.find_spec("triton") is not None)
+    return (
+        codec_code(codec) is not None
+        and head_dim >= 16
+        and head_dim & (head_dim - 1) == 0
+        and importlib.util.find_spec("triton") is not None
+    )
 
 
 def auto_backend(query: torch.Tensor, codec: Codec) -> str:
@@ -58,8 +62,9 @@ def query_rows(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return query.reshape(b, kv_heads, hq // kv_heads * q, d)
 
 
-def partial_attention(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
-                      scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def partial_attention(
+    rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of rows [b, h, r, d] over keys/values [b, h, s, d], visible [b, h or 1, r or 1, s] bool. Returns the
     output normalised over these keys [b, h, r, d] float32 and its log-sum-exp [b, h, r] (-inf where a row sees
     nothing: its output is 0 and it weighs nothing in the merge)."""
@@ -77,9 +82,19 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.
     return (torch.stack(outs) * weights[..., None]).sum(0)
 
 
-def encoded_attention(rows: torch.Tensor, codec: Codec, k_packed: Packed, v_packed: Packed, valid: torch.Tensor,
-                      tail_k: torch.Tensor, tail_v: torch.Tensor, tail_visible: torch.Tensor, scaling: float,
-                      chunk: int | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
+def encoded_attention(
+    rows: torch.Tensor,
+    codec: Codec,
+    k_packed: Packed,
+    v_packed: Packed,
+    valid: torch.Tensor,
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    tail_visible: torch.Tensor,
+    scaling: float,
+    chunk: int | None = None,
+    buffer: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The torch path: attention of rows [b, h, r, d] over the encoded tokens (valid [b, h or 1, n]) and the tail
     (visible [b, h or 1, r, t]), the history decoded `chunk` tokens at a time (None: `chunk_tokens`) into one reused
     buffer (`buffer`, float32 [b, h, >= chunk, d]: memory the caller has already touched; None: a new one). Two
@@ -139,9 +154,20 @@ def _lift(x: torch.Tensor, exponent: int) -> tuple[torch.Tensor, int]:
     return x * 2.0**power, exponent - power
 
 
-def attend_encoded(query: torch.Tensor, codec: Codec, k_packed: Packed, v_packed: Packed, valid: torch.Tensor,
-                   tail_k: torch.Tensor, tail_v: torch.Tensor, tail_visible: torch.Tensor, scaling: float,
-                   backend: str = "auto", chunk: int | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
+def attend_encoded(
+    query: torch.Tensor,
+    codec: Codec,
+    k_packed: Packed,
+    v_packed: Packed,
+    valid: torch.Tensor,
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    tail_visible: torch.Tensor,
+    scaling: float,
+    backend: str = "auto",
+    chunk: int | None = None,
+    buffer: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Attention of query [b, hq, q, d] over encoded tokens (packed by `codec`, [b, h, n, m] each; valid [b, h or 1,
     n] bool) followed by model-dtype tail tokens tail_k/v [b, h, t, d] (visible [b, h or 1, q, t] bool: the step's
     causal and padding mask). Returns [b, q, hq, d] in the query's dtype.
@@ -155,7 +181,9 @@ def attend_encoded(query: torch.Tensor, codec: Codec, k_packed: Packed, v_packed
     rows = query_rows(query, h)
     if backend == "auto":
         backend = auto_backend(query, codec)
-    visible = tail_visible.expand(b, h, q, -1)[:, :, None].expand(b, h, hq // h, q, -1).reshape(b, h, -1, tail_k.shape[2])
+    visible = (
+        tail_visible.expand(b, h, q, -1)[:, :, None].expand(b, h, hq // h, q, -1).reshape(b, h, -1, tail_k.shape[2])
+    )
     if backend == "triton":
         from .triton_decode import encoded_partials_triton
 

@@ -35,8 +35,9 @@ def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -
     return scale_groups(out, scale)
 
 
-def scale_groups(out: torch.Tensor, scale: torch.Tensor, factor: float = 1.0,
-                 lo: torch.Tensor | None = None) -> torch.Tensor:
+def scale_groups(
+    out: torch.Tensor, scale: torch.Tensor, factor: float = 1.0, lo: torch.Tensor | None = None
+) -> torch.Tensor:
     """Multiplies each group of `out`'s channels in place by its scale [..., d // group] times `factor` (a power of
     two that restores codes laid in rescaled, fp8's on CPU, so the product stays exact), then adds its minimum `lo`
     (like scale; affine codes), and returns `out`."""

@@ -24,8 +24,19 @@ TARGET_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
 
 
 @triton.jit
-def dequantize(codes, scales, mins, n, d, inside, code_stride, scale_stride, D: tl.constexpr, GROUP: tl.constexpr,
-               CODE: tl.constexpr):
+def dequantize(
+    codes,
+    scales,
+    mins,
+    n,
+    d,
+    inside,
+    code_stride,
+    scale_stride,
+    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    CODE: tl.constexpr,
+):
     if CODE == 3:  # two codes per byte: channel c in the low nibble, channel c + D / 2 in the high one
         byte = tl.load(codes + n[:, None] * code_stride + (d % (D // 2))[None, :], mask=inside[:, None], other=0)
         x = ((byte.to(tl.int32) >> ((d // (D // 2)) * 4)[None, :]) & 15).to(tl.float32)
@@ -43,13 +54,54 @@ def dequantize(codes, scales, mins, n, d, inside, code_stride, scale_stride, D: 
         x = x + tl.load(mins + n[:, None] * scale_stride + group, mask=inside[:, None], other=0).to(tl.float32)
     return x
 
+
 @triton.jit
-def decode_split(Q, KQ, KS, KM, VQ, VS, VM, VALID, OUT, LSE,
-                 q_b, q_h, q_r, kq_b, kq_h, kq_n, ks_b, ks_h, ks_n, vq_b, vq_h, vq_n, vs_b, vs_h, vs_n,
-                 valid_b, valid_h, o_b, o_h, o_s, o_r, l_b, l_h, l_s,
-                 heads, tokens, rows, per_split, scaling,
-                 R: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, CODE: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def decode_split(
+    Q,
+    KQ,
+    KS,
+    KM,
+    VQ,
+    VS,
+    VM,
+    VALID,
+    OUT,
+    LSE,
+    q_b,
+    q_h,
+    q_r,
+    kq_b,
+    kq_h,
+    kq_n,
+    ks_b,
+    ks_h,
+    ks_n,
+    vq_b,
+    vq_h,
+    vq_n,
+    vs_b,
+    vs_h,
+    vs_n,
+    valid_b,
+    valid_h,
+    o_b,
+    o_h,
+    o_s,
+    o_r,
+    l_b,
+    l_h,
+    l_s,
+    heads,
+    tokens,
+    rows,
+    per_split,
+    scaling,
+    R: tl.constexpr,
+    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    CODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // heads, bh % heads
     r, d = tl.arange(0, R), tl.arange(0, D)
@@ -65,16 +117,38 @@ def decode_split(Q, KQ, KS, KM, VQ, VS, VM, VALID, OUT, LSE,
         offset += BLOCK
         inside = n < end
         ok = tl.load(VALID + b * valid_b + h * valid_h + n, mask=inside, other=0) != 0
-        k = dequantize(KQ + b * kq_b + h * kq_h, KS + b * ks_b + h * ks_h, KM + b * ks_b + h * ks_h, n, d,
-                       inside, kq_n, ks_n, D, GROUP, CODE)
+        k = dequantize(
+            KQ + b * kq_b + h * kq_h,
+            KS + b * ks_b + h * ks_h,
+            KM + b * ks_b + h * ks_h,
+            n,
+            d,
+            inside,
+            kq_n,
+            ks_n,
+            D,
+            GROUP,
+            CODE,
+        )
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * scaling
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays at zero
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
-        v = dequantize(VQ + b * vq_b + h * vq_h, VS + b * vs_b + h * vs_h, VM + b * vs_b + h * vs_h, n, d,
-                       inside, vq_n, vs_n, D, GROUP, CODE)
+        v = dequantize(
+            VQ + b * vq_b + h * vq_h,
+            VS + b * vs_b + h * vs_h,
+            VM + b * vs_b + h * vs_h,
+            n,
+            d,
+            inside,
+            vq_n,
+            vs_n,
+            D,
+            GROUP,
+            CODE,
+        )
         total = total * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m = m_new
@@ -85,15 +159,23 @@ def decode_split(Q, KQ, KS, KM, VQ, VS, VM, VALID, OUT, LSE,
     tl.store(LSE + b * l_b + h * l_h + split * l_s + r, lse, mask=r < rows)
 
 
-def encoded_partials_triton(rows: torch.Tensor, codec, k_packed: dict[str, torch.Tensor],
-                            v_packed: dict[str, torch.Tensor], valid: torch.Tensor, scaling: float):
+def encoded_partials_triton(
+    rows: torch.Tensor,
+    codec,
+    k_packed: dict[str, torch.Tensor],
+    v_packed: dict[str, torch.Tensor],
+    valid: torch.Tensor,
+    scaling: float,
+):
     """Partials (outputs [b, h, r, d] float32, log-sum-exps [b, h, r]) of rows [b, h, r, d] over the encoded tokens,
     one per token split; valid [b, h or 1, n] bool."""
     b, h, n_rows, d = rows.shape
     code = codec_code(codec)
     if not supports(codec, d):
-        raise ValueError(f"the triton decode kernel reads int8, fp8 and int4 codes with a power-of-two head_dim >= 16 "
-                         f"(and needs triton installed); got codec {codec.name!r}, head_dim {d}")
+        raise ValueError(
+            f"the triton decode kernel reads int8, fp8 and int4 codes with a power-of-two head_dim >= 16 "
+            f"(and needs triton installed); got codec {codec.name!r}, head_dim {d}"
+        )
     tokens = k_packed["q"].shape[2]
     group = codec.group_size(d)
 
@@ -115,13 +197,49 @@ def encoded_partials_triton(rows: torch.Tensor, codec, k_packed: dict[str, torch
     out = rows.new_empty(b, h, splits, n_rows, d, dtype=torch.float32)
     lse = rows.new_empty(b, h, splits, n_rows, dtype=torch.float32)
     decode_split[(b * h, splits)](
-        rows, kq, ks, km, vq, vs, vm, flags, out, lse,
-        rows.stride(0), rows.stride(1), rows.stride(2),
-        kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        vq.stride(0), vq.stride(1), vq.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-        flags.stride(0), flags.stride(1) if flags.shape[1] > 1 else 0,
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
-        h, tokens, n_rows, per_split, scaling,
-        R=width, D=d, GROUP=group, CODE=code, BLOCK=BLOCK_N,
+        rows,
+        kq,
+        ks,
+        km,
+        vq,
+        vs,
+        vm,
+        flags,
+        out,
+        lse,
+        rows.stride(0),
+        rows.stride(1),
+        rows.stride(2),
+        kq.stride(0),
+        kq.stride(1),
+        kq.stride(2),
+        ks.stride(0),
+        ks.stride(1),
+        ks.stride(2),
+        vq.stride(0),
+        vq.stride(1),
+        vq.stride(2),
+        vs.stride(0),
+        vs.stride(1),
+        vs.stride(2),
+        flags.stride(0),
+        flags.stride(1) if flags.shape[1] > 1 else 0,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        out.stride(3),
+        lse.stride(0),
+        lse.stride(1),
+        lse.stride(2),
+        h,
+        tokens,
+        n_rows,
+        per_split,
+        scaling,
+        R=width,
+        D=d,
+        GROUP=group,
+        CODE=code,
+        BLOCK=BLOCK_N,
     )
     return list(out.unbind(2)), list(lse.unbind(2))

@@ -1,8 +1,8 @@
 """kvcompress: KV-cache retention x codec x tier strategies for Hugging Face transformers.
 
-    import kvcompress as kc
-    model, tokenizer = kc.load_model("default")
-    out = model.generate(**inputs, cache=kc.make_cache(model, "sink:window=256+int8"))
+import kvcompress as kc
+model, tokenizer = kc.load_model("default")
+out = model.generate(**inputs, cache=kc.make_cache(model, "sink:window=256+int8"))
 """
 
 from .accounting import bytes_per_token, expected_kv_bytes

@@ -11,6 +11,7 @@ from .geometry import KVGeometry
 from .retention import Retention
 from .strategy import StrategySpec, parse_strategy
 
+
 def bytes_per_token(model_or_config, strategy: str | StrategySpec = "full", dtype: torch.dtype | None = None) -> float:
     """Resident bytes of one stored token of one sequence across all layers, K and V, in encoded form (scales and
     position/score bookkeeping included; the codec's full-precision residual is not)."""

@@ -29,7 +29,8 @@ def hand_over(layer, keys: torch.Tensor) -> None:
         raise RuntimeError(
             f"a kvcompress {previous.retention.name} layer's update was not followed by its attention: the model's "
             "attention is not routed through the kvcompress seam (make_cache(model, ...) routes it; a model whose "
-            "attention implementation was changed afterwards must be routed again)")
+            "attention implementation was changed afterwards must be routed again)"
+        )
     _pending.layer, _pending.keys = layer, keys
 
 
@@ -61,8 +62,10 @@ def _register(base: str) -> str:
             raise ValueError("kvcompress caches are for inference: dropout must be 0 (call model.eval())")
         window = kwargs.get("sliding_window")
         if window is not None and layer.seen + query.shape[2] > window:
-            raise ValueError(f"this layer attends over a sliding window of {window} tokens, which the kvcompress seam "
-                             "does not apply: use a model config with sliding_window=None, or a positional retention")
+            raise ValueError(
+                f"this layer attends over a sliding window of {window} tokens, which the kvcompress seam "
+                "does not apply: use a model config with sliding_window=None, or a positional retention"
+            )
         scaling = module.scaling if scaling is None else scaling
         return layer.attend(query, attention_mask, scaling, kwargs), None
 
@@ -81,8 +84,14 @@ def grouped_sdpa(module, query, key, value, attention_mask, scaling=None, dropou
     own = ALL_ATTENTION_FUNCTIONS["sdpa"]
     b, hq, q, d = query.shape
     h = key.shape[1]
-    if (attention_mask is None or attention_mask.dtype != torch.bool or h == hq or dropout
-            or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None):
+    if (
+        attention_mask is None
+        or attention_mask.dtype != torch.bool
+        or h == hq
+        or dropout
+        or kwargs.get("softcap") is not None
+        or kwargs.get("sliding_window") is not None
+    ):
         return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     mask = attention_mask[:, :, -q:, : key.shape[2]].expand(b, 1, q, -1)
     out, _ = _as_rows(query, key, value, mask, module.scaling if scaling is None else scaling)
@@ -106,16 +115,20 @@ def route(model) -> None:
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if current is None or not hasattr(model, "set_attn_implementation"):
-        raise ValueError(f"this retention needs the model's attention routed through the kvcompress seam, but "
-                         f"{type(model).__name__} is not a transformers model with an attention implementation "
-                         "(pass the model to make_cache, not its config)")
+        raise ValueError(
+            f"this retention needs the model's attention routed through the kvcompress seam, but "
+            f"{type(model).__name__} is not a transformers model with an attention implementation "
+            "(pass the model to make_cache, not its config)"
+        )
     if current == GROUPED:  # routed for a static step before: the seam wraps the sdpa it stands for
         current = "sdpa"
     elif current.startswith(PREFIX):
         return
     if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
-                         "AttentionInterface, so score-based retention cannot see its attention")
+        raise ValueError(
+            f"{type(model).__name__} does not dispatch attention through transformers' "
+            "AttentionInterface, so score-based retention cannot see its attention"
+        )
     model.set_attn_implementation(_register(current))
 
 
@@ -144,8 +157,16 @@ def mask_visible(attention_mask, batch: int, q: int, kv: int, device) -> torch.T
 WEIGHT_ROWS = 256  # queries whose weights are held at once where every query's are read (mass, softcap)
 
 
-def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
-                      scaling: float, softcap: float | None = None, rows: int = 0, per_key: str | None = None):
+def grouped_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visible: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    rows: int = 0,
+    per_key: str | None = None,
+):
     """Attention of query [b, hq, q, d] over keys/values [b, h, s, d] (h KV heads shared by hq/h query heads each),
     visible [b, h, q, s] bool, [b, 1, q, s] where every KV head sees the same keys, or None: causal over the step
     alone (s == q). Returns the output [b, q, hq, d]; the float32 attention weights of the last `rows` queries
@@ -195,8 +216,9 @@ def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     return out, last, total, scratch
 
 
-def _fused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
-           scaling: float) -> tuple[torch.Tensor, int]:
+def _fused(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None, scaling: float
+) -> tuple[torch.Tensor, int]:
     """torch's fused attention [b, hq, q, d] over shared KV heads, copying as little as it can, and the bytes it
     copied. Causal, or on CPU under one mask for all heads: sdpa's own GQA, nothing copied. Under a mask per KV head
     (heads that keep different tokens), or on CUDA (whose fused kernels take GQA unmasked only) where it is smaller:
@@ -207,8 +229,9 @@ def _fused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visibl
     h = keys.shape[1]
     group = hq // h
     if group == 1 or visible is None or (visible.shape[1] == 1 and query.device.type == "cpu"):
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, is_causal=visible is None,
-                                             scale=scaling, enable_gqa=group > 1)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=visible, is_causal=visible is None, scale=scaling, enable_gqa=group > 1
+        )
         return out, 0
     if visible.shape[1] > 1 or _rows_are_smaller(q, h, d, keys.element_size()):
         out, mask = _as_rows(query, keys, values, visible, scaling)
@@ -217,8 +240,9 @@ def _fused(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visibl
     return F.scaled_dot_product_attention(query, k, v, attn_mask=visible, scale=scaling), k.nbytes + v.nbytes
 
 
-def _as_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-             scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_rows(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """sdpa with the g query heads of each KV head attending as g x q rows of it (query head i shares KV head
     i // g), under `mask` [b, 1 or h, q, s] repeated g times: K/V are never repeated. Returns the output
     [b, hq, q, d] and the repeated mask (what it copied)."""
@@ -226,8 +250,9 @@ def _as_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask
     h, s = keys.shape[1], keys.shape[2]
     group, heads = hq // h, mask.shape[1]
     rows_mask = mask[:, :, None].expand(b, heads, group, q, s).reshape(b, heads, group * q, s)
-    out = F.scaled_dot_product_attention(query.reshape(b, h, group * q, d), keys, values, attn_mask=rows_mask,
-                                         scale=scaling)
+    out = F.scaled_dot_product_attention(
+        query.reshape(b, h, group * q, d), keys, values, attn_mask=rows_mask, scale=scaling
+    )
     return out.view(b, hq, q, d), rows_mask
 
 
@@ -237,8 +262,9 @@ def _rows_are_smaller(q: int, kv_heads: int, head_dim: int, itemsize: int) -> bo
     return q < 2 * kv_heads * head_dim * itemsize
 
 
-def prompt_step_bytes(keys: torch.Tensor, query_heads: int, rows: int, padded: bool, compute: torch.dtype,
-                      mass: bool = False) -> int:
+def prompt_step_bytes(
+    keys: torch.Tensor, query_heads: int, rows: int, padded: bool, compute: torch.dtype, mass: bool = False
+) -> int:
     """The analytic twin of what a seam layer's prompt step into an empty layer allocates beside the storage, for
     keys [b, h, n, d] as stored: K/V in the compute dtype, the float32 weights of the last `rows` queries, with `mass`
     a block of WEIGHT_ROWS queries' weights and the sums, and with padding the step's mask [b, 1, n, n] (plus, on
@@ -259,8 +285,9 @@ def _rows_visible(visible: torch.Tensor | None, q: int, s: int, start: int, stop
     return torch.ones(stop - start, s, dtype=torch.bool, device=device).tril(s - q + start)
 
 
-def _weights(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float,
-             softcap: float | None = None) -> torch.Tensor:
+def _weights(
+    query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
     """float32 softmax weights [b, h, hq/h, q, s] of query [b, hq, q, d] over keys [b, h, s, d]."""
     b, hq, q, d = query.shape
     h = keys.shape[1]

@@ -13,7 +13,8 @@ different tokens), the statistics the retention asked for, eviction, encoding; w
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -67,8 +68,14 @@ class Workspace:
     def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A [batch, heads, tokens, dim] view of `slot`'s buffer, reallocated only when it is too small or unlike."""
         buffer = self.buffers.get(slot)
-        if (buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.shape[:2] != shape[:2]
-                or buffer.shape[3] != shape[3] or buffer.shape[2] < shape[2]):
+        if (
+            buffer is None
+            or buffer.dtype != dtype
+            or buffer.device != device
+            or buffer.shape[:2] != shape[:2]
+            or buffer.shape[3] != shape[3]
+            or buffer.shape[2] < shape[2]
+        ):
             room = -(-shape[2] // self.GROW) * self.GROW
             buffer = self.buffers[slot] = torch.empty(*shape[:2], room, shape[3], dtype=dtype, device=device)
         return buffer[:, :, : shape[2]]
@@ -82,8 +89,17 @@ class KVLayer(CacheLayerMixin):
     is_sliding = False  # the mask is the model's plain causal one, sized by get_mask_sizes
     is_compileable = False
 
-    def __init__(self, retention: Retention, codec: Codec, store: Store, kv_dtype: torch.dtype | None = None,
-                 layer_idx: int = 0, layers: int = 1, prefill_chunk: int | None = None, fused: bool = False):
+    def __init__(
+        self,
+        retention: Retention,
+        codec: Codec,
+        store: Store,
+        kv_dtype: torch.dtype | None = None,
+        layer_idx: int = 0,
+        layers: int = 1,
+        prefill_chunk: int | None = None,
+        fused: bool = False,
+    ):
         super().__init__()
         self.retention, self.codec, self.store = retention, codec, store
         self.kv_dtype = kv_dtype  # the dtype K/V are stored in (None: as they arrive); attention gets its own back
@@ -183,16 +199,18 @@ class KVLayer(CacheLayerMixin):
             new = torch.arange(seen_before, self.seen, dtype=torch.int32, device=self.device)
             self.positions = torch.cat([self.positions, new.expand(self.positions.shape[0], -1)], dim=1)
         if self._due():
-            view = RetentionView(self.seen, self.stored, self.positions, self._left_padding(kwargs), self.layer_idx,
-                                 self.layers)
+            view = RetentionView(
+                self.seen, self.stored, self.positions, self._left_padding(kwargs), self.layer_idx, self.layers
+            )
             self._evict(view)
         if not self.codec.lossless:
             self._encode_overflow()
         self.steps += 1
 
     def _due(self) -> bool:
-        return self.retention.due(self.stored, self.seen, self.layer_idx, self.layers, self.steps,
-                                  self.steps - self.last_eviction)
+        return self.retention.due(
+            self.stored, self.seen, self.layer_idx, self.layers, self.steps, self.steps - self.last_eviction
+        )
 
     def _end_step(self, transient_bytes: int) -> None:
         if self.store.offloads:
@@ -231,8 +249,17 @@ class KVLayer(CacheLayerMixin):
         outputs = []
         for start in range(0, q, chunk):
             step = slice(start, min(start + chunk, q))
-            outputs.append(self._attend_chunk(query[:, :, step], new_k[:, :, step], new_v[:, :, step],
-                                              positions[:, step], scaling, softcap, compute))
+            outputs.append(
+                self._attend_chunk(
+                    query[:, :, step],
+                    new_k[:, :, step],
+                    new_v[:, :, step],
+                    positions[:, step],
+                    scaling,
+                    softcap,
+                    compute,
+                )
+            )
         self.steps += 1
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
@@ -257,12 +284,21 @@ class KVLayer(CacheLayerMixin):
         visible = self._visible(new_positions)
         needs = self.retention.needs
         rows = max(self.retention.attention_rows, self.capture_rows) if "attention" in needs or self.capture_rows else 0
-        out, probs, mass, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute,
-                                                        rows=rows, per_key="mass" if "mass" in needs else None)
+        out, probs, mass, transient = self._attend_over(
+            query,
+            new_k,
+            new_v,
+            visible,
+            scaling,
+            softcap,
+            compute,
+            rows=rows,
+            per_key="mass" if "mass" in needs else None,
+        )
         transient += visible.nbytes if visible is not None else 0
         attention = probs.mean(dim=2) if probs is not None else None  # pooled over the query heads of a KV head
         if self.capture_rows:
-            self.captured = attention[:, :, -self.capture_rows:]
+            self.captured = attention[:, :, -self.capture_rows :]
         self._store_step(new_k, new_v, new_positions, attention, mass, compute)
         self._end_step(transient)
         return out
@@ -271,16 +307,24 @@ class KVLayer(CacheLayerMixin):
         """A step of the context's reconstruction (kvzip, `reconstruct`): attend over [stored | step] as any step,
         raise each stored token's score to the most attention a query gave it, and store nothing."""
         visible = self._visible(new_positions)
-        out, _, peak, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute,
-                                                    per_key="peak")
+        out, _, peak, transient = self._attend_over(
+            query, new_k, new_v, visible, scaling, softcap, compute, per_key="peak"
+        )
         torch.maximum(self.reconstruction, peak[..., : self.stored], out=self.reconstruction)
         self._end_step(transient + visible.nbytes + self.reconstruction.nbytes)
         return out
 
     def reconstruction_view(self) -> RetentionView:
         """What the retention sees once the reconstruction (kvzip) scored every stored token."""
-        return RetentionView(self.seen, self.stored, self.positions, None, self.layer_idx, self.layers,
-                             reconstruction=self.reconstruction)
+        return RetentionView(
+            self.seen,
+            self.stored,
+            self.positions,
+            None,
+            self.layer_idx,
+            self.layers,
+            reconstruction=self.reconstruction,
+        )
 
     def evict_reconstructed(self, view: RetentionView) -> None:
         """Evict by the scores the reconstruction left (`view`), then leave the scoring mode."""
@@ -291,17 +335,22 @@ class KVLayer(CacheLayerMixin):
     def _history_and(self, new_k: torch.Tensor, new_v: torch.Tensor, compute: torch.dtype):
         """[every stored token decoded | the step's], K and V, in the compute dtype."""
         if self.encoded_k:
-            return (self._with_history("k", new_k, compute, for_attention=True),
-                    self._with_history("v", new_v, compute, for_attention=True))
-        return (torch.cat([self.recent_k.read(), new_k], dim=2).to(compute),
-                torch.cat([self.recent_v.read(), new_v], dim=2).to(compute))
+            return (
+                self._with_history("k", new_k, compute, for_attention=True),
+                self._with_history("v", new_v, compute, for_attention=True),
+            )
+        return (
+            torch.cat([self.recent_k.read(), new_k], dim=2).to(compute),
+            torch.cat([self.recent_v.read(), new_v], dim=2).to(compute),
+        )
 
     def _fuses(self, queries: int) -> bool:
         """Whether a step of this many queries attends over the codes (a fused layer's decode step, with codes)."""
         return self.fused and bool(self.encoded_k) and queries <= FUSED_QUERIES
 
-    def _attend_over(self, query, new_k, new_v, visible, scaling, softcap, compute, rows: int = 0,
-                     per_key: str | None = None):
+    def _attend_over(
+        self, query, new_k, new_v, visible, scaling, softcap, compute, rows: int = 0, per_key: str | None = None
+    ):
         """The step's attention over [stored | step] (visible [b, h or 1, q, stored + q], or None: causal, the step
         alone into an empty layer): read from the codes for a fused decode step that needs no weights and no softcap
         (Gemma 2), else over the decoded history. Returns the output, the float32 weights of the last `rows` queries
@@ -309,8 +358,9 @@ class KVLayer(CacheLayerMixin):
         the step allocated beside the storage (its mask aside)."""
         if rows or per_key or softcap is not None or not self._fuses(new_k.shape[2]):
             keys, values = self._history_and(new_k, new_v, compute)
-            out, probs, summed, scratch = grouped_attention(query, keys, values, visible, scaling, softcap, rows,
-                                                            per_key)
+            out, probs, summed, scratch = grouped_attention(
+                query, keys, values, visible, scaling, softcap, rows, per_key
+            )
             return out, probs, summed, _held_bytes(keys, values) + scratch + (probs.nbytes if probs is not None else 0)
         n_encoded = self.n_encoded
         tail_k = torch.cat([self.recent_k.read(), new_k], dim=2).to(compute)
@@ -325,13 +375,30 @@ class KVLayer(CacheLayerMixin):
             if self.workspace is not None and not torch.is_grad_enabled():  # memory already touched
                 buffer = self.workspace.take("k", chunk, torch.float32, new_k.device)
                 decoded = _held_bytes(buffer)
-        out = attend_encoded(query, self.codec, packed_k, packed_v, visible[:, :, -1, :n_encoded], tail_k, tail_v,
-                             visible[..., n_encoded:], scaling, buffer=buffer)
+        out = attend_encoded(
+            query,
+            self.codec,
+            packed_k,
+            packed_v,
+            visible[:, :, -1, :n_encoded],
+            tail_k,
+            tail_v,
+            visible[..., n_encoded:],
+            scaling,
+            buffer=buffer,
+        )
         return out, None, None, decoded + tail_k.nbytes + tail_v.nbytes
 
-    def restore(self, keys: torch.Tensor, values: torch.Tensor, attention: torch.Tensor | None,
-                mass: torch.Tensor | None, compute: torch.dtype, transient_bytes: int = 0,
-                positions: torch.Tensor | None = None) -> None:
+    def restore(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention: torch.Tensor | None,
+        mass: torch.Tensor | None,
+        compute: torch.dtype,
+        transient_bytes: int = 0,
+        positions: torch.Tensor | None = None,
+    ) -> None:
         """Store a prompt prefilled elsewhere as if this layer had run it: K/V [batch, heads, tokens, dim], the last
         rows of its pooled attention [batch, heads, rows, tokens] and each token's attention mass [batch, heads,
         tokens]; eviction then sees what it would have seen (exact when it reads at most those rows).
@@ -360,8 +427,17 @@ class KVLayer(CacheLayerMixin):
         if not self.codec.lossless:  # first, so that the residual left is within the protected window
             self._encode_overflow()
         if self._due():
-            view = RetentionView(self.seen, self.stored, self.positions, None, self.layer_idx, self.layers,
-                                 attention=attention, mass=self.mass, keys=lambda: self._decoded("k", compute))
+            view = RetentionView(
+                self.seen,
+                self.stored,
+                self.positions,
+                None,
+                self.layer_idx,
+                self.layers,
+                attention=attention,
+                mass=self.mass,
+                keys=lambda: self._decoded("k", compute),
+            )
             self._evict(view)
 
     def _decoded(self, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -371,7 +447,9 @@ class KVLayer(CacheLayerMixin):
             return recent.read().to(dtype)
         return self._with_history(name, recent.read()[:, :, :0], dtype)
 
-    def _with_history(self, name: str, new: torch.Tensor, dtype: torch.dtype, for_attention: bool = False) -> torch.Tensor:
+    def _with_history(
+        self, name: str, new: torch.Tensor, dtype: torch.dtype, for_attention: bool = False
+    ) -> torch.Tensor:
         """[K ("k") or V ("v") history decoded | recent | new] in `dtype`, the compute dtype. for_attention: only this
         layer's attention reads it, so it may go into the cache's workspace."""
         encoded, held = getattr(self, f"encoded_{name}"), getattr(self, f"recent_{name}").read()
@@ -511,29 +589,50 @@ class KVLayer(CacheLayerMixin):
         if self.on_step is not None:
             self.on_step(-self.resident_bytes, 0)
         wiring = self.next_layer, self.on_step, self.workspace  # reset keeps the wiring the cache gave the layer
-        self.__init__(self.retention, self.codec, self.store, self.kv_dtype, self.layer_idx, self.layers,
-                      self.prefill_chunk, self.fused)
+        self.__init__(
+            self.retention,
+            self.codec,
+            self.store,
+            self.kv_dtype,
+            self.layer_idx,
+            self.layers,
+            self.prefill_chunk,
+            self.fused,
+        )
         self.next_layer, self.on_step, self.workspace = wiring
 
     def offload(self):
-        raise NotImplementedError("use a host or disk tier (kvcompress strategy `...+host`), not Cache(offloading=True)")
+        raise NotImplementedError(
+            "use a host or disk tier (kvcompress strategy `...+host`), not Cache(offloading=True)"
+        )
 
 
 class KVCache(Cache):
     """A transformers Cache whose every layer follows one StrategySpec. Close it (or use it as a context manager)
     to release offload files and pinned blocks now rather than at garbage collection."""
 
-    def __init__(self, spec: StrategySpec, num_layers: int, planned_bytes: int = 0, offload_dir: str | None = None,
-                 kv_dtype: torch.dtype | None = None, prefill_chunk: int | None = None, fused: bool = False,
-                 grow: int = 0, static_tokens: int | None = None):
+    def __init__(
+        self,
+        spec: StrategySpec,
+        num_layers: int,
+        planned_bytes: int = 0,
+        offload_dir: str | None = None,
+        kv_dtype: torch.dtype | None = None,
+        prefill_chunk: int | None = None,
+        fused: bool = False,
+        grow: int = 0,
+        static_tokens: int | None = None,
+    ):
         self.spec, self.kv_dtype = spec, kv_dtype
         self.store = spec.tier.open(planned_bytes, offload_dir)
         self.store.grow = grow
         if static_tokens is not None:  # compile=True: storage for that many tokens, a step that can be captured
             layers = [StaticKVLayer(spec.codec, static_tokens, kv_dtype) for _ in range(num_layers)]
         else:
-            layers = [KVLayer(spec.retention, spec.codec, self.store, kv_dtype, i, num_layers, prefill_chunk, fused)
-                      for i in range(num_layers)]
+            layers = [
+                KVLayer(spec.retention, spec.codec, self.store, kv_dtype, i, num_layers, prefill_chunk, fused)
+                for i in range(num_layers)
+            ]
         super().__init__(layers=layers)
         self.reconstructed = "reconstruction" not in spec.retention.needs  # False: kvzip's scoring pass is to come
         self.resident_bytes = 0  # what every layer held after its last step
@@ -556,7 +655,9 @@ class KVCache(Cache):
         return self.is_compileable
 
     def _note_step(self, resident_change: int, transient_bytes: int) -> None:
-        self.resident_bytes += resident_change  # a running sum: summing every layer at every layer's step is O(layers^2)
+        self.resident_bytes += (
+            resident_change  # a running sum: summing every layer at every layer's step is O(layers^2)
+        )
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes + transient_bytes)
 
     def reset(self) -> None:
@@ -630,8 +731,10 @@ def make_cache(
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
         if not spec.retention.seam:
-            raise ValueError(f"prefill_chunk needs a score-based retention ({', '.join(seam_retentions())}); "
-                             f"{spec.retention.name!r} already evicts before each step's attention")
+            raise ValueError(
+                f"prefill_chunk needs a score-based retention ({', '.join(seam_retentions())}); "
+                f"{spec.retention.name!r} already evicts before each step's attention"
+            )
     if "reconstruction" in spec.retention.needs:
         _check_reconstructs(model_or_config, spec, prefill_chunk)
     config = decoder_config(model_or_config)
@@ -640,7 +743,9 @@ def make_cache(
     if fused not in (None, True, False):
         raise ValueError(f"fused must be None (where the model allows), True or False, got {fused!r}")
     if compile not in (True, False):
-        raise ValueError(f"compile must be True (a static decode step that torch.compile captures) or False, got {compile!r}")
+        raise ValueError(
+            f"compile must be True (a static decode step that torch.compile captures) or False, got {compile!r}"
+        )
     if compile:
         _check_static(spec, max_tokens, prefill_chunk, fused, grow)
         fused = False
@@ -648,8 +753,11 @@ def make_cache(
         fused = False
     elif fused is None:
         device = getattr(model_or_config, "device", None)
-        fused = (getattr(device, "type", None) == "cuda" and supports(spec.codec, head_dim(config))
-                 and _routable(model_or_config, config))
+        fused = (
+            getattr(device, "type", None) == "cuda"
+            and supports(spec.codec, head_dim(config))
+            and _routable(model_or_config, config)
+        )
     if spec.retention.seam or fused:
         route(model_or_config)
     elif compile and hasattr(model_or_config, "set_attn_implementation"):
@@ -660,30 +768,46 @@ def make_cache(
     spec.codec.check(head_dim(config), stored_dtype or torch.float32)
     tokens = max_tokens or getattr(config, "max_position_embeddings", None) or 4096
     planned = kv_sizer(config, spec, stored_dtype).bytes(tokens, batch_size)
-    return KVCache(spec, config.num_hidden_layers, planned, offload_dir, kv_dtype, prefill_chunk, fused, grow,
-                   tokens if compile else None)
+    return KVCache(
+        spec,
+        config.num_hidden_layers,
+        planned,
+        offload_dir,
+        kv_dtype,
+        prefill_chunk,
+        fused,
+        grow,
+        tokens if compile else None,
+    )
 
 
 def static_refusal(spec: StrategySpec) -> str | None:
     """Why `spec` has no static decode step (compile=True), or None when it has one."""
     if spec.retention.name != "full" or spec.tier.name != "device":
-        return (f"compile=True keeps every token in storage allocated once: it needs the retention full on the device "
-                f"tier, got {spec}")
+        return (
+            f"compile=True keeps every token in storage allocated once: it needs the retention full on the device "
+            f"tier, got {spec}"
+        )
     if spec.codec.residual_tokens:
-        return (f"compile=True stores every token encoded: {spec.codec.name}:residual must be 0, "
-                f"got {spec.codec.residual_tokens}")
+        return (
+            f"compile=True stores every token encoded: {spec.codec.name}:residual must be 0, "
+            f"got {spec.codec.residual_tokens}"
+        )
     return None
 
 
-def _check_static(spec: StrategySpec, max_tokens: int | None, prefill_chunk: int | None, fused: bool | None,
-                  grow: int) -> None:
+def _check_static(
+    spec: StrategySpec, max_tokens: int | None, prefill_chunk: int | None, fused: bool | None, grow: int
+) -> None:
     """Refuse, by name, what a static decode step cannot do."""
     refusal = static_refusal(spec)
     if refusal:
         raise ValueError(refusal)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError("compile=True allocates storage once: max_tokens must be the most tokens a sequence will hold "
-                         f"(prompt + new tokens), got {max_tokens!r}")
+        raise ValueError(
+            "compile=True allocates storage once: max_tokens must be the most tokens a sequence will hold "
+            f"(prompt + new tokens), got {max_tokens!r}"
+        )
     for name, value, default in (("prefill_chunk", prefill_chunk, None), ("fused", fused, None), ("grow", grow, 0)):
         if value not in (default, False):
             raise ValueError(f"compile=True has storage of its own: leave {name} out, got {name}={value!r}")
@@ -693,11 +817,15 @@ def _check_reconstructs(model: Any, spec: StrategySpec, prefill_chunk: int | Non
     """A kvzip cache scores its prompt by running the model over it again after the first forward: it needs the model
     (the hook that runs it is registered once per model) and the whole prompt in that forward."""
     if not hasattr(model, "register_forward_hook"):
-        raise ValueError(f"{spec.retention.name} reconstructs the prompt with the model after prefilling it: pass the "
-                         "model to make_cache, not its config")
+        raise ValueError(
+            f"{spec.retention.name} reconstructs the prompt with the model after prefilling it: pass the "
+            "model to make_cache, not its config"
+        )
     if prefill_chunk is not None:
-        raise ValueError(f"{spec.retention.name} scores the whole prompt once it is prefilled, so a chunked prefill "
-                         f"would hold it whole anyway: leave prefill_chunk out, got prefill_chunk={prefill_chunk}")
+        raise ValueError(
+            f"{spec.retention.name} scores the whole prompt once it is prefilled, so a chunked prefill "
+            f"would hold it whole anyway: leave prefill_chunk out, got prefill_chunk={prefill_chunk}"
+        )
     if not getattr(model, "_kvcompress_reconstructs", False):
         model.register_forward_hook(reconstruct_after_prompt, with_kwargs=True)
         model._kvcompress_reconstructs = True
@@ -706,9 +834,12 @@ def _check_reconstructs(model: Any, spec: StrategySpec, prefill_chunk: int | Non
 def _routable(model: Any, config: Any) -> bool:
     """Whether fused decode can take the model's attention: a transformers model dispatching through
     AttentionInterface whose layers neither slide a window nor softcap their logits."""
-    return (getattr(model, "_supports_attention_backend", False) and hasattr(model, "set_attn_implementation")
-            and getattr(config, "sliding_window", None) is None
-            and getattr(config, "attn_logit_softcapping", None) is None)
+    return (
+        getattr(model, "_supports_attention_backend", False)
+        and hasattr(model, "set_attn_implementation")
+        and getattr(config, "sliding_window", None) is None
+        and getattr(config, "attn_logit_softcapping", None) is None
+    )
 
 
 def seam_retentions() -> list[str]:

@@ -35,12 +35,21 @@ def _strategies(args: argparse.Namespace) -> None:
     rows = []
     for spec in specs:
         resident = expected_kv_bytes(config, spec, args.context, dtype=dtype)
-        rows.append((
-            str(spec), spec.retention.name, spec.codec.name, spec.tier.name,
-            f"{bytes_per_token(config, spec, dtype):,.0f}", f"{resident / MIB:,.2f}", f"{1 - resident / full:.1%}",
-        ))
-    print(f"model {args.model}: {config.num_hidden_layers} layers, KV stored as {dtype_name(dtype)} "
-          f"({'--kv-dtype' if args.kv_dtype else 'as its config declares'}); one sequence of {args.context} tokens")
+        rows.append(
+            (
+                str(spec),
+                spec.retention.name,
+                spec.codec.name,
+                spec.tier.name,
+                f"{bytes_per_token(config, spec, dtype):,.0f}",
+                f"{resident / MIB:,.2f}",
+                f"{1 - resident / full:.1%}",
+            )
+        )
+    print(
+        f"model {args.model}: {config.num_hidden_layers} layers, KV stored as {dtype_name(dtype)} "
+        f"({'--kv-dtype' if args.kv_dtype else 'as its config declares'}); one sequence of {args.context} tokens"
+    )
     print_table(header, rows)
 
 
@@ -64,7 +73,9 @@ def _generate(args: argparse.Namespace) -> None:
         raise SystemExit(f"model {args.model!r} has no tokenizer: use a pretrained model for `generate`")
     if tokenizer.chat_template and not args.no_chat:
         messages = [{"role": "user", "content": args.prompt}]
-        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
     else:
         inputs = tokenizer(args.prompt, return_tensors="pt")
     inputs = inputs.to(args.device)
@@ -132,8 +143,10 @@ def _unfinished_run(resume: str) -> Path:
     """The folder named, or with `--resume` alone the newest run under results/runs that has no report yet."""
     if resume != LATEST:
         return Path(resume)
-    unfinished = sorted((p.parent for p in RUNS_DIR.glob("*/records.jsonl")
-                         if not (p.parent / "pressure_transfer.md").exists()), key=lambda p: p.stat().st_mtime)
+    unfinished = sorted(
+        (p.parent for p in RUNS_DIR.glob("*/records.jsonl") if not (p.parent / "pressure_transfer.md").exists()),
+        key=lambda p: p.stat().st_mtime,
+    )
     if not unfinished:
         raise ValueError(f"--resume: no unfinished run under {RUNS_DIR}/; name the folder: --resume DIR")
     print(f"resuming {unfinished[-1]}", file=sys.stderr)
@@ -182,23 +195,48 @@ def _plan(args: argparse.Namespace) -> None:
     context, strategies = args.context, split_strategies(args.strategies)
     rows = plan(config, strategies, memory, context, args.sessions, args.weights, args.reserve)
     if args.json:
-        print(json.dumps({"model": args.model, "gpu_bytes": round(memory), "context": context,
-                          "sessions": args.sessions, "weights": args.weights, "rows": as_json(rows)}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "gpu_bytes": round(memory),
+                    "context": context,
+                    "sessions": args.sessions,
+                    "weights": args.weights,
+                    "rows": as_json(rows),
+                },
+                indent=1,
+            )
+        )
         return
     first = rows[0]
-    print(f"{args.model} on {args.gpu_mem or args.gpu} ({memory / GIB:.1f} GiB): weights {args.weights} "
-          f"{first.weights_bytes / GIB:.1f} GiB, runtime reserve {first.reserve_bytes / GIB:.1f} GiB, "
-          f"KV in {config_dtype(config)}; {args.sessions} sessions x {context} tokens")
+    print(
+        f"{args.model} on {args.gpu_mem or args.gpu} ({memory / GIB:.1f} GiB): weights {args.weights} "
+        f"{first.weights_bytes / GIB:.1f} GiB, runtime reserve {first.reserve_bytes / GIB:.1f} GiB, "
+        f"KV in {config_dtype(config)}; {args.sessions} sessions x {context} tokens"
+    )
     print_table(
         ("strategy", "bytes/token", "device KV GiB", "max sessions", "max context", "verdict"),
-        [(r.strategy, f"{r.bytes_per_token:,}", f"{r.kv_bytes / GIB:,.1f}",
-          "unbounded" if r.max_sessions is None else f"{r.max_sessions:,}",
-          "unbounded" if r.max_context is None else f"{r.max_context:,}", r.verdict) for r in rows],
+        [
+            (
+                r.strategy,
+                f"{r.bytes_per_token:,}",
+                f"{r.kv_bytes / GIB:,.1f}",
+                "unbounded" if r.max_sessions is None else f"{r.max_sessions:,}",
+                "unbounded" if r.max_context is None else f"{r.max_context:,}",
+                r.verdict,
+            )
+            for r in rows
+        ],
     )
     print()
-    print_table(("context", "sessions", "strategy", "KV GiB", "lesson"),
-                 [(f"{r['context']:,}", r["sessions"], r["strategy"], f"{r['kv_gib']:,.1f}", r["lesson"])
-                  for r in sizing_table(config, memory, args.weights, args.reserve)])
+    print_table(
+        ("context", "sessions", "strategy", "KV GiB", "lesson"),
+        [
+            (f"{r['context']:,}", r["sessions"], r["strategy"], f"{r['kv_gib']:,.1f}", r["lesson"])
+            for r in sizing_table(config, memory, args.weights, args.reserve)
+        ],
+    )
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -218,38 +256,83 @@ def _simulate(args: argparse.Namespace) -> None:
     config = load_config(args.model)
     kv_capacity = resolve_gpu_memory(args.gpu, args.gpu_mem) * (1 - args.reserve) - weights_bytes(config, args.weights)
     if kv_capacity <= 0:
-        raise ValueError(f"the weights ({args.weights}) and reserve leave no memory for KV on {args.gpu_mem or args.gpu}")
-    sim = SimConfig(kv_capacity, args.minutes, args.seed, args.allocator, args.block, args.admission,
-                    args.idle_policy, args.ttl, host_bytes=parse_memory(args.host_mem, "--host-mem"),
-                    pcie_bytes_per_s=args.pcie_gbps * 1e9, disk_bytes=parse_memory(args.disk_mem, "--disk-mem"),
-                    disk_bytes_per_s=args.disk_gbps * 1e9)
+        raise ValueError(
+            f"the weights ({args.weights}) and reserve leave no memory for KV on {args.gpu_mem or args.gpu}"
+        )
+    sim = SimConfig(
+        kv_capacity,
+        args.minutes,
+        args.seed,
+        args.allocator,
+        args.block,
+        args.admission,
+        args.idle_policy,
+        args.ttl,
+        host_bytes=parse_memory(args.host_mem, "--host-mem"),
+        pcie_bytes_per_s=args.pcie_gbps * 1e9,
+        disk_bytes=parse_memory(args.disk_mem, "--disk-mem"),
+        disk_bytes_per_s=args.disk_gbps * 1e9,
+    )
     results = simulate(config, split_strategies(args.strategies), load_routes(args.routes), sim)
-    print(f"{args.model} on {args.gpu_mem or args.gpu}: {kv_capacity / GIB:.1f} GiB for KV after weights and reserve; "
-          f"{args.allocator} allocator, admission {args.admission}, idle policy {args.idle_policy} "
-          f"(ttl {args.ttl:g} s), {args.minutes:g} min, seed {args.seed}")
+    print(
+        f"{args.model} on {args.gpu_mem or args.gpu}: {kv_capacity / GIB:.1f} GiB for KV after weights and reserve; "
+        f"{args.allocator} allocator, admission {args.admission}, idle policy {args.idle_policy} "
+        f"(ttl {args.ttl:g} s), {args.minutes:g} min, seed {args.seed}"
+    )
     rows = []
     for r in results:
         waits = r.queue_waits_s or [0.0]
         p95 = statistics.quantiles(waits, n=20)[-1] if len(waits) > 1 else waits[0]
-        offload = (f"; off the GPU: peak host {r.peak_host_bytes / GIB:.1f} GiB, disk {r.peak_disk_bytes / GIB:.1f} GiB, "
-                   f"link demand {r.link_utilisation['mean']:.0%} mean / {r.link_utilisation['peak']:.0%} peak of what "
-                   f"it carries, decode speed {r.decode_speed['mean']:.2f}x"
-                   if r.peak_host_bytes or r.peak_disk_bytes else "")
+        offload = (
+            f"; off the GPU: peak host {r.peak_host_bytes / GIB:.1f} GiB, disk {r.peak_disk_bytes / GIB:.1f} GiB, "
+            f"link demand {r.link_utilisation['mean']:.0%} mean / {r.link_utilisation['peak']:.0%} peak of what "
+            f"it carries, decode speed {r.decode_speed['mean']:.2f}x"
+            if r.peak_host_bytes or r.peak_disk_bytes
+            else ""
+        )
         failures = ", ".join(f"{n} short of {memory}" for memory, n in r.failures_by_memory.items() if n)
-        print(f"\n{r.strategy}: peak {r.peak_bytes / GIB:.1f} GiB on the GPU, allocation failures "
-              f"{r.allocation_failures}{f' ({failures})' if failures else ''}, evictions {r.evictions}, fragmentation "
-              f"{r.fragmentation_pct:.1f}%, queue wait p50 {statistics.median(waits):.1f} s / p95 {p95:.1f} s{offload}")
-        print_table(("route", "active sessions", "avg active tokens", "KV GiB", "outcome"),
-                     [(name, f"{v['active_sessions']:.2f}", f"{v['avg_active_tokens']:,}",
-                       f"{v['kv_bytes'] / GIB:.2f}", v["outcome"]) for name, v in r.per_route.items()])
-        rows.append({"strategy": r.strategy, "peak_bytes": r.peak_bytes, "allocation_failures": r.allocation_failures,
-                     "evictions": r.evictions, "fragmentation_pct": r.fragmentation_pct,
-                     "queue_wait_p50_s": statistics.median(waits), "queue_wait_p95_s": p95, "routes": r.per_route,
-                     "failures_by_memory": r.failures_by_memory, "peak_host_bytes": r.peak_host_bytes,
-                     "peak_disk_bytes": r.peak_disk_bytes, "link_utilisation": r.link_utilisation,
-                     "decode_speed": r.decode_speed, "samples": r.samples, "offload_samples": r.offload_samples})
-    meta = {**provenance(args.model, "cpu", args.command_line), "gpu": args.gpu_mem or args.gpu,
-            "kv_capacity_bytes": round(kv_capacity)}
+        print(
+            f"\n{r.strategy}: peak {r.peak_bytes / GIB:.1f} GiB on the GPU, allocation failures "
+            f"{r.allocation_failures}{f' ({failures})' if failures else ''}, evictions {r.evictions}, fragmentation "
+            f"{r.fragmentation_pct:.1f}%, queue wait p50 {statistics.median(waits):.1f} s / p95 {p95:.1f} s{offload}"
+        )
+        print_table(
+            ("route", "active sessions", "avg active tokens", "KV GiB", "outcome"),
+            [
+                (
+                    name,
+                    f"{v['active_sessions']:.2f}",
+                    f"{v['avg_active_tokens']:,}",
+                    f"{v['kv_bytes'] / GIB:.2f}",
+                    v["outcome"],
+                )
+                for name, v in r.per_route.items()
+            ],
+        )
+        rows.append(
+            {
+                "strategy": r.strategy,
+                "peak_bytes": r.peak_bytes,
+                "allocation_failures": r.allocation_failures,
+                "evictions": r.evictions,
+                "fragmentation_pct": r.fragmentation_pct,
+                "queue_wait_p50_s": statistics.median(waits),
+                "queue_wait_p95_s": p95,
+                "routes": r.per_route,
+                "failures_by_memory": r.failures_by_memory,
+                "peak_host_bytes": r.peak_host_bytes,
+                "peak_disk_bytes": r.peak_disk_bytes,
+                "link_utilisation": r.link_utilisation,
+                "decode_speed": r.decode_speed,
+                "samples": r.samples,
+                "offload_samples": r.offload_samples,
+            }
+        )
+    meta = {
+        **provenance(args.model, "cpu", args.command_line),
+        "gpu": args.gpu_mem or args.gpu,
+        "kv_capacity_bytes": round(kv_capacity),
+    }
     (out / "simulate.json").write_text(json.dumps({"meta": meta, "results": rows}) + "\n")
     png = plot_memory(results, kv_capacity, out / "kv_memory.png")
     print(f"\nwrote {out / 'simulate.json'}" + (f" and {png}" if png else ""))
@@ -287,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("strategies", help="list strategies with their KV bytes on a model (config only, no weights)")
     p.add_argument("--model", default="default", help="default, an architecture name (random:<arch>), HF id or path")
     p.add_argument("--strategies", help="comma-separated strategy strings (default: the presets)")
-    p.add_argument("--context", type=_token_count, default=4096, help="tokens per sequence for the resident column, e.g. 32k")
+    p.add_argument(
+        "--context", type=_token_count, default=4096, help="tokens per sequence for the resident column, e.g. 32k"
+    )
     p.add_argument("--kv-dtype", choices=dtypes, help="dtype of full-precision KV (default: what the config declares)")
     p.set_defaults(func=_strategies)
 
@@ -296,9 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="full", help="e.g. int8, sink:sinks=4,window=256+int8")
     p.add_argument("--model", default="default", help="default, HF id, local directory or .gguf path")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--dtype", choices=dtypes, help="compute dtype (default: the KV dtype where this device computes "
-                   "it natively, else float32)")
-    p.add_argument("--kv-dtype", choices=dtypes, help="dtype full-precision KV is stored in (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        choices=dtypes,
+        help="compute dtype (default: the KV dtype where this device computes it natively, else float32)",
+    )
+    p.add_argument(
+        "--kv-dtype", choices=dtypes, help="dtype full-precision KV is stored in (default: the checkpoint's)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
     p.set_defaults(func=_generate)
@@ -334,90 +424,178 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pcie-gbps", type=float, default=55.0, help="host->GPU GB/s (55: pinned H2D measured on an H200)")
     p.add_argument("--disk-mem", default="2TiB", help="disk space for offloaded KV (disk tier)")
     p.add_argument("--disk-gbps", type=float, default=3.0, help="disk read GB/s (an NVMe through a file system)")
-    p.add_argument("--out", help=f"output folder, refused if it holds results (default: a new {RUNS_DIR}/simulate-<time>)")
+    p.add_argument(
+        "--out", help=f"output folder, refused if it holds results (default: a new {RUNS_DIR}/simulate-<time>)"
+    )
     p.set_defaults(func=_simulate)
 
     d = ReportConfig.default
     p = sub.add_parser("report", help="the pressure-transfer report: HBM saved vs latency vs recall vs fidelity")
     p.add_argument("--model", help=f"default, HF id, local directory, .gguf path (default: {d('model')})")
-    p.add_argument("--strategies", type=_strategy_list,
-                   help=f"comma-separated strategies (default: {','.join(d('strategies'))})")
-    p.add_argument("--tasks", type=lambda text: text.split(","),
-                   help=f"passkey, multikey, vartrack, multiturn, or RULER's ruler_niah_single_1..3, "
-                   f"ruler_niah_multikey_1..3, ruler_niah_multivalue, ruler_niah_multiquery, ruler_vt, ruler_cwe, "
-                   f"ruler_fwe (default: {','.join(d('tasks'))})")
-    p.add_argument("--lengths", type=_token_counts,
-                   help=f"context lengths in model tokens, e.g. 512,4k (default: {','.join(map(str, d('lengths')))})")
+    p.add_argument(
+        "--strategies", type=_strategy_list, help=f"comma-separated strategies (default: {','.join(d('strategies'))})"
+    )
+    p.add_argument(
+        "--tasks",
+        type=lambda text: text.split(","),
+        help=f"passkey, multikey, vartrack, multiturn, or RULER's ruler_niah_single_1..3, "
+        f"ruler_niah_multikey_1..3, ruler_niah_multivalue, ruler_niah_multiquery, ruler_vt, ruler_cwe, "
+        f"ruler_fwe (default: {','.join(d('tasks'))})",
+    )
+    p.add_argument(
+        "--lengths",
+        type=_token_counts,
+        help=f"context lengths in model tokens, e.g. 512,4k (default: {','.join(map(str, d('lengths')))})",
+    )
     p.add_argument("--depths", type=int, help=f"needle depths spread over [0, 1] (default: {d('depths')})")
     p.add_argument("--seeds", type=int, help=f"(default: {d('seeds')})")
     p.add_argument("--device", help=f"cpu, cuda, cuda:N (default: {d('device')})")
-    p.add_argument("--kv-dtype", choices=dtypes, help=f"dtype full-precision KV is stored in, as the deployment holds "
-                   f"it (default: {d('kv_dtype')})")
-    p.add_argument("--compute-dtype", choices=dtypes, help="dtype the model computes in (default: the KV dtype where "
-                   "the device computes it natively, else float32; the records say which and why)")
-    p.add_argument("--weights", choices=WEIGHTS, help="load the weights quantised by bitsandbytes, for a model whose "
-                   "16-bit weights do not fit (default: the checkpoint's, in the compute dtype); recorded in every record")
-    p.add_argument("--questions", type=lambda text: text.split(","),
-                   help=f"question placements: after (compressed before the question, as in a chat), inside (the "
-                        f"question is part of the prompt) (default: {','.join(d('questions'))})")
-    p.add_argument("--compile", action="store_true", default=None, help="latency cells of strategies with a static "
-                   "decode step (retention full on the device tier, codec without residual) run it compiled whole: "
-                   "torch.compile, plus CUDA graphs on a GPU; the others run eager; records say which")
-    p.add_argument("--prefill-chunk", type=int, help="score-based retentions prefill this many tokens at a time, "
-                   "evicting between chunks (default: the whole prompt at once)")
-    p.add_argument("--sessions", type=int, help=f"concurrent sessions for the at-scale column (default: {d('sessions')})")
-    p.add_argument("--context", type=_token_count, help=f"tokens per session for the at-scale column (default: {d('context')})")
-    p.add_argument("--max-new-tokens", type=int, help=f"answer budget of a recall case (default: {d('max_new_tokens')})")
-    p.add_argument("--recall-batch", type=int, help=f"recall cases of one task and length run as one left-padded "
-                   f"batch of up to this many rows; 1: one at a time (default: {d('recall_batch')})")
+    p.add_argument(
+        "--kv-dtype",
+        choices=dtypes,
+        help=f"dtype full-precision KV is stored in, as the deployment holds it (default: {d('kv_dtype')})",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=dtypes,
+        help="dtype the model computes in (default: the KV dtype where "
+        "the device computes it natively, else float32; the records say which and why)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        help="load the weights quantised by bitsandbytes, for a model whose "
+        "16-bit weights do not fit (default: the checkpoint's, in the compute dtype); recorded in every record",
+    )
+    p.add_argument(
+        "--questions",
+        type=lambda text: text.split(","),
+        help=f"question placements: after (compressed before the question, as in a chat), inside (the "
+        f"question is part of the prompt) (default: {','.join(d('questions'))})",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="latency cells of strategies with a static "
+        "decode step (retention full on the device tier, codec without residual) run it compiled whole: "
+        "torch.compile, plus CUDA graphs on a GPU; the others run eager; records say which",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="score-based retentions prefill this many tokens at a time, "
+        "evicting between chunks (default: the whole prompt at once)",
+    )
+    p.add_argument(
+        "--sessions", type=int, help=f"concurrent sessions for the at-scale column (default: {d('sessions')})"
+    )
+    p.add_argument(
+        "--context", type=_token_count, help=f"tokens per session for the at-scale column (default: {d('context')})"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, help=f"answer budget of a recall case (default: {d('max_new_tokens')})"
+    )
+    p.add_argument(
+        "--recall-batch",
+        type=int,
+        help=f"recall cases of one task and length run as one left-padded "
+        f"batch of up to this many rows; 1: one at a time (default: {d('recall_batch')})",
+    )
     p.add_argument("--decode-steps", type=int, help=f"(default: {d('decode_steps')})")
-    p.add_argument("--latency-rounds", type=int, help=f"times every latency cell runs, interleaved; the decode interval "
-                   f"resamples whole rounds (default: {d('latency_rounds')})")
+    p.add_argument(
+        "--latency-rounds",
+        type=int,
+        help=f"times every latency cell runs, interleaved; the decode interval "
+        f"resamples whole rounds (default: {d('latency_rounds')})",
+    )
     p.add_argument("--fidelity-steps", type=int, help=f"(default: {d('fidelity_steps')})")
-    p.add_argument("--fidelity-text", help="text file for teacher-forced fidelity (default: a shipped public-domain text)")
+    p.add_argument(
+        "--fidelity-text", help="text file for teacher-forced fidelity (default: a shipped public-domain text)"
+    )
     t = Thresholds()
     p.add_argument("--max-recall-loss", type=float, help=f"guardrail, points (default: {t.recall_loss_pts:g})")
-    p.add_argument("--max-decode-latency", type=float,
-                   help=f"guardrail, percent slower than full (default: {t.decode_latency_pct:g})")
+    p.add_argument(
+        "--max-decode-latency",
+        type=float,
+        help=f"guardrail, percent slower than full (default: {t.decode_latency_pct:g})",
+    )
     p.add_argument("--min-top1", type=float, help=f"guardrail, teacher-forced top-1 agreement (default: {t.top1:g})")
-    p.add_argument("--smoke", action="store_true", help="a one-minute grid (3 strategies, one short task) that checks "
-                   "the pipeline end to end; its numbers mean nothing. Flags given beside it still apply")
-    p.add_argument("--out", help=f"output folder, refused if it holds finished records (default: a new "
-                   f"{RUNS_DIR}/report-<time>)")
-    p.add_argument("--resume", nargs="?", const=LATEST, metavar="DIR",
-                   help=f"finish an interrupted run in DIR (alone: the newest unfinished run under {RUNS_DIR}/); "
-                        "nothing finished is redone")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a one-minute grid (3 strategies, one short task) that checks "
+        "the pipeline end to end; its numbers mean nothing. Flags given beside it still apply",
+    )
+    p.add_argument(
+        "--out", help=f"output folder, refused if it holds finished records (default: a new {RUNS_DIR}/report-<time>)"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=LATEST,
+        metavar="DIR",
+        help=f"finish an interrupted run in DIR (alone: the newest unfinished run under {RUNS_DIR}/); "
+        "nothing finished is redone",
+    )
     _backend_flags(p)
     p.set_defaults(func=_report)
 
     p = sub.add_parser("sweep", help="run a YAML grid of models and strategy parameters through the report")
     p.add_argument("file")
     p.add_argument("--out", help="output folder (default: the file's `out`)")
-    p.add_argument("--resume", action="store_true", help="run only the cells the output folder lacks (an interrupted "
-                   "sweep, or the file's grid widened) instead of refusing")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="run only the cells the output folder lacks (an interrupted "
+        "sweep, or the file's grid widened) instead of refusing",
+    )
     _backend_flags(p)
     p.set_defaults(func=_sweep)
 
-    sub.add_parser("lm-eval", add_help=False,
-                   help="lm-evaluation-harness's CLI with --model kvcompress and the kvc_* tasks registered; "
-                        "--strategies a,b,c runs each and builds one pressure-transfer table")
+    sub.add_parser(
+        "lm-eval",
+        add_help=False,
+        help="lm-evaluation-harness's CLI with --model kvcompress and the kvc_* tasks registered; "
+        "--strategies a,b,c runs each and builds one pressure-transfer table",
+    )
     return parser
 
 
 def _backend_flags(p: argparse.ArgumentParser) -> None:
     from .evals.backends import BACKENDS, Backend
 
-    p.add_argument("--backend", choices=BACKENDS, default="local", help="where cells run: local (this process) or ray "
-                   "(workers on the GPUs of a node or a Ray cluster; the driver alone writes the records)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="where cells run: local (this process) or ray "
+        "(workers on the GPUs of a node or a Ray cluster; the driver alone writes the records)",
+    )
     p.add_argument("--address", help="ray: a running cluster (auto, or HOST:PORT); default: start Ray on this machine")
-    p.add_argument("--workers", type=int, help="ray: workers to start, each loading the model once "
-                   "(default: as many as the cluster's CPUs and GPUs hold)")
-    p.add_argument("--gpus-per-worker", type=float,
-                   help="ray: GPUs each worker holds (default: 1 when the run's device is cuda, else 0)")
-    p.add_argument("--cpus-per-worker", type=float, default=Backend.cpus_per_worker, help="ray: CPUs each worker holds "
-                   "(and the threads it computes with) (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=Backend.retries, help="ray: times a cell whose worker died is rerun "
-                   "before it is recorded as error (default: %(default)s)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="ray: workers to start, each loading the model once "
+        "(default: as many as the cluster's CPUs and GPUs hold)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="ray: GPUs each worker holds (default: 1 when the run's device is cuda, else 0)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=Backend.cpus_per_worker,
+        help="ray: CPUs each worker holds (and the threads it computes with) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=Backend.retries,
+        help="ray: times a cell whose worker died is rerun before it is recorded as error (default: %(default)s)",
+    )
 
 
 def _token_counts(text: str) -> list[int]:

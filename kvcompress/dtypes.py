@@ -82,8 +82,9 @@ class DtypePlan:
         return {"compute_dtype": dtype_name(self.compute), "kv_dtype": dtype_name(self.kv), "dtype_reason": self.reason}
 
 
-def plan_dtypes(kv_dtype: str | torch.dtype, device: str | torch.device = "cpu",
-                compute_dtype: str | torch.dtype | None = None) -> DtypePlan:
+def plan_dtypes(
+    kv_dtype: str | torch.dtype, device: str | torch.device = "cpu", compute_dtype: str | torch.dtype | None = None
+) -> DtypePlan:
     """The compute dtype for KV held in `kv_dtype` on `device`: the one asked for, else the KV dtype where the device
     computes it natively, else float32."""
     kv = parse_dtype(kv_dtype, "kv_dtype")
@@ -94,7 +95,12 @@ def plan_dtypes(kv_dtype: str | torch.dtype, device: str | torch.device = "cpu",
         return DtypePlan(kv, kv, f"{torch.device(device).type} computes in the KV dtype")
     if cpu_computes_natively(kv):
         return DtypePlan(kv, kv, f"this CPU ({cpu_capability()}) computes {dtype_name(kv)} natively")
-    forced = "".join(f", {name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-                     if name in os.environ)  # lowered by hand, e.g. to time what an AVX2 machine does
-    return DtypePlan(torch.float32, kv, f"this CPU ({cpu_capability()}{forced}) has no native {dtype_name(kv)} "
-                                        "arithmetic, so the model computes in float32")
+    forced = "".join(
+        f", {name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if name in os.environ
+    )  # lowered by hand, e.g. to time what an AVX2 machine does
+    return DtypePlan(
+        torch.float32,
+        kv,
+        f"this CPU ({cpu_capability()}{forced}) has no native {dtype_name(kv)} "
+        "arithmetic, so the model computes in float32",
+    )

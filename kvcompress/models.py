@@ -74,10 +74,14 @@ def load_model(
     compute, kv = parse_dtype(dtype, "dtype"), parse_dtype(kv_dtype, "kv_dtype")
     check_device(device)
     if weights is not None and weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (or left out for the checkpoint's), got {weights!r}")
+        raise ValueError(
+            f"weights must be one of {', '.join(WEIGHTS)} (or left out for the checkpoint's), got {weights!r}"
+        )
     if weights is not None and spec.startswith("random:"):
-        raise ValueError(f"weights={weights!r} quantises a checkpoint while loading it; {spec!r} has none (its "
-                         "memory and latency do not depend on weight values: leave weights out)")
+        raise ValueError(
+            f"weights={weights!r} quantises a checkpoint while loading it; {spec!r} has none (its "
+            "memory and latency do not depend on weight values: leave weights out)"
+        )
     if spec.startswith("random:"):
         config = load_config(spec)
         plan = plan_dtypes(kv or compute or config_dtype(config), device, compute)
@@ -95,8 +99,11 @@ def load_model(
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=plan.compute, attn_implementation=attn_implementation,
-                **_quantized_weights(weights, plan.compute, device), **kwargs
+                source,
+                dtype=plan.compute,
+                attn_implementation=attn_implementation,
+                **_quantized_weights(weights, plan.compute, device),
+                **kwargs,
             )
         except OSError as err:
             raise ValueError(f"model {spec!r}: could not load it ({_first_line(err)}). {_OFFLINE_HINT}") from None
@@ -105,7 +112,6 @@ def load_model(
     decoder_config(model)
     model.kv_dtype, model.dtype_plan, model.weights = plan.kv, plan, weights or str(plan.compute).removeprefix("torch.")
     return model.eval(), tokenizer
-
 
 
 def _quantized_weights(weights: str | None, compute: torch.dtype, device: str) -> dict:
@@ -120,8 +126,10 @@ def _quantized_weights(weights: str | None, compute: torch.dtype, device: str) -
     return {"quantization_config": config, "device_map": {"": device}}
 
 
-_OFFLINE_HINT = ("Without network access, pass `default`, a local model directory, a .gguf path or random:<arch>, "
-                 "or pre-download it with `hf download` on a machine that has access.")
+_OFFLINE_HINT = (
+    "Without network access, pass `default`, a local model directory, a .gguf path or random:<arch>, "
+    "or pre-download it with `hf download` on a machine that has access."
+)
 
 
 def _first_line(err: BaseException) -> str:

@@ -17,8 +17,16 @@ from .strategy import StrategySpec, parse_strategy
 GIB = 2**30
 # Usable memory as sold (GB) in bytes; GPUs report slightly less, so the runtime reserve absorbs the difference.
 GPUS = {
-    "A10G-24GB": 24e9, "L4-24GB": 24e9, "RTX4090-24GB": 24e9, "A100-40GB": 40e9, "L40S-48GB": 48e9,
-    "A100-80GB": 80e9, "H100-80GB": 80e9, "H200-141GB": 141e9, "MI300X-192GB": 192e9, "B200-192GB": 192e9,
+    "A10G-24GB": 24e9,
+    "L4-24GB": 24e9,
+    "RTX4090-24GB": 24e9,
+    "A100-40GB": 40e9,
+    "L40S-48GB": 48e9,
+    "A100-80GB": 80e9,
+    "H100-80GB": 80e9,
+    "H200-141GB": 141e9,
+    "MI300X-192GB": 192e9,
+    "B200-192GB": 192e9,
 }
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 * 0.5}  # nf4: absmax per 64
 
@@ -46,8 +54,9 @@ def weights_bytes(config, weights: str = "bf16") -> int:
 def gpu_memory(gpu: str) -> float:
     if gpu not in GPUS:
         hint = did_you_mean(gpu, GPUS)
-        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(GPUS)}" + (f".{hint}" if hint else
-                                                                             "; or pass --gpu-mem 80GiB"))
+        raise ValueError(
+            f"unknown gpu {gpu!r}; known: {', '.join(GPUS)}" + (f".{hint}" if hint else "; or pass --gpu-mem 80GiB")
+        )
     return GPUS[gpu]
 
 
@@ -81,8 +90,16 @@ class PlanRow:
     verdict: str
 
 
-def plan(config, strategies: list[str | StrategySpec], gpu_bytes: float, context: int, sessions: int,
-         weights: str = "bf16", reserve_fraction: float = 0.1, kv_dtype: torch.dtype | None = None) -> list[PlanRow]:
+def plan(
+    config,
+    strategies: list[str | StrategySpec],
+    gpu_bytes: float,
+    context: int,
+    sessions: int,
+    weights: str = "bf16",
+    reserve_fraction: float = 0.1,
+    kv_dtype: torch.dtype | None = None,
+) -> list[PlanRow]:
     if context <= 0 or sessions <= 0:
         raise ValueError(f"context and sessions must be positive, got context={context}, sessions={sessions}")
     weights_total = weights_bytes(config, weights)
@@ -102,12 +119,26 @@ def plan(config, strategies: list[str | StrategySpec], gpu_bytes: float, context
         elif fits:
             verdict = "fits"
         else:
-            verdict = f"allocation failures: {kv / free:.1f}x the free memory; fewer sessions, compress, shard or offload"
+            verdict = (
+                f"allocation failures: {kv / free:.1f}x the free memory; fewer sessions, compress, shard or offload"
+            )
         off_device = sizer.bytes(context, sessions) - kv
         if off_device:
             verdict += f"; {spec.tier.name} holds {off_device / 2**30:,.1f} GiB"
-        rows.append(PlanRow(str(spec), sizer.bytes(1), kv, weights_total,
-                            reserve, round(gpu_bytes), fits, max_sessions, max_context, verdict))
+        rows.append(
+            PlanRow(
+                str(spec),
+                sizer.bytes(1),
+                kv,
+                weights_total,
+                reserve,
+                round(gpu_bytes),
+                fits,
+                max_sessions,
+                max_context,
+                verdict,
+            )
+        )
     return rows
 
 
@@ -125,12 +156,19 @@ def _max_context(sizer: KVSizer, free: float, sessions: int) -> int | None:
     return lo
 
 
-SCENARIOS = [(8192, 8, "full"), (32768, 8, "full"), (32768, 32, "full"), (32768, 32, "window:window=8192"),
-             (32768, 32, "int8"), (32768, 32, "fp8")]
+SCENARIOS = [
+    (8192, 8, "full"),
+    (32768, 8, "full"),
+    (32768, 32, "full"),
+    (32768, 32, "window:window=8192"),
+    (32768, 32, "int8"),
+    (32768, 32, "fp8"),
+]
 
 
-def sizing_table(config, gpu_bytes: float, weights: str = "bf16", reserve_fraction: float = 0.1,
-                 kv_dtype: torch.dtype | None = None) -> list[dict]:
+def sizing_table(
+    config, gpu_bytes: float, weights: str = "bf16", reserve_fraction: float = 0.1, kv_dtype: torch.dtype | None = None
+) -> list[dict]:
     """The classic rows: context x sessions, a sliding window, int8/fp8, each with KV GB and its lesson."""
     rows = []
     for context, sessions, strategy in SCENARIOS:
@@ -142,8 +180,15 @@ def sizing_table(config, gpu_bytes: float, weights: str = "bf16", reserve_fracti
             lesson = "memory-bound: allocation failures at this load"
         else:
             lesson = f"fits ({row.kv_bytes / free:.0%} of free memory)"
-        rows.append({"context": context, "sessions": sessions, "strategy": row.strategy,
-                     "kv_gib": row.kv_bytes / GIB, "lesson": lesson})
+        rows.append(
+            {
+                "context": context,
+                "sessions": sessions,
+                "strategy": row.strategy,
+                "kv_gib": row.kv_bytes / GIB,
+                "lesson": lesson,
+            }
+        )
     return rows
 
 

@@ -39,8 +39,10 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> type[T]:
         if name not in self._classes:
-            raise ValueError(f"unknown {self.axis} {name!r}; allowed: {', '.join(self._classes)}."
-                             + did_you_mean(name, self._classes))
+            raise ValueError(
+                f"unknown {self.axis} {name!r}; allowed: {', '.join(self._classes)}."
+                + did_you_mean(name, self._classes)
+            )
         return self._classes[name]
 
     def build(self, name: str, params: dict[str, Any]) -> T:
@@ -52,8 +54,10 @@ class Registry(Generic[T]):
         for key, value in params.items():
             if key not in fields:
                 allowed = ", ".join(fields) or "none"
-                raise ValueError(f"unknown parameter {key!r} for {self.axis} {name!r}; allowed: {allowed}."
-                                 + did_you_mean(key, fields))
+                raise ValueError(
+                    f"unknown parameter {key!r} for {self.axis} {name!r}; allowed: {allowed}."
+                    + did_you_mean(key, fields)
+                )
             kwargs[key] = _coerce(value, hints[key], f"{name}:{key}")
         return cls(**kwargs)
 

@@ -31,8 +31,15 @@ from .strategy import StrategySpec, parse_strategy
 BANDWIDTH_BOUND = 0.9
 TIER_SHORTAGE = {"host": "host-memory-bound", "disk": "disk-space-bound"}
 
-ROUTE_FIELDS = {"name": str, "rate_per_min": float, "prompt_tokens": list, "output_tokens": list, "turns": list,
-                "think_s": list, "disconnect_p": float}
+ROUTE_FIELDS = {
+    "name": str,
+    "rate_per_min": float,
+    "prompt_tokens": list,
+    "output_tokens": list,
+    "turns": list,
+    "think_s": list,
+    "disconnect_p": float,
+}
 
 
 @dataclass(frozen=True)
@@ -79,13 +86,17 @@ def load_routes(path: str | Path) -> list[Route]:
             raise ValueError(f"{where}: route is missing field(s) {', '.join(missing)}")
         unknown = sorted(set(entry) - set(ROUTE_FIELDS) - {"arrivals_s"})
         if unknown:
-            raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(ROUTE_FIELDS)}, arrivals_s")
-        def span(name, kind=int):
+            raise ValueError(
+                f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(ROUTE_FIELDS)}, arrivals_s"
+            )
+
+        def span(name, kind=int, entry=entry, where=where):
             value = entry[name]
             low, high = (value, value) if not isinstance(value, list) else (value[0], value[-1])
             if low < 0 or high < low:
                 raise ValueError(f"{where}: {name} must be a non-negative number or [low, high], got {value!r}")
             return kind(low), kind(high)
+
         rate = float(entry.get("rate_per_min", 0.0))
         if rate < 0:
             raise ValueError(f"{where}: rate_per_min must be >= 0, got {rate}")
@@ -94,9 +105,18 @@ def load_routes(path: str | Path) -> list[Route]:
         turns = span("turns")
         if turns[0] < 1:
             raise ValueError(f"{where}: turns must be >= 1, got {entry['turns']!r}")
-        routes.append(Route(str(entry["name"]), rate, span("prompt_tokens"), span("output_tokens"), turns,
-                            span("think_s", float), float(entry["disconnect_p"]),
-                            tuple(float(t) for t in entry.get("arrivals_s", ()))))
+        routes.append(
+            Route(
+                str(entry["name"]),
+                rate,
+                span("prompt_tokens"),
+                span("output_tokens"),
+                turns,
+                span("think_s", float),
+                float(entry["disconnect_p"]),
+                tuple(float(t) for t in entry.get("arrivals_s", ())),
+            )
+        )
     return routes
 
 
@@ -127,8 +147,11 @@ class SimConfig:
     disk_bytes_per_s: float = 3e9
 
     def __post_init__(self):
-        choices = {"allocator": ("paged", "contiguous"), "admission": ("reject", "queue"),
-                   "idle_policy": ("ttl", "release")}
+        choices = {
+            "allocator": ("paged", "contiguous"),
+            "admission": ("reject", "queue"),
+            "idle_policy": ("ttl", "release"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -329,8 +352,9 @@ class Simulation:
                 by_memory[memory] += n
         self.result.failures_by_memory = dict(by_memory)
         self.result.allocation_failures = sum(by_memory.values())
-        self.result.fragmentation_pct = (100 * (1 - self._used_integral / self._held_integral)
-                                         if self._held_integral else 0.0)
+        self.result.fragmentation_pct = (
+            100 * (1 - self._used_integral / self._held_integral) if self._held_integral else 0.0
+        )
         self.result.link_utilisation["mean"] = self._demand_integral / max(self._last_t, 1e-9)
         if self._decode_integral:
             self.result.decode_speed["mean"] = self._speed_integral / self._decode_integral
@@ -341,7 +365,10 @@ class Simulation:
         self._start_turn(session)
 
     def _start_turn(self, session: _Session) -> None:
-        prompt, output = self._draw(session.rng, session.route.prompt_tokens), self._draw(session.rng, session.route.output_tokens)
+        prompt, output = (
+            self._draw(session.rng, session.route.prompt_tokens),
+            self._draw(session.rng, session.route.output_tokens),
+        )
         if not self._resize(session, session.tokens + prompt + output):
             if session.state == "new" and self.config.admission == "queue":
                 session.state, session.queued_at, session.pending = "queued", self.now, (prompt, output)

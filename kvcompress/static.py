@@ -12,7 +12,7 @@ No eviction: a static step keeps every token (retention `full`, device tier).
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers import CompileConfig
@@ -63,14 +63,17 @@ class StaticKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
             self._note_step(key_states, compute)
         if not torch.compiler.is_compiling() and int(self.length) + key_states.shape[2] > self.room:
-            raise ValueError(f"the static cache holds max_tokens={self.room} tokens per sequence; this step would make "
-                             f"it {int(self.length) + key_states.shape[2]}: make the cache with a larger max_tokens")
+            raise ValueError(
+                f"the static cache holds max_tokens={self.room} tokens per sequence; this step would make "
+                f"it {int(self.length) + key_states.shape[2]}: make the cache with a larger max_tokens"
+            )
         slots = torch.arange(key_states.shape[2], device=self.device) + self.length
         self.length.add_(key_states.shape[2])
         return self._write(self.k, key_states, slots, compute), self._write(self.v, value_states, slots, compute)
 
-    def _write(self, storage: dict[str, torch.Tensor], states: torch.Tensor, slots: torch.Tensor,
-               compute: torch.dtype) -> torch.Tensor:
+    def _write(
+        self, storage: dict[str, torch.Tensor], states: torch.Tensor, slots: torch.Tensor, compute: torch.dtype
+    ) -> torch.Tensor:
         """Store `states` at `slots` and return the whole room as attention reads it, in the compute dtype."""
         for key, tensor in self._encode(states).items():
             # index_put_: compiled, it writes in place (index_copy_ copied the room), float8 included. Detached:
@@ -160,9 +163,12 @@ def compiled_step(model) -> Callable:
     graphs on a GPU (transformers' `get_compiled_call`, which `generate` uses). Compiles on its first call per codec
     and storage size."""
     if model.device.type != "cuda":
-        warnings.warn("compiled_step on CPU is experimental: inductor's CPU code for the static step (torch 2.13) gave "
-                      "NaN logits for int8 under AVX2 code generation and corrupted the heap now and then; the step "
-                      "is built for CUDA graphs", stacklevel=2)
+        warnings.warn(
+            "compiled_step on CPU is experimental: inductor's CPU code for the static step (torch 2.13) gave "
+            "NaN logits for int8 under AVX2 code generation and corrupted the heap now and then; the step "
+            "is built for CUDA graphs",
+            stacklevel=2,
+        )
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILES)
     mode = "reduce-overhead" if model.device.type == "cuda" else "default"
     # static shapes: a symbolic graph compiles several times slower, and CUDA graphs want fixed shapes anyway
@@ -177,4 +183,6 @@ def compiled_step(model) -> Callable:
 
 def capture(device: torch.device | str) -> str:
     """How `compiled_step` captures a step on `device`, as records say it."""
-    return "torch.compile (inductor) + CUDA graphs" if torch.device(device).type == "cuda" else "torch.compile (inductor)"
+    return (
+        "torch.compile (inductor) + CUDA graphs" if torch.device(device).type == "cuda" else "torch.compile (inductor)"
+    )

@@ -41,8 +41,10 @@ class StrategySpec:
     def __post_init__(self):
         residual, retention = self.codec.residual_tokens, self.retention
         if retention.seam and residual > retention.window:  # per-head eviction never splits the residual
-            raise ValueError(f"{self.codec.name}:residual ({residual}) must not exceed {retention.name}:window "
-                             f"({retention.window}): the residual tokens must be the protected recent ones")
+            raise ValueError(
+                f"{self.codec.name}:residual ({residual}) must not exceed {retention.name}:window "
+                f"({retention.window}): the residual tokens must be the protected recent ones"
+            )
         budget = retention.capacity(residual + 1)
         if budget is not None and residual > budget:
             raise ValueError(
@@ -72,8 +74,10 @@ def parse_strategy(text: str | StrategySpec) -> StrategySpec:
         axis = next((a for a, reg in AXES.items() if name in reg), None)
         if axis is None:
             allowed = "; ".join(f"{a}: {', '.join(reg.names())}" for a, reg in AXES.items())
-            raise ValueError(f"unknown strategy part {name!r} in {text!r}; allowed ({allowed})."
-                             + did_you_mean(name, [n for reg in AXES.values() for n in reg.names()]))
+            raise ValueError(
+                f"unknown strategy part {name!r} in {text!r}; allowed ({allowed})."
+                + did_you_mean(name, [n for reg in AXES.values() for n in reg.names()])
+            )
         if axis in members:
             raise ValueError(f"strategy {text!r} names two {axis} members: {members[axis].name} and {name}")
         params = {}

@@ -8,8 +8,16 @@ from kvcompress.models import load_config
 
 from .conftest import tiny_model
 
-STRATEGIES = ["full", "int8", "fp8", "int4", "window:window=256", "sink:sinks=4,window=256",
-              "sink:window=256+int8:residual=32", "int4:group=16,residual=64"]
+STRATEGIES = [
+    "full",
+    "int8",
+    "fp8",
+    "int4",
+    "window:window=256",
+    "sink:sinks=4,window=256",
+    "sink:window=256+int8:residual=32",
+    "int4:group=16,residual=64",
+]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -18,8 +26,15 @@ def test_measured_agrees_with_analytic_after_prefill_and_64_steps(strategy):
     ids = torch.randint(3, 512, (2, 260), generator=torch.Generator().manual_seed(0))
     cache = make_cache(model, strategy)
     with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=65,
-                       min_new_tokens=65, do_sample=False, pad_token_id=0)
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            cache=cache,
+            max_new_tokens=65,
+            min_new_tokens=65,
+            do_sample=False,
+            pad_token_id=0,
+        )
     seen = cache.get_seq_length()
     assert seen == ids.shape[1] + 64
     measured = cache.kv_bytes()["device"]
@@ -27,8 +42,7 @@ def test_measured_agrees_with_analytic_after_prefill_and_64_steps(strategy):
     assert abs(measured - expected) <= 0.01 * expected
 
 
-@pytest.mark.parametrize("strategy", ["nf4", "fp4:residual=16",
-                                      "h2o:budget=100,window=16,when=budget+nf4:residual=16"])
+@pytest.mark.parametrize("strategy", ["nf4", "fp4:residual=16", "h2o:budget=100,window=16,when=budget+nf4:residual=16"])
 def test_bitsandbytes_codecs_measured_agrees_with_analytic(strategy):
     from transformers import AutoModelForCausalLM
 
@@ -38,17 +52,27 @@ def test_bitsandbytes_codecs_measured_agrees_with_analytic(strategy):
     ids = torch.randint(3, 512, (2, 140), generator=torch.Generator().manual_seed(0))
     cache = make_cache(model, strategy)
     with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=9,
-                       min_new_tokens=9, do_sample=False, pad_token_id=0)
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            cache=cache,
+            max_new_tokens=9,
+            min_new_tokens=9,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert cache.kv_bytes()["device"] == expected_kv_bytes(model, strategy, 148, batch=2)
 
 
-@pytest.mark.parametrize("arch, per_token", [
-    ("llama-3.1-8b", 32 * 8 * 128 * 2 * 2),   # 131,072 B
-    ("qwen2.5-7b", 28 * 4 * 128 * 2 * 2),     # 57,344 B
-    ("mistral-7b", 32 * 8 * 128 * 2 * 2),
-    ("smollm2-135m", 30 * 3 * 64 * 2 * 2),    # bfloat16, as the published checkpoint
-])
+@pytest.mark.parametrize(
+    "arch, per_token",
+    [
+        ("llama-3.1-8b", 32 * 8 * 128 * 2 * 2),  # 131,072 B
+        ("qwen2.5-7b", 28 * 4 * 128 * 2 * 2),  # 57,344 B
+        ("mistral-7b", 32 * 8 * 128 * 2 * 2),
+        ("smollm2-135m", 30 * 3 * 64 * 2 * 2),  # bfloat16, as the published checkpoint
+    ],
+)
 def test_full_bytes_per_token_by_hand(arch, per_token):
     assert bytes_per_token(load_config(arch), "full") == per_token
 

@@ -11,8 +11,16 @@ from kvcompress import expected_kv_bytes, make_cache
 
 from .conftest import left_padded
 
-SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
+SMALL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=0,
+)
 FAMILIES = {
     "llama": dict(head_dim=16),
     "qwen2": dict(use_sliding_window=False),
@@ -29,8 +37,16 @@ def test_family(family):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     ids, mask = left_padded([30, 21])
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                  output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        min_new_tokens=12,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     ours = model.generate(cache=make_cache(model, "full"), **kwargs)
     reference = model.generate(cache=DynamicCache(config=model.config), **kwargs)
     assert torch.equal(ours.sequences, reference.sequences)

@@ -34,9 +34,20 @@ def test_bad_input_exits_with_the_reason(capsys):
 
 def test_generate_prints_text_and_kv_bytes(default_model):
     result = subprocess.run(
-        [sys.executable, "-m", "kvcompress.cli", "generate", "--strategy", "sink:sinks=4,window=16+int8",
-         "--max-new-tokens", "24", "What is the capital of France?"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "kvcompress.cli",
+            "generate",
+            "--strategy",
+            "sink:sinks=4,window=16+int8",
+            "--max-new-tokens",
+            "24",
+            "What is the capital of France?",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout

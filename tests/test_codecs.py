@@ -3,12 +3,12 @@ that appending a token encodes only that token."""
 
 import pytest
 import torch
-
-from kvcompress import expected_kv_bytes, load_model, make_cache, parse_strategy
 from kvcompress.evals import haystack_text, text_ids
 from kvcompress.evals.fidelity import compare, step_logits
 from kvcompress.evals.prefill import Prefill
 from kvcompress.kernels import pack_nibbles, unpack_nibbles
+
+from kvcompress import expected_kv_bytes, load_model, make_cache, parse_strategy
 
 from .conftest import left_padded, tiny_model
 
@@ -160,8 +160,13 @@ def test_appending_encodes_only_the_new_token():
 # 0.941 / 0.949, 1.1e-2; fp8 e5m2 0.902 / 0.910, 5.1e-2 / 4.7e-2; int4 0.852 / 0.863, 1.2e-1 / 1.1e-1. Bounds sit
 # ~3 points (8 near-tie flips) below the lower measurement and KL at ~2x. One window of 200 steps used to give int8
 # 0.99 on one thread and 0.98 on two: a single window is too few near-ties to set a bound on.
-FIDELITY = {"int8": (0.94, 5e-3), "int8:residual=32": (0.96, 5e-4), "fp8": (0.91, 2.5e-2),
-            "fp8:format=e5m2": (0.87, 1e-1), "int4": (0.82, 2.5e-1)}
+FIDELITY = {
+    "int8": (0.94, 5e-3),
+    "int8:residual=32": (0.96, 5e-4),
+    "fp8": (0.91, 2.5e-2),
+    "fp8:format=e5m2": (0.87, 1e-1),
+    "int4": (0.82, 2.5e-1),
+}
 WINDOWS, PREFILL, STEPS = 8, 384, 32
 
 
@@ -211,6 +216,13 @@ def test_sink_plus_int8_obeys_both_contracts(fidelity_inputs):
 def test_quantized_generate_on_padded_batch(tiny):
     ids, mask = left_padded([30, 18])
     for strategy in ("int8", "fp8", "int4", "sink:sinks=2,window=8+int4:residual=4"):
-        out = tiny.generate(input_ids=ids, attention_mask=mask, cache=make_cache(tiny, strategy), max_new_tokens=20,
-                            min_new_tokens=20, do_sample=False, pad_token_id=0)
+        out = tiny.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            cache=make_cache(tiny, strategy),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+        )
         assert out.shape == (2, 50)

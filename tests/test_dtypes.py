@@ -3,11 +3,11 @@ cache stores bfloat16 (cast on write, widened on read), and every measured byte 
 
 import pytest
 import torch
+from kvcompress.evals import haystack_text, text_ids
+from kvcompress.evals.fidelity import compare, step_logits
 
 import kvcompress
 from kvcompress import dtypes, expected_kv_bytes, make_cache
-from kvcompress.evals import haystack_text, text_ids
-from kvcompress.evals.fidelity import compare, step_logits
 
 from .conftest import tiny_model
 
@@ -85,9 +85,9 @@ def test_cast_on_write_widen_on_read():
 @pytest.mark.slow
 def test_float32_compute_with_bf16_kv_is_close_to_a_bf16_run():
     """The cheap path (float32 compute, bfloat16 KV) against what a bfloat16 deployment computes, teacher-forced on 4
-    windows of the shipped Declaration of Independence (128 predictions). Measured: top-1 0.992 / 0.984, mean KL 1.6e-3 / 1.8e-3 nats (2
-    threads AVX512 / 1 thread AVX2), as close as a float32 cache is (top-1 1.0 / 0.992, KL 1.5e-3 / 1.7e-3): the
-    difference from a bf16 run is bf16 arithmetic, not the KV. Bounds leave ~4 flips and 3x."""
+    windows of the shipped Declaration of Independence (128 predictions). Measured: top-1 0.992 / 0.984, mean KL
+    1.6e-3 / 1.8e-3 nats (2 threads AVX512 / 1 thread AVX2), as close as a float32 cache is (top-1 1.0 / 0.992,
+    KL 1.5e-3 / 1.7e-3): the difference from a bf16 run is bf16 arithmetic, not the KV. Bounds leave ~4 flips and 3x."""
     fast, tokenizer = kvcompress.load_model("default", dtype="float32", kv_dtype="bfloat16")
     slow, _ = kvcompress.load_model("default", dtype="bfloat16")
     ids = text_ids(tokenizer(haystack_text(), return_tensors="pt").input_ids[0], 160, 4)

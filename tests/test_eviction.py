@@ -11,11 +11,11 @@ import statistics
 
 import pytest
 import torch
+from kvcompress.evals.prefill import Prefill
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from kvcompress import expected_kv_bytes, make_cache, parse_strategy, reconstruct
-from kvcompress.evals.prefill import Prefill
 from kvcompress.cache import seam_retentions
 from kvcompress.retention.base import RetentionView
 
@@ -31,11 +31,16 @@ MEMBERS = {
     "adakv": "adakv:budget=20,sinks=2,window=4,observe=8,kernel=3,when=interval,interval=4",
     "kvzip": "kvzip:budget=8,sinks=1,window=4,when=prefill",  # scores once: a budget the first of STEPS[1] exceeds
 }
-RATIO = {"h2o": "h2o:ratio=0.4,sinks=2,window=4,when=budget", "snapkv": "snapkv:ratio=0.4,when=interval,interval=5",
-         "tova": "tova:ratio=0.4,observe=8,kernel=3,sinks=2,window=4,when=budget",  # tova: its window and pooling
-         "kvzip": "kvzip:ratio=0.2,layers=equal"}  # kvzip: every layer the same budget
-STEPS = [[(0, 40)] + [(t, t + 1) for t in range(40, 52)],                  # prefill, then decode
-         [(0, 9), (9, 30), (30, 31), (31, 44), (44, 45), (45, 46)]]        # multi-token steps
+RATIO = {
+    "h2o": "h2o:ratio=0.4,sinks=2,window=4,when=budget",
+    "snapkv": "snapkv:ratio=0.4,when=interval,interval=5",
+    "tova": "tova:ratio=0.4,observe=8,kernel=3,sinks=2,window=4,when=budget",  # tova: its window and pooling
+    "kvzip": "kvzip:ratio=0.2,layers=equal",
+}  # kvzip: every layer the same budget
+STEPS = [
+    [(0, 40)] + [(t, t + 1) for t in range(40, 52)],  # prefill, then decode
+    [(0, 9), (9, 30), (30, 31), (31, 44), (44, 45), (45, 46)],
+]  # multi-token steps
 
 
 def test_members_table_covers_every_score_member():
@@ -65,12 +70,13 @@ AttentionMaskInterface.register("kvc_reference", sdpa_mask)
 
 def _pooled(votes: list[float], kernel: int) -> list[float]:
     half = kernel // 2
-    return [max(votes[max(0, i - half): i + half + 1]) for i in range(len(votes))]
+    return [max(votes[max(0, i - half) : i + half + 1]) for i in range(len(votes))]
 
 
 def _choose(retention, entries, score, capacity, sinks, window, newest):
     """Storage indices kept, from `entries` [(t, position or -1)], by the member's score: sinks and the recent window
     protected, padding never chosen over a real token, ties to the older entry."""
+
     def rank(i):
         position = entries[i][1]
         if position < 0:
@@ -78,6 +84,7 @@ def _choose(retention, entries, score, capacity, sinks, window, newest):
         if position < sinks or position > newest - window:
             return math.inf
         return score[i]
+
     order = sorted(range(len(entries)), key=lambda i: (-rank(i), -i))  # ties: the newer entry
     return sorted(order[:capacity])
 
@@ -115,8 +122,9 @@ class Reference:
                         visible[row, head, q, keys] = True
                         visible[row, head, q, q] = True
             _visible[layer] = visible
-        logits = self.model(input_ids=self.ids[:, :stop], attention_mask=self.mask[:, :stop],
-                            position_ids=self.positions[:, :stop]).logits[:, start:stop]
+        logits = self.model(
+            input_ids=self.ids[:, :stop], attention_mask=self.mask[:, :stop], position_ids=self.positions[:, :stop]
+        ).logits[:, start:stop]
         seen = stop
         for layer in range(self.layers):
             weights, _, keys = _seen[layer]
@@ -125,8 +133,9 @@ class Reference:
                 for head in range(self.heads):
                     self.store[layer][row][head] += [[t, True] for t in range(start, stop)]
             stored = len(self.store[layer][0][0])
-            due = self.retention.due(stored, seen, layer, self.layers, self.steps,
-                                     self.steps - self.last_eviction[layer])
+            due = self.retention.due(
+                stored, seen, layer, self.layers, self.steps, self.steps - self.last_eviction[layer]
+            )
             chosen = {}
             for row in range(batch):
                 newest = int(self.positions[row, stop - 1])
@@ -161,8 +170,11 @@ class Reference:
                             visible[row, head, q, [t for t in range(q + 1) if mask[row, t]]] = True
                         visible[row, head, q, q] = True
             _visible[layer] = visible
-        self.model(input_ids=torch.cat([self.ids[:, :n], self.ids[:, :n]], dim=1), attention_mask=mask,
-                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        self.model(
+            input_ids=torch.cat([self.ids[:, :n], self.ids[:, :n]], dim=1),
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        )
         chosen = []  # per layer
         for layer in range(self.layers):
             peak = _seen[layer][1]
@@ -191,9 +203,14 @@ class Reference:
                 ranked = []
                 for head in range(self.heads):
                     entries, score, newest = chosen[layer][row, head]
-                    ranks = [-math.inf if position < 0 else
-                             math.inf if position < r.sinks or position > newest - r.window else score[i]
-                             for i, (t, position) in enumerate(entries)]
+                    ranks = [
+                        -math.inf
+                        if position < 0
+                        else math.inf
+                        if position < r.sinks or position > newest - r.window
+                        else score[i]
+                        for i, (t, position) in enumerate(entries)
+                    ]
                     ranked.append(sorted(ranks, reverse=True))
                 profile += [(max(column), layer) for column in zip(*ranked)]
             order = sorted(range(len(profile)), key=lambda j: (-profile[j][0], -j))[: layers * capacity]
@@ -213,7 +230,7 @@ class Reference:
             # over `kernel` neighbours
             votes = [float(sum(weights[row, :, q, t].mean() for q in observe)) for t in ts]
             half = self.retention.kernel // 2
-            return [statistics.fmean(votes[max(0, i - half): i + half + 1]) for i in range(len(votes))]
+            return [statistics.fmean(votes[max(0, i - half) : i + half + 1]) for i in range(len(votes))]
         votes = [float(sum(weights[row, head, q, t] for q in observe)) for t in ts]
         return _pooled(votes, self.retention.kernel)  # snapkv, pyramid, adakv
 
@@ -236,7 +253,7 @@ class Reference:
             for head in range(self.heads):
                 entries, score, newest = chosen[row, head]
                 own = set(_choose(r, entries, score, int(r.floor * kept), r.sinks, r.window, newest))
-                for i, (t, position) in enumerate(entries):
+                for i, (_, position) in enumerate(entries):
                     protected = position >= 0 and (position < r.sinks or position > newest - r.window)
                     rank = -math.inf if position < 0 else math.inf if (protected or i in own) else score[i]
                     ranked.append((rank, head, i))
@@ -249,19 +266,21 @@ class Reference:
                 store = self.store[layer][row][head]
                 picks = [i for i in range(len(store)) if (head, i) in picked]
                 filler = [i for i in reversed(range(len(store))) if (head, i) not in picked][: width - len(picks)]
-                self.store[layer][row][head] = [[store[i][0], store[i][1] and (head, i) in picked]
-                                                for i in sorted(picks + filler)]
+                self.store[layer][row][head] = [
+                    [store[i][0], store[i][1] and (head, i) in picked] for i in sorted(picks + filler)
+                ]
 
     def kept(self, layer, row, head):
-        return sorted(self.position(row, t, live) for t, live in self.store[layer][row][head]
-                      if self.position(row, t, live) >= 0)
+        return sorted(
+            self.position(row, t, live) for t, live in self.store[layer][row][head] if self.position(row, t, live) >= 0
+        )
 
 
 def distinct_tokens(lengths):
     """Left-padded ids without repeated tokens: a repeated token's key has the same norm at every position (RoPE
     rotates), an exact tie whose order float rounding would decide differently in the reference."""
     ids, mask = left_padded(lengths)
-    ids[:] = (torch.randperm(509, generator=torch.Generator().manual_seed(1))[: ids.shape[1]] + 3)
+    ids[:] = torch.randperm(509, generator=torch.Generator().manual_seed(1))[: ids.shape[1]] + 3
     return ids.masked_fill(mask == 0, 0), mask
 
 
@@ -269,8 +288,13 @@ def _cached(model, cache, ids, mask, steps):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         for start, stop in steps:
-            out = model(input_ids=ids[:, start:stop], attention_mask=mask[:, :stop],
-                        position_ids=positions[:, start:stop], cache=cache, use_cache=True)
+            out = model(
+                input_ids=ids[:, start:stop],
+                attention_mask=mask[:, :stop],
+                position_ids=positions[:, start:stop],
+                cache=cache,
+                use_cache=True,
+            )
             yield start, stop, out.logits
 
 
@@ -321,7 +345,9 @@ def test_left_padded_batch_equals_each_row_alone(tiny, strategy):
     ids, mask = distinct_tokens([52, 37])
     batched, logits = _prefill_and_decode(tiny, strategy, ids, mask)
     for row, length in enumerate([52, 37]):
-        alone, row_logits = _prefill_and_decode(tiny, strategy, ids[row:row + 1, -length:], mask[row:row + 1, -length:])
+        alone, row_logits = _prefill_and_decode(
+            tiny, strategy, ids[row : row + 1, -length:], mask[row : row + 1, -length:]
+        )
         assert torch.allclose(logits[row, -length:], row_logits[0], atol=1e-4, rtol=0)
         for layer in range(tiny.config.num_hidden_layers):
             for head in range(tiny.config.num_key_value_heads):
@@ -380,8 +406,17 @@ def test_chunked_prefill_equals_chunk_by_chunk_steps_and_holds_less(tiny, strate
 def test_generate_with_beam_search_keeps_score_state_in_step(tiny):
     ids, mask = distinct_tokens([30, 22])
     cache = make_cache(tiny, MEMBERS["h2o"])
-    out = tiny.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=40, min_new_tokens=40,
-                        num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    out = tiny.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        cache=cache,
+        max_new_tokens=40,
+        min_new_tokens=40,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert out.shape == (4, 70)
     for layer in cache.layers:
         assert layer.stored == 20 and layer.mass.shape == layer.positions.shape == (6, 2, 20)
@@ -431,8 +466,15 @@ def test_kvzip_scores_the_prompt_by_reconstructing_it_under_generate(tiny):
     peaks = {}
     for chunk in (64, 7):
         cache = make_cache(tiny, f"kvzip:budget=12,chunk={chunk}")
-        out = tiny.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=6, min_new_tokens=6,
-                            do_sample=False, pad_token_id=0)
+        out = tiny.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            cache=cache,
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        )
         assert out.shape == (2, 36) and cache.reconstructed and cache.get_seq_length() == 35
         assert all(layer.reconstruction is None for layer in cache.layers)
         for row in range(2):  # the layers' budgets are ranked: 12 per head on average, then the 5 new tokens
@@ -464,8 +506,10 @@ def test_kvzip_ranks_every_layers_heads_together(high, expected):
     scores[1, 0, :] = 0.02
     scores[1, 0, :, spots[0]] = 0.85
     scores[2, 0, :] = 0.4 if high == 4 else 0.0
-    views = [RetentionView(8, 8, torch.arange(8).expand(1, 3, 8), layer=layer, layers=3, reconstruction=scores[layer])
-             for layer in range(3)]
+    views = [
+        RetentionView(8, 8, torch.arange(8).expand(1, 3, 8), layer=layer, layers=3, reconstruction=scores[layer])
+        for layer in range(3)
+    ]
     retention = parse_strategy("kvzip:budget=2").retention
     capacities = retention.layer_capacities(views)
     assert [int(c) for c in capacities] == expected
@@ -539,8 +583,13 @@ def test_a_prompt_builds_no_mask_per_query_head(tiny, strategy, monkeypatch):
             ids, mask = distinct_tokens(lengths)
             masks.clear()
             cache = make_cache(tiny, strategy)
-            tiny(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache,
-                 use_cache=True)
+            tiny(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                cache=cache,
+                use_cache=True,
+            )
             assert set(masks) == ({None} if lengths[1] == 40 else {(2, 1, 40, 40)})
             assert len(masks) == tiny.config.num_hidden_layers
             peaks[lengths[1]] = cache.peak_bytes
@@ -566,7 +615,7 @@ def test_a_shared_prefill_replays_exactly(tiny, member, mass):
     logits = [prefill.fill(tiny, replayed)[:, None]]
     with torch.no_grad():
         for t in range(32, 44):
-            logits.append(tiny(input_ids=ids[:, t:t + 1], cache=replayed, use_cache=True).logits)
+            logits.append(tiny(input_ids=ids[:, t : t + 1], cache=replayed, use_cache=True).logits)
     assert torch.allclose(torch.cat(logits, 1), live_logits[:, 31:], atol=1e-5, rtol=0)
     for live_layer, layer in zip(live.layers, replayed.layers):
         assert torch.equal(live_layer.positions, layer.positions)

@@ -25,10 +25,31 @@ def _run(script: str, argv: list[str], monkeypatch) -> None:
 
 
 def test_decode_check_runs_every_cell_and_judges_the_targets_at_its_largest_cell(tmp_path, monkeypatch):
-    strategies = "HF DynamicCache,full,full grow,int8,int8 decoded,fp8,int4,int4 decoded,sink:sinks=4,window=2044,full+host"
-    _run("gpu/decode_check.py", ["--device", "cpu", "--model", "random:tiny", "--contexts", "32,48", "--batches", "1,2",
-                                 "--steps", "3", "--warmup", "1", "--strategies", strategies, "--out", str(tmp_path)],
-         monkeypatch)
+    strategies = (
+        "HF DynamicCache,full,full grow,int8,int8 decoded,fp8,int4,int4 decoded,sink:sinks=4,window=2044,full+host"
+    )
+    _run(
+        "gpu/decode_check.py",
+        [
+            "--device",
+            "cpu",
+            "--model",
+            "random:tiny",
+            "--contexts",
+            "32,48",
+            "--batches",
+            "1,2",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--strategies",
+            strategies,
+            "--out",
+            str(tmp_path),
+        ],
+        monkeypatch,
+    )
     result = json.loads((tmp_path / "decode.json").read_text())
     assert result["correctness"] and all(r.get("same_tokens") and r["fused_ran"] for r in result["correctness"])
     rows = result["rows"]
@@ -45,13 +66,34 @@ def test_decode_check_runs_every_cell_and_judges_the_targets_at_its_largest_cell
 
 
 def test_bench_core_judges_each_target_by_its_interval(tmp_path, monkeypatch):
-    _run("bench_core.py", ["--model", "random:tiny", "--lengths", "48", "--steps", "12", "--warmup", "2", "--rounds", "2",
-                           "--strategies", "full,int8,fp8", "--out", str(tmp_path)], monkeypatch)
+    _run(
+        "bench_core.py",
+        [
+            "--model",
+            "random:tiny",
+            "--lengths",
+            "48",
+            "--steps",
+            "12",
+            "--warmup",
+            "2",
+            "--rounds",
+            "2",
+            "--strategies",
+            "full,int8,fp8",
+            "--out",
+            str(tmp_path),
+        ],
+        monkeypatch,
+    )
     result = json.loads((tmp_path / "bench_core.json").read_text())
     rows = {r["strategy"]: r for r in result["rows"]}
     assert all([len(steps) for steps in r["decode_ms_rounds"]] == [10, 10] for r in rows.values())  # what is judged
     assert [(t["strategy"], t["reference"]) for t in result["targets"]] == [
-        ("full", "DynamicCache"), ("int8", "full"), ("fp8", "full")]
+        ("full", "DynamicCache"),
+        ("int8", "full"),
+        ("fp8", "full"),
+    ]
     for t in result["targets"]:
         low, high = t["interval"]
         assert t["met"] == ("yes" if high <= t["limit"] else "no" if low > t["limit"] else "inconclusive")
@@ -60,14 +102,31 @@ def test_bench_core_judges_each_target_by_its_interval(tmp_path, monkeypatch):
 
 
 def test_bench_core_pools_processes_and_keeps_finished_ones(tmp_path, monkeypatch):
-    argv = ["--model", "random:tiny", "--lengths", "32", "--steps", "6", "--warmup", "1", "--rounds", "2",
-            "--processes", "2", "--strategies", "full", "--out", str(tmp_path)]
+    argv = [
+        "--model",
+        "random:tiny",
+        "--lengths",
+        "32",
+        "--steps",
+        "6",
+        "--warmup",
+        "1",
+        "--rounds",
+        "2",
+        "--processes",
+        "2",
+        "--strategies",
+        "full",
+        "--out",
+        str(tmp_path),
+    ]
     _run("bench_core.py", argv, monkeypatch)
     result = json.loads((tmp_path / "bench_core.json").read_text())
     processes = [json.loads((tmp_path / f"process-{k}" / "bench_core.json").read_text()) for k in (1, 2)]
     full = next(r for r in result["rows"] if r["strategy"] == "full")
-    assert full["decode_ms_rounds"] == sum((next(r for r in p["rows"] if r["strategy"] == "full")["decode_ms_rounds"]
-                                            for p in processes), [])  # four rounds, process by process
+    assert full["decode_ms_rounds"] == sum(
+        (next(r for r in p["rows"] if r["strategy"] == "full")["decode_ms_rounds"] for p in processes), []
+    )  # four rounds, process by process
     [target] = result["targets"]
     assert len(target["per_process"]) == 2 and result["meta"]["processes"] == 2
     assert "each process" in (tmp_path / "bench_core.md").read_text()
@@ -82,6 +141,7 @@ def test_bench_core_pools_processes_and_keeps_finished_ones(tmp_path, monkeypatc
     def only_git(command, *args, **kwargs):  # provenance asks git; a benchmark process must not start
         assert command[0] == "git", f"ran a process again: {command}"
         return real_run(command, *args, **kwargs)
+
     monkeypatch.setattr(subprocess, "run", only_git)
     _run("bench_core.py", argv, monkeypatch)
     assert json.loads((tmp_path / "bench_core.json").read_text())["rows"] == result["rows"]
@@ -104,9 +164,15 @@ def test_eviction_budgets_take_members_with_parameters():
 
 def test_eviction_summary_counts_correct_answers_by_seed():
     bench = runpy.run_path(str(REPO / "experiments" / "bench_eviction.py"))
-    cases = {("passkey", 512, 0.0, 0): {"correct": True}, ("passkey", 512, 0.5, 0): {"correct": False},
-             ("passkey", 512, 0.0, 1): {"correct": True}}
-    rows = bench["by_seed"]({("full", "inside"): cases, ("tova:ratio=0.5", "inside"): {}}, ["inside"],
-                            {"full": "100%", "tova:ratio=0.5": "50% of full's bytes"})
+    cases = {
+        ("passkey", 512, 0.0, 0): {"correct": True},
+        ("passkey", 512, 0.5, 0): {"correct": False},
+        ("passkey", 512, 0.0, 1): {"correct": True},
+    }
+    rows = bench["by_seed"](
+        {("full", "inside"): cases, ("tova:ratio=0.5", "inside"): {}},
+        ["inside"],
+        {"full": "100%", "tova:ratio=0.5": "50% of full's bytes"},
+    )
     assert "| inside | `full` | 1/2 | 1/1 |" in rows and not [r for r in rows if "tova" in r]  # no cases: no row
     assert rows[3] == "| question | strategy | seed 0 | seed 1 |"

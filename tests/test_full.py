@@ -11,8 +11,15 @@ from .conftest import left_padded
 
 def _generate(model, ids, mask, cache, steps=24):
     return model.generate(
-        input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=steps, min_new_tokens=steps,
-        do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        input_ids=ids,
+        attention_mask=mask,
+        cache=cache,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
     )
 
 
@@ -42,8 +49,12 @@ def test_full_equals_dynamic_cache_chunked_prefill(tiny):
 
 def test_full_equals_dynamic_cache_on_default_model(default_model):
     model, tokenizer = default_model
-    inputs = tokenizer(["The capital of France is", "In a hole in the ground there lived a"], return_tensors="pt",
-                       padding=True, padding_side="left")
+    inputs = tokenizer(
+        ["The capital of France is", "In a hole in the ground there lived a"],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
     ours = _generate(model, inputs.input_ids, inputs.attention_mask, make_cache(model, "full"), steps=16)
     reference = _generate(model, inputs.input_ids, inputs.attention_mask, DynamicCache(config=model.config), steps=16)
     assert torch.equal(ours.sequences, reference.sequences)
@@ -63,8 +74,15 @@ def test_generate_keeps_working_when_resumed(tiny):
 
 def test_beam_search_and_multiple_sequences_match_dynamic_cache(tiny):
     ids, mask = left_padded([25, 19])
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, num_beams=3, num_return_sequences=2,
-                  do_sample=False, pad_token_id=0)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        pad_token_id=0,
+    )
     ours = tiny.generate(cache=make_cache(tiny, "full"), **kwargs)
     reference = tiny.generate(cache=DynamicCache(config=tiny.config), **kwargs)
     assert torch.equal(ours, reference)

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
+from kvcompress.kernels import decode
+from kvcompress.kernels.decode import NEGLIGIBLE, attend_encoded, supports
 
 from kvcompress import make_cache, parse_strategy
 from kvcompress.attention import _fused, grouped_attention
-from kvcompress.kernels import decode
-from kvcompress.kernels.decode import NEGLIGIBLE, attend_encoded, supports
 
 from .conftest import left_padded, tiny_model
 
@@ -21,8 +21,7 @@ CODECS = ["int8", "int8:group=16", "fp8", "fp8:format=e5m2,group=32", "int4", "i
 KERNEL_CODECS = ["int8", "int8:group=16", "fp8", "fp8:format=e5m2,group=32", "int4", "int4:group=16"]
 
 
-def _case(codec_name, batch=2, kv_heads=2, group=2, q=1, n=150, tail=5, dim=64, seed=0, per_head=False,
-          device="cpu"):
+def _case(codec_name, batch=2, kv_heads=2, group=2, q=1, n=150, tail=5, dim=64, seed=0, per_head=False, device="cpu"):
     """Query, encoded history with its decoded twin, a model-dtype tail and the masks of a left-padded batch (row 0
     has 11 pad tokens; per_head: heads hold different tokens, as a score-based retention leaves them)."""
     gen = torch.Generator().manual_seed(seed)
@@ -55,8 +54,9 @@ def _visible(valid, tail_visible, heads, q):
 
 def _reference(query, decoded_k, decoded_v, valid, tail_k, tail_v, tail_visible):
     visible = _visible(valid, tail_visible, decoded_k.shape[1], query.shape[2])
-    out, _, _, _ = grouped_attention(query, torch.cat([decoded_k, tail_k], 2), torch.cat([decoded_v, tail_v], 2),
-                                     visible, 0.125)
+    out, _, _, _ = grouped_attention(
+        query, torch.cat([decoded_k, tail_k], 2), torch.cat([decoded_v, tail_v], 2), visible, 0.125
+    )
     return out
 
 
@@ -138,20 +138,38 @@ def triton_decode():
     if torch.cuda.is_available():
         return importlib.import_module("kvcompress.kernels.triton_decode"), "cuda"
     if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU: the kernel runs under TRITON_INTERPRET=1 in a process of its own "
-                    "(test_triton_kernel_under_the_interpreter)")
+        pytest.skip(
+            "no GPU: the kernel runs under TRITON_INTERPRET=1 in a process of its own "
+            "(test_triton_kernel_under_the_interpreter)"
+        )
     return importlib.import_module("kvcompress.kernels.triton_decode"), "cpu"
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="the kernel tests run in this process (GPU, or already interpreted)")
+@pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="the kernel tests run in this process (GPU, or already interpreted)",
+)
 def test_triton_kernel_under_the_interpreter(tmp_path):
     pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' installs it)")
     # run from elsewhere: `python -m` puts the working directory on sys.path, where the repo's kernels/ would shadow
     # the PyPI package of that name
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
-                          f"{__file__}::test_triton_kernel_equals_the_torch_path"], cwd=tmp_path,
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--import-mode=importlib",
+            f"{__file__}::test_triton_kernel_equals_the_torch_path",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert f"{len(KERNEL_CODECS) * 2} passed" in run.stdout
 
@@ -160,8 +178,9 @@ def test_triton_kernel_under_the_interpreter(tmp_path):
 @pytest.mark.parametrize("group, q, per_head, dim", [(1, 1, False, 64), (4, 2, True, 16)])
 def test_triton_kernel_equals_the_torch_path(triton_decode, codec_name, group, q, per_head, dim):
     module, device = triton_decode
-    codec, query, pk, pv, dk, dv, valid, tk, tv, tvis = _case(codec_name, group=group, q=q, per_head=per_head,
-                                                              n=200, dim=dim, device=device)
+    codec, query, pk, pv, dk, dv, valid, tk, tv, tvis = _case(
+        codec_name, group=group, q=q, per_head=per_head, n=200, dim=dim, device=device
+    )
     expected = attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="torch")
     out = attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="triton")
     # on a GPU tl.dot multiplies float32 in TF32 (10-bit mantissa); the interpreter multiplies in float32
@@ -173,8 +192,9 @@ def test_triton_kernel_equals_the_torch_path(triton_decode, codec_name, group, q
 def test_triton_kernel_in_bfloat16_on_gpu(triton_decode):
     codec, query, pk, pv, dk, dv, valid, tk, tv, tvis = _case("int8", group=4, n=4096, dim=128, device="cuda")
     expected = _reference(query, dk, dv, valid, tk, tv, tvis)
-    out = attend_encoded(query.bfloat16(), codec, pk, pv, valid, tk.bfloat16(), tv.bfloat16(), tvis, 0.125,
-                         backend="triton")
+    out = attend_encoded(
+        query.bfloat16(), codec, pk, pv, valid, tk.bfloat16(), tv.bfloat16(), tvis, 0.125, backend="triton"
+    )
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
@@ -190,15 +210,34 @@ def test_triton_backend_refuses_what_it_cannot_read():
 # -- in the cache ---------------------------------------------------------------------------------------------------
 def _generate(model, strategy, fused, ids, mask, **kwargs):
     cache = make_cache(model, strategy, fused=fused)
-    out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=16, min_new_tokens=16,
-                         do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kwargs)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        cache=cache,
+        max_new_tokens=16,
+        min_new_tokens=16,
+        do_sample=False,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
     return out, cache
 
 
-@pytest.mark.parametrize("strategy", ["int8", "fp8:group=8", "int4:residual=8",
-                                      "sink:sinks=4,window=24+int8", "window:window=20+int4:group=8",
-                                      "knorm:budget=24,window=8+int8:residual=8", "full+int8+host",
-                                      "int4+disk"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "int8",
+        "fp8:group=8",
+        "int4:residual=8",
+        "sink:sinks=4,window=24+int8",
+        "window:window=20+int4:group=8",
+        "knorm:budget=24,window=8+int8:residual=8",
+        "full+int8+host",
+        "int4+disk",
+    ],
+)
 def test_fused_cache_generates_what_the_decoding_one_does(tiny, strategy):
     ids, mask = left_padded([40, 27])
     plain, plain_cache = _generate(tiny, strategy, False, ids, mask)
@@ -260,7 +299,11 @@ def test_shared_kv_heads_attend_without_repeating_kv(per_head, q):
     visible[..., -1] = True  # every query sees itself
     out, copied = _fused(query, keys, values, visible, 0.25)
     expected = torch.nn.functional.scaled_dot_product_attention(
-        query, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1),
-        attn_mask=visible.expand(b, h, q, s).repeat_interleave(group, 1), scale=0.25)
+        query,
+        keys.repeat_interleave(group, 1),
+        values.repeat_interleave(group, 1),
+        attn_mask=visible.expand(b, h, q, s).repeat_interleave(group, 1),
+        scale=0.25,
+    )
     torch.testing.assert_close(out, expected)
     assert copied == (b * h * group * q * s if per_head else 0)

@@ -6,12 +6,12 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval integration needs the eval extra")
 
+from kvcompress.evals import harness as harness_module  # noqa: E402
+from kvcompress.evals.lm_eval import KVCompressLM, recall_docs, task_manager  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from kvcompress.cli import main  # noqa: E402
-from kvcompress.evals import harness as harness_module  # noqa: E402
-from kvcompress.evals.lm_eval import KVCompressLM, recall_docs, task_manager  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,18 @@ def _chat(lm, text: str) -> str:
 
 
 def _loglikelihood_requests():
-    pairs = [("The capital of France is", " Paris"), ("1, 2, 3, 4,", " 5, 6"), ("We hold these truths", " to be"),
-             ("Question: what colour is grass? Answer:", " green"), ("", "Hello world"), ("The sky is", " blue."),
-             ("def add(a, b):\n    return", " a + b"), ("Once upon a", " time there was"),
-             ("The quick brown fox", " jumps over the lazy dog"), ("Water boils at 100 degrees", " Celsius")]
+    pairs = [
+        ("The capital of France is", " Paris"),
+        ("1, 2, 3, 4,", " 5, 6"),
+        ("We hold these truths", " to be"),
+        ("Question: what colour is grass? Answer:", " green"),
+        ("", "Hello world"),
+        ("The sky is", " blue."),
+        ("def add(a, b):\n    return", " a + b"),
+        ("Once upon a", " time there was"),
+        ("The quick brown fox", " jumps over the lazy dog"),
+        ("Water boils at 100 degrees", " Celsius"),
+    ]
     return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
 
 
@@ -42,9 +50,13 @@ def test_full_matches_lm_evals_hf_model(full_lm):
     assert [a[1] for a in ours] == [b[1] for b in theirs]
     assert sum(r["kind"] == "loglikelihood" for r in full_lm.requests) == len(requests)  # each through a cache
 
-    gen = [Instance("generate_until", {}, (_chat(full_lm, doc["input"]), {"until": ["\n"], "max_gen_toks": 12}), i)
-           for i, doc in enumerate(recall_docs("passkey", full_lm.tokenizer, [200], 2, 1))]
-    gen.append(Instance("generate_until", {}, ("The three primary colours are", {"until": ["."], "max_gen_toks": 12}), 2))
+    gen = [
+        Instance("generate_until", {}, (_chat(full_lm, doc["input"]), {"until": ["\n"], "max_gen_toks": 12}), i)
+        for i, doc in enumerate(recall_docs("passkey", full_lm.tokenizer, [200], 2, 1))
+    ]
+    gen.append(
+        Instance("generate_until", {}, ("The three primary colours are", {"until": ["."], "max_gen_toks": 12}), 2)
+    )
     outputs = full_lm.generate_until(gen)
     assert outputs == reference.generate_until(gen) and all(outputs)
     record = full_lm.requests[-1]
@@ -53,8 +65,11 @@ def test_full_matches_lm_evals_hf_model(full_lm):
 
 def test_window_loses_a_needle_outside_it(full_lm):
     docs = recall_docs("passkey", full_lm.tokenizer, [300], 2, 1)  # depth 0: the needle opens the context
-    request = [Instance("generate_until", docs[0], (_chat(full_lm, docs[0]["input"]), {"until": ["\n"], "max_gen_toks": 12}),
-                        0)]
+    request = [
+        Instance(
+            "generate_until", docs[0], (_chat(full_lm, docs[0]["input"]), {"until": ["\n"], "max_gen_toks": 12}), 0
+        )
+    ]
     window = KVCompressLM(pretrained="default", strategy="window:window=64", device="cpu")
     assert docs[0]["answer"] in full_lm.generate_until(request)[0]
     assert docs[0]["answer"] not in window.generate_until(request)[0]
@@ -84,11 +99,25 @@ def _offline(monkeypatch):
 def test_cli_runs_lm_eval_end_to_end_with_per_cell_metrics(tmp_path, monkeypatch, capsys):
     _offline(monkeypatch)
     out = tmp_path / "run"
-    main(["lm-eval", "run", "--model", "kvcompress", "--model_args",
-          "pretrained=default,strategy=sink:sinks=4,window=128+int8,dtype=float32",
-          "--tasks", "kvc_passkey,kvc_vartrack",
-          "--metadata", json.dumps({"lengths": [200], "depths": 2}), "--apply_chat_template", "--device", "cpu",
-          "--output_path", str(out)])
+    main(
+        [
+            "lm-eval",
+            "run",
+            "--model",
+            "kvcompress",
+            "--model_args",
+            "pretrained=default,strategy=sink:sinks=4,window=128+int8,dtype=float32",
+            "--tasks",
+            "kvc_passkey,kvc_vartrack",
+            "--metadata",
+            json.dumps({"lengths": [200], "depths": 2}),
+            "--apply_chat_template",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+        ]
+    )
     written = json.loads(next(out.glob("**/results_*.json")).read_text())
     assert written["kvcompress"]["command"].startswith("kvcompress lm-eval run --model kvcompress")
     # lm-eval splits --model_args at commas: its results config and printout still show the strategy whole
@@ -107,9 +136,26 @@ def test_lm_evals_own_ruler_task_runs_offline_with_the_default_model(tmp_path, m
     """lm-eval's RULER loads a tokenizer by the name in the model args: `pretrained=default` alone must do, offline."""
     _offline(monkeypatch)
     out = tmp_path / "ruler"
-    main(["lm-eval", "run", "--model", "kvcompress", "--model_args", "pretrained=default,dtype=float32",
-          "--tasks", "niah_single_1", "--metadata", json.dumps({"max_seq_lengths": [512]}), "--limit", "1",
-          "--device", "cpu", "--output_path", str(out)])
+    main(
+        [
+            "lm-eval",
+            "run",
+            "--model",
+            "kvcompress",
+            "--model_args",
+            "pretrained=default,dtype=float32",
+            "--tasks",
+            "niah_single_1",
+            "--metadata",
+            json.dumps({"max_seq_lengths": [512]}),
+            "--limit",
+            "1",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+        ]
+    )
     written = json.loads(next(out.glob("**/results_*.json")).read_text())
     assert "512,none" in written["results"]["niah_single_1"]
     assert written["config"]["model_args"]["tokenizer"].endswith("smollm2-135m-instruct")
@@ -124,8 +170,10 @@ def test_our_tasks_come_through_lm_evals_include_path(tmp_path):
 
 def test_left_padded_batches_match_batch_one(full_lm):
     docs = recall_docs("passkey", full_lm.tokenizer, [120, 200], 1, 1)
-    requests = [Instance("generate_until", d, (_chat(full_lm, d["input"]), {"until": ["\n"], "max_gen_toks": 10}), i)
-                for i, d in enumerate(docs)]
+    requests = [
+        Instance("generate_until", d, (_chat(full_lm, d["input"]), {"until": ["\n"], "max_gen_toks": 10}), i)
+        for i, d in enumerate(docs)
+    ]
     batched = KVCompressLM(pretrained="default", strategy="sink:sinks=4,window=64", device="cpu", batch_size=2)
     single = KVCompressLM(pretrained="default", strategy="sink:sinks=4,window=64", device="cpu", batch_size=1)
     assert batched.generate_until(requests) == single.generate_until(requests)
@@ -143,8 +191,12 @@ def _fake_fidelity(monkeypatch) -> list:
 
     def fidelity(self, strategy):
         computed.append((strategy, self.config.compute_dtype))
-        return {"top1": 1.0 if strategy == "full" else 0.9, "kl": 0.0 if strategy == "full" else 0.1,
-                "steps": 1024, "ppl_change_pct": 0.0 if strategy == "full" else 5.0}
+        return {
+            "top1": 1.0 if strategy == "full" else 0.9,
+            "kl": 0.0 if strategy == "full" else 0.1,
+            "steps": 1024,
+            "ppl_change_pct": 0.0 if strategy == "full" else 5.0,
+        }
 
     monkeypatch.setattr(harness_module.Harness, "fidelity", fidelity)
     return computed
@@ -156,9 +208,24 @@ def test_strategies_give_the_reports_records_and_table(tmp_path, monkeypatch):
     out = tmp_path / "strategies"
 
     def run(model_args: str) -> list[dict]:
-        main(["lm-eval", "--strategies", "full,window:window=64", "--model_args", model_args, "--tasks", "kvc_passkey",
-              "--metadata", json.dumps({"lengths": [120], "depths": 2}), "--apply_chat_template", "--device", "cpu",
-              "--output_path", str(out)])
+        main(
+            [
+                "lm-eval",
+                "--strategies",
+                "full,window:window=64",
+                "--model_args",
+                model_args,
+                "--tasks",
+                "kvc_passkey",
+                "--metadata",
+                json.dumps({"lengths": [120], "depths": 2}),
+                "--apply_chat_template",
+                "--device",
+                "cpu",
+                "--output_path",
+                str(out),
+            ]
+        )
         return json.loads((out / "summary.json").read_text())["rows"]
 
     first = run("pretrained=default,dtype=float32")
@@ -167,8 +234,9 @@ def test_strategies_give_the_reports_records_and_table(tmp_path, monkeypatch):
     meta, records = records[0], records[1:]
     assert meta["kind"] == "meta" and meta["lm_eval"]["tasks"] == ["kvc_passkey"] and meta["compute_dtype"] == "float32"
     recall = [r for r in records if r["kind"] == "recall"]
-    assert sorted((r["strategy"], r["doc_id"]) for r in recall) == [(s, d) for s in ("full", "window:window=64")
-                                                                    for d in (0, 1)]
+    assert sorted((r["strategy"], r["doc_id"]) for r in recall) == [
+        (s, d) for s in ("full", "window:window=64") for d in (0, 1)
+    ]
     latency = {r["strategy"]: r for r in records if r["kind"] == "latency"}
     assert all(len(r["decode_ms"]) == 2 and r["kv_bytes_final"]["device"] > 0 for r in latency.values())
     full, window = first  # the report's own rows, paired by document, bytes from the requests
@@ -192,9 +260,27 @@ def test_strategies_run_as_ray_tasks(tmp_path, monkeypatch):
     _offline(monkeypatch)
     _fake_fidelity(monkeypatch)  # the driver's part; the lm-eval runs are Ray's
     out = tmp_path / "strategies"
-    main(["lm-eval", "--strategies", "full,window:window=64", "--model_args", "pretrained=default,dtype=float32",
-          "--tasks", "kvc_passkey", "--metadata", json.dumps({"lengths": [120], "depths": 1}), "--device", "cpu",
-          "--output_path", str(out), "--backend", "ray", "--cpus-per-worker", "1"])
+    main(
+        [
+            "lm-eval",
+            "--strategies",
+            "full,window:window=64",
+            "--model_args",
+            "pretrained=default,dtype=float32",
+            "--tasks",
+            "kvc_passkey",
+            "--metadata",
+            json.dumps({"lengths": [120], "depths": 1}),
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+            "--backend",
+            "ray",
+            "--cpus-per-worker",
+            "1",
+        ]
+    )
     assert not ray.is_initialized()  # the run stopped the Ray it started
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert [r["strategy"] for r in rows] == ["full", "window:window=64"]
@@ -209,5 +295,7 @@ def test_a_run_without_per_document_samples_is_refused_by_name(tmp_path):
     (folder / "default").mkdir(parents=True)
     (folder / "default" / "results_2026-01-01.json").write_text("{}")
     (folder / REQUESTS_FILE).write_text("")
-    with pytest.raises(ValueError, match="int8 holds lm-eval results without per-document samples .* remove the folder"):
+    with pytest.raises(
+        ValueError, match="int8 holds lm-eval results without per-document samples .* remove the folder"
+    ):
         run_records(folder, "int8", 512, [])

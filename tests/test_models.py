@@ -24,7 +24,7 @@ def test_default_model_answers(default_model):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**inputs, cache=make_cache(model, "int8"), max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
 
 
 def test_default_model_loads_with_nf4_weights_and_answers(default_model):
@@ -36,7 +36,7 @@ def test_default_model_loads_with_nf4_weights_and_answers(default_model):
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     cache = make_cache(model, "int8")
     out = model.generate(**inputs, cache=cache, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
     expected = kvcompress.expected_kv_bytes(model, "int8", cache.get_seq_length(), dtype=model.kv_dtype)
     assert cache.kv_bytes()["device"] == expected  # weights quantised, KV stored as before
 
@@ -55,10 +55,13 @@ def test_shipped_architectures_and_random_models():
     assert load_config("random:llama-3.1-8b").num_key_value_heads == 8
 
 
-@pytest.mark.parametrize("spec, error, message", [
-    ("random:gpt-9", ValueError, "unknown architecture 'gpt-9'.*known: llama-3.1-8b"),
-    ("/nonexistent/model.gguf", FileNotFoundError, "no such .gguf file"),
-])
+@pytest.mark.parametrize(
+    "spec, error, message",
+    [
+        ("random:gpt-9", ValueError, "unknown architecture 'gpt-9'.*known: llama-3.1-8b"),
+        ("/nonexistent/model.gguf", FileNotFoundError, "no such .gguf file"),
+    ],
+)
 def test_bad_model_specs(spec, error, message):
     with pytest.raises(error, match=message):
         kvcompress.load_model(spec)

@@ -1,18 +1,17 @@
 """Host and disk tiers: bit-identical to the device tier, faults caught, nothing leaked, RAM saved by disk."""
 
 import gc
+import json
 import os
 import warnings
 from pathlib import Path
 
-import json
-
 import pytest
 import torch
+from kvcompress.evals import reference_text, text_ids
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kvcompress import make_cache
-from kvcompress.evals import reference_text, text_ids
 from kvcompress.models import CONFIG_DIR
 from kvcompress.tiers.disk import CorruptOffloadError, DiskTier
 from kvcompress.tiers.transfer import HostMemory
@@ -31,8 +30,11 @@ def _logits(model, ids, mask, strategy, steps, **cache_args):
         for _ in range(steps):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             token = out[-1].argmax(-1, keepdim=True)
-            out.append(model(input_ids=token, attention_mask=mask, position_ids=positions[:, -1:] + len(out),
-                             cache=cache).logits[:, -1])
+            out.append(
+                model(
+                    input_ids=token, attention_mask=mask, position_ids=positions[:, -1:] + len(out), cache=cache
+                ).logits[:, -1]
+            )
         return torch.stack(out)
 
 
@@ -65,16 +67,27 @@ def test_offloaded_logits_are_bit_identical_on_the_default_model(default_model, 
 def wide_tiny_model():
     """The tiny architecture with wide heads: 1 KiB of K per token, so 64 KiB disk blocks fill every 64 tokens (and
     every 256 with int8 codes) and a few hundred tokens exercise blocks, extents and tail blocks cheaply."""
-    config = AutoConfig.for_model(**{**json.loads((CONFIG_DIR / "tiny.json").read_text()), "hidden_size": 256,
-                                     "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64})
+    config = AutoConfig.for_model(
+        **{
+            **json.loads((CONFIG_DIR / "tiny.json").read_text()),
+            "hidden_size": 256,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "head_dim": 64,
+        }
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize(
     "reference, offloaded",
-    [("full", "full+host"), ("full", "full+disk"), ("int8", "int8+disk"),
-     ("sink:sinks=4,window=128", "sink:sinks=4,window=128+disk")],
+    [
+        ("full", "full+host"),
+        ("full", "full+disk"),
+        ("int8", "int8+disk"),
+        ("sink:sinks=4,window=128", "sink:sinks=4,window=128+disk"),
+    ],
 )
 def test_offloaded_logits_are_bit_identical_left_padded(reference, offloaded, tmp_path):
     model = wide_tiny_model()
@@ -88,10 +101,14 @@ def test_offloaded_logits_are_bit_identical_left_padded(reference, offloaded, tm
 
 @pytest.mark.parametrize(
     "reference, offloaded",
-    [("full", "full+host:policy=cold,sinks=4,window=16"), ("full", "full+disk:policy=cold,sinks=2,window=8"),
-     ("int4", "int4+host:policy=cold,window=8"), ("window:window=24", "window:window=24+disk"),
-     ("sink:sinks=2,window=20+int8", "sink:sinks=2,window=20+int8+host"),
-     ("int8:residual=8", "int8:residual=8+disk:policy=cold,window=4")],
+    [
+        ("full", "full+host:policy=cold,sinks=4,window=16"),
+        ("full", "full+disk:policy=cold,sinks=2,window=8"),
+        ("int4", "int4+host:policy=cold,window=8"),
+        ("window:window=24", "window:window=24+disk"),
+        ("sink:sinks=2,window=20+int8", "sink:sinks=2,window=20+int8+host"),
+        ("int8:residual=8", "int8:residual=8+disk:policy=cold,window=4"),
+    ],
 )
 def test_policies_and_compositions_match_the_device_tier(reference, offloaded):
     model = tiny_model()
@@ -102,8 +119,9 @@ def test_policies_and_compositions_match_the_device_tier(reference, offloaded):
 def test_generate_with_beams_and_chunked_prefill_through_an_offloaded_cache():
     model = tiny_model()
     ids, mask = left_padded([40, 33])
-    kwargs = dict(attention_mask=mask, max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False,
-                  pad_token_id=0)
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0
+    )
     expected = model.generate(input_ids=ids, cache=make_cache(model, "full"), **kwargs)
     with make_cache(model, "full+disk:policy=cold,window=8") as cache:
         assert torch.equal(model.generate(input_ids=ids, cache=cache, **kwargs), expected)

@@ -10,8 +10,11 @@ from kvcompress.models import load_config
 from kvcompress.planner import GIB, gpu_memory, parameter_count, parse_memory, plan
 
 # (arch, parameters as published, layers x KV heads x head dim) -- all bfloat16
-MODELS = [("llama-3.1-8b", 8_030_261_248, 32 * 8 * 128), ("qwen2.5-7b", 7_615_616_512, 28 * 4 * 128),
-          ("mistral-7b", 7_248_023_552, 32 * 8 * 128)]
+MODELS = [
+    ("llama-3.1-8b", 8_030_261_248, 32 * 8 * 128),
+    ("qwen2.5-7b", 7_615_616_512, 28 * 4 * 128),
+    ("mistral-7b", 7_248_023_552, 32 * 8 * 128),
+]
 
 
 @pytest.mark.parametrize("arch, params, kv_width", MODELS)
@@ -20,7 +23,7 @@ def test_plan_matches_hand_computed(arch, params, kv_width):
     assert parameter_count(config) == params
     gpu = 80e9
     rows = {r.strategy: r for r in plan(config, ["full", "int8"], gpu, context=32768, sessions=32)}
-    full_token = kv_width * 2 * 2                # K and V, 2 bytes each
+    full_token = kv_width * 2 * 2  # K and V, 2 bytes each
     int8_token = kv_width // 128 * 2 * (128 + 2)  # int8 codes + one float16 scale per token and head
     assert rows["full"].bytes_per_token == full_token
     assert rows["int8"].bytes_per_token == int8_token
@@ -53,21 +56,38 @@ def test_weights_and_memory_parsing():
     assert gpu_memory("H100-80GB") == 80e9
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: gpu_memory("H100"), "unknown gpu 'H100'; known: .*H100-80GB"),
-    (lambda: parse_memory("lots"), "gpu-mem must look like 80GiB"),
-    (lambda: plan(load_config("tiny"), ["full"], 1e9, 10, 1, weights="int3"), "weights must be one of"),
-    (lambda: plan(load_config("tiny"), ["full"], 1e9, 0, 1), "context and sessions must be positive"),
-    (lambda: load_config("random:gpt-9"), "unknown architecture 'gpt-9'.*known:"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: gpu_memory("H100"), "unknown gpu 'H100'; known: .*H100-80GB"),
+        (lambda: parse_memory("lots"), "gpu-mem must look like 80GiB"),
+        (lambda: plan(load_config("tiny"), ["full"], 1e9, 10, 1, weights="int3"), "weights must be one of"),
+        (lambda: plan(load_config("tiny"), ["full"], 1e9, 0, 1), "context and sessions must be positive"),
+        (lambda: load_config("random:gpt-9"), "unknown architecture 'gpt-9'.*known:"),
+    ],
+)
 def test_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
 
 
 def test_cli_json_has_integer_bytes(capsys):
-    main(["plan", "--model", "random:llama-3.1-8b", "--gpu", "H100-80GB", "--context", "32k", "--sessions", "32",
-          "--strategies", "full,int8,fp8,sink:window=4096", "--json"])
+    main(
+        [
+            "plan",
+            "--model",
+            "random:llama-3.1-8b",
+            "--gpu",
+            "H100-80GB",
+            "--context",
+            "32k",
+            "--sessions",
+            "32",
+            "--strategies",
+            "full,int8,fp8,sink:window=4096",
+            "--json",
+        ]
+    )
     data = json.loads(capsys.readouterr().out)
     assert [r["strategy"] for r in data["rows"]] == ["full", "int8", "fp8", "sink:window=4096"]
     assert data["rows"][0]["kv_bytes"] == 137_438_953_472 and isinstance(data["rows"][0]["weights_bytes"], int)
@@ -83,8 +103,9 @@ def test_cli_tables(capsys):
 
 
 def test_offload_tiers_keep_kv_off_the_gpu():
-    full, host, cold = plan(load_config("llama-3.1-8b"), ["full", "full+host", "full+disk:policy=cold,window=4096"],
-                            80e9, 32768, 32)
+    full, host, cold = plan(
+        load_config("llama-3.1-8b"), ["full", "full+host", "full+disk:policy=cold,window=4096"], 80e9, 32768, 32
+    )
     assert host.kv_bytes == 0 and host.fits and host.max_sessions is None and host.max_context is None
     assert "host holds 128.0 GiB" in host.verdict and "disk holds 112.0 GiB" in cold.verdict
     assert cold.kv_bytes == 32 * 131_072 * (4 + 4096)  # sinks + window of each sequence stay on the device

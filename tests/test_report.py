@@ -5,16 +5,18 @@ import re
 
 import pytest
 import torch
-
-from kvcompress.evals import harness as harness_module, reference_text
+from kvcompress.evals import harness as harness_module
+from kvcompress.evals import reference_text
+from kvcompress.evals.cases import render, score
+from kvcompress.evals.cells import cell_keys
 from kvcompress.evals.config import ReportConfig, Thresholds
 from kvcompress.evals.harness import run_report
 from kvcompress.evals.records import RecordStore
 from kvcompress.evals.report import COLUMNS, _decode_change, latency_cells, pressures
 from kvcompress.evals.stats import paired_recall
-from kvcompress.evals.cells import cell_keys
 from kvcompress.evals.sweep import load_sweep
-from kvcompress.evals.tasks import TASKS, depths, make_case, render, score
+from kvcompress.evals.tasks import TASKS, depths, make_case
+
 from kvcompress.strategy import parse_strategy
 
 
@@ -53,9 +55,21 @@ def test_score_and_depths():
 
 
 def _row(**overrides):
-    row = {"strategy": "int8", "recall_loss_pts": 0.0, "recall_n": 10, "hbm_saved_pct": 47.0, "decode_change_pct": 5.0,
-           "top1": 0.99, "kl": 1e-3, "host_bytes": 0, "disk_bytes": 0, "moved_bytes_per_step": None,
-           "stall_ms_per_step": None, "overlap": None, "allocation_failures": 0}
+    row = {
+        "strategy": "int8",
+        "recall_loss_pts": 0.0,
+        "recall_n": 10,
+        "hbm_saved_pct": 47.0,
+        "decode_change_pct": 5.0,
+        "top1": 0.99,
+        "kl": 1e-3,
+        "host_bytes": 0,
+        "disk_bytes": 0,
+        "moved_bytes_per_step": None,
+        "stall_ms_per_step": None,
+        "overlap": None,
+        "allocation_failures": 0,
+    }
     row.update(overrides)
     return row
 
@@ -63,14 +77,20 @@ def _row(**overrides):
 def _paired(n: int, lost: int, won: int = 0) -> dict:
     """A row's recall figures from `n` paired cases: full right everywhere but where the candidate wins."""
     result = paired_recall([True] * (n - won) + [False] * won, [False] * lost + [True] * (n - lost))
-    return {"recall_loss_pts": result.loss_pts, "recall_loss_interval": (result.low_pts, result.high_pts), "recall_n": n}
+    return {
+        "recall_loss_pts": result.loss_pts,
+        "recall_loss_interval": (result.low_pts, result.high_pts),
+        "recall_n": n,
+    }
 
 
 def test_verdicts_are_judged_on_intervals():
     t, int8 = Thresholds(), parse_strategy("int8")
     one_in_twenty = pressures(_row(**_paired(20, 1)), int8, t)["verdict"]
     assert one_in_twenty.startswith("inconclusive (n too small): recall loss 5.0 pts (95% CI")
-    assert pressures(_row(**_paired(60, 15)), int8, t)["verdict"].startswith("fail: recall loss 25.0 pts (95% CI 6.7 to")
+    assert pressures(_row(**_paired(60, 15)), int8, t)["verdict"].startswith(
+        "fail: recall loss 25.0 pts (95% CI 6.7 to"
+    )
     assert pressures(_row(**_paired(240, 0)), int8, t)["verdict"] == "pass"  # identical outcomes, n large enough
     assert pressures(_row(**_paired(60, 0)), int8, t)["verdict"].startswith("inconclusive")  # identical, n too small
     # top-1 over 256 predictions: 96.9% cannot be told from 98%, 90% can
@@ -96,14 +116,38 @@ def test_guardrail_verdicts():
     assert "facts older than 256 tokens" in words["rollback"]
     assert pressures(_row(hbm_saved_pct=0.0), int8, t)["verdict"] == "incomplete: cannot name relieved pressure"
     assert pressures(_row(strategy="full"), parse_strategy("full"), t)["verdict"] == "baseline"
-    disk = pressures(_row(strategy="full+disk", hbm_saved_pct=100.0, top1=1.0, host_bytes=2e7, disk_bytes=5e8,
-                          moved_bytes_per_step=1.2e7, stall_ms_per_step=3.0), parse_strategy("full+disk"), t)
+    disk = pressures(
+        _row(
+            strategy="full+disk",
+            hbm_saved_pct=100.0,
+            top1=1.0,
+            host_bytes=2e7,
+            disk_bytes=5e8,
+            moved_bytes_per_step=1.2e7,
+            stall_ms_per_step=3.0,
+        ),
+        parse_strategy("full+disk"),
+        t,
+    )
     assert disk["relieved"] == "HBM -100.0% of KV" and disk["verdict"] == "pass"
-    assert disk["created"] == "decode latency +5%; host 0.020 GB + disk 0.500 GB holding KV; 12.0 MB moved per decode step"
+    assert (
+        disk["created"] == "decode latency +5%; host 0.020 GB + disk 0.500 GB holding KV; 12.0 MB moved per decode step"
+    )
 
 
-TINY = dict(strategies=["full", "window:window=64", "full+disk"], tasks=["passkey"], lengths=[160], depths=2, seeds=1,
-            decode_steps=4, latency_rounds=2, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8, max_new_tokens=8)
+TINY = dict(
+    strategies=["full", "window:window=64", "full+disk"],
+    tasks=["passkey"],
+    lengths=[160],
+    depths=2,
+    seeds=1,
+    decode_steps=4,
+    latency_rounds=2,
+    fidelity_windows=2,
+    fidelity_prefill=64,
+    fidelity_steps=8,
+    max_new_tokens=8,
+)
 
 
 def _records(out):
@@ -117,7 +161,12 @@ def test_report_writes_every_column_for_every_row(tmp_path):
     assert [c.strip() for c in table[0].strip("|").split("|")] == COLUMNS
     assert len(table) == 2 + 3
     assert [line.split("|")[1].strip() for line in by_task.splitlines() if line.startswith("|")] == [
-        "strategy", "---", "`full`", "`window:window=64`", "`disk`"]  # k/n on each task, where the loss comes from
+        "strategy",
+        "---",
+        "`full`",
+        "`window:window=64`",
+        "`disk`",
+    ]  # k/n on each task, where the loss comes from
     assert "| `full` | " in by_task and "/2 |" in by_task
     for line in table[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -131,8 +180,9 @@ def test_report_writes_every_column_for_every_row(tmp_path):
     assert all(r["stored_tokens"] == r["seen_tokens"] for r in full)
     assert all(r["stored_tokens"] == 64 for r in window)
     disk = [r for r in records[1:] if r["strategy"] == "disk"]  # the canonical form of full+disk
-    assert all(r["kv_bytes_final"]["disk"] > 0 and not r["kv_bytes_final"].get("device") for r in disk
-               if r["kind"] == "recall")
+    assert all(
+        r["kv_bytes_final"]["disk"] > 0 and not r["kv_bytes_final"].get("device") for r in disk if r["kind"] == "recall"
+    )
     latency = next(r for r in disk if r["kind"] == "latency")
     assert latency["moved_bytes_per_step"] > 0 and 0 <= latency["overlap"] <= 1
     assert "MB/step moved" in table[-1] and "disk" in table[-1]
@@ -141,8 +191,13 @@ def test_report_writes_every_column_for_every_row(tmp_path):
 
 
 def test_question_placements_needle_survival_and_peak_are_recorded(tmp_path):
-    config = ReportConfig(**{**TINY, "strategies": ["full", "window:window=64", "snapkv:budget=64,window=16,when=budget"],
-                             "questions": ["after", "inside"]})
+    config = ReportConfig(
+        **{
+            **TINY,
+            "strategies": ["full", "window:window=64", "snapkv:budget=64,window=16,when=budget"],
+            "questions": ["after", "inside"],
+        }
+    )
     path = run_report(config, tmp_path)
     recall = [r for r in _records(tmp_path)[1:] if r["kind"] == "recall"]
     assert sorted({r["question"] for r in recall}) == ["after", "inside"] and len(recall) == 2 * 2 * 3
@@ -178,8 +233,10 @@ def test_random_weights_give_memory_and_latency_rows_and_say_why_recall_is_skipp
 def test_compiled_latency_cells_have_ids_of_their_own():
     config = ReportConfig(**{**TINY, "strategies": ["full", "int8"]})
     compiled = ReportConfig(**{**vars(config), "compile": True})
-    ids = {kind: [{c["id"] for c in cell_keys(c) if c["kind"] == kind} for c in (config, compiled)]
-           for kind in ("latency", "recall")}
+    ids = {
+        kind: [{c["id"] for c in cell_keys(c) if c["kind"] == kind} for c in (config, compiled)]
+        for kind in ("latency", "recall")
+    }
     assert ids["latency"][0].isdisjoint(ids["latency"][1])  # a resume never mixes compiled and eager timings
     assert ids["recall"][0] == ids["recall"][1]
 
@@ -198,11 +255,23 @@ def test_latency_rounds_are_cells_of_their_own_and_round_zero_keeps_its_id():
 def test_the_decode_interval_resamples_rounds_not_steps():
     """The steps of one pass agree closely while passes differ (the machine's minute): the interval must carry the
     spread between rounds, not the far narrower one between steps of a pass."""
+
     def cell(strategy, round, ms):
         steps = [ms + 0.01 * i for i in range(24)]
-        return {"kind": "latency", "outcome": "ok", "strategy": strategy, "length": 512, "round": round,
-                "decode_ms": steps, "decode_ms_p50": sorted(steps)[12], "ttft_s": 1.0}
-    records = [cell("full", r, 10.0) for r in range(3)] + [cell("int8", r, ms) for r, ms in enumerate([10.5, 11.5, 12.5])]
+        return {
+            "kind": "latency",
+            "outcome": "ok",
+            "strategy": strategy,
+            "length": 512,
+            "round": round,
+            "decode_ms": steps,
+            "decode_ms_p50": sorted(steps)[12],
+            "ttft_s": 1.0,
+        }
+
+    records = [cell("full", r, 10.0) for r in range(3)] + [
+        cell("int8", r, ms) for r, ms in enumerate([10.5, 11.5, 12.5])
+    ]
     cells = latency_cells(records)
     change, low, high = _decode_change(cells[("int8", 512)], cells[("full", 512)])
     assert low < 6 and high > 24 and low < change < high  # rounds at +5 %, +15 %, +25 %
@@ -232,7 +301,9 @@ def test_interrupted_run_resumes_without_redoing_anything(tmp_path, monkeypatch)
 
     monkeypatch.setattr(harness_module.Harness, "recall", original)
     done = []
-    monkeypatch.setattr(RecordStore, "append", lambda self, r, _orig=RecordStore.append: (done.append(r), _orig(self, r)))
+    monkeypatch.setattr(
+        RecordStore, "append", lambda self, r, _orig=RecordStore.append: (done.append(r), _orig(self, r))
+    )
     run_report(None, tmp_path, resume=True)
     records = _records(tmp_path)
     assert records[:3] == kept
@@ -297,8 +368,15 @@ def test_bad_report_settings():
 
 def test_sweeps_expand_their_grids(tmp_path):
     (config,), out = load_sweep("experiments/sweep_retention.yaml")
-    assert config.strategies == ["full", "window:window=128", "window:window=256", "window:window=512",
-                                 "sink:sinks=1,window=252", "sink:window=252", "sink:sinks=16,window=252"]
+    assert config.strategies == [
+        "full",
+        "window:window=128",
+        "window:window=256",
+        "window:window=512",
+        "sink:sinks=1,window=252",
+        "sink:window=252",
+        "sink:sinks=16,window=252",
+    ]
     assert str(out) == "results/sweeps/retention"
     (config,), _ = load_sweep("experiments/sweep_int8.yaml")
     assert len(config.strategies) == 1 + 9
@@ -310,20 +388,36 @@ def test_sweeps_expand_their_grids(tmp_path):
 
 def test_sweep_files_vary_any_axis_over_several_models(tmp_path):
     sweep = tmp_path / "axes.yaml"
-    sweep.write_text("models: [default, random:tiny]\nstrategies: [int8, 'sink+int8', fp8]\n"
-                     "grid: {sink.window: [128, 256], int8.group: [0, 32]}\n"
-                     "sweep:\n  - template: 'window:window={w}'\n    grid: {w: [64]}\n")
+    sweep.write_text(
+        "models: [default, random:tiny]\nstrategies: [int8, 'sink+int8', fp8]\n"
+        "grid: {sink.window: [128, 256], int8.group: [0, 32]}\n"
+        "sweep:\n  - template: 'window:window={w}'\n    grid: {w: [64]}\n"
+    )
     configs, out = load_sweep(sweep)
     assert [c.model for c in configs] == ["default", "random:tiny"] and str(out) == "results/sweeps/axes"
-    assert configs[0].strategies == configs[1].strategies == [
-        "full", "int8", "int8:group=32", "sink:window=128+int8", "sink:window=128+int8:group=32",
-        "sink:window=256+int8", "sink:window=256+int8:group=32", "fp8", "window:window=64"]  # group=0 is int8's default
-    for text, message in [("strategies: [int8]\ngrid: {int8.size: [1]}", "int8 has no parameter 'size'; allowed: "),
-                          ("strategies: [int8]\ngrid: {window: [1]}", "must be <member>.<parameter>"),
-                          ("strategies: [int8]\ngrid: {sink.window: [1]}", "sink.window vary none of the strategies"),
-                          ("grid: {sink.window: [1]}", "'grid' varies the listed 'strategies'"),
-                          ("models: [default, default]\nstrategies: [int8]", "lists a model twice"),
-                          ("strategies: [int8]\nmodel: default", "unknown top-level key")]:
+    assert (
+        configs[0].strategies
+        == configs[1].strategies
+        == [
+            "full",
+            "int8",
+            "int8:group=32",
+            "sink:window=128+int8",
+            "sink:window=128+int8:group=32",
+            "sink:window=256+int8",
+            "sink:window=256+int8:group=32",
+            "fp8",
+            "window:window=64",
+        ]
+    )  # group=0 is int8's default
+    for text, message in [
+        ("strategies: [int8]\ngrid: {int8.size: [1]}", "int8 has no parameter 'size'; allowed: "),
+        ("strategies: [int8]\ngrid: {window: [1]}", "must be <member>.<parameter>"),
+        ("strategies: [int8]\ngrid: {sink.window: [1]}", "sink.window vary none of the strategies"),
+        ("grid: {sink.window: [1]}", "'grid' varies the listed 'strategies'"),
+        ("models: [default, default]\nstrategies: [int8]", "lists a model twice"),
+        ("strategies: [int8]\nmodel: default", "unknown top-level key"),
+    ]:
         sweep.write_text(text)
         with pytest.raises(ValueError, match=re.escape(message)):
             load_sweep(sweep)
@@ -338,15 +432,18 @@ def test_fidelity_text_from_a_file(tmp_path):
 
 
 def test_a_run_over_two_models_reports_each_in_its_own_section(tmp_path):
-    configs = [ReportConfig(**{**TINY, "model": model, "strategies": ["full", "window:window=64"]})
-               for model in ("random:tiny", "default")]
+    configs = [
+        ReportConfig(**{**TINY, "model": model, "strategies": ["full", "window:window=64"]})
+        for model in ("random:tiny", "default")
+    ]
     path = run_report(configs, tmp_path)
     records = _records(tmp_path)[1:]
     assert {r["model"] for r in records} == {"random:tiny", "default"}
     assert sorted(r["id"] for r in records) == sorted(c["id"] for config in configs for c in cell_keys(config))
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
-    assert [(r["model"], r["strategy"]) for r in rows] == [(m, s) for m in ("random:tiny", "default")
-                                                           for s in ("full", "window:window=64")]
+    assert [(r["model"], r["strategy"]) for r in rows] == [
+        (m, s) for m in ("random:tiny", "default") for s in ("full", "window:window=64")
+    ]
     tiny_window, default_window = rows[1], rows[3]
     assert tiny_window["recall_n"] == 0 and default_window["recall_n"] == 2  # each model's own cells, none mixed
     text = path.read_text()
@@ -375,8 +472,9 @@ def test_records_of_earlier_case_generators_are_never_mixed_with_new_cases(tmp_p
     recall = [r for r in records[1:] if r["kind"] == "recall"]
     assert recall and all(159 <= r["prompt_tokens"] <= 160 for r in recall)  # version 2: within a token
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [meta, *records[1:]]))
-    with pytest.raises(ValueError, match="made by version 1 of the case generators and this kvcompress makes "
-                                         "version 2"):
+    with pytest.raises(
+        ValueError, match="made by version 1 of the case generators and this kvcompress makes version 2"
+    ):
         run_report(None, tmp_path, resume=True)  # their ids are version 1's: every recall cell looks missing
     assert _records(tmp_path)[1:] == records[1:]
     run_report(ReportConfig(**config), tmp_path, resume=True)  # the grid given again: version 2's ids, all done
@@ -390,8 +488,17 @@ def test_batched_recall_equals_one_case_at_a_time():
     """Left-padded batches give each case the record it gets alone: output, outcome, needle survival per head and
     (up to the padding) bytes, for positional, score-based (replayed with and without attention) and encoded
     strategies, with the question after the context and inside the prompt."""
-    grid = dict(strategies=BATCHED, tasks=["multikey"], lengths=[160], depths=2, seeds=2,  # questions of 2 lengths
-                questions=["after", "inside"], compute_dtype="float32", kv_dtype="float32", max_new_tokens=6)
+    grid = dict(
+        strategies=BATCHED,
+        tasks=["multikey"],
+        lengths=[160],
+        depths=2,
+        seeds=2,  # questions of 2 lengths
+        questions=["after", "inside"],
+        compute_dtype="float32",
+        kv_dtype="float32",
+        max_new_tokens=6,
+    )
     cells = [c for c in cell_keys(ReportConfig(**grid)) if c["kind"] == "recall"]
     args = lambda c: {k: c[k] for k in ("strategy", "task", "length", "depth", "seed", "question")}  # noqa: E731
     alone = harness_module.Harness(ReportConfig(**grid, recall_batch=1))
@@ -403,8 +510,11 @@ def test_batched_recall_equals_one_case_at_a_time():
     rows = {q: sorted({r["batch_rows"] for c, r in zip(cells, got) if c["question"] == q}) for q in ("after", "inside")}
     assert rows == {"after": [1, 3], "inside": [4]}  # after: the one case whose question is a token longer goes alone
     for cell, one, many in zip(cells, expected, got):
-        assert (many["output"], many["correct"], many["prompt_tokens"]) == (one["output"], one["correct"],
-                                                                          one["prompt_tokens"]), cell
+        assert (many["output"], many["correct"], many["prompt_tokens"]) == (
+            one["output"],
+            one["correct"],
+            one["prompt_tokens"],
+        ), cell
         assert many["needle_survival_per_layer_head"] == one["needle_survival_per_layer_head"], cell
         padding = many["seen_tokens"] - one["seen_tokens"]  # the batch's longest row sets the width
         per_token = one["kv_bytes_final"]["device"] / one["stored_tokens"]

@@ -45,8 +45,13 @@ def cached_logits(model, ids, mask, steps, cache, budget):
     logits = []
     with torch.no_grad():
         for start, stop in steps:
-            out = model(input_ids=ids[:, start:stop], attention_mask=mask[:, :stop],
-                        position_ids=positions[:, start:stop], cache=cache, use_cache=True)
+            out = model(
+                input_ids=ids[:, start:stop],
+                attention_mask=mask[:, :stop],
+                position_ids=positions[:, start:stop],
+                cache=cache,
+                use_cache=True,
+            )
             logits.append(out.logits)
             assert all(layer.stored <= budget for layer in cache.layers)
             assert cache.get_seq_length() == stop
@@ -54,10 +59,13 @@ def cached_logits(model, ids, mask, steps, cache, budget):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("steps", [
-    [(0, 40)] + [(t, t + 1) for t in range(40, 60)],                    # prefill, then decode
-    [(0, 7), (7, 8), (8, 25), (25, 26), (26, 27), (27, 45), (45, 60)],  # multi-token steps across the budget
-])
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [(0, 40)] + [(t, t + 1) for t in range(40, 60)],  # prefill, then decode
+        [(0, 7), (7, 8), (8, 25), (25, 26), (26, 27), (27, 45), (45, 60)],  # multi-token steps across the budget
+    ],
+)
 def test_matches_masked_full_forward_left_padded(tiny, strategy, steps):
     ids, mask = left_padded([60, 47, 31])
     retention = parse_strategy(strategy).retention
@@ -87,14 +95,23 @@ class _RecordStored(LogitsProcessor):
         return scores
 
 
-@pytest.mark.parametrize("strategy", ["window:window=32", "sink:sinks=4,window=32",
-                                      "sink:sinks=4,window=32+int8:residual=8"])
+@pytest.mark.parametrize(
+    "strategy", ["window:window=32", "sink:sinks=4,window=32", "sink:sinks=4,window=32+int8:residual=8"]
+)
 def test_budget_holds_over_300_generated_tokens(tiny, strategy):
     ids, mask = left_padded([50, 20])
     cache = make_cache(tiny, strategy)
     recorder = _RecordStored(cache)
-    out = tiny.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=300, min_new_tokens=300,
-                        do_sample=False, logits_processor=LogitsProcessorList([recorder]), pad_token_id=0)
+    out = tiny.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        cache=cache,
+        max_new_tokens=300,
+        min_new_tokens=300,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([recorder]),
+        pad_token_id=0,
+    )
     budget = parse_strategy(strategy).retention.capacity(0)
     assert len(recorder.stored) == 300 and max(recorder.stored) <= budget
     assert cache.get_seq_length() == out.shape[1] - 1
@@ -110,13 +127,15 @@ def test_generate_and_resume_match_masked_reference(tiny, strategy):
     extra = torch.randint(3, 512, (2, 5), generator=torch.Generator().manual_seed(3))
     ids2 = torch.cat([first.sequences, extra], 1)
     mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
-    second = tiny.generate(input_ids=ids2, attention_mask=mask2, cache=cache, max_new_tokens=6, min_new_tokens=6,
-                           **kwargs)
+    second = tiny.generate(
+        input_ids=ids2, attention_mask=mask2, cache=cache, max_new_tokens=6, min_new_tokens=6, **kwargs
+    )
 
     n, n2 = ids.shape[1], ids2.shape[1]
     steps = [(0, n)] + [(t, t + 1) for t in range(n, n + 5)] + [(n + 5, n2)] + [(t, t + 1) for t in range(n2, n2 + 5)]
-    reference = reference_logits(tiny, second.sequences, torch.cat([mask2, torch.ones(2, 6, dtype=mask.dtype)], 1),
-                                 steps, retention)
+    reference = reference_logits(
+        tiny, second.sequences, torch.cat([mask2, torch.ones(2, 6, dtype=mask.dtype)], 1), steps, retention
+    )
     ours = torch.stack(first.logits + second.logits, 1)
     expected = reference[:, [n - 1 + i for i in range(6)] + [n2 - 1 + i for i in range(6)]]
     assert (ours - expected).abs().max() <= 1e-4

@@ -5,10 +5,11 @@ import collections
 import re
 
 import pytest
+from kvcompress.evals.cases import render, score
+from kvcompress.evals.ruler import RULER_TASKS
+from kvcompress.evals.tasks import TASKS, make_case
 from transformers import AutoTokenizer
 
-from kvcompress.evals.ruler import RULER_TASKS
-from kvcompress.evals.tasks import TASKS, make_case, render, score
 from kvcompress.models import default_model_dir
 
 NIAH = [t for t in RULER_TASKS if "niah" in t]
@@ -68,8 +69,10 @@ def test_every_needle_value_planted_exactly_once(tokenizer, task):
 def test_hand_checked_niah_single_1(tokenizer):
     case = make_case("ruler_niah_single_1", tokenizer, 256, 0.5, 0)
     text = _text(case)
-    assert text.startswith("Some special magic numbers are hidden within the following text. Make sure to memorize "
-                           "it. I will quiz you about the numbers afterwards.\nThe grass is green.")
+    assert text.startswith(
+        "Some special magic numbers are hidden within the following text. Make sure to memorize "
+        "it. I will quiz you about the numbers afterwards.\nThe grass is green."
+    )
     key = re.search(r"for (\S+) mentioned", case.question).group(1)
     assert re.fullmatch(r"[a-z]+-[a-z]+", key) and re.fullmatch(r"\d{7}", case.answer[0])
     assert case.needle == f"One of the special magic numbers for {key} is: {case.answer[0]}."
@@ -121,5 +124,8 @@ def test_ruler_tasks_through_lm_eval(tokenizer):
     assert len(docs) == 2 and all(len(d["answer"]) == 4 for d in docs)
     loaded = task_manager(metadata={"lengths": [700], "depths": 1}).load(["kvc_ruler_cwe"])["tasks"]["kvc_ruler_cwe"]
     # the budget the report gives the task (cwe: 120 tokens for ten words), no stop: lists may span lines
-    assert len(loaded.test_docs()) == 1 and loaded.config.generation_kwargs == {"until": [], "max_gen_toks": 120,
-                                                                               "do_sample": False}
+    assert len(loaded.test_docs()) == 1 and loaded.config.generation_kwargs == {
+        "until": [],
+        "max_gen_toks": 120,
+        "do_sample": False,
+    }

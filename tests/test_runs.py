@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from kvcompress.cli import main
 from kvcompress.evals import harness as harness_module
 from kvcompress.evals.config import ReportConfig
 from kvcompress.evals.sweep import load_sweep
+
+from kvcompress.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 # the smoke grid narrowed to one strategy and one depth: every stage of the main job, in seconds
@@ -34,7 +34,9 @@ def test_main_job_writes_a_fresh_folder_each_time(tmp_path, monkeypatch, capsys)
     assert meta["command"] == "kvcompress " + " ".join(TINY)  # its own arguments, not pytest's sys.argv
     assert meta["kv_dtype"] == "bfloat16" and meta["compute_dtype"] in ("float32", "bfloat16") and meta["dtype_reason"]
     text = (runs[0] / "pressure_transfer.md").read_text()
-    assert "\n\n| strategy |" in text  # a blank line, so CommonMark renders the table instead of folding it into the list
+    assert (
+        "\n\n| strategy |" in text
+    )  # a blank line, so CommonMark renders the table instead of folding it into the list
 
 
 def test_resume_alone_finishes_the_newest_unfinished_run(tmp_path, monkeypatch):
@@ -69,21 +71,27 @@ def test_a_run_that_finished_nothing_starts_over(tmp_path):
         main([*TINY, "--out", str(out)])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--out", "/proc/kvcompress-run"], "--out '/proc/kvcompress-run': cannot create the folder"),
-    (["--model", "no-such-org/no-such-model"], "model 'no-such-org/no-such-model': could not load its config"),
-    (["--model", "/path/that/does/not/exist"], "model '/path/that/does/not/exist': no such directory"),
-    (["--strategies", "full,sinc"], "unknown strategy part 'sinc'.*Did you mean 'sink'"),
-    (["--lengths", "4q"], None),  # argparse: names --lengths and exits 2
-    (["--workers", "2"], "--address, --workers and --gpus-per-worker need --backend ray"),
-    (["--backend", "ray", "--device", "cuda:1"], "device 'cuda:1': on --backend ray give --device cuda"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--out", "/proc/kvcompress-run"], "--out '/proc/kvcompress-run': cannot create the folder"),
+        (["--model", "no-such-org/no-such-model"], "model 'no-such-org/no-such-model': could not load its config"),
+        (["--model", "/path/that/does/not/exist"], "model '/path/that/does/not/exist': no such directory"),
+        (["--strategies", "full,sinc"], "unknown strategy part 'sinc'.*Did you mean 'sink'"),
+        (["--lengths", "4q"], None),  # argparse: names --lengths and exits 2
+        (["--workers", "2"], "--address, --workers and --gpus-per-worker need --backend ray"),
+        (["--backend", "ray", "--device", "cuda:1"], "device 'cuda:1': on --backend ray give --device cuda"),
+    ],
+)
 def test_bad_report_input_is_one_line(argv, message, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit) as exit_info:
         main(["report", "--smoke", *argv])
     if message is None:
-        assert exit_info.value.code == 2 and "argument --lengths: token count must be an integer or NNk" in capsys.readouterr().err
+        assert (
+            exit_info.value.code == 2
+            and "argument --lengths: token count must be an integer or NNk" in capsys.readouterr().err
+        )
     else:
         assert exit_info.match(message)
 
@@ -96,7 +104,9 @@ def test_cuda_without_cuda_is_one_line():
 
 def test_token_counts_parse_the_same_everywhere(tmp_path):
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("sweep:\n  - template: 'window:window={w}'\n    grid: {w: [64]}\nreport: {lengths: [512, 4k], context: 32k}\n")
+    sweep.write_text(
+        "sweep:\n  - template: 'window:window={w}'\n    grid: {w: [64]}\nreport: {lengths: [512, 4k], context: 32k}\n"
+    )
     (config,), _ = load_sweep(sweep)
     assert config.lengths == [512, 4096] and config.context == 32768
     assert ReportConfig(lengths="1k,1.5k").lengths == [1024, 1536]
@@ -106,8 +116,15 @@ def test_token_counts_parse_the_same_everywhere(tmp_path):
 
 def test_simulate_never_overwrites(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = ["simulate", "--routes", str(REPO / "experiments/routes/support_fleet.yaml"), "--minutes", "2",
-            "--strategies", "full,full+host"]
+    args = [
+        "simulate",
+        "--routes",
+        str(REPO / "experiments/routes/support_fleet.yaml"),
+        "--minutes",
+        "2",
+        "--strategies",
+        "full,full+host",
+    ]
     main(args)
     (run,) = (tmp_path / "results" / "runs").iterdir()
     assert "off the GPU: peak host" in capsys.readouterr().out
@@ -120,5 +137,7 @@ def test_repo_folders_do_not_shadow_pypi_packages(name):
     """bitsandbytes does `from kernels import ...`: under pytest the repo's kernels/ and evals/ must not be importable
     as top-level modules (they ship as kvcompress.kernels and kvcompress.evals)."""
     spec = importlib.util.find_spec(name)
-    assert spec is None or not any(REPO in Path(p).parents or Path(p) == REPO / name
-                                   for p in [spec.origin or "", *(spec.submodule_search_locations or [])])
+    assert spec is None or not any(
+        REPO in Path(p).parents or Path(p) == REPO / name
+        for p in [spec.origin or "", *(spec.submodule_search_locations or [])]
+    )

@@ -67,8 +67,14 @@ def test_hand_checked_trace():
     """Two sessions, fixed sizes: 1000 prompt + 100 output tokens per turn, 2 turns, 10 s thinking, 50 tok/s."""
     route = Route("trace", 0.0, (1000, 1000), (100, 100), (2, 2), (10.0, 10.0), 0.0, arrivals_s=(0.0, 1.0))
     capacity = 3000 * TOKEN  # room for one two-turn session (2200 tokens) plus one turn of the other (1100)
-    sim = Simulation(CONFIG, "full", [route], SimConfig(gpu_bytes=capacity, minutes=1, block_tokens=100,
-                                                         decode_tps=50.0, idle_policy="release", sample_s=1.0))
+    sim = Simulation(
+        CONFIG,
+        "full",
+        [route],
+        SimConfig(
+            gpu_bytes=capacity, minutes=1, block_tokens=100, decode_tps=50.0, idle_policy="release", sample_s=1.0
+        ),
+    )
     result = sim.run()
     held = dict(result.samples)
     assert held[0.0] == 0
@@ -82,8 +88,19 @@ def test_hand_checked_trace():
 
 def test_queue_admission_waits_instead_of_failing():
     route = Route("trace", 0.0, (1000, 1000), (100, 100), (1, 1), (0.0, 0.0), 0.0, arrivals_s=(0.0, 0.5))
-    sim = Simulation(CONFIG, "full", [route], SimConfig(gpu_bytes=1500 * TOKEN, minutes=1, block_tokens=100,
-                                                         decode_tps=50.0, admission="queue", idle_policy="release"))
+    sim = Simulation(
+        CONFIG,
+        "full",
+        [route],
+        SimConfig(
+            gpu_bytes=1500 * TOKEN,
+            minutes=1,
+            block_tokens=100,
+            decode_tps=50.0,
+            admission="queue",
+            idle_policy="release",
+        ),
+    )
     result = sim.run()
     assert result.allocation_failures == 0 and len(result.queue_waits_s) == 1
     assert result.queue_waits_s[0] == pytest.approx(2.0 - 0.5)
@@ -94,8 +111,9 @@ def test_disconnected_streams_leak_until_released():
     release = _run(idle_policy="release", gpu_bytes=1e15).run()
     assert keep.per_route["disconnected-streams"]["outcome"].startswith("leaked state")
     assert release.per_route["disconnected-streams"]["outcome"] == "healthy"
-    assert (keep.per_route["disconnected-streams"]["kv_bytes"]
-            > 3 * release.per_route["disconnected-streams"]["kv_bytes"])
+    assert (
+        keep.per_route["disconnected-streams"]["kv_bytes"] > 3 * release.per_route["disconnected-streams"]["kv_bytes"]
+    )
 
 
 def test_deterministic_for_a_seed_and_same_workload_for_every_strategy():
@@ -106,15 +124,27 @@ def test_deterministic_for_a_seed_and_same_workload_for_every_strategy():
     assert int8.peak_bytes < 0.55 * full.peak_bytes
 
 
-@pytest.mark.parametrize("text, message", [
-    ("routes:\n  - name: a\n    rate_per_min: 1\n", r"line 2: route is missing field\(s\) disconnect_p, output_tokens"),
-    ("routes:\n  - name: a\n    rate_per_min: -1\n    prompt_tokens: 5\n    output_tokens: 5\n    turns: 1\n"
-     "    think_s: 1\n    disconnect_p: 0\n", "line 2: rate_per_min must be >= 0"),
-    ("routes:\n  - name: a\n    rate_per_min: 1\n    prompt_tokens: [9, 5]\n    output_tokens: 5\n    turns: 1\n"
-     "    think_s: 1\n    disconnect_p: 0\n", "line 2: prompt_tokens must be a non-negative number or"),
-    ("routes:\n  - name: a\n    rate: 1\n", r"line 2: route is missing field\(s\)"),
-    ("other: 1\n", "needs a non-empty 'routes:' list"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "routes:\n  - name: a\n    rate_per_min: 1\n",
+            r"line 2: route is missing field\(s\) disconnect_p, output_tokens",
+        ),
+        (
+            "routes:\n  - name: a\n    rate_per_min: -1\n    prompt_tokens: 5\n    output_tokens: 5\n    turns: 1\n"
+            "    think_s: 1\n    disconnect_p: 0\n",
+            "line 2: rate_per_min must be >= 0",
+        ),
+        (
+            "routes:\n  - name: a\n    rate_per_min: 1\n    prompt_tokens: [9, 5]\n    output_tokens: 5\n    turns: 1\n"
+            "    think_s: 1\n    disconnect_p: 0\n",
+            "line 2: prompt_tokens must be a non-negative number or",
+        ),
+        ("routes:\n  - name: a\n    rate: 1\n", r"line 2: route is missing field\(s\)"),
+        ("other: 1\n", "needs a non-empty 'routes:' list"),
+    ],
+)
 def test_bad_route_files_name_the_field_and_line(tmp_path, text, message):
     path = tmp_path / "routes.yaml"
     path.write_text(text)
@@ -130,8 +160,23 @@ def test_bad_settings():
 
 
 def test_cli_writes_table_json_and_plot(tmp_path, capsys):
-    main(["simulate", "--routes", ROUTES, "--model", "random:llama-3.1-8b", "--gpu", "H100-80GB", "--minutes", "10",
-          "--strategies", "full,int8", "--out", str(tmp_path)])
+    main(
+        [
+            "simulate",
+            "--routes",
+            ROUTES,
+            "--model",
+            "random:llama-3.1-8b",
+            "--gpu",
+            "H100-80GB",
+            "--minutes",
+            "10",
+            "--strategies",
+            "full,int8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert "GiB for KV after weights and reserve" in out and "disconnected-streams" in out
     assert (tmp_path / "simulate.json").stat().st_size > 0 and (tmp_path / "kv_memory.png").stat().st_size > 0
@@ -143,8 +188,10 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
 FAST_LINK = 1e15  # B/s: no fleet here asks for a thousandth of it, so decode runs at full speed
 
 
-@pytest.mark.parametrize("strategy, capacity, link", [("full+host", "host_bytes", "pcie_bytes_per_s"),
-                                                      ("full+disk", "disk_bytes", "disk_bytes_per_s")])
+@pytest.mark.parametrize(
+    "strategy, capacity, link",
+    [("full+host", "host_bytes", "pcie_bytes_per_s"), ("full+disk", "disk_bytes", "disk_bytes_per_s")],
+)
 def test_offload_tier_capacity_fails_admissions_like_device_memory(strategy, capacity, link):
     """`layers` offload keeps nothing on the device, so a 20 GiB tier fails exactly where a 20 GiB GPU does, and the
     failures are the tier's; the same workload on a big GPU fails nothing."""

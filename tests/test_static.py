@@ -5,7 +5,6 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-
 from transformers import DynamicCache
 
 from kvcompress import compiled_step, expected_kv_bytes, make_cache
@@ -22,10 +21,21 @@ def tiny(request):
 
 
 def _generate(model, ids, mask, strategy, generate=None, **options):
-    with make_cache(model, strategy, **options) if strategy else nullcontext(DynamicCache(config=model.config)) as cache:
-        out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=20, min_new_tokens=20,
-                             do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
-                             **(generate or {}))
+    with (
+        make_cache(model, strategy, **options) if strategy else nullcontext(DynamicCache(config=model.config)) as cache
+    ):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            cache=cache,
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **(generate or {}),
+        )
         return out.sequences, torch.stack(out.scores).nan_to_num(0.0, 0.0, 0.0)  # -inf: tokens min_new_tokens bans
 
 
@@ -41,8 +51,12 @@ def test_static_storage_generates_what_the_growing_cache_does(tiny, strategy):
 def test_static_storage_under_beam_search(tiny):
     ids, mask = left_padded([30, 22])
     beams = {"num_beams": 3}
-    torch.testing.assert_close(_generate(tiny, ids, mask, "int8", beams, compile=True, max_tokens=60)[1],
-                               _generate(tiny, ids, mask, "int8", beams)[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        _generate(tiny, ids, mask, "int8", beams, compile=True, max_tokens=60)[1],
+        _generate(tiny, ids, mask, "int8", beams)[1],
+        rtol=0,
+        atol=1e-5,
+    )
 
 
 @torch.no_grad()
@@ -61,8 +75,11 @@ def test_static_storage_is_written_in_place_and_counts_its_room(strategy):
             model(input_ids=torch.full((2, 10), 5), cache=cache)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: inductor's CPU code for this step (torch 2.13) "
-                    "gave NaN logits under AVX2 code generation and corrupted the heap now and then (README)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="GPU-only: inductor's CPU code for this step (torch 2.13) "
+    "gave NaN logits under AVX2 code generation and corrupted the heap now and then (README)",
+)
 @torch.no_grad()
 def test_compiled_step_matches_eager_and_compiles_once():
     model = tiny_model().cuda()

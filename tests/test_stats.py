@@ -5,7 +5,6 @@ import random
 import time
 
 import pytest
-
 from kvcompress.evals.stats import (
     PairedRecall,
     mcnemar_exact_p,
@@ -280,7 +279,11 @@ def test_rounds_ratio_interval_carries_the_spread_between_rounds():
     assert unpaired[2] - unpaired[1] > high - low
     steps = ratio_interval(sum(a, []), sum(b, []))  # steps as independent draws
     assert steps[0] == ratio
-    same_level = rounds_ratio_interval([_noisy(10, 20, i) for i in range(5)], [_noisy(10, 20, 20 + i) for i in range(5)])
+    same_level = rounds_ratio_interval(
+        [_noisy(10, 20, i) for i in range(5)], [_noisy(10, 20, 20 + i) for i in range(5)]
+    )
     assert same_level[1] < 1.0 < same_level[2]
-    with pytest.raises(ValueError, match="rounds_a and rounds_b must be the same non-zero number of rounds, got 5 and 4"):
+    with pytest.raises(
+        ValueError, match="rounds_a and rounds_b must be the same non-zero number of rounds, got 5 and 4"
+    ):
         rounds_ratio_interval(a, b[:4])

@@ -8,15 +8,32 @@ from kvcompress import expected_kv_bytes, make_cache
 
 from .conftest import left_padded, tiny_model
 
-STRATEGIES = ["full", "int8:residual=16", "fp8", "sink:sinks=4,window=20", "window:window=24+int4:group=8",
-              "knorm:budget=24,window=8", "h2o:budget=24,window=8+int8:residual=8", "full+disk"]
+STRATEGIES = [
+    "full",
+    "int8:residual=16",
+    "fp8",
+    "sink:sinks=4,window=20",
+    "window:window=24+int4:group=8",
+    "knorm:budget=24,window=8",
+    "h2o:budget=24,window=8+int8:residual=8",
+    "full+disk",
+]
 
 
 def _generate(model, strategy, grow, ids, mask, **kwargs):
     with make_cache(model, strategy, grow=grow) as cache:
-        out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=40, min_new_tokens=40,
-                             do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
-                             **kwargs)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            cache=cache,
+            max_new_tokens=40,
+            min_new_tokens=40,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
         return out.sequences, torch.stack(out.scores)
 
 
@@ -30,8 +47,9 @@ def test_grown_storage_generates_bit_identical_outputs(tiny, strategy):
 
 def test_grown_storage_under_beam_search(tiny):
     ids, mask = left_padded([30, 22])
-    assert torch.equal(_generate(tiny, "int8", 16, ids, mask, num_beams=3)[1],
-                       _generate(tiny, "int8", 0, ids, mask, num_beams=3)[1])
+    assert torch.equal(
+        _generate(tiny, "int8", 16, ids, mask, num_beams=3)[1], _generate(tiny, "int8", 0, ids, mask, num_beams=3)[1]
+    )
 
 
 @torch.no_grad()
@@ -82,8 +100,9 @@ def _decode_steps(model, strategy: str, steps: int, grad: bool):
         return torch.cat(out, 1), addresses, cache.peak_bytes - sum(cache.kv_bytes().values()), cache.workspace
 
 
-@pytest.mark.parametrize("strategy", ["int8", "fp8:format=e5m2", "int4:group=8", "int8:residual=8",
-                                      "h2o:budget=24,window=8+int8"])
+@pytest.mark.parametrize(
+    "strategy", ["int8", "fp8:format=e5m2", "int4:group=8", "int8:residual=8", "h2o:budget=24,window=8+int8"]
+)
 def test_decode_steps_decode_the_history_into_one_reused_workspace(strategy):
     model = tiny_model()
     reused, addresses, beside, workspace = _decode_steps(model, strategy, 20, grad=False)

@@ -35,8 +35,12 @@ def test_members_and_params():
 
 def test_split_strategies_keeps_parameter_commas():
     text = "full, sink:sinks=4,window=512+int8:group=32,residual=8,fp8,window:window=64"
-    assert split_strategies(text) == ["full", "sink:sinks=4,window=512+int8:group=32,residual=8", "fp8",
-                                      "window:window=64"]
+    assert split_strategies(text) == [
+        "full",
+        "sink:sinks=4,window=512+int8:group=32,residual=8",
+        "fp8",
+        "window:window=64",
+    ]
 
 
 def test_list_strategies_are_the_presets():

@@ -5,7 +5,6 @@ import subprocess
 import time
 
 import pytest
-
 from kvcompress.evals.backends import Backend
 from kvcompress.evals.cells import cell_keys
 from kvcompress.evals.config import ReportConfig
@@ -16,8 +15,15 @@ ray = pytest.importorskip("ray", reason="the ray backend needs ray (pip install 
 
 RAY = Backend("ray", workers=2)
 # random weights: recall and fidelity cells are recorded as skipped at once; latency cells time a real decode
-TINY = dict(model="random:tiny", strategies=["full", "int8", "window:window=32"], tasks=["passkey"], lengths=[64, 96],
-            depths=2, seeds=1, decode_steps=4)
+TINY = dict(
+    model="random:tiny",
+    strategies=["full", "int8", "window:window=32"],
+    tasks=["passkey"],
+    lengths=[64, 96],
+    depths=2,
+    seeds=1,
+    decode_steps=4,
+)
 
 
 def _records(folder):
@@ -25,7 +31,9 @@ def _records(folder):
 
 
 def _ray_processes() -> list[str]:
-    return subprocess.run(["pgrep", "-f", "ray/core/src/ray/(raylet|gcs)"], capture_output=True, text=True).stdout.split()
+    return subprocess.run(
+        ["pgrep", "-f", "ray/core/src/ray/(raylet|gcs)"], capture_output=True, text=True
+    ).stdout.split()
 
 
 @pytest.fixture(autouse=True)
@@ -48,15 +56,29 @@ def _appends(monkeypatch) -> list[dict]:
 
 @pytest.mark.slow
 def test_ray_runs_the_same_cells_with_the_same_recall_outcomes_as_local(tmp_path):
-    config = ReportConfig(strategies=["full", "window:window=64"], tasks=["passkey"], lengths=[256], depths=3, seeds=1,
-                          max_new_tokens=16, decode_steps=4, fidelity_windows=2, fidelity_prefill=64, fidelity_steps=8,
-                          compute_dtype="float32")
+    config = ReportConfig(
+        strategies=["full", "window:window=64"],
+        tasks=["passkey"],
+        lengths=[256],
+        depths=3,
+        seeds=1,
+        max_new_tokens=16,
+        decode_steps=4,
+        fidelity_windows=2,
+        fidelity_prefill=64,
+        fidelity_steps=8,
+        compute_dtype="float32",
+    )
     run_report(config, tmp_path / "local")
     run_report(config, tmp_path / "ray", backend=RAY)
     local, on_ray = _records(tmp_path / "local"), _records(tmp_path / "ray")
-    assert sorted(r["id"] for r in local) == sorted(r["id"] for r in on_ray) == sorted(c["id"] for c in cell_keys(config))
+    assert (
+        sorted(r["id"] for r in local) == sorted(r["id"] for r in on_ray) == sorted(c["id"] for c in cell_keys(config))
+    )
     outcome = {r["id"]: (r["outcome"], r.get("correct"), r.get("output")) for r in local if r["kind"] == "recall"}
-    assert outcome == {r["id"]: (r["outcome"], r.get("correct"), r.get("output")) for r in on_ray if r["kind"] == "recall"}
+    assert outcome == {
+        r["id"]: (r["outcome"], r.get("correct"), r.get("output")) for r in on_ray if r["kind"] == "recall"
+    }
     assert {r["worker"] for r in on_ray} == {"worker-0", "worker-1"}  # both workers ran cells
     assert any(r["correct"] for r in on_ray if r["kind"] == "recall")  # the outcomes compared are not all misses
     meta = json.loads((tmp_path / "ray" / "records.jsonl").read_text().splitlines()[0])
@@ -66,8 +88,13 @@ def test_ray_runs_the_same_cells_with_the_same_recall_outcomes_as_local(tmp_path
 
 # latency cells of one length run as one unit on one worker: killing it when its first one comes back leaves the
 # others in flight (each times 64 decode steps)
-KILLED = ReportConfig(**{**TINY, "decode_steps": 64,
-                         "strategies": ["full", "int8", "fp8", "int4", "window:window=32", "window:window=48"]})
+KILLED = ReportConfig(
+    **{
+        **TINY,
+        "decode_steps": 64,
+        "strategies": ["full", "int8", "fp8", "int4", "window:window=32", "window:window=48"],
+    }
+)
 
 
 def _kill_on_first_latency(monkeypatch) -> list[str]:
@@ -135,13 +162,20 @@ def test_an_interrupted_sweep_resumes_only_the_missing_cells_and_a_widened_grid_
     new = {c["id"] for c in cell_keys(wider)} - everything
     assert {r["id"] for r in appended} == new and len(appended) == len(new)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [r["strategy"] for r in summary["rows"]] == wider.strategies and summary["meta"]["config"]["lengths"] == [64, 96, 128]
+    assert [r["strategy"] for r in summary["rows"]] == wider.strategies and summary["meta"]["config"]["lengths"] == [
+        64,
+        96,
+        128,
+    ]
 
 
 def test_a_model_that_does_not_load_on_a_worker_is_one_clear_error(tmp_path):
     config = ReportConfig(**{**TINY, "model": "random:no-such-arch"})
-    with pytest.raises(ValueError, match=r"Ray worker worker-\d could not start \(model 'random:no-such-arch'\): "
-                                         r"ValueError: .*no-such-arch"):
+    with pytest.raises(
+        ValueError,
+        match=r"Ray worker worker-\d could not start \(model 'random:no-such-arch'\): "
+        r"ValueError: .*no-such-arch",
+    ):
         run_report(config, tmp_path, backend=RAY)
     assert not (tmp_path / "records.jsonl").exists()
 
@@ -165,9 +199,11 @@ def test_the_sweep_command_runs_a_file_on_ray_and_resumes_a_widened_grid(tmp_pat
     main(["sweep", str(sweep), "--backend", "ray", "--workers", "2", "--out", str(out)])
     first = _records(out)
     assert {r["strategy"] for r in first} == {"full", "window:window=32"} and {r["worker"] for r in first} <= {
-        "worker-0", "worker-1"}
+        "worker-0",
+        "worker-1",
+    }
     assert "wrote" in capsys.readouterr().out
     sweep.write_text(f"models: [random:tiny]\nstrategies: [window]\ngrid: {{window.window: [32, 48]}}\n{report}")
     main(["sweep", str(sweep), "--out", str(out), "--resume"])  # widened, finished on the local backend
-    added = _records(out)[len(first):]
+    added = _records(out)[len(first) :]
     assert added and {r["strategy"] for r in added} == {"window:window=48"} and all("worker" not in r for r in added)

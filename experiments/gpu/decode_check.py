@@ -42,8 +42,21 @@ from kvcompress.strategy import split_strategies
 
 GB = 1e9
 HF = "HF DynamicCache"
-STRATEGIES = [HF, "full", "full grow", "int8", "int8 decoded", "fp8", "fp8 decoded", "int4", "int4 decoded",
-              "sink:sinks=4,window=2044", "full+host", "full compiled", "int8 compiled"]
+STRATEGIES = [
+    HF,
+    "full",
+    "full grow",
+    "int8",
+    "int8 decoded",
+    "fp8",
+    "fp8 decoded",
+    "int4",
+    "int4 decoded",
+    "sink:sinks=4,window=2044",
+    "full+host",
+    "full compiled",
+    "int8 compiled",
+]
 TARGETS = [("int8", "full", 0.75), ("fp8", "full", 0.75), ("int4", "int8", 1.0)]
 
 
@@ -66,19 +79,38 @@ def correctness(device: str) -> list[dict]:
     mask = torch.ones_like(ids)
     mask[0, :37] = 0
     rows = []
-    for strategy in ("int8", "fp8", "fp8:format=e5m2,group=32", "int4", "int4:group=16,residual=32",
-                     "sink:sinks=4,window=128+int8"):
+    for strategy in (
+        "int8",
+        "fp8",
+        "fp8:format=e5m2,group=32",
+        "int4",
+        "int4:group=16,residual=32",
+        "sink:sinks=4,window=128+int8",
+    ):
         try:
             runs = {}
             for fused in (False, True):
                 cache = kvcompress.make_cache(model, strategy, fused=fused)
-                out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=24,
-                                     min_new_tokens=24, do_sample=False, pad_token_id=0, output_logits=True,
-                                     return_dict_in_generate=True)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    cache=cache,
+                    max_new_tokens=24,
+                    min_new_tokens=24,
+                    do_sample=False,
+                    pad_token_id=0,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
                 runs[fused] = (out.sequences, torch.stack(out.logits).float(), cache.fused)
-            rows.append({"strategy": strategy, "fused_ran": runs[True][2],
-                         "same_tokens": bool(torch.equal(runs[True][0], runs[False][0])),
-                         "max_abs_logit_diff": (runs[True][1] - runs[False][1]).abs().max().item()})
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "fused_ran": runs[True][2],
+                    "same_tokens": bool(torch.equal(runs[True][0], runs[False][0])),
+                    "max_abs_logit_diff": (runs[True][1] - runs[False][1]).abs().max().item(),
+                }
+            )
         except Exception as error:  # one broken case must not hide the others
             rows.append({"strategy": strategy, "error": repr(error), "trace": traceback.format_exc()[-1500:]})
         print(json.dumps(rows[-1]), file=sys.stderr)
@@ -110,8 +142,9 @@ def prefill(model, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @torch.no_grad()
-def cell(model, kv, name: str, context: int, batch: int, steps: int, warmup: int, weight_bytes: int,
-         bandwidth: float) -> dict:
+def cell(
+    model, kv, name: str, context: int, batch: int, steps: int, warmup: int, weight_bytes: int, bandwidth: float
+) -> dict:
     cache = make(model, name, context + steps + 8, batch)
     for index, (keys, values) in enumerate(kv):
         keys = keys[:, :, :context].expand(batch, -1, -1, -1).contiguous()
@@ -141,13 +174,20 @@ def cell(model, kv, name: str, context: int, batch: int, steps: int, warmup: int
         fused = cache.fused
     moved = cache.transfer_stats() if hasattr(cache, "transfer_stats") else {}
     read_bound_ms = (kv_device + weight_bytes) / bandwidth * 1e3
-    row = {"strategy": name, "context": context, "batch": batch, "fused": fused, "decode_ms_p50": round(decode_ms, 3),
-           "decode_ms_min": round(min(times[warmup:]) * 1e3, 3),
-           "peak_device_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
-           "kv_device_bytes": kv_device, "read_bound_ms": round(read_bound_ms, 3),
-           "kv_read_bound_ms": round(kv_device / bandwidth * 1e3, 3),
-           "vs_read_bound": round(decode_ms / read_bound_ms, 3),
-           "moved_bytes": {k: v for k, v in moved.items() if k.endswith("_bytes")}}
+    row = {
+        "strategy": name,
+        "context": context,
+        "batch": batch,
+        "fused": fused,
+        "decode_ms_p50": round(decode_ms, 3),
+        "decode_ms_min": round(min(times[warmup:]) * 1e3, 3),
+        "peak_device_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        "kv_device_bytes": kv_device,
+        "read_bound_ms": round(read_bound_ms, 3),
+        "kv_read_bound_ms": round(kv_device / bandwidth * 1e3, 3),
+        "vs_read_bound": round(decode_ms / read_bound_ms, 3),
+        "moved_bytes": {k: v for k, v in moved.items() if k.endswith("_bytes")},
+    }
     if hasattr(cache, "close"):
         cache.close()
     return row
@@ -162,7 +202,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--budget-s", type=float, default=210, help="stop starting cells after this many seconds")
-    parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script itself (--model random:tiny)")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda; cpu only to try the script itself (--model random:tiny)"
+    )
     parser.add_argument("--out", default="results/gpu")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -185,8 +227,13 @@ def main() -> None:
     names = split_strategies(args.strategies)
     batches = sorted((int(b) for b in args.batches.split(",")), reverse=True)
     # the targets' cells first (32k batch 8, then compiled full at 8k batch 1), should time run out
-    grid = [(context, batch, name) for context in sorted(contexts, reverse=True) for batch in batches for name in names
-            if not name.endswith(" compiled") or context == min(contexts)]  # a compilation of the 8B step: a minute
+    grid = [
+        (context, batch, name)
+        for context in sorted(contexts, reverse=True)
+        for batch in batches
+        for name in names
+        if not name.endswith(" compiled") or context == min(contexts)
+    ]  # a compilation of the 8B step: a minute
     grid.sort(key=lambda c: 0 if c[:2] == (max(contexts), max(batches)) else 1 if c[2] == "full compiled" else 2)
     for context, batch, name in grid:
         if time.perf_counter() - started > args.budget_s:
@@ -197,8 +244,13 @@ def main() -> None:
             except torch.OutOfMemoryError as error:
                 row = {"strategy": name, "context": context, "batch": batch, "error": f"out of memory: {error}"[:300]}
             except Exception as error:  # keep every finished cell
-                row = {"strategy": name, "context": context, "batch": batch, "error": repr(error)[:300],
-                       "trace": traceback.format_exc()[-1500:]}
+                row = {
+                    "strategy": name,
+                    "context": context,
+                    "batch": batch,
+                    "error": repr(error)[:300],
+                    "trace": traceback.format_exc()[-1500:],
+                }
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -241,33 +293,56 @@ def targets(rows: list[dict]) -> list[dict]:
 
 def markdown(result: dict) -> str:
     meta = result["meta"]
-    lines = ["# GPU decode: fused attention over encoded KV", "", *provenance_lines(meta),
-             f"- bf16, random weights; decode ms/token: median of {meta['steps'] - meta['warmup']} steps after "
-             f"{meta['warmup']} warm-up; HBM copy bandwidth {result['hbm_bytes_per_s'] / GB:.0f} GB/s; read bound = "
-             "(device KV bytes + weight bytes) / that bandwidth", "",
-             "## Correctness (fused vs decoded, tiny random Llama, bf16, left-padded batch 2, 24 tokens)", "",
-             "| strategy | fused ran | same tokens | max logit diff |", "|---|---|---|---|"]
+    lines = [
+        "# GPU decode: fused attention over encoded KV",
+        "",
+        *provenance_lines(meta),
+        f"- bf16, random weights; decode ms/token: median of {meta['steps'] - meta['warmup']} steps after "
+        f"{meta['warmup']} warm-up; HBM copy bandwidth {result['hbm_bytes_per_s'] / GB:.0f} GB/s; read bound = "
+        "(device KV bytes + weight bytes) / that bandwidth",
+        "",
+        "## Correctness (fused vs decoded, tiny random Llama, bf16, left-padded batch 2, 24 tokens)",
+        "",
+        "| strategy | fused ran | same tokens | max logit diff |",
+        "|---|---|---|---|",
+    ]
     for r in result["correctness"]:
         if "error" in r:
             lines.append(f"| {r['strategy']} | error: {r['error'][:80]} | | |")
         else:
             lines.append(f"| {r['strategy']} | {r['fused_ran']} | {r['same_tokens']} | {r['max_abs_logit_diff']:.3g} |")
-    lines += ["", "## Decode", "", "| context | batch | strategy | ms/token p50 | read bound ms | vs bound | "
-              "device KV GiB | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Decode",
+        "",
+        "| context | batch | strategy | ms/token p50 | read bound ms | vs bound | device KV GiB | peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         if "decode_ms_p50" not in r:
-            lines.append(f"| {r['context']} | {r['batch']} | {r['strategy']} | {r.get('skipped') or r.get('error', '')[:80]} "
-                         "| | | | |")
+            lines.append(
+                f"| {r['context']} | {r['batch']} | {r['strategy']} | {r.get('skipped') or r.get('error', '')[:80]} "
+                "| | | | |"
+            )
             continue
-        lines.append(f"| {r['context']} | {r['batch']} | {r['strategy']} | {r['decode_ms_p50']:.2f} | "
-                     f"{r['read_bound_ms']:.2f} | {r['vs_read_bound']:.2f}x | {r['kv_device_bytes'] / 2**30:.2f} | "
-                     f"{(r['peak_device_bytes'] or 0) / 2**30:.2f} |")
-    lines += ["", "## Targets", "", "| strategy | over | context | batch | limit | measured | met |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['context']} | {r['batch']} | {r['strategy']} | {r['decode_ms_p50']:.2f} | "
+            f"{r['read_bound_ms']:.2f} | {r['vs_read_bound']:.2f}x | {r['kv_device_bytes'] / 2**30:.2f} | "
+            f"{(r['peak_device_bytes'] or 0) / 2**30:.2f} |"
+        )
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "| strategy | over | context | batch | limit | measured | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in result.get("targets", []):
         measured = f"{v['ratio']:.3f}x" if "ratio" in v else v.get("why", "")
-        lines.append(f"| {v['strategy']} | {v['over']} | {v.get('context', '')} | {v.get('batch', '')} | "
-                     f"{v['limit']:.2f}x | {measured} | {v['met']} |")
+        lines.append(
+            f"| {v['strategy']} | {v['over']} | {v.get('context', '')} | {v.get('batch', '')} | "
+            f"{v['limit']:.2f}x | {measured} | {v['met']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

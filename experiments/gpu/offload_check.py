@@ -37,28 +37,52 @@ HF_OFFLOAD = STRATEGIES[-1]
 def correctness() -> list[dict]:
     model, _ = kvcompress.load_model("random:tiny", dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(3, 500, (2, 200), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    cases = [("full", "full+host:engine=cupy"), ("full", "full+host:engine=torch"),
-             ("full", "full+host:policy=cold,window=32"), ("int8", "int8+host"), ("int4", "int4+host:policy=cold,window=32"),
-             ("sink:sinks=4,window=64", "sink:sinks=4,window=64+host"), ("full", "full+disk"),
-             ("int8", "int8+disk")]
+    cases = [
+        ("full", "full+host:engine=cupy"),
+        ("full", "full+host:engine=torch"),
+        ("full", "full+host:policy=cold,window=32"),
+        ("int8", "int8+host"),
+        ("int4", "int4+host:policy=cold,window=32"),
+        ("sink:sinks=4,window=64", "sink:sinks=4,window=64+host"),
+        ("full", "full+disk"),
+        ("int8", "int8+disk"),
+    ]
     rows = []
     for base, offloaded in cases:
         try:
             ref, _ = _logits(model, ids, base)
             got, cache_info = _logits(model, ids, offloaded)
-            rows.append({"reference": base, "strategy": offloaded, "max_abs_diff": (got - ref).abs().max().item(),
-                         "bit_identical": bool(torch.equal(got, ref)), **cache_info})
+            rows.append(
+                {
+                    "reference": base,
+                    "strategy": offloaded,
+                    "max_abs_diff": (got - ref).abs().max().item(),
+                    "bit_identical": bool(torch.equal(got, ref)),
+                    **cache_info,
+                }
+            )
         except Exception as error:  # one broken case must not hide the others
-            rows.append({"reference": base, "strategy": offloaded, "error": repr(error),
-                         "trace": traceback.format_exc()[-1500:]})
+            rows.append(
+                {
+                    "reference": base,
+                    "strategy": offloaded,
+                    "error": repr(error),
+                    "trace": traceback.format_exc()[-1500:],
+                }
+            )
         print(json.dumps(rows[-1]), file=sys.stderr)
     before = HostMemory.in_use["pinned"]
     for _ in range(10):
         with kvcompress.make_cache(model, "full+host") as cache:
             model(input_ids=ids, cache=cache)
     gc.collect()
-    rows.append({"leak_check": "10 sessions of full+host", "pinned_bytes_before": before,
-                 "pinned_bytes_after": HostMemory.in_use["pinned"]})
+    rows.append(
+        {
+            "leak_check": "10 sessions of full+host",
+            "pinned_bytes_before": before,
+            "pinned_bytes_after": HostMemory.in_use["pinned"],
+        }
+    )
     return rows
 
 
@@ -119,10 +143,18 @@ def _peak(reset: bool = False) -> int:
 
 @torch.no_grad()
 def decode(model, context: int, strategy: str, steps: int, warmup: int) -> tuple[dict, torch.Tensor]:
-    ids = torch.randint(0, model.config.vocab_size, (1, context), device=model.device,
-                        generator=torch.Generator(model.device).manual_seed(context))
-    cache = (DynamicCache(config=model.config, offloading=True) if strategy == HF_OFFLOAD
-             else kvcompress.make_cache(model, strategy))
+    ids = torch.randint(
+        0,
+        model.config.vocab_size,
+        (1, context),
+        device=model.device,
+        generator=torch.Generator(model.device).manual_seed(context),
+    )
+    cache = (
+        DynamicCache(config=model.config, offloading=True)
+        if strategy == HF_OFFLOAD
+        else kvcompress.make_cache(model, strategy)
+    )
     _sync()
     base = _allocated()
     _peak(reset=True)
@@ -144,16 +176,24 @@ def decode(model, context: int, strategy: str, steps: int, warmup: int) -> tuple
         times.append(time.perf_counter() - start)
         if first_logits is None:
             first_logits = logits[0, -1].float().cpu()
-    row = {"strategy": strategy, "context": context, "ttft_s": round(ttft, 3),
-           "decode_ms_p50": statistics.median(times[warmup:]) * 1e3,
-           "decode_ms_min": min(times[warmup:]) * 1e3,
-           "peak_decode_bytes": _peak() - base}
+    row = {
+        "strategy": strategy,
+        "context": context,
+        "ttft_s": round(ttft, 3),
+        "decode_ms_p50": statistics.median(times[warmup:]) * 1e3,
+        "decode_ms_min": min(times[warmup:]) * 1e3,
+        "peak_decode_bytes": _peak() - base,
+    }
     if hasattr(cache, "kv_bytes"):
         after = cache.transfer_stats()
         moved = {k: (after.get(k, 0) - stats_before.get(k, 0)) / steps for k in after}
-        row.update(kv_bytes=cache.kv_bytes(), h2d_bytes_per_step=moved.get("h2d_bytes", 0),
-                   d2h_bytes_per_step=moved.get("d2h_bytes", 0), transfer_ms_per_step=moved.get("transfer_s", 0) * 1e3,
-                   engine=getattr(getattr(cache.store, "engine", None), "backend", None))
+        row.update(
+            kv_bytes=cache.kv_bytes(),
+            h2d_bytes_per_step=moved.get("h2d_bytes", 0),
+            d2h_bytes_per_step=moved.get("d2h_bytes", 0),
+            transfer_ms_per_step=moved.get("transfer_s", 0) * 1e3,
+            engine=getattr(getattr(cache.store, "engine", None), "backend", None),
+        )
         cache.close()
     else:  # HF moves every offloaded layer back to the device and then to the host again, each step
         kv = kvcompress.expected_kv_bytes(model, "full", context + warmup + steps, dtype=model.dtype)
@@ -170,11 +210,18 @@ def summarize(rows: list[dict], bw: dict) -> None:
         at = {r["strategy"]: r for r in rows if r.get("context") == context and "decode_ms_p50" in r}
         device_ms = at.get("full", {}).get("decode_ms_p50")
         for r in at.values():
-            pcie_ms = max(r.get("h2d_bytes_per_step", 0) / (bw["h2d_pinned_GBps"] * GB),
-                          r.get("d2h_bytes_per_step", 0) / (bw["d2h_pinned_GBps"] * GB)) * 1e3
+            pcie_ms = (
+                max(
+                    r.get("h2d_bytes_per_step", 0) / (bw["h2d_pinned_GBps"] * GB),
+                    r.get("d2h_bytes_per_step", 0) / (bw["d2h_pinned_GBps"] * GB),
+                )
+                * 1e3
+            )
             r["pcie_bound_ms"] = pcie_ms
             if device_ms and r["strategy"] != "full" and r.get("h2d_bytes_per_step"):
-                reference = at.get("int8", at["full"])["decode_ms_p50"] if r["strategy"].startswith("int8") else device_ms
+                reference = (
+                    at.get("int8", at["full"])["decode_ms_p50"] if r["strategy"].startswith("int8") else device_ms
+                )
                 bound = max(reference, pcie_ms)
                 r["bound_ms"] = bound
                 r["vs_bound"] = r["decode_ms_p50"] / bound
@@ -192,39 +239,62 @@ def _fmt(value, spec: str) -> str:
 
 def markdown(meta: dict, result: dict) -> str:
     bw = result["bandwidth"]
-    lines = ["# Offload tiers on the GPU: bandwidth, decode latency, PCIe bound", "", *provenance_lines(meta),
-             f"- bandwidth (CuPy, {bw['copy_bytes'] >> 20} MiB copies): pinned H2D {bw['h2d_pinned_GBps']:.1f} GB/s, "
-             f"D2H {bw['d2h_pinned_GBps']:.1f} GB/s; pageable H2D {bw['h2d_pageable_GBps']:.1f} GB/s, "
-             f"D2H {bw['d2h_pageable_GBps']:.1f} GB/s",
-             f"- model: {meta['model']}, random weights, batch 1; decode = median of {meta['steps']} steps "
-             f"after {meta['warmup']} warm-up steps, after one unrecorded `full` pass over the same lengths",
-             "- PCIe bound = bytes moved per step / measured pinned bandwidth; bound = max(device-resident decode of "
-             "the same codec, PCIe bound); target: host <= 1.1 x bound and faster than HF's offloading",
-             "", "| context | strategy | decode ms/token | H2D MB/step | D2H MB/step | PCIe bound ms | x bound | "
-             "overlap | vs HF offloading | device KV MiB | peak decode MiB | engine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Offload tiers on the GPU: bandwidth, decode latency, PCIe bound",
+        "",
+        *provenance_lines(meta),
+        f"- bandwidth (CuPy, {bw['copy_bytes'] >> 20} MiB copies): pinned H2D {bw['h2d_pinned_GBps']:.1f} GB/s, "
+        f"D2H {bw['d2h_pinned_GBps']:.1f} GB/s; pageable H2D {bw['h2d_pageable_GBps']:.1f} GB/s, "
+        f"D2H {bw['d2h_pageable_GBps']:.1f} GB/s",
+        f"- model: {meta['model']}, random weights, batch 1; decode = median of {meta['steps']} steps "
+        f"after {meta['warmup']} warm-up steps, after one unrecorded `full` pass over the same lengths",
+        "- PCIe bound = bytes moved per step / measured pinned bandwidth; bound = max(device-resident decode of "
+        "the same codec, PCIe bound); target: host <= 1.1 x bound and faster than HF's offloading",
+        "",
+        "| context | strategy | decode ms/token | H2D MB/step | D2H MB/step | PCIe bound ms | x bound | "
+        "overlap | vs HF offloading | device KV MiB | peak decode MiB | engine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["decode"]:
         if "decode_ms_p50" not in r:
             lines.append(f"| {r['context']} | {r['strategy']} | error: {r.get('error', '')[:100]} |" + " |" * 9)
             continue
         kv = r["kv_bytes"].get("device", 0) if "kv_bytes" in r else None
-        cells = [r["context"], r["strategy"], _fmt(r["decode_ms_p50"], ".2f"), _fmt(r.get("h2d_bytes_per_step", 0) / 1e6, ".1f"),
-                 _fmt(r.get("d2h_bytes_per_step", 0) / 1e6, ".2f"), _fmt(r.get("pcie_bound_ms"), ".2f"),
-                 _fmt(r.get("vs_bound"), ".2f"), _fmt(r.get("overlap_efficiency"), ".0%"),
-                 _fmt(r.get("vs_hf_offloading"), ".2f"), _fmt(kv / 2**20 if kv is not None else None, ".1f"),
-                 _fmt(r["peak_decode_bytes"] / 2**20, ".0f"), r.get("engine") or "-"]
+        cells = [
+            r["context"],
+            r["strategy"],
+            _fmt(r["decode_ms_p50"], ".2f"),
+            _fmt(r.get("h2d_bytes_per_step", 0) / 1e6, ".1f"),
+            _fmt(r.get("d2h_bytes_per_step", 0) / 1e6, ".2f"),
+            _fmt(r.get("pcie_bound_ms"), ".2f"),
+            _fmt(r.get("vs_bound"), ".2f"),
+            _fmt(r.get("overlap_efficiency"), ".0%"),
+            _fmt(r.get("vs_hf_offloading"), ".2f"),
+            _fmt(kv / 2**20 if kv is not None else None, ".1f"),
+            _fmt(r["peak_decode_bytes"] / 2**20, ".0f"),
+            r.get("engine") or "-",
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines += ["", "## Correctness on CUDA (tiny random Llama, bf16, batch 2, prefill 200 + 24 steps)", "",
-              "| reference | strategy | bit-identical | max abs diff | engine |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Correctness on CUDA (tiny random Llama, bf16, batch 2, prefill 200 + 24 steps)",
+        "",
+        "| reference | strategy | bit-identical | max abs diff | engine |",
+        "|---|---|---|---|---|",
+    ]
     for r in result["correctness"]:
         if "leak_check" in r:
-            lines.append(f"\nLeak check ({r['leak_check']}): pinned bytes in use {r['pinned_bytes_before']:,} before, "
-                         f"{r['pinned_bytes_after']:,} after.")
+            lines.append(
+                f"\nLeak check ({r['leak_check']}): pinned bytes in use {r['pinned_bytes_before']:,} before, "
+                f"{r['pinned_bytes_after']:,} after."
+            )
         elif "error" in r:
             lines.append(f"| {r['reference']} | {r['strategy']} | error: {r['error'][:100]} | | |")
         else:
-            lines.append(f"| {r['reference']} | {r['strategy']} | {r['bit_identical']} | {r['max_abs_diff']:.3g} | "
-                         f"{r.get('engine') or '-'} |")
+            lines.append(
+                f"| {r['reference']} | {r['strategy']} | {r['bit_identical']} | {r['max_abs_diff']:.3g} | "
+                f"{r.get('engine') or '-'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -238,8 +308,7 @@ def main() -> None:
     parser.add_argument("--model", default="random:llama-3.1-8b")
     parser.add_argument("--device", default="cuda", help="cpu runs the decode part only (a dry run of the script)")
     args = parser.parse_args()
-    meta = provenance(f"{args.model} (bf16)", args.device,
-                      ["bash", "experiments/gpu/offload_check.sh", *sys.argv[1:]])
+    meta = provenance(f"{args.model} (bf16)", args.device, ["bash", "experiments/gpu/offload_check.sh", *sys.argv[1:]])
     meta.update(steps=args.steps, warmup=args.warmup)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -270,8 +339,12 @@ def main() -> None:
                 elif reference is not None and strategy.startswith("full"):
                     row["first_step_logits_equal_full"] = bool(torch.equal(logits, reference))
             except Exception as error:
-                row = {"strategy": strategy, "context": context, "error": repr(error),
-                       "trace": traceback.format_exc()[-1500:]}
+                row = {
+                    "strategy": strategy,
+                    "context": context,
+                    "error": repr(error),
+                    "trace": traceback.format_exc()[-1500:],
+                }
                 gc.collect()
             result["decode"].append(row)
             print(json.dumps(row, default=str), f"[{time.perf_counter() - started:.0f} s]", file=sys.stderr)

@@ -28,11 +28,13 @@ def main() -> None:
     model, _ = kvcompress.load_model(args.model, dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(0, model.config.vocab_size, (1, args.context), device="cuda")
     for strategy in args.strategies.split(";"):
-        cache = DynamicCache(config=model.config) if strategy == "DynamicCache" else kvcompress.make_cache(model, strategy)
+        cache = (
+            DynamicCache(config=model.config) if strategy == "DynamicCache" else kvcompress.make_cache(model, strategy)
+        )
         logits = model(input_ids=ids, cache=cache, logits_to_keep=1).logits
         walls, launches = [], []
         stats = torch.cuda.memory_stats()
-        for step in range(args.steps):
+        for _ in range(args.steps):
             token = logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -41,10 +43,14 @@ def main() -> None:
             torch.cuda.synchronize()
             walls.append(time.perf_counter() - start)
         after = torch.cuda.memory_stats()
-        per_step = {k: (after.get(k, 0) - stats.get(k, 0)) / args.steps
-                    for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
-        print(f"\n== {strategy} @ {args.context}: wall {statistics.median(walls) * 1e3:.1f} ms, host launch "
-              f"{statistics.median(launches) * 1e3:.1f} ms; per step {per_step}")
+        per_step = {
+            k: (after.get(k, 0) - stats.get(k, 0)) / args.steps
+            for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+        }
+        print(
+            f"\n== {strategy} @ {args.context}: wall {statistics.median(walls) * 1e3:.1f} ms, host launch "
+            f"{statistics.median(launches) * 1e3:.1f} ms; per step {per_step}"
+        )
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
                 logits = model(input_ids=logits[:, -1:].argmax(-1), cache=cache).logits

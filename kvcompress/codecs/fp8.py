@@ -21,7 +21,10 @@ class Fp8Codec(GroupCodec):
         if self.format not in FP8_FORMATS:
             raise ValueError(f"fp8:format must be one of {', '.join(FP8_FORMATS)}, got {self.format!r}")
         if not hasattr(torch, FP8_FORMATS[self.format]):
-            raise ValueError(f"fp8:format {self.format!r} needs torch.{FP8_FORMATS[self.format]}, absent in torch {torch.__version__}")
+            raise ValueError(
+                f"fp8:format {self.format!r} needs torch.{FP8_FORMATS[self.format]}, "
+                f"absent in torch {torch.__version__}"
+            )
 
     @property
     def qdtype(self) -> torch.dtype:
@@ -48,8 +51,11 @@ class Fp8Codec(GroupCodec):
 
 
 # the bits of a float: its integer view, mantissa bits and exponent bias; of a float8 format: mantissa bits and bias
-_FLOAT_LAYOUTS = {torch.float32: (torch.int32, 23, 127), torch.bfloat16: (torch.int16, 7, 127),
-                  torch.float16: (torch.int16, 10, 15)}
+_FLOAT_LAYOUTS = {
+    torch.float32: (torch.int32, 23, 127),
+    torch.bfloat16: (torch.int16, 7, 127),
+    torch.float16: (torch.int16, 10, 15),
+}
 _FP8_LAYOUTS = {"e4m3": (3, 7), "e5m2": (2, 15)}
 
 

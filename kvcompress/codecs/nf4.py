@@ -31,8 +31,10 @@ class BlockwiseCodec(Codec):
 
     def check(self, head_dim: int, dtype: torch.dtype) -> None:
         if head_dim not in BLOCKS:
-            raise ValueError(f"{self.name} quantises one head per block: the model's head_dim ({head_dim}) must be one "
-                             f"of bitsandbytes' block sizes {', '.join(map(str, BLOCKS))}")
+            raise ValueError(
+                f"{self.name} quantises one head per block: the model's head_dim ({head_dim}) must be one "
+                f"of bitsandbytes' block sizes {', '.join(map(str, BLOCKS))}"
+            )
 
     def encode(self, x):
         q, absmax = _ops().quantize_4bit.default(x.contiguous(), x.shape[-1], self.name, torch.uint8)
@@ -41,8 +43,9 @@ class BlockwiseCodec(Codec):
     def decode(self, packed, out):
         q, absmax = packed["q"], packed["absmax"]
         shape = [*q.shape[:-1], 2 * q.shape[-1]]
-        decoded = _ops().dequantize_4bit.default(q.contiguous().view(-1, 1), absmax.contiguous().view(-1), shape[-1],
-                                                 self.name, shape, out.dtype)
+        decoded = _ops().dequantize_4bit.default(
+            q.contiguous().view(-1, 1), absmax.contiguous().view(-1), shape[-1], self.name, shape, out.dtype
+        )
         out.copy_(decoded)
         return out
 

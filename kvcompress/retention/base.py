@@ -12,8 +12,9 @@ Positional members (`window`, `sink`) run inside `update`, before attention. Mem
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -126,17 +127,23 @@ class ScoreRetention(Retention):
     def __post_init__(self):
         name = self.name
         if (self.budget > 0) == (self.ratio > 0):
-            raise ValueError(f"{name}: give exactly one of {name}:budget=N (tokens kept) or {name}:ratio=r "
-                             f"(fraction of the tokens seen, in (0, 1]), got budget={self.budget}, ratio={self.ratio}")
+            raise ValueError(
+                f"{name}: give exactly one of {name}:budget=N (tokens kept) or {name}:ratio=r "
+                f"(fraction of the tokens seen, in (0, 1]), got budget={self.budget}, ratio={self.ratio}"
+            )
         if self.sinks < 0 or self.window < 0:
-            raise ValueError(f"{name}:sinks and {name}:window must be >= 0, got sinks={self.sinks}, "
-                             f"window={self.window}")
+            raise ValueError(
+                f"{name}:sinks and {name}:window must be >= 0, got sinks={self.sinks}, window={self.window}"
+            )
         if self.budget and self.budget <= self.sinks + self.window:
-            raise ValueError(f"{name}:budget ({self.budget}) must exceed {name}:sinks + {name}:window "
-                             f"({self.sinks} + {self.window}), else no token is chosen by score")
+            raise ValueError(
+                f"{name}:budget ({self.budget}) must exceed {name}:sinks + {name}:window "
+                f"({self.sinks} + {self.window}), else no token is chosen by score"
+            )
         if self.budget < 0 or not 0 <= self.ratio <= 1:
-            raise ValueError(f"{name}:ratio must be in (0, 1] and {name}:budget > 0, got ratio={self.ratio}, "
-                             f"budget={self.budget}")
+            raise ValueError(
+                f"{name}:ratio must be in (0, 1] and {name}:budget > 0, got ratio={self.ratio}, budget={self.budget}"
+            )
         if self.when not in WHEN:
             raise ValueError(f"{name}:when must be one of {', '.join(WHEN)}, got {self.when!r}")
         if self.interval < 1:

@@ -18,8 +18,10 @@ class H2ORetention(ScoreRetention):
     def __post_init__(self):
         super().__post_init__()
         if not 0 <= self.recent < 1:
-            raise ValueError(f"{self.name}:recent must be in [0, 1) (the share of the budget kept for the newest "
-                             f"tokens; the rest goes to heavy hitters), got {self.recent}")
+            raise ValueError(
+                f"{self.name}:recent must be in [0, 1) (the share of the budget kept for the newest "
+                f"tokens; the rest goes to heavy hitters), got {self.recent}"
+            )
 
     def recent_tokens(self, capacity: int) -> int:
         return max(self.window, int(self.recent * (capacity - self.sinks)))

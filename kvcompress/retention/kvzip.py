@@ -40,15 +40,20 @@ class KVzipRetention(ScoreRetention):
     def __post_init__(self):
         super().__post_init__()
         if self.when != "prefill":
-            raise ValueError(f"{self.name}:when must be prefill (it scores a prefilled context once, by reconstructing "
-                             f"it), got {self.when!r}")
+            raise ValueError(
+                f"{self.name}:when must be prefill (it scores a prefilled context once, by reconstructing "
+                f"it), got {self.when!r}"
+            )
         if self.chunk < 1:
-            raise ValueError(f"{self.name}:chunk must be >= 1 (context tokens reconstructed per pass), "
-                             f"got {self.chunk}")
+            raise ValueError(
+                f"{self.name}:chunk must be >= 1 (context tokens reconstructed per pass), got {self.chunk}"
+            )
         if self.layers not in LAYERS:
-            raise ValueError(f"{self.name}:layers must be one of {', '.join(LAYERS)} (ranked: every layer's heads' "
-                             f"scores ranked together, layers as wide as their share; equal: every layer keeps the "
-                             f"budget), got {self.layers!r}")
+            raise ValueError(
+                f"{self.name}:layers must be one of {', '.join(LAYERS)} (ranked: every layer's heads' "
+                f"scores ranked together, layers as wide as their share; equal: every layer keeps the "
+                f"budget), got {self.layers!r}"
+            )
 
     def due(self, stored, seen, layer, layers, step, since_eviction) -> bool:
         return False  # `reconstruct` evicts, once the whole model has scored the context
@@ -74,8 +79,9 @@ class KVzipRetention(ScoreRetention):
         capacity = self.capacity(views[0].seen)
         if self.layers == "equal" or views[0].stored <= capacity:
             return [None] * len(views)
-        profiles = [self.protected_scores(view, capacity).sort(dim=-1, descending=True).values.amax(dim=1)
-                    for view in views]  # [batch, stored] per layer
+        profiles = [
+            self.protected_scores(view, capacity).sort(dim=-1, descending=True).values.amax(dim=1) for view in views
+        ]  # [batch, stored] per layer
         device = profiles[0].device
         layer_of = torch.cat([torch.full((p.shape[1],), i, device=device) for i, p in enumerate(profiles)])
         chosen = layer_of[top(torch.cat(profiles, dim=1), capacity * len(views))]  # each chosen rank's layer
@@ -93,8 +99,9 @@ def reconstruct(model, cache, input_ids: torch.Tensor, attention_mask: torch.Ten
     cache.reconstructed = True
     layers, tokens = cache.layers, input_ids.shape[1]
     if layers[0].seen != tokens:
-        raise ValueError(f"kvzip reconstructs the prompt the cache holds: it holds {layers[0].seen} tokens, "
-                         f"input_ids has {tokens}")
+        raise ValueError(
+            f"kvzip reconstructs the prompt the cache holds: it holds {layers[0].seen} tokens, input_ids has {tokens}"
+        )
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     for layer in layers:
         layer.reconstruction = torch.zeros(layer.positions.shape, dtype=torch.float32, device=layer.device)
@@ -102,8 +109,14 @@ def reconstruct(model, cache, input_ids: torch.Tensor, attention_mask: torch.Ten
     for start in range(0, tokens, chunk):
         stop = min(start + chunk, tokens)
         seen = torch.cat([mask, mask[:, start:stop]], dim=1)  # the prompt, then this chunk again after it
-        model(input_ids=input_ids[:, start:stop], attention_mask=seen, position_ids=position_ids(seen)[:, tokens:],
-              cache=cache, use_cache=True, logits_to_keep=1)
+        model(
+            input_ids=input_ids[:, start:stop],
+            attention_mask=seen,
+            position_ids=position_ids(seen)[:, tokens:],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
     views = [layer.reconstruction_view() for layer in layers]
     for layer, view, capacity in zip(layers, views, cache.spec.retention.layer_capacities(views)):
         view.capacity = capacity
@@ -117,6 +130,7 @@ def reconstruct_after_prompt(model, args: tuple, kwargs: dict, output) -> None:
         return
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if input_ids is None:
-        raise ValueError("kvzip reconstructs the prompt from its token ids: call the model with input_ids, not "
-                         "inputs_embeds")
+        raise ValueError(
+            "kvzip reconstructs the prompt from its token ids: call the model with input_ids, not inputs_embeds"
+        )
     reconstruct(model, cache, input_ids, kwargs.get("attention_mask"))

@@ -21,8 +21,10 @@ class SnapKVRetention(ScoreRetention):
     def __post_init__(self):
         super().__post_init__()
         if self.observe < 1 or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"{self.name}:observe must be >= 1 and {self.name}:kernel an odd number >= 1, got "
-                             f"observe={self.observe}, kernel={self.kernel}")
+            raise ValueError(
+                f"{self.name}:observe must be >= 1 and {self.name}:kernel an odd number >= 1, got "
+                f"observe={self.observe}, kernel={self.kernel}"
+            )
 
     @property
     def attention_rows(self) -> int:

@@ -35,8 +35,9 @@ class TOVARetention(ScoreRetention):
         if self.observe < 1:
             raise ValueError(f"{self.name}:observe must be >= 1 (the last queries that vote), got {self.observe}")
         if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"{self.name}:kernel must be an odd number >= 1 (tokens averaged, centred), "
-                             f"got {self.kernel}")
+            raise ValueError(
+                f"{self.name}:kernel must be an odd number >= 1 (tokens averaged, centred), got {self.kernel}"
+            )
 
     @property
     def attention_rows(self) -> int:

@@ -8,8 +8,8 @@ codecs never see where the tokens are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -142,7 +142,9 @@ class Store:
 
     def __init__(self, tier: Tier):
         self.tier = tier
-        self.grow = 0  # device parts grow by this many tokens at a time (0: exactly, by concatenation); set by the cache
+        self.grow = (
+            0  # device parts grow by this many tokens at a time (0: exactly, by concatenation); set by the cache
+        )
 
     def part(self, template: torch.Tensor) -> Part:
         """A new empty part for tokens shaped like `template` ([batch, heads, 0, width] on the compute device)."""

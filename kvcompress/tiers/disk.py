@@ -149,14 +149,21 @@ class DiskFile:
             first, checks = 0, []
             while first < len(blocks):  # one read per run of adjacent blocks (extents keep a part's blocks adjacent)
                 last = first + 1
-                while (last < len(blocks) and last - first < MAX_READ_BLOCKS
-                       and blocks[last][0] == blocks[last - 1][0] + size):
+                while (
+                    last < len(blocks)
+                    and last - first < MAX_READ_BLOCKS
+                    and blocks[last][0] == blocks[last - 1][0] + size
+                ):
                     last += 1
                 run, offset = view[first * size : last * size], blocks[first][0]
                 got = os.preadv(fd, [run], offset)
                 if got != len(run):
-                    raise CorruptOffloadError(f"short read: {got} of {len(run)} bytes at offset {offset} of {self.path}")
-                checks.append(_CHECKSUMS.submit(self._check, view, blocks, first, last, size))  # while the next run reads
+                    raise CorruptOffloadError(
+                        f"short read: {got} of {len(run)} bytes at offset {offset} of {self.path}"
+                    )
+                checks.append(
+                    _CHECKSUMS.submit(self._check, view, blocks, first, last, size)
+                )  # while the next run reads
                 first = last
             for check in checks:
                 check.result()

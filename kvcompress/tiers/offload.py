@@ -15,8 +15,8 @@ offset; an eviction the rows cannot express as an offset (per-row indices) rewri
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
