@@ -1,4 +1,7 @@
 import json
+import struct
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +9,23 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import kvcompress
 from kvcompress.models import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def head_commit() -> str:
+    """The checkout's commit, which every results file must name."""
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's signature and IHDR chunk: raises where the file is not a PNG image."""
+    head = Path(path).read_bytes()[:24]
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise AssertionError(f"{path} is not a PNG image")
+    return struct.unpack(">II", head[16:24])
 
 
 def tiny_model(attn: str = "sdpa", dtype: torch.dtype = torch.float32):

@@ -13,6 +13,8 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from kvcompress.cli import main  # noqa: E402
 
+from .conftest import head_commit  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 
@@ -127,7 +129,7 @@ def test_cli_runs_lm_eval_end_to_end_with_per_cell_metrics(tmp_path, monkeypatch
     assert set(results) == {"kvc_passkey", "kvc_vartrack"}
     assert {"acc,none", "acc_L200_D0,none", "acc_L200_D100,none"} <= set(results["kvc_passkey"])
     meta, *records = [json.loads(line) for line in (out / "kvcompress_requests.jsonl").read_text().splitlines()]
-    assert meta["kind"] == "meta" and meta["git_commit"] is not None and "versions" in meta
+    assert meta["kind"] == "meta" and meta["git_commit"] == head_commit() and "versions" in meta
     assert len(records) == 4 and {r["strategy"] for r in records} == {"sink:window=128+int8"}
     assert all(r["kv_bytes"]["device"] > 0 and r["decode_ms_per_token"] > 0 for r in records)
 
@@ -244,7 +246,8 @@ def test_strategies_give_the_reports_records_and_table(tmp_path, monkeypatch):
     assert 0 < window["hbm_saved_pct"] < 100 and window["top1"] == 0.9
     for samples in (out / "full").glob("**/samples_*.jsonl"):  # lm-eval's per-document file says what made it
         opening = json.loads(samples.read_text().splitlines()[0])
-        assert opening["kind"] == "meta" and "strategy=full" in opening["command"] and opening["git_commit"] is not None
+        assert opening["kind"] == "meta" and "strategy=full" in opening["command"]
+        assert opening["git_commit"] == head_commit()
     text = (out / "pressure_transfer.md").read_text()
     assert "lm-eval's score of each document" in text and "## Recall by task" in text and "| `full` | " in text
 
@@ -284,8 +287,13 @@ def test_strategies_run_as_ray_tasks(tmp_path, monkeypatch):
     assert not ray.is_initialized()  # the run stopped the Ray it started
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert [r["strategy"] for r in rows] == ["full", "window:window=64"]
-    for folder in ("full", "window_window_64"):  # each strategy's lm-eval run wrote its results and request records
-        assert list((out / folder).glob("**/results_*.json")) and (out / folder / "kvcompress_requests.jsonl").exists()
+    for folder, strategy in (("full", "full"), ("window_window_64", "window:window=64")):
+        # each strategy's lm-eval run wrote its results and request records, made by that strategy
+        (results,) = (out / folder).glob("**/results_*.json")
+        assert json.loads(results.read_text())["config"]["model_args"]["strategy"] == strategy
+        lines = (out / folder / "kvcompress_requests.jsonl").read_text().splitlines()
+        meta, *requests = [json.loads(line) for line in lines]
+        assert meta["kind"] == "meta" and {r["strategy"] for r in requests} == {strategy}
 
 
 def test_a_run_without_per_document_samples_is_refused_by_name(tmp_path):

@@ -1,5 +1,6 @@
 """The eval harness and the pressure-transfer report, on the default model with a tiny grid."""
 
+import csv
 import json
 import re
 
@@ -18,6 +19,8 @@ from kvcompress.evals.sweep import load_sweep
 from kvcompress.evals.tasks import TASKS, depths, make_case
 
 from kvcompress.strategy import parse_strategy
+
+from .conftest import head_commit, png_size
 
 
 @pytest.mark.parametrize("task", [t for t in TASKS if not t.startswith("ruler_")])  # RULER's: test_ruler.py
@@ -173,7 +176,7 @@ def test_report_writes_every_column_for_every_row(tmp_path):
         assert len(cells) == len(COLUMNS) and all(cells)
         assert "n/a" not in line
     records = _records(tmp_path)
-    assert records[0]["kind"] == "meta" and records[0]["command"] and records[0]["git_commit"] is not None
+    assert records[0]["kind"] == "meta" and records[0]["command"] and records[0]["git_commit"] == head_commit()
     assert len(records) == 1 + 3 * 2 + 3 * 2 + 3  # latency: 2 rounds
     full = [r for r in records[1:] if r["kind"] == "recall" and r["strategy"] == "full"]
     window = [r for r in records[1:] if r["kind"] == "recall" and r["strategy"] == "window:window=64"]
@@ -186,8 +189,15 @@ def test_report_writes_every_column_for_every_row(tmp_path):
     latency = next(r for r in disk if r["kind"] == "latency")
     assert latency["moved_bytes_per_step"] > 0 and 0 <= latency["overlap"] <= 1
     assert "MB/step moved" in table[-1] and "disk" in table[-1]
-    for name in ("summary.csv", "summary.json", "pareto.png", "recall_heatmap.png", "latency_vs_context.png"):
-        assert (tmp_path / name).stat().st_size > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["strategy"] for r in summary["rows"]] == ["full", "window:window=64", "disk"]
+    with (tmp_path / "summary.csv").open(newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["strategy"] for r in csv_rows] == [r["strategy"] for r in summary["rows"]]
+    assert {r["git_commit"] for r in csv_rows} == {head_commit()}
+    for name in ("pareto.png", "recall_heatmap.png", "latency_vs_context.png"):
+        width, height = png_size(tmp_path / name)
+        assert width >= 300 and height >= 200
 
 
 def test_question_placements_needle_survival_and_peak_are_recorded(tmp_path):
@@ -447,7 +457,8 @@ def test_a_run_over_two_models_reports_each_in_its_own_section(tmp_path):
     tiny_window, default_window = rows[1], rows[3]
     assert tiny_window["recall_n"] == 0 and default_window["recall_n"] == 2  # each model's own cells, none mixed
     text = path.read_text()
-    assert text.index("## random:tiny") < text.index("## default") and (tmp_path / "default" / "pareto.png").exists()
+    assert text.index("## random:tiny") < text.index("## default")
+    assert min(png_size(tmp_path / "default" / "pareto.png")) >= 200
 
 
 def test_resuming_a_finished_run_loads_no_model(tmp_path, monkeypatch):
@@ -459,7 +470,7 @@ def test_resuming_a_finished_run_loads_no_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(harness_module.Harness, "__init__", no_model)
     path = run_report(None, tmp_path, resume=True)
-    assert (tmp_path / "records.jsonl").read_text() == before and path.exists()
+    assert (tmp_path / "records.jsonl").read_text() == before and "| `full` |" in path.read_text()
 
 
 def test_records_of_earlier_case_generators_are_never_mixed_with_new_cases(tmp_path):

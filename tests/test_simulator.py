@@ -1,5 +1,6 @@
 """The serving-fleet simulator: conservation, allocator invariants, a hand-checked trace, bad route files."""
 
+import json
 import math
 
 import pytest
@@ -8,6 +9,8 @@ from kvcompress.accounting import kv_sizer
 from kvcompress.cli import main
 from kvcompress.models import load_config
 from kvcompress.simulator import Route, SimConfig, Simulation, load_routes
+
+from .conftest import png_size
 
 CONFIG = load_config("llama-3.1-8b")
 ROUTES = "experiments/routes/support_fleet.yaml"
@@ -179,7 +182,10 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "GiB for KV after weights and reserve" in out and "disconnected-streams" in out
-    assert (tmp_path / "simulate.json").stat().st_size > 0 and (tmp_path / "kv_memory.png").stat().st_size > 0
+    full, int8 = json.loads((tmp_path / "simulate.json").read_text())["results"]
+    assert (full["strategy"], int8["strategy"]) == ("full", "int8")
+    assert 0 < int8["peak_bytes"] <= full["peak_bytes"]  # the same sessions in half the bytes per token
+    assert min(png_size(tmp_path / "kv_memory.png")) >= 200
     with pytest.raises(SystemExit, match="unknown gpu"):
         main(["simulate", "--routes", ROUTES, "--gpu", "H1"])
 
