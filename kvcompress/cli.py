@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from transformers.utils import logging
+
+from .accounting import bytes_per_token, expected_kv_bytes
+from .cache import make_cache
+from .dtypes import DTYPES, WEIGHTS, dtype_name, parse_dtype
+from .evals.backends import BACKENDS, Backend
+from .evals.config import SMOKE, ReportConfig, Thresholds
+from .evals.harness import run_report
+from .evals.report import terminal_rows
+from .evals.sweep import load_sweep
+from .geometry import config_dtype
+from .models import load_config, load_model
+from .planner import GIB, as_json, parse_memory, plan, resolve_gpu_memory, sizing_table, weights_bytes
+from .provenance import provenance
+from .simulator import SimConfig, load_routes, plot_memory, simulate
+from .strategy import list_strategies, parse_strategy, split_strategies
 from .units import parse_tokens
 
 MIB = 2**20
@@ -20,11 +42,6 @@ THRESHOLD_FLAGS = {"max_recall_loss": "recall_loss_pts", "max_decode_latency": "
 
 
 def _strategies(args: argparse.Namespace) -> None:
-    from .accounting import bytes_per_token, expected_kv_bytes
-    from .dtypes import dtype_name, parse_dtype
-    from .geometry import config_dtype
-    from .models import load_config
-    from .strategy import parse_strategy, split_strategies
 
     config = load_config(args.model)
     dtype = parse_dtype(args.kv_dtype, "--kv-dtype") or config_dtype(config)
@@ -54,18 +71,11 @@ def _strategies(args: argparse.Namespace) -> None:
 
 
 def _presets():
-    from .strategy import list_strategies
 
     return list_strategies()
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
-
-    from .accounting import expected_kv_bytes
-    from .cache import make_cache
-    from .models import load_model
-    from .strategy import parse_strategy
 
     spec = parse_strategy(args.strategy)  # bad strategies fail before the model loads
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, kv_dtype=args.kv_dtype)
@@ -94,8 +104,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from .evals.config import SMOKE, ReportConfig
-    from .evals.harness import run_report
 
     backend = _backend(args)
     if args.resume:
@@ -111,7 +119,6 @@ def _report(args: argparse.Namespace) -> None:
 
 def _print_report(path: Path) -> None:
     """The headline columns of a written report, and where it lies."""
-    from .evals.report import terminal_rows
 
     print_table(*terminal_rows(path.parent))
     print(f"\nwrote {path} (and records.jsonl, summary.csv, summary.json, plots) in {path.parent}")
@@ -119,7 +126,6 @@ def _print_report(path: Path) -> None:
 
 def _given(args: argparse.Namespace) -> dict:
     """ReportConfig settings for the flags given on the command line; the rest keep the config's defaults."""
-    from .evals.config import ReportConfig, Thresholds
 
     given = {k: v for k, v in vars(args).items() if v is not None}
     settings = {name: given[name] for name in ReportConfig.fields() if name in given}
@@ -163,14 +169,11 @@ def _check_writable(folder: Path, flag: str) -> None:
 
 
 def _backend(args: argparse.Namespace):
-    from .evals.backends import Backend
 
     return Backend(args.backend, args.address, args.workers, args.gpus_per_worker, args.cpus_per_worker, args.retries)
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from .evals.harness import run_report
-    from .evals.sweep import load_sweep
 
     configs, out = load_sweep(args.file)
     out = Path(args.out) if args.out else out
@@ -183,12 +186,6 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    import json
-
-    from .geometry import config_dtype
-    from .models import load_config
-    from .planner import GIB, as_json, plan, resolve_gpu_memory, sizing_table
-    from .strategy import split_strategies
 
     memory = resolve_gpu_memory(args.gpu, args.gpu_mem)
     config = load_config(args.model)
@@ -240,14 +237,6 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    import json
-    import statistics
-
-    from .models import load_config
-    from .planner import GIB, parse_memory, resolve_gpu_memory, weights_bytes
-    from .provenance import provenance
-    from .simulator import SimConfig, load_routes, plot_memory, simulate
-    from .strategy import split_strategies
 
     out = Path(args.out) if args.out else _fresh_run_folder("simulate")
     if (out / "simulate.json").exists():
@@ -340,9 +329,6 @@ def _simulate(args: argparse.Namespace) -> None:
 
 def print_table(header, rows) -> None:
     """A table as wide as the terminal (120 columns when there is none), long cells wrapped within their column."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for name in header:
@@ -360,8 +346,6 @@ def _token_count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .dtypes import DTYPES, WEIGHTS
-    from .evals.config import ReportConfig, Thresholds
 
     parser = argparse.ArgumentParser(prog="kvcompress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -563,7 +547,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _backend_flags(p: argparse.ArgumentParser) -> None:
-    from .evals.backends import BACKENDS, Backend
 
     p.add_argument(
         "--backend",
@@ -603,7 +586,6 @@ def _token_counts(text: str) -> list[int]:
 
 
 def _strategy_list(text: str) -> list[str]:
-    from .strategy import split_strategies
 
     return split_strategies(text)
 
@@ -611,13 +593,13 @@ def _strategy_list(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:  # lm-eval's own arguments and --help, passed through untouched
+        # lazy: the lm-eval integration imports lm-eval, an optional dependency (the eval extra)
         from .evals.lm_eval import main as lm_eval_main
 
         lm_eval_main(argv[1:])
         return
     args = build_parser().parse_args(argv)
     args.command_line = ["kvcompress", *argv]  # what the results record: these arguments, not the process's
-    from transformers.utils import logging
 
     logging.disable_progress_bar()
     try:
