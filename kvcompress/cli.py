@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -270,20 +269,19 @@ def _simulate(args: argparse.Namespace) -> None:
     )
     rows = []
     for r in results:
-        waits = r.queue_waits_s or [0.0]
-        p95 = statistics.quantiles(waits, n=20)[-1] if len(waits) > 1 else waits[0]
+        p50, p95 = r.queue_wait_s()
+        peaks = ", ".join(f"{memory} {n / GIB:.1f} GiB" for memory, n in r.peak_off_device_bytes.items())
         offload = (
-            f"; off the GPU: peak host {r.peak_host_bytes / GIB:.1f} GiB, disk {r.peak_disk_bytes / GIB:.1f} GiB, "
-            f"link demand {r.link_utilisation['mean']:.0%} mean / {r.link_utilisation['peak']:.0%} peak of what "
-            f"it carries, decode speed {r.decode_speed['mean']:.2f}x"
-            if r.peak_host_bytes or r.peak_disk_bytes
+            f"; off the GPU: peak {peaks}, link demand {r.link_utilisation['mean']:.0%} mean / "
+            f"{r.link_utilisation['peak']:.0%} peak of what it carries, decode speed {r.decode_speed['mean']:.2f}x"
+            if any(r.peak_off_device_bytes.values())
             else ""
         )
         failures = ", ".join(f"{n} short of {memory}" for memory, n in r.failures_by_memory.items() if n)
         print(
             f"\n{r.strategy}: peak {r.peak_bytes / GIB:.1f} GiB on the GPU, allocation failures "
             f"{r.allocation_failures}{f' ({failures})' if failures else ''}, evictions {r.evictions}, fragmentation "
-            f"{r.fragmentation_pct:.1f}%, queue wait p50 {statistics.median(waits):.1f} s / p95 {p95:.1f} s{offload}"
+            f"{r.fragmentation_pct:.1f}%, queue wait p50 {p50:.1f} s / p95 {p95:.1f} s{offload}"
         )
         print_table(
             ("route", "active sessions", "avg active tokens", "KV GiB", "outcome"),
@@ -298,25 +296,7 @@ def _simulate(args: argparse.Namespace) -> None:
                 for name, v in r.per_route.items()
             ],
         )
-        rows.append(
-            {
-                "strategy": r.strategy,
-                "peak_bytes": r.peak_bytes,
-                "allocation_failures": r.allocation_failures,
-                "evictions": r.evictions,
-                "fragmentation_pct": r.fragmentation_pct,
-                "queue_wait_p50_s": statistics.median(waits),
-                "queue_wait_p95_s": p95,
-                "routes": r.per_route,
-                "failures_by_memory": r.failures_by_memory,
-                "peak_host_bytes": r.peak_host_bytes,
-                "peak_disk_bytes": r.peak_disk_bytes,
-                "link_utilisation": r.link_utilisation,
-                "decode_speed": r.decode_speed,
-                "samples": r.samples,
-                "offload_samples": r.offload_samples,
-            }
-        )
+        rows.append(r.record())
     meta = {
         **provenance(args.model, "cpu", args.command_line),
         "gpu": args.gpu_mem or args.gpu,

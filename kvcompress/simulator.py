@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ from .strategy import StrategySpec, parse_strategy
 # A route whose answers decode, on average, over 10% slower than decode_tps is reported bandwidth-bound: below that
 # the link is busy but not what users notice.
 BANDWIDTH_BOUND = 0.9
-TIER_SHORTAGE = {"host": "host-memory-bound", "disk": "disk-space-bound"}
 
 ROUTE_FIELDS = {
     "name": str,
@@ -196,13 +196,35 @@ class SimResult:
     # The host/disk tier (all zero, speed 1, for a device strategy). Kept apart from `samples`, which plots unpack.
     failures_by_memory: dict[str, int] = field(default_factory=dict)  # device, host or disk: allocation failures
     offload_samples: list[tuple[float, int]] = field(default_factory=list)  # (time s, bytes held on host or disk)
-    peak_host_bytes: int = 0
-    peak_disk_bytes: int = 0
+    peak_off_device_bytes: dict[str, int] = field(default_factory=dict)  # the tier's memory (host, disk): its peak
     final_offload_bytes: int = 0
     # demanded / carried by the tier's link: > 1 means decode is bandwidth-bound; mean over the whole run
     link_utilisation: dict[str, float] = field(default_factory=lambda: {"peak": 0.0, "mean": 0.0})
     # decode speed as a fraction of decode_tps: mean over decoding session-time, and the slowest answer's
     decode_speed: dict[str, float] = field(default_factory=lambda: {"mean": 1.0, "min": 1.0})
+
+    def queue_wait_s(self) -> tuple[float, float]:
+        """(p50, p95) of the queue waits (0 where nothing waited)."""
+        waits = self.queue_waits_s or [0.0]
+        return statistics.median(waits), statistics.quantiles(waits, n=20)[-1] if len(waits) > 1 else waits[0]
+
+    def record(self) -> dict:
+        """What simulate.json keeps of a run."""
+        p50, p95 = self.queue_wait_s()
+        fields = ("peak_bytes", "allocation_failures", "evictions", "fragmentation_pct")
+        return {
+            "strategy": self.strategy,
+            **{name: getattr(self, name) for name in fields},
+            "queue_wait_p50_s": p50,
+            "queue_wait_p95_s": p95,
+            "routes": self.per_route,
+            **{
+                name: getattr(self, name)
+                for name in ("failures_by_memory", "peak_off_device_bytes", "link_utilisation", "decode_speed")
+            },
+            "samples": self.samples,
+            "offload_samples": self.offload_samples,
+        }
 
 
 class Simulation:
@@ -210,12 +232,14 @@ class Simulation:
         self.spec, self.routes, self.config = parse_strategy(strategy), routes, config
         self.sizer = kv_sizer(model_config, self.spec)
         # where the off-device KV lives, how much of it fits and how fast a decode step reads it back
-        self.tier = self.spec.tier.name
-        self.offloads = self.tier != "device"
-        self.off_capacity, self.link_bytes_per_s = {
-            "host": (config.host_bytes, config.pcie_bytes_per_s),
-            "disk": (config.disk_bytes, config.disk_bytes_per_s),
-        }.get(self.tier, (math.inf, math.inf))
+        # the tier declares where it keeps tokens (its memory), its link, and the machine settings sizing both
+        self.tier = self.spec.tier
+        self.offloads = self.tier.memory != "device"
+        self.off_capacity, self.link_bytes_per_s = (
+            (getattr(config, self.tier.capacity_setting), getattr(config, self.tier.link_setting))
+            if self.offloads
+            else (math.inf, math.inf)
+        )
         self.rng = random.Random(config.seed)
         self.live: dict[int, _Session] = {}  # sessions holding KV (active or idle)
         self._failures: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # route -> memory -> n
@@ -256,7 +280,7 @@ class Simulation:
         if self.held + need > self.config.gpu_bytes:
             return "device"
         if self.off_held + off_need > self.off_capacity:
-            return self.tier
+            return self.tier.memory
         return ""
 
     def _resize(self, session: _Session, tokens: int) -> bool:
@@ -275,8 +299,8 @@ class Simulation:
         session.streamed = self.off_kv_bytes(tokens) if self.offloads else 0
         self.result.peak_bytes = max(self.result.peak_bytes, self.held)
         if self.offloads:
-            peak = f"peak_{self.tier}_bytes"
-            setattr(self.result, peak, max(getattr(self.result, peak), self.off_held))
+            peaks = self.result.peak_off_device_bytes
+            peaks[self.tier.memory] = max(peaks.get(self.tier.memory, 0), self.off_held)
         return True
 
     def _free(self, session: _Session) -> None:
@@ -468,7 +492,7 @@ class Simulation:
         span = max(self._last_t, 1e-9)
         waits = self.result.queue_waits_s
         table = {}
-        link = "PCIe" if self.tier == "host" else "disk"
+        link, memory, shortage = self.tier.link, self.tier.memory, self.tier.shortage
         for route in self.routes:
             stats = self._route_time[route.name]
             leaked = stats["leaked_bytes"] / stats["bytes"] if stats["bytes"] else 0.0
@@ -477,9 +501,9 @@ class Simulation:
             demand = stats["demand"] / stats["decoding"] if stats["decoding"] else 0.0
             evicted = self._evicted_for[route.name]
             # the tier running out comes first: room for more sessions is what the offload was chosen for
-            if self.offloads and failures.get(self.tier):
+            if self.offloads and failures.get(memory):
                 device = f"; {failures['device']} more short of device memory" if failures.get("device") else ""
-                outcome = f"{TIER_SHORTAGE[self.tier]} ({failures[self.tier]} allocation failures{device})"
+                outcome = f"{shortage} ({failures[memory]} allocation failures{device})"
             elif failures:
                 outcome = f"allocation failures ({failures['device']})"
             elif speed < BANDWIDTH_BOUND:
@@ -488,8 +512,8 @@ class Simulation:
                 outcome = f"leaked state ({leaked:.0%} of its KV held for disconnected clients)"
             elif waits and max(waits) > 0:
                 outcome = "queueing"
-            elif self.offloads and evicted.get(self.tier):
-                outcome = f"{TIER_SHORTAGE[self.tier]} ({evicted[self.tier]} idle sessions evicted before their TTL)"
+            elif self.offloads and evicted.get(memory):
+                outcome = f"{shortage} ({evicted[memory]} idle sessions evicted before their TTL)"
             elif self._evictions[route.name]:
                 outcome = f"memory-bound ({self._evictions[route.name]} idle sessions evicted before their TTL)"
             else:

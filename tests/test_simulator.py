@@ -1,5 +1,6 @@
 """The serving-fleet simulator: conservation, allocator invariants, a hand-checked trace, bad route files."""
 
+import dataclasses
 import json
 import math
 
@@ -9,6 +10,7 @@ from kvcompress.accounting import kv_sizer
 from kvcompress.cli import main
 from kvcompress.models import load_config
 from kvcompress.simulator import Route, SimConfig, Simulation, load_routes
+from kvcompress.tiers import TIERS
 
 from .conftest import png_size
 
@@ -209,7 +211,7 @@ def test_offload_tier_capacity_fails_admissions_like_device_memory(strategy, cap
     assert device.failures_by_memory == {"device": device.allocation_failures} and device.allocation_failures > 10
     assert offload.failures_by_memory == {tier: device.allocation_failures}
     assert offload.evictions == device.evictions and offload.offload_samples == device.samples
-    assert offload.peak_bytes == 0 and getattr(offload, f"peak_{tier}_bytes") <= 20 * 2**30
+    assert offload.peak_bytes == 0 and 0 < offload.peak_off_device_bytes[tier] <= 20 * 2**30
     label = "host-memory-bound" if tier == "host" else "disk-space-bound"
     for name, row in offload.per_route.items():
         failed = device.per_route[name]["allocation_failures"]["device"]
@@ -224,7 +226,7 @@ def test_offloaded_memory_returns_to_zero_and_never_overcommits_the_tier(strateg
     sim = _run(strategy, host_bytes=capacity, admission="queue", idle_policy="release")
     result = sim.run()
     assert result.final_offload_bytes == 0 and sim.off_held == 0 and result.final_bytes == 0
-    assert 0 < result.peak_host_bytes <= capacity and result.peak_disk_bytes == 0
+    assert set(result.peak_off_device_bytes) == {"host"} and 0 < result.peak_off_device_bytes["host"] <= capacity
     assert all(held <= capacity for _, held in result.offload_samples)
 
 
@@ -275,12 +277,12 @@ def test_int8_offload_asks_about_half_the_link_of_full():
     int8 = _run("int8+host", pcie_bytes_per_s=FAST_LINK).run()
     for key in ("mean", "peak"):
         assert int8.link_utilisation[key] / full.link_utilisation[key] == pytest.approx(130 / 256, rel=0.01)
-    assert int8.peak_host_bytes / full.peak_host_bytes == pytest.approx(130 / 256, rel=0.01)
+    assert int8.peak_off_device_bytes["host"] / full.peak_off_device_bytes["host"] == pytest.approx(130 / 256, rel=0.01)
 
 
 def test_device_strategies_have_no_tier_and_no_link():
     result = _run("int8", gpu_bytes=20 * 2**30).run()
-    assert result.peak_host_bytes == result.peak_disk_bytes == result.final_offload_bytes == 0
+    assert result.peak_off_device_bytes == {} and result.final_offload_bytes == 0
     assert result.link_utilisation == {"peak": 0.0, "mean": 0.0} and result.decode_speed == {"mean": 1.0, "min": 1.0}
     assert set(result.failures_by_memory) <= {"device"}
 
@@ -290,3 +292,18 @@ def test_device_strategies_have_no_tier_and_no_link():
 def test_bad_tier_settings_name_the_parameter(name, value):
     with pytest.raises(ValueError, match=f"^{name} must be a positive, finite number"):
         SimConfig(gpu_bytes=1, **{name: value})
+
+
+def test_every_off_device_tier_declares_what_the_simulator_reads():
+    """The simulator never names a tier: each one that keeps tokens off the device names its memory, link, the
+    outcome when that memory runs out, and the machine settings that size it; a tier missing one fails here."""
+    settings = {f.name for f in dataclasses.fields(SimConfig)}
+    for name in TIERS.names():
+        tier = TIERS.get(name)
+        if tier.memory == "device":
+            continue
+        assert tier.link and tier.shortage and tier.memory in tier.shortage
+        assert {tier.capacity_setting, tier.link_setting} <= settings
+        result = _run(f"full+{name}", gpu_bytes=1, **{tier.capacity_setting: 2**30, tier.link_setting: FAST_LINK})
+        outcomes = {row["outcome"] for row in result.run().per_route.values()}
+        assert any(outcome.startswith(tier.shortage) for outcome in outcomes), outcomes

@@ -165,6 +165,15 @@ class Store:
 @dataclass(frozen=True)
 class Tier:
     name = "base"
+    # What keeping tokens on this tier means for planning; the simulator reads these, never the tier's name.
+    # memory: where its bytes live (the key of the kv_bytes() counts that hold them); link: what a decode step reads
+    # them back over; shortage: the outcome named when that memory runs out; capacity_setting and link_setting: the
+    # SimConfig fields giving a simulated machine's room on that memory and the link's bytes/s.
+    memory = "device"
+    link = ""
+    shortage = "memory-bound"
+    capacity_setting = ""
+    link_setting = ""
 
     @property
     def device_tokens(self) -> int | None:

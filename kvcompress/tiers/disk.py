@@ -336,5 +336,8 @@ class DiskTier(OffloadTier):
     """One file per cache in the cache's `offload_dir` (default: the system temporary directory). Where the file goes
     is a property of the machine, not of the strategy, so it is no strategy parameter."""
 
+    memory, link, shortage = "disk", "disk", "disk-space-bound"
+    capacity_setting, link_setting = "disk_bytes", "disk_bytes_per_s"
+
     def open(self, planned_bytes: int = 0, offload_dir: str | None = None) -> DiskStore:
         return DiskStore(self, planned_bytes, offload_dir)

@@ -77,6 +77,8 @@ class HostTier(OffloadTier):
     On a CPU model it runs the same code but saves nothing (a warning says so)."""
 
     engine: str = "auto"
+    memory, link, shortage = "host", "PCIe", "host-memory-bound"
+    capacity_setting, link_setting = "host_bytes", "pcie_bytes_per_s"
 
     def __post_init__(self):
         super().__post_init__()
