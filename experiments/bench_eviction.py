@@ -3,8 +3,10 @@ full cache's measured KV bytes, both question placements, against `full` and Str
 prompts; and, where the output folder has a kvpress.jsonl, against kvpress's presses on the same token ids.
 
     python experiments/bench_eviction.py                       # -> results/eviction/ (resumes if interrupted)
-    python experiments/bench_eviction.py --out results/eviction/v2   # the current committed run
+    python experiments/bench_eviction.py --members 'kvzip;tova:kernel=7' --cases 40 --out results/runs/eviction-kvzip
     python experiments/bench_eviction.py --cases 10 --out /tmp/e   # a quick look
+
+The committed runs and their commands: results/README.md.
 
 It is one `kvcompress report` run (records, table, plots, provenance) over a grid sized for the question, plus
 prompts.jsonl (the exact token ids, for experiments/kvpress_baseline.py) and eviction.md: recall per member and
@@ -205,7 +207,7 @@ def grid(args: argparse.Namespace) -> tuple[ReportConfig, dict[str, str]]:
         questions=args.questions.split(","),
         max_new_tokens=args.max_new_tokens,
         # one case at a time: each case's bytes are its own (a batch pads a ragged member such as
-        # adakv to the largest head of all its rows: +1.7 to +2.9 points of full's bytes, measured)
+        # adakv to the largest head of all its rows, so a case's share of the batch's bytes exceeds its own)
         recall_batch=1,
     )
     return config, fractions

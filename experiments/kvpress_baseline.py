@@ -20,8 +20,8 @@ Build it (CPU torch first, so kvpress's torch requirement does not pull a CUDA b
 
 Run it (prompts JSONL: case, task, length, depth, seed, context_ids, question_ids, answer):
 
-    /work/kvpress-venv/bin/python experiments/kvpress_baseline.py --prompts P.jsonl \
-        --out results/eviction/kvpress.jsonl --presses streaming_llm,snapkv,tova,knorm,expected_attention \
+    /work/kvpress-venv/bin/python experiments/kvpress_baseline.py --prompts results/eviction/v2/prompts.jsonl \
+        --out OUT/kvpress.jsonl --presses streaming_llm,snapkv,tova,knorm,expected_attention \
         --ratios 0.5,0.75 --questions after,inside [--max-new-tokens 24] [--limit N]
 """
 

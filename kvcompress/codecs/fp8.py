@@ -61,13 +61,13 @@ _FP8_LAYOUTS = {"e4m3": (3, 7), "e5m2": (2, 15)}
 
 def _lays_bits(q: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether decoding lays the codes' bits in (`_lay_codes`): eager CPU code into a float it knows, where torch's own
-    float8 conversion is ~10x slower; compiled or CUDA code converts float8 at speed."""
+    float8 conversion is far slower than these integer passes; compiled or CUDA code converts float8 at speed."""
     return q.device.type == "cpu" and out.dtype in _FLOAT_LAYOUTS and not torch.compiler.is_compiling()
 
 
 def _lay_codes(q: torch.Tensor, format: str, out: torch.Tensor) -> int:
     """Writes float8 codes q into `out` as out's own float bits worth code / 2**e, and returns e (the exponent
-    biases' difference). Integer operations in out's own memory: eager float8 -> float conversion on CPU is ~10x
+    biases' difference). Integer operations in out's own memory: eager float8 -> float conversion on CPU is far
     slower, and building float16 bits in a temporary to widen into `out` takes a pass and an allocation more. The
     code is sign-extended and shifted so that its mantissa ends where out's does; the copies of its sign between its
     exponent and out's sign bit are cleared. Every finite code is exact, subnormals included (they land as out's

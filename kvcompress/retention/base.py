@@ -110,9 +110,10 @@ class ScoreRetention(Retention):
     prefill), then keeps what follows (the question, the answer): kvpress's protocol; "budget" whenever more than
     the capacity is stored (memory bounded through any number of turns); "interval" after the first step and then
     every `interval` steps (up to `interval` tokens more are held between).
-    Defaults (nothing protected, evict after the prompt) are kvpress's, h2o's recent share aside: measured on the
-    default model, protecting 4 sinks and 32 recent tokens or evicting at every decode step cost recall at a quarter of
-    the bytes (README); set `sinks` to keep a system prompt whole, `window` to keep recent turns.
+    Defaults (nothing protected, evict after the prompt) are kvpress's, h2o's recent share aside, so results compare
+    with kvpress's presses; on the default model, protecting 4 sinks and 32 recent tokens, or evicting at every decode
+    step, cost recall at a quarter of the bytes (every protected slot is one the score cannot choose). Set `sinks` to
+    keep a system prompt whole, `window` to keep recent turns.
     """
 
     budget: int = 0

@@ -14,17 +14,16 @@ class TOVARetention(ScoreRetention):
 
     observe > 1: the last `observe` queries of the step vote, their attention summed, as in SnapKV's observation
     window (Li et al. 2024, arXiv:2404.14469) but still one token set per layer and without pooling. With the question
-    inside the prompt the window's queries are the question's end: measured on the default model, `observe=8` kept
-    56 % recall at half the bytes where the newest query alone kept 44 % (README; the best window depends on the
-    prompts); with the question after the context the window sees the context's end and loses recall, so the default
-    is the paper's (1). A decode step has one query, so evicting at decode time votes with that query alone.
+    inside the prompt the window's queries are the question's end, which knows what to keep; with the question after
+    the context the window sees only the context's end, so the default is the paper's (1). The best window depends on
+    the prompts: measure it on yours. A decode step has one query, so evicting at decode time votes with that query
+    alone.
 
     kernel > 1: each token's vote is averaged with its neighbours' (`kernel` stored tokens centred on it), so kept
-    tokens come with their context, as SnapKV pools. The queries that vote attend to where the answer starts more
-    than to its rest: unpooled, a quarter of the bytes kept a number's first digits and dropped the others (the model
-    answered them truncated). On the default model, question after the context, `kernel=7` kept 43 % recall at a
-    quarter of the bytes where the paper's TOVA kept 22 % (README). Averaged rather than SnapKV's max: both lifted
-    recall there, the average by a few cases more on the cases it was chosen on."""
+    tokens come with their context, as SnapKV pools. The queries that vote attend to where an answer starts more than
+    to its rest: unpooled, a tight budget keeps a number's first digits and drops the others, and the model answers
+    it truncated. Averaged rather than SnapKV's max: both help, and the average answered a few more of the default
+    model's recall cases where the two were compared. What `kernel=7` keeps: results/eviction/v4-after/eviction.md."""
 
     observe: int = 1
     kernel: int = 1
