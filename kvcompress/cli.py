@@ -397,7 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="the pressure-transfer report: HBM saved vs latency vs recall vs fidelity")
     p.add_argument("--model", help=f"default, HF id, local directory, .gguf path (default: {d('model')})")
     p.add_argument(
-        "--strategies", type=_strategy_list, help=f"comma-separated strategies (default: {','.join(d('strategies'))})"
+        "--strategies",
+        type=_strategy_list,
+        help=f"comma-separated strategies, or a set: quick (the default: {','.join(d('strategies'))}) or wide "
+        "(quick and the members it leaves out for time: fp8, window, kvzip, full+disk)",
     )
     p.add_argument(
         "--tasks",

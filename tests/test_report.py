@@ -539,3 +539,11 @@ def test_the_shipped_fidelity_text_gives_disjoint_windows(default_model):
     tokens = len(tokenizer(reference_text())["input_ids"])
     c = ReportConfig()
     assert tokens > 90_000 and tokens // c.fidelity_windows >= c.fidelity_prefill + c.fidelity_steps
+
+
+def test_the_wide_set_is_the_quick_grid_and_the_members_it_leaves_out():
+    """`--strategies wide` is one flag away from the default grid: every quick strategy, then the rest, once each."""
+    quick, wide = ReportConfig().strategies, ReportConfig(strategies=["wide"]).strategies
+    assert wide[: len(quick)] == quick and len(set(wide)) == len(wide)
+    assert {"fp8", "window:window=256", "kvzip:budget=256", "disk"} == set(wide) - set(quick)
+    assert ReportConfig(strategies=["quick", "fp8"]).strategies == [*quick, "fp8"]
