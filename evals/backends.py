@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..provenance import device_name
 from .config import ReportConfig
+from .cost import calibrate
 
 BACKENDS = ("local", "ray")
 Job = tuple[int, dict]  # (index of the run's ReportConfig, cell)
@@ -83,6 +84,10 @@ class Worker:
             **self.harness.dtypes(),
         }
 
+    def calibrate(self) -> dict:
+        """The timing the run's estimate is made from, on this worker's device (Calibration.record)."""
+        return calibrate(self.harness.model, device_name(self.harness.config.device)).record()
+
     def run(self, config: dict, cell: dict) -> dict:
         if config != self.config:
             self._load(config)
@@ -110,20 +115,48 @@ def units(jobs: list[Job], configs: list[dict]) -> list[list[Job]]:
 
 
 class Progress:
-    """One bar for the whole grid: cells done, failed and running, with its ETA; and what each worker did."""
+    """One bar over a run's work, advanced by each finished item's estimated seconds (`costs`, by key: a cell's id, a
+    strategy's name), so its ETA is the estimate left over the rate observed since the start (not a recent window:
+    items differ in cost, and the average corrects the estimate's scale whatever it is); its postfix counts items
+    done, failed and running. For the report's runners it also keeps what each worker did."""
 
-    def __init__(self, total: int, desc: str):
-        self.bar = tqdm(total=total, desc=desc, unit="cell", file=sys.stderr, dynamic_ncols=True)
-        self.failed, self.per_worker = 0, collections.defaultdict(lambda: {"cells": 0, "busy_s": 0.0, "where": ""})
+    def __init__(self, costs: dict[str, float], desc: str, unit: str = "cells"):
+        self.costs, self.items, self.unit = dict(costs), len(costs), unit
+        self.finished = self.failed = 0
+        self.bar = tqdm(
+            total=sum(costs.values()),
+            desc=desc,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
+        )
+        self.per_worker = collections.defaultdict(lambda: {"cells": 0, "busy_s": 0.0, "where": ""})
+        self._postfix(0)
+
+    def _postfix(self, running: int) -> None:
+        self.bar.set_postfix_str(
+            f"{self.unit} {self.finished}/{self.items}, failed {self.failed}, running {running}", refresh=False
+        )
+
+    def advance(self, key: str, failed: bool = False, running: int = 0) -> None:
+        """`key` finished: the bar moves by its estimated seconds."""
+        self.finished += 1
+        self.failed += failed
+        self._postfix(running)
+        cost = self.costs.pop(key, 0.0)
+        # the last lands exactly on the total (floats summed in another order may overshoot it)
+        self.bar.update(cost if self.costs else self.bar.total - self.bar.n)
 
     def done(self, record: dict, worker: str, where: str, running: int) -> None:
-        self.failed += record.get("outcome") not in ("ok", "skipped")
         stats = self.per_worker[worker]
         stats["cells"] += 1
         stats["busy_s"] += record.get("cell_s", 0.0)
         stats["where"] = where
-        self.bar.set_postfix_str(f"failed {self.failed}, running {running}", refresh=False)
-        self.bar.update(1)
+        self.advance(record["id"], record.get("outcome") not in ("ok", "skipped"), running)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class LocalRunner:
@@ -135,15 +168,18 @@ class LocalRunner:
     def describe(self) -> dict:
         return self.described
 
-    def run(self, jobs: list[Job], append: Callable[[dict], None]) -> dict:
-        progress = Progress(len(jobs), "kvcompress report")
+    def calibrate(self) -> dict:
+        return self.worker.calibrate()
+
+    def run(self, jobs: list[Job], append: Callable[[dict], None], costs: dict[str, float]) -> dict:
+        progress = Progress(costs, "kvcompress report")
         try:
             for index, cell in jobs:
                 record = self.worker.run(self.configs[index], cell)
                 append(record)
                 progress.done(record, "local", self.described["device"], 1)
         finally:
-            progress.bar.close()
+            progress.close()
         return dict(progress.per_worker)
 
     def close(self) -> None:
@@ -202,17 +238,39 @@ def _threaded(threads: int, function: Callable, *args):
     return function(*args)
 
 
-def run_tasks(backend: Backend, device: str, function: Callable, calls: list[tuple]) -> list:
-    """function(*args) for each of `calls` as Ray tasks, each holding a worker's CPUs and GPUs; results in order.
-    Ctrl-C cancels them."""
-    ray, started, gpus = connect(backend, device)
-    try:
-        _fits(ray, backend, gpus)
-        task = ray.remote(_threaded).options(
+class RayTasks:
+    """Functions run as Ray tasks in one Ray session (joined, or started here and stopped on leaving the `with`),
+    each task holding a worker's CPUs and GPUs. Ctrl-C cancels the tasks left."""
+
+    def __init__(self, backend: Backend, device: str):
+        self.ray, self.started, gpus = connect(backend, device)
+        self.threads = backend.threads
+        try:
+            self.workers = _fits(self.ray, backend, gpus)
+        except BaseException:
+            self.close()
+            raise
+        self.task = self.ray.remote(_threaded).options(
             num_cpus=backend.cpus_per_worker, num_gpus=gpus, max_retries=backend.retries
         )
-        refs = [task.remote(backend.threads, function, *args) for args in calls]
+
+    def __enter__(self) -> RayTasks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def map(self, function: Callable, calls: list[tuple], finished: Callable[[int], None] | None = None) -> list:
+        """function(*args) for each of `calls`, all at once; results in order. `finished(i)` as call i ends."""
+        ray = self.ray
+        refs = [self.task.remote(self.threads, function, *args) for args in calls]
         try:
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done[0])  # a failed task raises here, as it ends
+                if finished:
+                    finished(refs.index(done[0]))
             return ray.get(refs)
         except ray.exceptions.RayTaskError as err:
             raise err.as_instanceof_cause() from None
@@ -221,9 +279,10 @@ def run_tasks(backend: Backend, device: str, function: Callable, calls: list[tup
             for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
                 ray.cancel(ref)
             raise
-    finally:
-        if started:
-            ray.shutdown()
+
+    def close(self) -> None:
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()
 
 
 class RayRunner:
@@ -286,12 +345,17 @@ class RayRunner:
     def describe(self) -> dict:
         return {**self.described, "workers": self.size}
 
-    def run(self, jobs: list[Job], append: Callable[[dict], None]) -> dict:
+    def calibrate(self) -> dict:
+        """Timed on one worker that has loaded its model (the others may still be loading theirs)."""
+        name = next(n for n in self.where if n in self.actors)
+        return self.ray.get(self.actors[name].calibrate.remote())
+
+    def run(self, jobs: list[Job], append: Callable[[dict], None], costs: dict[str, float]) -> dict:
         ray = self.ray
         self.queue = collections.deque(units(jobs, self.configs))
         self.attempts: collections.Counter = collections.Counter()  # cell id -> reruns after its worker died
         self.inflight: dict = {}  # result ref -> (worker, job), in the order each worker runs them
-        self.append, self.progress = append, Progress(len(jobs), f"kvcompress on Ray ({self.size} workers)")
+        self.append, self.progress = append, Progress(costs, f"kvcompress on Ray ({self.size} workers)")
         try:
             while self.queue or self.inflight:
                 self._wait_ready(block=False)
@@ -323,7 +387,7 @@ class RayRunner:
                         name,
                     )
         finally:
-            self.progress.bar.close()
+            self.progress.close()
         return dict(self.progress.per_worker)
 
     def _done(self, record: dict, name: str) -> None:

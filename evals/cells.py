@@ -22,6 +22,11 @@ CELL_SETTINGS = {
 }
 
 
+def latency_warmup(decode_steps: int) -> int:
+    """Decode steps a latency cell runs before the `decode_steps` it times (a compiled step captures in them)."""
+    return min(4, decode_steps // 4)
+
+
 def cell_id(config: ReportConfig, cell: dict) -> str:
     """A hash of everything that determines the cell's result (model, dtypes, weights, strategy, task, length,
     depth, seed, the harness settings it reads, the package version): resume, retries and widened grids go by it."""

@@ -23,8 +23,9 @@ from ..strategy import parse_strategy
 from . import reference_text, text_ids
 from .backends import Backend, start
 from .cases import CASES, needle_positions, render, score
-from .cells import cell_keys
+from .cells import cell_keys, latency_warmup
 from .config import ReportConfig, configs_of
+from .cost import Calibration, cell_costs, grid_lines
 from .fidelity import compare, step_logits
 from .latency import percentile, time_generation
 from .prefill import Prefill
@@ -246,7 +247,7 @@ class Harness:
         return text_ids(self._text_token_ids, length, windows).to(self.model.device)
 
     def latency(self, strategy: str, length: int) -> dict:
-        warmup = min(4, self.config.decode_steps // 4)
+        warmup = latency_warmup(self.config.decode_steps)
         steps = self.config.decode_steps + warmup
         self._sync_peak()
         refusal = static_refusal(parse_strategy(strategy)) if self.config.compile else None
@@ -337,15 +338,22 @@ def run_report(
         )
     runner = start(backend, configs, jobs[0][0])  # a bad model or device fails here, before a records file exists
     try:
+        calibration = Calibration.from_record(runner.calibrate())
+        costs = cell_costs(jobs, configs, calibration)
+        finished = sum(len(cell_keys(c)) for c in configs) - len(jobs)
+        workers = runner.describe().get("workers", 1)
+        for line in [calibration.line(), *grid_lines(configs, jobs, costs, finished, workers)]:
+            print(line, file=sys.stderr)
         if store is None:
             meta = {
                 **provenance(configs[0].model, None, command),
                 **runner.describe(),
                 **grid,
                 "backend": backend.record(),
+                "calibration": calibration.record(),
             }
             store = RecordStore(out / "records.jsonl", meta)
-        per_worker = runner.run(jobs, store.append)
+        per_worker = runner.run(jobs, store.append, costs)
     finally:
         runner.close()
     if backend.name == "ray":

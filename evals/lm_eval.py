@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import statistics
 import sys
@@ -32,13 +33,20 @@ except ImportError as error:  # pragma: no cover - the message is the point
     raise ImportError(f"the lm-eval integration needs lm-eval: pip install -e '.[eval]' ({error})") from None
 
 from ..cache import make_cache
-from ..dtypes import dtype_name
-from ..models import _pretrained_source, default_model_dir, load_model
-from ..strategy import AXES, parse_strategy
+from ..dtypes import dtype_name, plan_dtypes
+from ..geometry import config_dtype
+from ..models import _pretrained_source, default_model_dir, load_config, load_model
+from ..provenance import provenance
+from ..strategy import AXES, parse_strategy, split_strategies
 from ..units import parse_token_list
-from .backends import Backend, run_tasks
+from .backends import Backend, Progress, RayTasks
 from .cases import render, score
-from .records import FORMAT
+from .cells import cell_keys
+from .config import ReportConfig
+from .cost import Calibration, calibrate_model, cell_costs, documents_work, duration
+from .harness import Harness
+from .records import FORMAT, RecordStore
+from .report import write_report
 from .tasks import TASKS, make_case
 from .tasks import depths as depth_grid
 
@@ -245,6 +253,16 @@ def recall_docs(task: str, tokenizer, lengths: list[int], depth_count: int, seed
     return docs
 
 
+SHORT_ANSWER_TOKENS = 16  # the generation budget of tasks whose answers are a few digits (they stop at a newline)
+
+
+def recall_settings(meta: dict) -> tuple[list[int], int, int, str]:
+    """A kvc_* task's lengths, depth count, seeds and tokenizer spec from its metadata, defaults filled in."""
+    lengths = parse_token_list(_as_list(meta.get("lengths", [512, 1024])), "metadata lengths")
+    tokenizer = str(meta.get("tokenizer") or meta.get("pretrained") or "default")
+    return lengths, int(meta.get("depths", 5)), int(meta.get("seeds", 1)), tokenizer
+
+
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     correct = float(score(doc["answer"], results[0]))
     return {"acc": correct, cell_metric(doc["length"], doc["depth"]): correct}
@@ -263,9 +281,7 @@ class KVCTask(ConfigurableTask):
             raise ValueError(
                 f"unknown kvcompress task {config['task']!r}; allowed: " + ", ".join(f"kvc_{t}" for t in TASKS)
             )
-        lengths = parse_token_list(_as_list(meta.get("lengths", [512, 1024])), "metadata lengths")
-        depth_count, seeds = int(meta.get("depths", 5)), int(meta.get("seeds", 1))
-        tokenizer_spec = str(meta.get("tokenizer") or meta.get("pretrained") or "default")
+        lengths, depth_count, seeds, tokenizer_spec = recall_settings(meta)
         metrics = ["acc"] + [cell_metric(length, d) for length in lengths for d in depth_grid(depth_count)]
         docs = recall_docs(task, load_tokenizer(tokenizer_spec), lengths, depth_count, seeds)
         # answers of 5-7 digits: a short budget and a newline stop keep a CPU run quick; RULER's answers are lists (up
@@ -282,7 +298,7 @@ class KVCTask(ConfigurableTask):
             generation_kwargs=(
                 {"until": [], "max_gen_toks": budget, "do_sample": False}
                 if budget
-                else {"until": ["\n"], "max_gen_toks": 16, "do_sample": False}
+                else {"until": ["\n"], "max_gen_toks": SHORT_ANSWER_TOKENS, "do_sample": False}
             ),
         )
         config.pop("class", None)
@@ -308,8 +324,6 @@ def run_cli(argv: list[str]) -> None:
     kvcompress model with an output path records how it was made (command, model, device, versions, commit) as the
     first line of its request records and under "kvcompress" in lm-eval's results files."""
     from lm_eval.__main__ import cli_evaluate
-
-    from ..provenance import provenance
 
     argv = _with_tokenizer(_with_our_tasks(_with_requests_file(argv)))
     out, model_args = _option(argv, "--output_path"), _model_args(_option(argv, "--model_args") or "")
@@ -444,14 +458,10 @@ def main(argv: list[str]) -> None:
     """`kvcompress lm-eval ...`: lm-eval's CLI as is, or with `--strategies a,b,c` one run per strategy (a finished
     one is not redone) and one pressure-transfer table over them; `--backend ray [--address A] [--gpus-per-worker G]
     [--cpus-per-worker C]` runs the strategies as Ray tasks, each on its own GPU (or CPUs), all at once."""
-    from ..strategy import split_strategies
-
     strategies = _option(argv, "--strategies")
     if strategies is None:
         run_cli(argv)
         return
-    from ..provenance import provenance
-
     out = Path(_option(argv, "--output_path") or "results/lm-eval")
     model_args = _option(argv, "--model_args") or "pretrained=default"
     meta = provenance(
@@ -472,33 +482,107 @@ def main(argv: list[str]) -> None:
     argv = _without(argv, "--strategies", "--model", "--output_path", "--model_args", *BACKEND_FLAGS)
     if argv and argv[0] == "run":
         argv = argv[1:]
-    runs = []
+    runs: dict[str, tuple[list[str]]] = {}
     for name in names:
         folder = out.resolve() / _slug(name)  # absolute: a Ray worker's working directory is not ours
         if _results_file(folder) is not None:
             print(f"kvcompress lm-eval: {name}: results found in {folder}, not rerun", file=sys.stderr)
             continue
-        runs.append(
-            (
-                [
-                    "run",
-                    "--model",
-                    "kvcompress",
-                    "--model_args",
-                    f"{model_args},strategy={name}",
-                    "--output_path",
-                    str(folder),
-                    *argv,
-                    *([] if "--log_samples" in argv else ["--log_samples"]),
-                ],
-            )
+        runs[name] = (
+            [
+                "run",
+                "--model",
+                "kvcompress",
+                "--model_args",
+                f"{model_args},strategy={name}",
+                "--output_path",
+                str(folder),
+                *argv,
+                *([] if "--log_samples" in argv else ["--log_samples"]),
+            ],
         )
-    if backend.name == "ray":  # one Ray task per strategy, each on a worker's CPUs and GPU; the table is built here
-        run_tasks(backend, usable_device(_option(argv, "--device")), run_cli, runs)
-    else:
-        for args in runs:
-            run_cli(*args)
-    print(write_table(out, names, model_args, meta, usable_device(_option(argv, "--device"))).read_text())
+    device = usable_device(_option(argv, "--device"))
+    args = _model_args(model_args)
+    model = (args.get("pretrained", "default"), device, args.get("dtype"), args.get("kv_dtype"), args.get("weights"))
+    if runs and backend.name == "ray":  # one Ray task per strategy, each on a worker's CPUs and GPU
+        with RayTasks(backend, device) as tasks:
+            (calibration,) = tasks.map(calibrate_model, [model])  # timed where the runs will run
+            progress = _estimate(names, runs, argv, args, calibration, out, min(tasks.workers, len(runs)))
+            try:
+                tasks.map(run_cli, list(runs.values()), lambda i: progress.advance(list(runs)[i]))
+            finally:
+                progress.close()
+    elif runs:
+        calibration = calibrate_model(*model)
+        progress = _estimate(names, runs, argv, args, calibration, out)
+        try:
+            for name, run in runs.items():
+                run_cli(*run)
+                progress.advance(name)
+        finally:
+            progress.close()
+    if runs:  # the table's header names the timing its runs can be scaled by
+        meta = {**meta, "calibration": calibration}
+    print(write_table(out, names, model_args, meta, device).read_text())
+
+
+def _estimate(
+    names: list[str], runs: dict, argv: list[str], model_args: dict, calibration: dict, out: Path, workers: int = 1
+) -> Progress:
+    """Print the calibration, the grid (strategies x documents) and the estimated duration of the runs left and of
+    the table's fidelity cells after them; return the bar over the runs."""
+    timing = Calibration.from_record(calibration)
+    docs = documents(argv, model_args)
+    batch = _option(argv, "--batch_size") or "1"
+    rows = int(batch) if batch.isdigit() else 1  # "auto": lm-eval sizes it; one row is the slowest case
+    costs = {name: timing.seconds(documents_work(name, docs, rows)) for name in runs}
+    config = table_config(
+        names, model_args, usable_device(_option(argv, "--device")), max((p for p, _ in docs), default=1)
+    )
+    fidelity = cell_costs([(0, cell) for cell in fidelity_left(out, config)], [config], timing)
+    found = f" ({len(names) - len(runs)} found, not rerun)" if len(runs) < len(names) else ""
+    total = sum(costs.values())
+    parallel = f", about {duration(max(*costs.values(), total / workers))} on {workers} workers" if workers > 1 else ""
+    for line in (
+        timing.line(),
+        f"grid: {len(names)} strategies x {len(docs)} documents ({_option(argv, '--tasks')})",
+        f"estimate: {len(runs)} strategy runs to run{found}, {duration(total)} of model work{parallel} (each run "
+        f"also starts lm-eval), then {len(fidelity)} fidelity cells for the table, {duration(sum(fidelity.values()))}",
+    ):
+        print(line, file=sys.stderr)
+    return Progress(costs, "kvcompress lm-eval", unit="strategies")
+
+
+def documents(argv: list[str], model_args: dict[str, str]) -> list[tuple[int, int]]:
+    """The documents of the run's --tasks (after --limit), each as (prompt tokens, generation budget in steps): ours
+    from their metadata, any other task from lm-eval's own (its prompts tokenized)."""
+    names = _as_list(_option(argv, "--tasks") or "")
+    metadata = {**model_args, **json.loads(_option(argv, "--metadata") or "{}")}
+    limit = _option(argv, "--limit")
+    found = []
+    for name in [n for n in names if n.startswith("kvc_")]:
+        lengths, depth_count, seeds, tokenizer = recall_settings(metadata)
+        docs = recall_docs(name.removeprefix("kvc_"), load_tokenizer(tokenizer), lengths, depth_count, seeds)
+        budget = max(doc["answer_tokens"] for doc in docs) or SHORT_ANSWER_TOKENS
+        found.append([(doc["prompt_tokens"], budget) for doc in docs])
+    others = [n for n in names if not n.startswith("kvc_")]
+    if others:  # lm-eval's tasks (RULER) load a tokenizer by name: `default` is the local directory it resolves to
+        pretrained = model_args.get("pretrained", "default")
+        name = model_args.get("tokenizer") or (str(default_model_dir()) if pretrained == "default" else pretrained)
+        tokenizer = load_tokenizer(name)
+        for task in task_manager(metadata={**metadata, "tokenizer": name}).load(others)["tasks"].values():
+            budget = (task.config.generation_kwargs or {}).get("max_gen_toks", 256)
+            generates = task.OUTPUT_TYPE == "generate_until"
+            docs = []
+            for doc in task.eval_docs:
+                prompt = len(tokenizer(str(task.doc_to_text(doc))).input_ids)
+                choices = 1 if task.OUTPUT_TYPE != "multiple_choice" else len(task.doc_to_choice(doc))
+                docs += [(prompt, budget if generates else 0)] * choices
+            found.append(docs)
+    if limit is not None:  # as lm-eval reads it: a count of documents, or below 1 a share of them
+        share = float(limit)
+        found = [docs[: math.ceil(len(docs) * share) if share < 1 else int(share)] for docs in found]
+    return [doc for docs in found for doc in docs]
 
 
 # `kvcompress lm-eval --strategies ...` flags of its own, beside lm-eval's: where the per-strategy runs execute
@@ -616,35 +700,39 @@ def run_records(folder: Path, strategy: str, length: int, requests: list[dict]) 
     return records
 
 
-def write_table(out: Path, strategies: list[str], model_args: str, meta: dict, device: str = "cpu") -> Path:
-    """out/records.jsonl in the harness's schema from each strategy's lm-eval run (run_records), plus fidelity cells
-    run by the harness with the report's settings (kept from the last records.jsonl while their ids match), then the
-    report's own write_report: one table builder for both."""
-    from ..dtypes import plan_dtypes
-    from ..geometry import config_dtype
-    from ..models import load_config
-    from .cells import cell_keys
-    from .config import ReportConfig
-    from .harness import Harness
-    from .records import RecordStore
-    from .report import write_report
-
-    args = _model_args(model_args)
-    pretrained = args.get("pretrained", "default")
-    folders = {name: out / _slug(name) for name in strategies}
-    requests = {name: _requests(folder) for name, folder in folders.items()}
-    longest = max(r.get("seen_tokens", 0) for mine in requests.values() for r in mine)
-    config = ReportConfig(
+def table_config(strategies: list[str], model_args: dict[str, str], device: str, longest: int) -> ReportConfig:
+    """The report settings of the table over lm-eval runs: its fidelity cells (their ids read no length) and the
+    latency column at the longest request."""
+    pretrained = model_args.get("pretrained", "default")
+    return ReportConfig(
         model=pretrained,
         strategies=strategies,
         tasks=[],
         lengths=[longest],
         questions=["inside"],
         device=device,
-        compute_dtype=args.get("dtype"),
-        kv_dtype=args.get("kv_dtype") or dtype_name(config_dtype(load_config(pretrained))),
-        weights=args.get("weights"),
+        compute_dtype=model_args.get("dtype"),
+        kv_dtype=model_args.get("kv_dtype") or dtype_name(config_dtype(load_config(pretrained))),
+        weights=model_args.get("weights"),
     )
+
+
+def fidelity_left(out: Path, config: ReportConfig) -> list[dict]:
+    """The table's fidelity cells that out/records.jsonl does not hold yet (by id): the harness runs those."""
+    path = out / "records.jsonl"
+    kept = {r["id"] for r in (RecordStore(path).records if path.exists() else []) if r["kind"] == "fidelity"}
+    return [c for c in cell_keys(config) if c["kind"] == "fidelity" and c["id"] not in kept]
+
+
+def write_table(out: Path, strategies: list[str], model_args: str, meta: dict, device: str = "cpu") -> Path:
+    """out/records.jsonl in the harness's schema from each strategy's lm-eval run (run_records), plus fidelity cells
+    run by the harness with the report's settings (kept from the last records.jsonl while their ids match), then the
+    report's own write_report: one table builder for both."""
+    args = _model_args(model_args)
+    folders = {name: out / _slug(name) for name in strategies}
+    requests = {name: _requests(folder) for name, folder in folders.items()}
+    longest = max(r.get("seen_tokens", 0) for mine in requests.values() for r in mine)
+    config = table_config(strategies, args, device, longest)
     lm_records = [
         record
         for name, folder in folders.items()  # named as the report names them: canonical

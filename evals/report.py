@@ -396,11 +396,19 @@ def write_report(out: Path) -> Path:
         if "kv_dtype" in meta
         else None
     )
+    calibration = meta.get("calibration")  # runs from before calibrations hold none
+    calibrated = (
+        f"- calibration: 1k-token prefill {calibration['prefill_1k_s']:.2f} s on {calibration['device']} "
+        f"({calibration['compute_dtype']}, one row, plain cache): this run's timings scale with it"
+        if calibration
+        else None
+    )
     header = [
         "# Pressure-transfer table",
         "",
         *provenance_lines(meta),
         *([dtypes] if dtypes else []),
+        *([calibrated] if calibrated else []),
         *(
             _lm_eval_lines(meta["lm_eval"])
             if "lm_eval" in meta
