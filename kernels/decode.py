@@ -10,11 +10,17 @@ with the tail's (flash-decoding, arXiv:2311.01282).
 
 from __future__ import annotations
 
-import importlib.util
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+try:  # triton is optional (CPU installs lack it): without it the torch path serves every codec
+    from .triton_decode import encoded_partials_triton
+except ModuleNotFoundError as missing:
+    if missing.name != "triton":
+        raise
+    encoded_partials_triton = None
 
 if TYPE_CHECKING:  # the codecs import these kernels
     from ..codecs import Codec
@@ -30,24 +36,14 @@ def chunk_tokens(batch: int, heads: int, head_dim: int) -> int:
     return max(256, CHUNK_BYTES // (batch * heads * head_dim * 4) // 256 * 256)
 
 
-def codec_code(codec: Codec) -> int | None:
-    """The Triton kernel's constant for a codec's layout, None for a codec it does not read."""
-    if codec.name == "int8":
-        return 0
-    if codec.name == "fp8":
-        return {"e4m3": 1, "e5m2": 2}[codec.format]
-    if codec.name == "int4":
-        return 3
-    return None
-
-
 def supports(codec: Codec, head_dim: int) -> bool:
-    """Whether the Triton kernel reads this codec at this head_dim (and triton is installed)."""
+    """Whether the Triton kernel reads this codec at this head_dim: the codec declares its code layout
+    (`Codec.layout`), head_dim is a power of two >= 16, and triton is installed."""
     return (
-        codec_code(codec) is not None
+        codec.layout(head_dim) is not None
         and head_dim >= 16
         and head_dim & (head_dim - 1) == 0
-        and importlib.util.find_spec("triton") is not None
+        and encoded_partials_triton is not None
     )
 
 
@@ -104,8 +100,10 @@ def encoded_attention(
     b, h, r, d = rows.shape
     n = next(iter(k_packed.values())).shape[2]
     rows = rows.float()
-    chunk = chunk or chunk_tokens(b, h, d)
-    buffer = rows.new_empty(b, h, min(chunk, n), d) if buffer is None else buffer
+    block = codec.token_block  # a chunk decodes whole blocks of tokens (the codec encodes them together)
+    chunk = -(-(chunk or chunk_tokens(b, h, d)) // block) * block
+    if buffer is None or buffer.shape[2] < min(chunk, n):  # a block wider than the caller's chunk: room for it
+        buffer = rows.new_empty(b, h, min(chunk, n), d)
     pieces = [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
 
     def decoded(packed: Packed, piece: slice):
@@ -172,8 +170,8 @@ def attend_encoded(
     n] bool) followed by model-dtype tail tokens tail_k/v [b, h, t, d] (visible [b, h or 1, q, t] bool: the step's
     causal and padding mask). Returns [b, q, hq, d] in the query's dtype.
 
-    backend: "triton" (CUDA, int8/fp8/int4; or any device under TRITON_INTERPRET=1), "torch" (chunked, any codec),
-    "auto" (triton where it applies, else torch)."""
+    backend: "triton" (CUDA, a codec that declares its code layout: `supports`; or any device under
+    TRITON_INTERPRET=1), "torch" (chunked, any codec), "auto" (triton where it applies, else torch)."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of auto, torch, triton, got {backend!r}")
     b, hq, q, d = query.shape
@@ -185,9 +183,12 @@ def attend_encoded(
         tail_visible.expand(b, h, q, -1)[:, :, None].expand(b, h, hq // h, q, -1).reshape(b, h, -1, tail_k.shape[2])
     )
     if backend == "triton":
-        from .triton_decode import encoded_partials_triton
-
-        outs, lses = encoded_partials_triton(rows, codec, k_packed, v_packed, valid, scaling)
+        if not supports(codec, d):
+            raise ValueError(
+                f"the triton decode kernel reads codecs that declare their code layout (Codec.layout) at a "
+                f"power-of-two head_dim >= 16, and needs triton installed; got codec {codec.name!r}, head_dim {d}"
+            )
+        outs, lses = encoded_partials_triton(rows, *codec.layout(d), k_packed, v_packed, valid, scaling)
         out, lse = partial_attention(rows, tail_k, tail_v, visible, scaling)
         out = merge_partials([*outs, out], [*lses, lse])
     else:

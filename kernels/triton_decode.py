@@ -1,11 +1,12 @@
-"""Triton flash-decoding over encoded KV: int8, fp8 (e4m3, e5m2) and int4 codes with per-group scales, read and
-dequantised in registers, never written back as a decoded history.
+"""Triton flash-decoding over encoded KV: the codes and scales of any codec that declares its `CodeLayout` (signed,
+affine or float8 codes of 8, 4 or 2 bits; scales per group of a token's channels or per channel over a group of
+tokens), read and dequantised in registers, never written back as a decoded history.
 
 One program per (row, KV head, token split) attends the g*q query rows of that KV head over its split of the encoded
 tokens (online softmax, blocks of BLOCK_N tokens) and writes a partial output with its log-sum-exp; decode.py merges
 the splits with the model-dtype tail. Splits keep every SM busy when batch x heads is small and contexts are long.
-Runs on CUDA, or on CPU tensors when TRITON_INTERPRET=1 is set before this module is imported (how CI tests it
-against the torch path). Imported only where the triton backend runs: triton is optional on CPU.
+Runs on CUDA, or on CPU tensors when TRITON_INTERPRET=1 is set before triton is imported (how CI tests it against
+the torch path). decode.py imports this module where triton is installed: triton is optional on CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import codec_code, supports
+from .quant import CODES, CodeLayout
 
 BLOCK_N = 64  # tokens per inner block
 MIN_ROWS = 16  # tl.dot needs at least 16 rows
@@ -34,24 +35,31 @@ def dequantize(
     code_stride,
     scale_stride,
     D: tl.constexpr,
-    GROUP: tl.constexpr,
     CODE: tl.constexpr,
+    BITS: tl.constexpr,
+    CHANNEL: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    if CODE == 3:  # two codes per byte: channel c in the low nibble, channel c + D / 2 in the high one
-        byte = tl.load(codes + n[:, None] * code_stride + (d % (D // 2))[None, :], mask=inside[:, None], other=0)
-        x = ((byte.to(tl.int32) >> ((d // (D // 2)) * 4)[None, :]) & 15).to(tl.float32)
-    else:
+    """Tokens n [BLOCK] x channels d [D] of one side, decoded to float32 by its layout (CODE: an index of CODES)."""
+    if BITS == 8:
         raw = tl.load(codes + n[:, None] * code_stride + d[None, :], mask=inside[:, None], other=0)
-        if CODE == 0:
-            x = raw.to(tl.float32)
-        elif CODE == 1:
+        if CODE == 2:
             x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        else:
+        elif CODE == 3:
             x = raw.to(tl.float8e5, bitcast=True).to(tl.float32)
-    group = (d // GROUP)[None, :]
-    x = x * tl.load(scales + n[:, None] * scale_stride + group, mask=inside[:, None], other=0).to(tl.float32)
-    if CODE == 3:
-        x = x + tl.load(mins + n[:, None] * scale_stride + group, mask=inside[:, None], other=0).to(tl.float32)
+        else:
+            x = raw.to(tl.float32)
+    else:  # 8 // BITS codes a byte: channel c in byte c % WIDTH, bits from (c // WIDTH) * BITS (pack_codes)
+        byte = tl.load(codes + n[:, None] * code_stride + (d % (D * BITS // 8))[None, :], mask=inside[:, None], other=0)
+        x = ((byte.to(tl.int32) >> ((d // (D * BITS // 8)) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+    if CHANNEL:  # channel c of token n's group: in the group's token c // slots, slot c % slots (spread_channels)
+        slots = (D + GROUP - 1) // GROUP
+        at = ((n // GROUP) * GROUP)[:, None] * scale_stride + ((d // slots) * scale_stride + d % slots)[None, :]
+    else:
+        at = n[:, None] * scale_stride + (d // GROUP)[None, :]
+    x = x * tl.load(scales + at, mask=inside[:, None], other=0).to(tl.float32)
+    if CODE == 1:
+        x = x + tl.load(mins + at, mask=inside[:, None], other=0).to(tl.float32)
     return x
 
 
@@ -98,8 +106,14 @@ def decode_split(
     scaling,
     R: tl.constexpr,
     D: tl.constexpr,
-    GROUP: tl.constexpr,
-    CODE: tl.constexpr,
+    K_CODE: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_CHANNEL: tl.constexpr,
+    K_GROUP: tl.constexpr,
+    V_CODE: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_CHANNEL: tl.constexpr,
+    V_GROUP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     bh, split = tl.program_id(0), tl.program_id(1)
@@ -127,8 +141,10 @@ def decode_split(
             kq_n,
             ks_n,
             D,
-            GROUP,
-            CODE,
+            K_CODE,
+            K_BITS,
+            K_CHANNEL,
+            K_GROUP,
         )
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * scaling
         s = tl.where(ok[None, :], s, float("-inf"))
@@ -146,8 +162,10 @@ def decode_split(
             vq_n,
             vs_n,
             D,
-            GROUP,
-            CODE,
+            V_CODE,
+            V_BITS,
+            V_CHANNEL,
+            V_GROUP,
         )
         total = total * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
@@ -161,31 +179,25 @@ def decode_split(
 
 def encoded_partials_triton(
     rows: torch.Tensor,
-    codec,
+    k_layout: CodeLayout,
+    v_layout: CodeLayout,
     k_packed: dict[str, torch.Tensor],
     v_packed: dict[str, torch.Tensor],
     valid: torch.Tensor,
     scaling: float,
-):
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Partials (outputs [b, h, r, d] float32, log-sum-exps [b, h, r]) of rows [b, h, r, d] over the encoded tokens,
-    one per token split; valid [b, h or 1, n] bool."""
+    one per token split; valid [b, h or 1, n] bool. K and V are read by their layouts (`Codec.layout`)."""
     b, h, n_rows, d = rows.shape
-    code = codec_code(codec)
-    if not supports(codec, d):
-        raise ValueError(
-            f"the triton decode kernel reads int8, fp8 and int4 codes with a power-of-two head_dim >= 16 "
-            f"(and needs triton installed); got codec {codec.name!r}, head_dim {d}"
-        )
     tokens = k_packed["q"].shape[2]
-    group = codec.group_size(d)
 
-    def codes(packed):
-        q = packed["q"]
-        return q.view(torch.uint8) if q.dtype.is_floating_point else q
+    def tensors(packed, layout):
+        """Codes (float8 as bytes), scales, and minimums (the scales where the codes have none)."""
+        q, (scale_name, min_name) = packed["q"], layout.names
+        return q.view(torch.uint8) if q.dtype.is_floating_point else q, packed[scale_name], packed.get(min_name)
 
-    kq, vq = codes(k_packed), codes(v_packed)
-    ks, vs = k_packed["scale"], v_packed["scale"]
-    km, vm = k_packed.get("min", ks), v_packed.get("min", vs)
+    (kq, ks, km), (vq, vs, vm) = tensors(k_packed, k_layout), tensors(v_packed, v_layout)
+    km, vm = ks if km is None else km, vs if vm is None else vm
     if any(t.stride(-1) != 1 for t in (kq, vq, ks, vs)) or km.stride() != ks.stride() or vm.stride() != vs.stride():
         raise ValueError("encoded KV must be contiguous along channels, with min laid out like scale")
     rows = rows.contiguous()
@@ -238,8 +250,14 @@ def encoded_partials_triton(
         scaling,
         R=width,
         D=d,
-        GROUP=group,
-        CODE=code,
+        K_CODE=CODES.index(k_layout.code),
+        K_BITS=k_layout.bits,
+        K_CHANNEL=k_layout.scale == "channel",
+        K_GROUP=k_layout.group,
+        V_CODE=CODES.index(v_layout.code),
+        V_BITS=v_layout.bits,
+        V_CHANNEL=v_layout.scale == "channel",
+        V_GROUP=v_layout.group,
         BLOCK=BLOCK_N,
     )
     return list(out.unbind(2)), list(lse.unbind(2))

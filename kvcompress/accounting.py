@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .codecs import Codec
 from .geometry import KVGeometry
 from .retention import Retention
 from .strategy import StrategySpec, parse_strategy
@@ -29,7 +30,7 @@ class KVSizer:
     encoded_token: float  # the same, encoded by the codec
     state_token: int  # retention bookkeeping per token per layer (positions, score state)
     retention: Retention
-    residual: int | None  # None: the codec is lossless, every stored token stays in the model dtype
+    codec: Codec  # how many stored tokens are encoded (`encoded_tokens`: none for a lossless codec)
     device_tokens: int | None = None  # tokens per sequence the tier keeps on the device (None: every one)
 
     def stored(self, seen: int, layer: int = 0) -> int:
@@ -45,8 +46,8 @@ class KVSizer:
         return round(batch * total * (1 if self.retention.capacity_by_layer else self.layers))
 
     def _layer_bytes(self, stored: int) -> float:
-        recent = stored if self.residual is None else min(stored, self.residual)
-        return recent * self.full_token + (stored - recent) * self.encoded_token + stored * self.state_token
+        encoded = self.codec.encoded_tokens(stored)
+        return (stored - encoded) * self.full_token + encoded * self.encoded_token + stored * self.state_token
 
     def device_bytes(self, seen: int, batch: int = 1) -> int:
         """The part of `bytes` that stays on the device (HBM on a GPU); the rest lives on the host or disk tier."""
@@ -61,7 +62,7 @@ def kv_sizer(model_or_config, strategy: str | StrategySpec, dtype: torch.dtype |
         encoded_token=2 * geo.kv_heads * spec.codec.bytes_per_token(geo.head_dim, geo.dtype),
         state_token=spec.retention.state_bytes_per_token(geo.kv_heads),
         retention=spec.retention,
-        residual=None if spec.codec.lossless else spec.codec.residual_tokens,
+        codec=spec.codec,
         device_tokens=spec.tier.device_tokens,
     )
 
@@ -70,5 +71,5 @@ def expected_kv_bytes(
     model_or_config, strategy: str | StrategySpec, seen: int, batch: int = 1, dtype: torch.dtype | None = None
 ) -> int:
     """Resident bytes after `seen` tokens per sequence: retention caps what is stored, the codec's residual holds the
-    most recent tokens in the model dtype, the rest is encoded."""
+    most recent tokens in the model dtype, the rest is encoded (`Codec.encoded_tokens`)."""
     return kv_sizer(model_or_config, strategy, dtype).bytes(seen, batch)

@@ -488,7 +488,9 @@ class KVLayer(CacheLayerMixin):
         if self.mass is not None:
             self.mass = take_tokens(self.mass, keep)
         parts = _split_keep(keep, n_encoded, stored) if n_encoded else (None, keep)
-        if parts is None:  # rows keep different numbers of encoded tokens: decode them back, then evict as one
+        # rows keep different numbers of encoded tokens, or the codec encodes blocks of tokens (`token_block`), which
+        # the eviction breaks: decode them back, then evict as one (and encode whole blocks again)
+        if parts is None or (n_encoded and self.codec.token_block > 1):
             for name in ("k", "v"):
                 decoded = self._decoded(name, self.dtype)
                 for part in getattr(self, f"encoded_{name}").values():
@@ -497,9 +499,11 @@ class KVLayer(CacheLayerMixin):
                 setattr(self, f"recent_{name}", DevicePart(decoded))
             parts = (None, keep)
         self._keep(*parts)
+        if self.codec.token_block > 1:
+            self._encode_overflow()
 
     def _encode_overflow(self) -> None:
-        overflow = len(self.recent_k) - self.codec.residual_tokens
+        overflow = self.codec.encoded_tokens(len(self.recent_k))
         if overflow <= 0:
             return
         self._append_encoded(self.recent_k.read()[:, :, :overflow], self.recent_v.read()[:, :, :overflow])
@@ -507,21 +511,12 @@ class KVLayer(CacheLayerMixin):
             recent.keep(slice(overflow, len(recent)))
 
     def _append_encoded(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        for name, packed in zip(("k", "v"), self._encode_pair(keys, values)):
+        for name, packed in zip(("k", "v"), self.codec.encode_pair(keys, values)):
             parts = getattr(self, f"encoded_{name}")
             for key, tensor in packed.items():
                 if key not in parts:
                     parts[key] = self.store.part(no_tokens(tensor))
                 parts[key].append(tensor)
-
-    def _encode_pair(self, keys: torch.Tensor, values: torch.Tensor):
-        """The codec's encoding of K and of V, in one call where they have the same shape: a decode step encodes one
-        token, so its cost is the codec's per-op overhead, paid once instead of twice (every codec encodes each token
-        on its own, so the codes are the same)."""
-        if keys.shape != values.shape:
-            return self.codec.encode(keys), self.codec.encode(values)
-        packed, batch = self.codec.encode(torch.cat([keys, values])), keys.shape[0]
-        return {key: t[:batch] for key, t in packed.items()}, {key: t[batch:] for key, t in packed.items()}
 
     def _keep(self, keep_encoded: slice | torch.Tensor | None, keep_recent: slice | torch.Tensor) -> None:
         for part in self._parts():

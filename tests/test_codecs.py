@@ -7,10 +7,17 @@ from kvcompress.evals import haystack_text, text_ids
 from kvcompress.evals.fidelity import compare, step_logits
 from kvcompress.evals.prefill import Prefill
 from kvcompress.kernels import pack_nibbles, unpack_nibbles
+from kvcompress.kernels.quant import pack_codes, unpack_codes
 
-from kvcompress import expected_kv_bytes, load_model, make_cache, parse_strategy
+from kvcompress import codecs, expected_kv_bytes, load_model, make_cache, parse_strategy
 
 from .conftest import left_padded, tiny_model
+from .members import CODECS, model_for, strategies
+
+
+def test_members_table_covers_every_registered_codec():
+    assert set(CODECS) == set(codecs.CODECS.names())
+    assert all(parse_strategy(strategy).codec.name == name for name, row in CODECS.items() for strategy in row)
 
 
 def _roundtrip(codec, x):
@@ -34,11 +41,13 @@ def test_int8_error_is_half_a_step(codec, levels):
     assert (err <= step * 0.5 * 1.002 + 1e-6).all()
 
 
-def test_int4_error_is_half_a_step():
-    spec = parse_strategy("int4:group=16").codec
+@pytest.mark.parametrize("codec", ["int4:group=16", "int2:group=16", "kivi:bits=4,group=16", "kivi:bits=2,group=16"])
+def test_affine_error_is_half_a_step(codec):
+    """Per token, over groups of 16 channels (kivi: its values)."""
+    spec = parse_strategy(codec).codec
     x = _kv_like()
     g = x.unflatten(-1, (4, 16))
-    step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
+    step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / (2**spec.bits - 1)
     err = (_roundtrip(spec, x) - x).unflatten(-1, (4, 16)).abs()
     assert (err <= step * 0.5 * 1.01 + 1e-3).all()
 
@@ -100,10 +109,21 @@ def test_nibbles_round_trip():
     q = torch.randint(0, 16, (2, 3, 5, 32), dtype=torch.uint8)
     packed = pack_nibbles(q)
     assert packed.shape[-1] == 16 and torch.equal(unpack_nibbles(packed), q)
+    assert torch.equal(packed, q[..., :16] | q[..., 16:] << 4)  # channel c low, c + 16 high
     room = torch.full((2, 3, 7, 32), float("nan"))  # widened into a view, as a decode writes into the workspace
     assert torch.equal(unpack_nibbles(packed, room[:, :, 1:6]), q.float()) and room[:, :, [0, 6]].isnan().all()
-    with pytest.raises(ValueError, match=r"int4 packs two channels per byte: the model's head_dim \(63\) must be even"):
+    with pytest.raises(ValueError, match=r"int4 packs 2 channels per byte: the model's head_dim \(63\) must be a mul"):
         parse_strategy("int4:group=0").codec.check(63, torch.float32)
+
+
+def test_two_bit_codes_round_trip():
+    q = torch.randint(0, 4, (2, 3, 5, 32), dtype=torch.uint8)
+    packed = pack_codes(q, 2)
+    assert torch.equal(packed, q[..., :8] | q[..., 8:16] << 2 | q[..., 16:24] << 4 | q[..., 24:] << 6)
+    room = torch.full((2, 3, 7, 32), float("nan"))
+    assert torch.equal(unpack_codes(packed, 2, room[:, :, 1:6]), q.float()) and room[:, :, [0, 6]].isnan().all()
+    with pytest.raises(ValueError, match=r"int2 packs 4 channels per byte: the model's head_dim \(62\) must be a mul"):
+        parse_strategy("int2:group=0").codec.check(62, torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -213,16 +233,28 @@ def test_sink_plus_int8_obeys_both_contracts(fidelity_inputs):
     assert cache.kv_bytes()["device"] == expected_kv_bytes(model, "sink:window=256+int8", PREFILL, batch=WINDOWS)
 
 
-def test_quantized_generate_on_padded_batch(tiny):
+@pytest.mark.parametrize("strategy", strategies(CODECS))
+def test_quantized_generate_on_padded_batch_stays_near_full(strategy):
+    """Every codec generates a padded batch, its first step's logits near the full cache's (the prompt attends to
+    itself exact; the step after attends to the codes)."""
+    model = model_for(strategy)
     ids, mask = left_padded([30, 18])
-    for strategy in ("int8", "fp8", "int4", "sink:sinks=2,window=8+int4:residual=4"):
-        out = tiny.generate(
+
+    def generate(name):
+        return model.generate(
             input_ids=ids,
             attention_mask=mask,
-            cache=make_cache(tiny, strategy),
+            cache=make_cache(model, name),
             max_new_tokens=20,
             min_new_tokens=20,
             do_sample=False,
             pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
-        assert out.shape == (2, 50)
+
+    out, full = generate(strategy), generate("full")
+    assert out.sequences.shape == (2, 50)
+    torch.testing.assert_close(out.scores[0], full.scores[0], rtol=0, atol=1e-5)
+    logits, reference = out.scores[1].nan_to_num(0, 0, 0), full.scores[1].nan_to_num(0, 0, 0)
+    assert (logits - reference).abs().max() <= 0.1 * reference.abs().max()  # a window of 8 tokens: 0.2

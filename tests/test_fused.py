@@ -16,9 +16,10 @@ from kvcompress import make_cache, parse_strategy
 from kvcompress.attention import _fused, grouped_attention
 
 from .conftest import left_padded, tiny_model
+from .members import TIERS, model_for, quantizing, strategies
 
-CODECS = ["int8", "int8:group=16", "fp8", "fp8:format=e5m2,group=32", "int4", "int4:group=16", "nf4", "fp4"]
-KERNEL_CODECS = ["int8", "int8:group=16", "fp8", "fp8:format=e5m2,group=32", "int4", "int4:group=16"]
+CODECS = quantizing()
+KERNEL_CODECS = [name for name in CODECS if parse_strategy(name).codec.layout(64) is not None]  # what it reads
 
 
 def _case(codec_name, batch=2, kv_heads=2, group=2, q=1, n=150, tail=5, dim=64, seed=0, per_head=False, device="cpu"):
@@ -26,6 +27,7 @@ def _case(codec_name, batch=2, kv_heads=2, group=2, q=1, n=150, tail=5, dim=64, 
     has 11 pad tokens; per_head: heads hold different tokens, as a score-based retention leaves them)."""
     gen = torch.Generator().manual_seed(seed)
     codec = parse_strategy(f"full+{codec_name}").codec
+    n = n // codec.token_block * codec.token_block  # a codec encoding blocks of tokens gets whole ones
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device)
@@ -33,7 +35,7 @@ def _case(codec_name, batch=2, kv_heads=2, group=2, q=1, n=150, tail=5, dim=64, 
     query = randn(batch, kv_heads * group, q, dim)
     keys, values = randn(batch, kv_heads, n, dim), randn(batch, kv_heads, n, dim)
     keys[..., 3] *= 10  # an outlier channel, as real keys have
-    packed_k, packed_v = codec.encode(keys), codec.encode(values)
+    packed_k, packed_v = codec.encode_pair(keys, values)
     decoded_k = codec.decode(packed_k, torch.empty_like(keys))
     decoded_v = codec.decode(packed_v, torch.empty_like(values))
     tail_k, tail_v = randn(batch, kv_heads, tail + q, dim), randn(batch, kv_heads, tail + q, dim)
@@ -70,19 +72,22 @@ def test_torch_path_equals_dequantize_then_attend(codec_name, group, q, per_head
         torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("codec_name", ["int8", "fp8", "fp8:format=e5m2", "int8:group=16", "int4"])
+@pytest.mark.parametrize("codec_name", CODECS + ["int8:group=64", "fp8:format=e5m2,group=64"])
 def test_unscaled_codes_times_their_scales_are_the_decoded_tokens(codec_name):
+    """Codes with one scale per token of a head and no minimum come unscaled; other codes decode in full."""
     codec = parse_strategy(f"full+{codec_name}").codec
-    x = torch.randn(2, 3, 40, 64, generator=torch.Generator().manual_seed(0))
-    packed = codec.encode(x)
-    decoded = codec.decode(packed, torch.empty_like(x))
-    codes = torch.empty_like(x)
-    unscaled = codec.decode_unscaled(packed, codes)
-    if codec_name in ("int8:group=16", "int4"):  # several scales a token, or an offset: decode applies them
-        assert unscaled is None
-        return
-    scale, exponent = unscaled
-    assert torch.equal(codes * scale.float()[..., None] * 2.0**exponent, decoded)
+    x = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(0))
+    for packed in codec.encode_pair(x, x):
+        decoded = codec.decode(packed, torch.empty_like(x))
+        codes = torch.empty_like(x)
+        unscaled = codec.decode_unscaled(packed, codes)
+        one_scale = codec.layout(64) is not None and all(
+            layout.scale == "token" and layout.group == 64 and layout.code != "affine" for layout in codec.layout(64)
+        )
+        assert (unscaled is not None) == one_scale
+        if one_scale:
+            scale, exponent = unscaled
+            assert torch.equal(codes * scale.float()[..., None] * 2.0**exponent, decoded)
 
 
 @pytest.mark.parametrize("codec_name", ["int8", "fp8", "fp8:format=e5m2"])
@@ -200,16 +205,17 @@ def test_triton_kernel_in_bfloat16_on_gpu(triton_decode):
 
 def test_triton_backend_refuses_what_it_cannot_read():
     codec, query, pk, pv, dk, dv, valid, tk, tv, tvis = _case("nf4")
+    assert codec.layout(64) is None  # bitsandbytes' codes: only its own decode reads them
     assert not supports(codec, 64) and not supports(parse_strategy("int8").codec, 48)
-    with pytest.raises(ValueError, match="triton decode kernel reads int8, fp8 and int4"):
+    with pytest.raises(ValueError, match="triton decode kernel reads codecs that declare their code layout"):
         attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of auto, torch, triton"):
         attend_encoded(query, codec, pk, pv, valid, tk, tv, tvis, 0.125, backend="cuda")
 
 
 # -- in the cache ---------------------------------------------------------------------------------------------------
-def _generate(model, strategy, fused, ids, mask, **kwargs):
-    cache = make_cache(model, strategy, fused=fused)
+def _generate(model, strategy, fused, ids, mask, offload_dir=None, **kwargs):
+    cache = make_cache(model, strategy, fused=fused, offload_dir=offload_dir)
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -225,23 +231,27 @@ def _generate(model, strategy, fused, ids, mask, **kwargs):
     return out, cache
 
 
+COMPOSED = [
+    "sink:sinks=4,window=24+int8",
+    "sink:sinks=2,window=8+int4:residual=4",
+    "window:window=20+int4:group=8",
+    "knorm:budget=24,window=8+int8:residual=8",
+    "window:window=20+kivi:bits=2,group=4,residual=8",
+    "knorm:budget=24,window=8+kivi:group=4,residual=8",
+]
+
+
 @pytest.mark.parametrize(
     "strategy",
-    [
-        "int8",
-        "fp8:group=8",
-        "int4:residual=8",
-        "sink:sinks=4,window=24+int8",
-        "window:window=20+int4:group=8",
-        "knorm:budget=24,window=8+int8:residual=8",
-        "full+int8+host",
-        "int4+disk",
-    ],
+    CODECS + COMPOSED + [f"int8:residual=8+{tier}" for tier in strategies(TIERS)],
 )
-def test_fused_cache_generates_what_the_decoding_one_does(tiny, strategy):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.filterwarnings("ignore:host tier on a CPU model")
+def test_fused_cache_generates_what_the_decoding_one_does(attn, strategy, tmp_path):
+    model = model_for(strategy, attn)
     ids, mask = left_padded([40, 27])
-    plain, plain_cache = _generate(tiny, strategy, False, ids, mask)
-    fused, fused_cache = _generate(tiny, strategy, True, ids, mask)
+    plain, plain_cache = _generate(model, strategy, False, ids, mask, offload_dir=str(tmp_path))
+    fused, fused_cache = _generate(model, strategy, True, ids, mask, offload_dir=str(tmp_path))
     assert fused_cache.fused and not plain_cache.fused
     assert torch.equal(fused.sequences, plain.sequences)
     torch.testing.assert_close(torch.stack(fused.scores), torch.stack(plain.scores), atol=1e-4, rtol=1e-4)

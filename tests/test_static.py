@@ -1,17 +1,18 @@
 """The static decode step (make_cache(..., compile=True)): storage allocated once and written in place gives what the
 growing cache gives, counts exactly its room, and compiles whole into one graph that later steps and caches reuse."""
 
+import re
 from contextlib import nullcontext
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from kvcompress import compiled_step, expected_kv_bytes, make_cache
+from kvcompress import compiled_step, expected_kv_bytes, make_cache, parse_strategy
+from kvcompress.cache import static_refusal
 
 from .conftest import left_padded, tiny_model
-
-CODECS = ["full", "int8", "int8:group=8", "fp8", "fp8:format=e5m2", "int4", "int4:group=8"]
+from .members import CODECS, model_for, strategies
 
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
@@ -39,13 +40,23 @@ def _generate(model, ids, mask, strategy, generate=None, **options):
         return out.sequences, torch.stack(out.scores).nan_to_num(0.0, 0.0, 0.0)  # -inf: tokens min_new_tokens bans
 
 
-@pytest.mark.parametrize("strategy", CODECS)
-def test_static_storage_generates_what_the_growing_cache_does(tiny, strategy):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("strategy", strategies(CODECS))
+def test_static_storage_generates_what_the_growing_cache_does(attn, strategy):
+    """Every codec that stores each token encoded (no residual) has a static step giving what the growing cache
+    gives; the others are refused with the reason."""
+    model = model_for(strategy, attn)
     ids, mask = left_padded([45, 30])
-    tokens, scores = _generate(tiny, ids, mask, strategy)
-    static_tokens, static_scores = _generate(tiny, ids, mask, strategy, compile=True, max_tokens=70)
-    assert torch.equal(static_tokens, tokens)
-    torch.testing.assert_close(static_scores, scores, rtol=0, atol=1e-5)  # masked slots of the room add nothing
+    refusal = static_refusal(parse_strategy(strategy))
+    assert (refusal is not None) == (parse_strategy(strategy).codec.residual_tokens > 0)
+    if refusal is not None:
+        with pytest.raises(ValueError, match=re.escape(refusal)):
+            make_cache(model, strategy, compile=True, max_tokens=70)
+    else:
+        tokens, scores = _generate(model, ids, mask, strategy)
+        static_tokens, static_scores = _generate(model, ids, mask, strategy, compile=True, max_tokens=70)
+        assert torch.equal(static_tokens, tokens)
+        torch.testing.assert_close(static_scores, scores, rtol=0, atol=1e-5)  # masked slots of the room add nothing
 
 
 def test_static_storage_under_beam_search(tiny):

@@ -30,6 +30,9 @@ class Fp8Codec(GroupCodec):
     def qdtype(self) -> torch.dtype:
         return getattr(torch, FP8_FORMATS[self.format])
 
+    def layout(self, head_dim):
+        return self.token_layout(self.format, 8, head_dim)
+
     def encode(self, x):
         q, scale = quantize_scaled(x, self.group_size(x.shape[-1]), torch.finfo(self.qdtype).max, self.qdtype)
         return {"q": q, "scale": scale}

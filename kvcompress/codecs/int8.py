@@ -11,6 +11,9 @@ from .base import CODECS, GroupCodec
 class Int8Codec(GroupCodec):
     """Symmetric int8 with a float16 absmax scale per group of channels of each token."""
 
+    def layout(self, head_dim):
+        return self.token_layout("int", 8, head_dim)
+
     def encode(self, x):
         q, scale = quantize_scaled(x, self.group_size(x.shape[-1]), 127.0, torch.int8)
         return {"q": q, "scale": scale}
