@@ -40,8 +40,18 @@ WORDS = (
     "violet",
 )
 # The generators' version: bumped whenever a seed's prompt changes, so a resumed run never mixes two versions' cases
-# under one cell id (2: prompts end in a partial haystack unit and reach their length within a token; 1: before).
-CASES = 2
+# under one cell id (3: multikey asks for a name that is one token; 2: prompts end in a partial haystack unit and
+# reach their length within a token; 1: before).
+CASES = 3
+
+
+def one_token_words(tokenizer, words: tuple[str, ...] = WORDS) -> list[str]:
+    """The words the tokenizer reads as one token after a space (all of them where fewer than half are): questions
+    that name one have as many tokens whichever it is, so a task's cases batch together (`Harness._batch`)."""
+    one = [w for w in words if len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
+    return one if 2 * len(one) >= len(words) else list(words)
+
+
 TAIL_UNITS = 3  # the partial unit that ends a haystack is cut from the next 3 units: one alone may tokenize short
 TAIL_CHARS = 1024  # the most characters the fit tries for it (a build clips it to the text it has)
 

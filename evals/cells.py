@@ -69,7 +69,7 @@ def cell_keys(config: ReportConfig) -> list[dict]:
     # round 0 has no key, so the cells of runs from before rounds keep their ids
     cells += [
         {"kind": "latency", "strategy": s, "length": length, **({"round": r} if r else {})}
-        for length in config.lengths
+        for length in config.latency_lengths
         for r in range(config.latency_rounds)
         for s in config.strategies
     ]

@@ -281,7 +281,7 @@ def grid_lines(
         parts = [
             f"recall {per_strategy.get('recall', 0)} ({len(config.tasks)} tasks x {len(config.lengths)} lengths x "
             f"{len(depths(config.depths)) * config.seeds} cases{placements})",
-            f"latency {per_strategy.get('latency', 0)} ({len(config.lengths)} lengths x "
+            f"latency {per_strategy.get('latency', 0)} ({len(config.latency_lengths)} lengths x "
             f"{config.latency_rounds} rounds)",
             f"fidelity {per_strategy.get('fidelity', 0)}",
         ]

@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 from .cases import (
     TAIL_UNITS,
-    WORDS,
     Case,
     _fit,
     _single_turn,
     fill,
+    one_token_words,
     partial,
 )
 from .ruler import RULER_TASKS
@@ -36,7 +36,7 @@ def passkey(tokenizer, length: int, depth: float, seed: int) -> Case:
 
 def multikey(tokenizer, length: int, depth: float, seed: int, keys: int = 4) -> Case:
     rng = random.Random(f"multikey-{seed}-{depth}")
-    names = rng.sample(WORDS, keys)
+    names = rng.sample(one_token_words(tokenizer), keys)
     values = [str(rng.randint(1000000, 9999999)) for _ in names]
     others = [rng.random() for _ in names[1:]]
 

@@ -4,7 +4,7 @@ A layer holds, per stored token, either its encoded form (`encoded_k/v`, older t
 (`recent_k/v`, the codec's full-precision residual; every token when the codec is lossless). Retention runs after
 each update on the whole stored sequence, then the residual's overflow is encoded: only new tokens are ever
 quantized. `update` returns decoded K/V for attention; a fused attention path can later take the encoded form
-instead (DESIGN.md: AttentionInterface + AttentionMaskInterface).
+instead (docs/design.md: AttentionInterface + AttentionMaskInterface).
 
 A retention that reads attention or keys runs on the attention seam (`attention.py`): `update` only hands the step's
 K/V over, and `attend` runs the step: attention over [stored | step] with the layer's own mask (heads may keep

@@ -471,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--decode-steps", type=int, help=f"(default: {d('decode_steps')})")
     p.add_argument(
+        "--latency-lengths",
+        type=_token_counts,
+        help="context lengths of the latency cells, e.g. 512,1k (default: the longest of --lengths)",
+    )
+    p.add_argument(
         "--latency-rounds",
         type=int,
         help=f"times every latency cell runs, interleaved; the decode interval "

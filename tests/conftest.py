@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 import subprocess
 from pathlib import Path
@@ -11,6 +12,16 @@ import kvcompress
 from kvcompress.models import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (pyproject's addopts run two workers) each worker computes on its share of the cores, so
+    the workers do not contend for them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    # the CLI's tables fill the terminal's width: one width for the tests, whatever terminal (or none) runs them
+    os.environ["COLUMNS"] = "120"
 
 
 def head_commit() -> str:

@@ -60,7 +60,9 @@ def test_python_m_pytest_in_the_repo_root_collects_with_the_installed_kernels():
     installed, has_cuda_properties = run.stdout.split()[-2:]
     assert not Path(installed).resolve().is_relative_to(ROOT)
     assert has_cuda_properties == "True"
-    collected = _python_in_root("-m", "pytest", "-q", "--co", "-p", "no:cacheprovider", "tests/test_strategy.py")
+    collected = _python_in_root(
+        "-m", "pytest", "-q", "--co", "-n", "0", "-p", "no:cacheprovider", "tests/test_strategy.py"
+    )
     assert collected.returncode == 0, collected.stdout[-3000:]
     assert " tests collected" in collected.stdout or " test collected" in collected.stdout
 

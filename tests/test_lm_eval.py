@@ -258,6 +258,7 @@ def test_strategies_give_the_reports_records_and_table(tmp_path, monkeypatch):
     assert computed == [("full", "bfloat16"), ("window:window=64", "bfloat16")]
 
 
+@pytest.mark.xdist_group("ray")  # with the sweep tests: one Ray at a time
 def test_strategies_run_as_ray_tasks(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="the ray backend needs ray")
     _offline(monkeypatch)

@@ -149,7 +149,8 @@ def test_the_bar_advances_by_cost_to_its_total():
 
 
 def test_grid_lines_name_the_grid_and_the_estimate():
-    config = ReportConfig(strategies=["full", "int8", "int4"])  # 2 tasks x 2 lengths x 5 depths x 3 seeds
+    # 2 tasks x 2 lengths x 5 depths x 3 seeds; latency at 2 lengths
+    config = ReportConfig(strategies=["full", "int8", "int4"], latency_lengths=[384, 768])
     jobs = _jobs(config)
     costs = dict.fromkeys((cell["id"] for _, cell in jobs), 2.0)
     grid, estimate = grid_lines([config], jobs[3:], costs, finished=3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from kvcompress.evals import harness as harness_module
 from kvcompress.evals import reference_text
-from kvcompress.evals.cases import render, score
+from kvcompress.evals.cases import CASES, render, score
 from kvcompress.evals.cells import cell_keys
 from kvcompress.evals.config import ReportConfig, Thresholds
 from kvcompress.evals.harness import run_report
@@ -481,14 +481,14 @@ def test_records_of_earlier_case_generators_are_never_mixed_with_new_cases(tmp_p
     for c in [meta["config"], *meta["configs"]]:  # as a file written before the generators' version was recorded
         del c["cases"]
     recall = [r for r in records[1:] if r["kind"] == "recall"]
-    assert recall and all(159 <= r["prompt_tokens"] <= 160 for r in recall)  # version 2: within a token
+    assert recall and all(159 <= r["prompt_tokens"] <= 160 for r in recall)  # since version 2: within a token
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [meta, *records[1:]]))
     with pytest.raises(
-        ValueError, match="made by version 1 of the case generators and this kvcompress makes version 2"
+        ValueError, match=f"made by version 1 of the case generators and this kvcompress makes version {CASES}"
     ):
         run_report(None, tmp_path, resume=True)  # their ids are version 1's: every recall cell looks missing
     assert _records(tmp_path)[1:] == records[1:]
-    run_report(ReportConfig(**config), tmp_path, resume=True)  # the grid given again: version 2's ids, all done
+    run_report(ReportConfig(**config), tmp_path, resume=True)  # the grid given again: this version's ids, all done
     assert _records(tmp_path)[1:] == records[1:]
 
 
@@ -519,7 +519,7 @@ def test_batched_recall_equals_one_case_at_a_time():
     assert not batched._recalled  # every batch-mate's record was handed to its own cell
     assert {r["batch_rows"] for r in expected} == {1}
     rows = {q: sorted({r["batch_rows"] for c, r in zip(cells, got) if c["question"] == q}) for q in ("after", "inside")}
-    assert rows == {"after": [1, 3], "inside": [4]}  # after: the one case whose question is a token longer goes alone
+    assert rows == {"after": [4], "inside": [4]}  # every key is one token: the questions are alike, one batch each
     for cell, one, many in zip(cells, expected, got):
         assert (many["output"], many["correct"], many["prompt_tokens"]) == (
             one["output"],
@@ -533,8 +533,8 @@ def test_batched_recall_equals_one_case_at_a_time():
 
 
 def test_the_shipped_fidelity_text_gives_disjoint_windows(default_model):
-    """The default fidelity windows never repeat a token of the novel: 1,024 predictions on 1,024 different
-    positions, which the top-1 interval assumes."""
+    """The default fidelity windows never repeat a token of the novel: every prediction on a different
+    position, which the top-1 interval assumes."""
     _, tokenizer = default_model
     tokens = len(tokenizer(reference_text())["input_ids"])
     c = ReportConfig()

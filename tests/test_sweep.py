@@ -13,6 +13,8 @@ from kvcompress.evals.records import RecordStore
 
 ray = pytest.importorskip("ray", reason="the ray backend needs ray (pip install -e '.[test]')")
 
+# one pytest-xdist worker runs every test that starts Ray, one after another: each checks that no Ray runs beside it
+pytestmark = pytest.mark.xdist_group("ray")
 RAY = Backend("ray", workers=2)
 # random weights: recall and fidelity cells are recorded as skipped at once; latency cells time a real decode
 TINY = dict(

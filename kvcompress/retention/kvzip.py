@@ -17,15 +17,15 @@ class KVzipRetention(ScoreRetention):
     the query heads of its KV head, and each KV head keeps its top tokens. What the model must look up to restore the
     context (a passkey, every key of a multi-key haystack) scores high before any question is known, where a
     query-aware member sees only the context's last query. The price is a second pass over the prompt, through float32
-    weights for every query of it: time to first token is 2-4x `full`'s on CPU (README), which the report's latency
-    rows measure.
+    weights for every query of it: time to first token is a multiple of `full`'s, which the report's TTFT column
+    measures.
 
     layers="ranked" (the default): the paper ranks every (layer, head, token) score of the model together and keeps
     the top; stored densely, a layer is as wide as its head that holds most of that top, and every head of it keeps
     that many tokens (the narrower heads' extra tokens are their next best, where padding would hold nothing), the
     widths summing to layers x budget: the bytes of layers="equal", where every layer keeps `budget`. The copy reads
     some layers' heads across the whole context and others hardly at all, and ranking moves the budget to the
-    former: on RULER's essay haystack "equal" lost most multi-key cases that "ranked" keeps (README). The paper
+    former, where RULER's multi-key haystacks need it (docs/measurements.md). The paper
     prefixes a "repeat the context" prompt; here the context follows itself bare (no tokenizer needed).
 
     The scoring runs once, after the cache's first forward (the prompt, however it was called: `generate`, a manual
