@@ -49,7 +49,7 @@ class ReportConfig:
     lengths: list[int] = field(default_factory=lambda: [384, 768])
     depths: int = 5
     seeds: int = 3  # with 2 tasks x 2 lengths x 5 depths: 60 recall cases per strategy
-    max_new_tokens: int = 20  # the default model's longest correct answer takes 17 (multikey: 'The value of ...')
+    max_new_tokens: int = 18  # the default model's correct answers take 10 (passkey) and 15 tokens (multikey)
     recall_batch: int = 16  # recall cases of one task and length run as one left-padded batch of up to this many rows
     decode_steps: int = 8
     # latency cells' context lengths; None: the longest of `lengths` (where the table reads decode latency and TTFT)
