@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategies",
         type=_strategy_list,
         help=f"comma-separated strategies, or a set: quick (the default: {','.join(d('strategies'))}) or wide "
-        "(quick and the members it leaves out for time: fp8, window, kvzip, full+disk)",
+        "(quick and the members it leaves out for time: int4, fp8, window, kvzip, full+disk)",
     )
     p.add_argument(
         "--tasks",

@@ -545,5 +545,5 @@ def test_the_wide_set_is_the_quick_grid_and_the_members_it_leaves_out():
     """`--strategies wide` is one flag away from the default grid: every quick strategy, then the rest, once each."""
     quick, wide = ReportConfig().strategies, ReportConfig(strategies=["wide"]).strategies
     assert wide[: len(quick)] == quick and len(set(wide)) == len(wide)
-    assert {"fp8", "window:window=256", "kvzip:budget=256", "disk"} == set(wide) - set(quick)
+    assert {"int4", "fp8", "window:window=256", "kvzip:budget=256", "disk"} == set(wide) - set(quick)
     assert ReportConfig(strategies=["quick", "fp8"]).strategies == [*quick, "fp8"]
