@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..provenance import device_name
 from .config import ReportConfig
 from .cost import calibrate
+from .harness import Harness
 
 BACKENDS = ("local", "ray")
 Job = tuple[int, dict]  # (index of the run's ReportConfig, cell)
@@ -71,8 +72,6 @@ class Worker:
         self._load(config)
 
     def _load(self, config: dict) -> None:
-        from .harness import Harness
-
         self.harness = None  # the last model goes before the next one loads
         self.config, self.harness = config, Harness(ReportConfig.from_dict(config))
 

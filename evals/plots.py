@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from .report import latency_cells
+from .latency import latency_cells
 
 
 def plot_all(records: list[dict], rows: list[dict], config, out: Path) -> list[Path]:

@@ -16,6 +16,8 @@ from ..strategy import parse_strategy
 from . import stats
 from .cells import cell_keys
 from .config import ReportConfig, Thresholds, configs_of
+from .latency import latency_cells
+from .plots import plot_all
 from .records import RecordStore
 from .stats import FAIL, INCONCLUSIVE, paired_recall, proportion_interval, ratio_interval, rounds_ratio_interval
 
@@ -130,29 +132,6 @@ def _case(record: dict) -> tuple:
         record.get("question", "after"),
         record.get("doc_id"),
     )  # lm-eval's documents pair by task and document
-
-
-def latency_cells(records: list[dict]) -> dict[tuple[str, int], dict]:
-    """Each (strategy, length)'s latency records as one: its rounds by number (`rounds`; records without one are
-    round 0), decode ms p50 over every step of every round, the median round's TTFT; bytes and transfers from round
-    0."""
-    rounds: dict[tuple[str, int], dict[int, dict]] = {}
-    for r in records:
-        if r.get("kind") == "latency" and r.get("outcome") == "ok":
-            rounds.setdefault((r["strategy"], r["length"]), {})[r.get("round", 0)] = r
-    cells = {}
-    for key, by_round in rounds.items():
-        first = by_round[min(by_round)]
-        steps = [t for r in by_round.values() for t in r.get("decode_ms") or []]
-        ttfts = [r["ttft_s"] for r in by_round.values() if r.get("ttft_s") is not None]
-        p50 = statistics.median(steps) if len(by_round) > 1 and steps else first["decode_ms_p50"]
-        cells[key] = {
-            **first,
-            "rounds": by_round,
-            "decode_ms_p50": p50,
-            "ttft_s": statistics.median(ttfts) if ttfts else first.get("ttft_s"),
-        }
-    return cells
 
 
 def _decode_change(lat: dict | None, lat_full: dict | None) -> tuple[float, float, float] | None:
@@ -446,8 +425,6 @@ def write_report(out: Path) -> Path:
     )
     path.write_text("\n".join(header) + "\n" + body + _by_task(sections))
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    from .plots import plot_all
-
     for c, records, mine in sections:  # several models: each model's plots in a folder of its own
         folder = (
             out if len(configs) == 1 else out / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c.model)

@@ -27,9 +27,9 @@ import torch
 from kvcompress.evals import stats
 from kvcompress.evals.cases import render
 from kvcompress.evals.config import ReportConfig, configs_of
-from kvcompress.evals.harness import run_report
 from kvcompress.evals.prefill import Prefill
 from kvcompress.evals.records import RecordStore
+from kvcompress.evals.run import run_report
 from kvcompress.evals.tasks import depths, make_case
 
 from kvcompress import bytes_per_token, load_model, make_cache, parse_strategy

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 from kvcompress.evals.backends import Backend
-from kvcompress.evals.harness import run_report
 from kvcompress.evals.records import RecordStore
+from kvcompress.evals.run import run_report
 from kvcompress.evals.sweep import load_sweep
 
 from kvcompress.provenance import provenance, provenance_lines

@@ -21,8 +21,8 @@ from .cache import make_cache
 from .dtypes import DTYPES, WEIGHTS, dtype_name, parse_dtype
 from .evals.backends import BACKENDS, Backend
 from .evals.config import SMOKE, ReportConfig, Thresholds
-from .evals.harness import run_report
 from .evals.report import terminal_rows
+from .evals.run import run_report
 from .evals.sweep import load_sweep
 from .geometry import config_dtype
 from .models import load_config, load_model

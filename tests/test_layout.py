@@ -75,15 +75,6 @@ PACKAGES = {
 }
 # imported inside functions on purpose: optional dependencies (the eval extra's lm-eval) behind a lazy import
 LAZY = {("kvcompress.cli", "kvcompress.evals.lm_eval")}
-# function-local imports still to be moved by splitting the files that hold them (issue 37); the list only shrinks
-TO_MOVE = {
-    ("kvcompress.kernels.decode", "kvcompress.kernels.triton_decode"),
-    ("kvcompress.evals.backends", "kvcompress.evals.harness"),
-    ("kvcompress.evals.report", "kvcompress.evals.plots"),
-    *(("kvcompress.evals.lm_eval", m) for m in ("kvcompress.provenance", "kvcompress.strategy", "kvcompress.dtypes")),
-    *(("kvcompress.evals.lm_eval", m) for m in ("kvcompress.geometry", "kvcompress.models", "kvcompress.evals.cells")),
-    *(("kvcompress.evals.lm_eval", f"kvcompress.evals.{m}") for m in ("config", "harness", "records", "report")),
-}
 
 
 def _modules() -> dict[str, Path]:
@@ -128,7 +119,7 @@ def _imports(modules: dict[str, Path]) -> tuple[dict[str, set[str]], list[tuple[
 def test_no_import_circles_and_no_function_local_imports_of_our_own_modules():
     """A circle dodged by an import inside a function means a function lives in the wrong file."""
     edges, local = _imports(_modules())
-    assert [(m, n, line) for m, n, line in local if (m, n) not in LAZY | TO_MOVE] == []
+    assert [(m, n, line) for m, n, line in local if (m, n) not in LAZY] == []
 
     def reach(start: str) -> set[str]:
         seen, todo = set(), [start]

@@ -8,7 +8,7 @@ from kvcompress.evals.backends import Progress
 from kvcompress.evals.cells import cell_keys, latency_warmup
 from kvcompress.evals.config import ReportConfig
 from kvcompress.evals.cost import Calibration, Work, cell_costs, cell_work, documents_work, grid_lines
-from kvcompress.evals.harness import run_report
+from kvcompress.evals.run import run_report
 
 # a machine whose one-row prefill costs A s per token and B s per token squared, whose decode step costs C0 s plus, per
 # row, C1 s and D s per context token

@@ -11,9 +11,10 @@ from kvcompress.evals import reference_text
 from kvcompress.evals.cases import CASES, render, score
 from kvcompress.evals.cells import cell_keys
 from kvcompress.evals.config import ReportConfig, Thresholds
-from kvcompress.evals.harness import run_report
+from kvcompress.evals.latency import latency_cells
 from kvcompress.evals.records import RecordStore
-from kvcompress.evals.report import COLUMNS, _decode_change, latency_cells, pressures
+from kvcompress.evals.report import COLUMNS, _decode_change, pressures
+from kvcompress.evals.run import run_report
 from kvcompress.evals.stats import paired_recall
 from kvcompress.evals.sweep import load_sweep
 from kvcompress.evals.tasks import TASKS, depths, make_case

@@ -8,8 +8,8 @@ import pytest
 from kvcompress.evals.backends import Backend
 from kvcompress.evals.cells import cell_keys
 from kvcompress.evals.config import ReportConfig
-from kvcompress.evals.harness import run_report
 from kvcompress.evals.records import RecordStore
+from kvcompress.evals.run import run_report
 
 ray = pytest.importorskip("ray", reason="the ray backend needs ray (pip install -e '.[test]')")
 
