@@ -21,11 +21,10 @@ import torch
 from ..attention import position_ids, prompt_step_bytes
 from ..cache import KVCache, make_cache
 from ..retention.h2o import H2ORetention
-from ..retention.kvzip import reconstruct
 from ..retention.tova import TOVARetention
 from ..strategy import StrategySpec
 
-RECORDED = {"attention", "mass"}  # the needs a recording serves (kvzip's reconstruction runs on the replay: fill)
+RECORDED = {"attention", "mass"}  # the needs a recording serves (a retention's `after_prompt` runs on the replay)
 ATTENTION_ROWS = 64  # the last prompt queries whose attention is recorded (SnapKV's observation window fits)
 _RECORDERS = {
     True: StrategySpec(retention=H2ORetention(budget=2**62)),  # never evict; h2o keeps mass
@@ -91,6 +90,7 @@ class Prefill:
         compute = self.last_logits.dtype
         if not cache.spec.retention.seam:
             self.replay(cache)
+            cache.after_prompt(model, self.input_ids, self.attention_mask)
             return self.last_logits
         positions = None  # a seam layer holds each token's position in its row, -1 for padding
         if self.attention_mask is not None:
@@ -105,8 +105,7 @@ class Prefill:
                 keys, model.config.num_attention_heads, read, padded, compute, mass="mass" in retention.needs
             )
             layer.restore(keys, values, rows, mass, compute, transient, positions)
-        if not cache.reconstructed:  # kvzip: the model reads the prompt again, then every layer evicts
-            reconstruct(model, cache, self.input_ids, self.attention_mask)
+        cache.after_prompt(model, self.input_ids, self.attention_mask)  # what the model's forward hook would run
         return self.last_logits
 
 

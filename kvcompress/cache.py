@@ -27,7 +27,6 @@ from .geometry import decoder_config, head_dim
 from .kernels.decode import attend_encoded, auto_backend, chunk_tokens, supports
 from .retention import RETENTIONS, Retention
 from .retention.base import Kept, RetentionView
-from .retention.kvzip import reconstruct_after_prompt
 from .static import StaticKVLayer
 from .strategy import StrategySpec, parse_strategy
 from .tiers import DevicePart, Part, Store, merge_bytes, no_tokens, take_tokens
@@ -124,7 +123,8 @@ class KVLayer(CacheLayerMixin):
         self._stash: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # seam: the step's K/V until attend
         self.capture_rows = 0  # keep the last rows of each step's attention in `captured` (Prefill records them)
         self.captured: torch.Tensor | None = None
-        # [batch, heads, stored] float32 while the context is reconstructed (kvzip): steps then only score the stored
+        # [batch, heads, stored] float32 while a pass over the context scores what is stored (a retention's
+        # `after_prompt`): steps then only score the stored
         self.reconstruction: torch.Tensor | None = None
 
     @property
@@ -266,7 +266,7 @@ class KVLayer(CacheLayerMixin):
     def _visible(self, new_positions: torch.Tensor) -> torch.Tensor | None:
         """What the step's queries see of [stored | step]: [batch, heads or 1, n, stored + n] bool, or None (a prompt
         into an empty layer without padding: causal, no mask). A padding query sees itself alone (its output is never
-        read, and what it attends to must not count: kvzip's reconstruction has padding after stored tokens)."""
+        read, and what it attends to must not count: a pass over the context has padding after stored tokens)."""
         batch, n = new_positions.shape
         real = new_positions >= 0
         if not self.stored and bool(real.all()):
@@ -304,7 +304,7 @@ class KVLayer(CacheLayerMixin):
         return out
 
     def _score_reconstruction(self, query, new_k, new_v, new_positions, scaling, softcap, compute) -> torch.Tensor:
-        """A step of the context's reconstruction (kvzip, `reconstruct`): attend over [stored | step] as any step,
+        """A step of a pass over the context (a retention's `after_prompt`): attend over [stored | step] as any step,
         raise each stored token's score to the most attention a query gave it, and store nothing."""
         visible = self._visible(new_positions)
         out, _, peak, transient = self._attend_over(
@@ -315,7 +315,7 @@ class KVLayer(CacheLayerMixin):
         return out
 
     def reconstruction_view(self) -> RetentionView:
-        """What the retention sees once the reconstruction (kvzip) scored every stored token."""
+        """What the retention sees once a pass over the context scored every stored token."""
         return RetentionView(
             self.seen,
             self.stored,
@@ -629,7 +629,7 @@ class KVCache(Cache):
                 for i in range(num_layers)
             ]
         super().__init__(layers=layers)
-        self.reconstructed = "reconstruction" not in spec.retention.needs  # False: kvzip's scoring pass is to come
+        self.after_prompt_due = spec.retention.acts_after_prompt  # the retention's `after_prompt` is still to run
         self.resident_bytes = 0  # what every layer held after its last step
         self.peak_bytes = 0  # most KV bytes held at once: resident in every layer plus the step's transient copies
         self.workspace = Workspace()
@@ -657,7 +657,14 @@ class KVCache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        self.reconstructed = "reconstruction" not in self.spec.retention.needs  # the next prompt is scored again
+        self.after_prompt_due = self.spec.retention.acts_after_prompt  # the next prompt is acted on again
+
+    def after_prompt(self, model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        """Once the prompt is stored (the first forward, or a replayed prefill), run the retention's `after_prompt`
+        if it is due: once per prompt, so the forwards it makes itself do not run it again."""
+        if self.after_prompt_due:
+            self.after_prompt_due = False
+            self.spec.retention.after_prompt(model, self, input_ids, attention_mask)
 
     def kv_bytes(self) -> dict[str, int]:
         """Exact resident bytes per tier name (device, host, disk), summed over layers, plus the store's staging."""
@@ -730,8 +737,9 @@ def make_cache(
                 f"prefill_chunk needs a score-based retention ({', '.join(seam_retentions())}); "
                 f"{spec.retention.name!r} already evicts before each step's attention"
             )
-    if "reconstruction" in spec.retention.needs:
-        _check_reconstructs(model_or_config, spec, prefill_chunk)
+    spec.retention.check_cache(model_or_config, prefill_chunk)
+    if spec.retention.acts_after_prompt:
+        _hook_after_prompt(model_or_config)
     config = decoder_config(model_or_config)
     if not isinstance(grow, int) or isinstance(grow, bool) or grow < 0:
         raise ValueError(f"grow must be a number of tokens >= 0 (0: storage holds exactly its tokens), got {grow!r}")
@@ -808,22 +816,19 @@ def _check_static(
             raise ValueError(f"compile=True has storage of its own: leave {name} out, got {name}={value!r}")
 
 
-def _check_reconstructs(model: Any, spec: StrategySpec, prefill_chunk: int | None) -> None:
-    """A kvzip cache scores its prompt by running the model over it again after the first forward: it needs the model
-    (the hook that runs it is registered once per model) and the whole prompt in that forward."""
-    if not hasattr(model, "register_forward_hook"):
-        raise ValueError(
-            f"{spec.retention.name} reconstructs the prompt with the model after prefilling it: pass the "
-            "model to make_cache, not its config"
-        )
-    if prefill_chunk is not None:
-        raise ValueError(
-            f"{spec.retention.name} scores the whole prompt once it is prefilled, so a chunked prefill "
-            f"would hold it whole anyway: leave prefill_chunk out, got prefill_chunk={prefill_chunk}"
-        )
-    if not getattr(model, "_kvcompress_reconstructs", False):
-        model.register_forward_hook(reconstruct_after_prompt, with_kwargs=True)
-        model._kvcompress_reconstructs = True
+def _hook_after_prompt(model: Any) -> None:
+    """Register, once per model, the forward hook that runs a retention's `after_prompt` after a cache's first
+    forward."""
+    if not getattr(model, "_kvcompress_after_prompt", False):
+        model.register_forward_hook(_after_forward, with_kwargs=True)
+        model._kvcompress_after_prompt = True
+
+
+def _after_forward(model: Any, args: tuple, kwargs: dict, output: Any) -> None:
+    """A model forward hook: hand a KVCache the prompt its forward stored (`KVCache.after_prompt`)."""
+    cache = kwargs.get("cache")
+    if isinstance(cache, KVCache) and cache.after_prompt_due:
+        cache.after_prompt(model, kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask"))
 
 
 def _routable(model: Any, config: Any) -> bool:

@@ -475,19 +475,19 @@ def test_kvzip_scores_the_prompt_by_reconstructing_it_under_generate(tiny):
             do_sample=False,
             pad_token_id=0,
         )
-        assert out.shape == (2, 36) and cache.reconstructed and cache.get_seq_length() == 35
+        assert out.shape == (2, 36) and not cache.after_prompt_due and cache.get_seq_length() == 35
         assert all(layer.reconstruction is None for layer in cache.layers)
         for row in range(2):  # the layers' budgets are ranked: 12 per head on average, then the 5 new tokens
             assert sum(int((layer.positions[row] >= 0).sum()) for layer in cache.layers) == (12 + 5) * 2 * 2
         peaks[chunk] = cache.peak_bytes
     cache.reset()  # a reused cache scores its next prompt too
     tiny.generate(input_ids=ids[:1], cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    assert cache.reconstructed and sum(layer.stored for layer in cache.layers) == (12 + 1) * 2
+    assert not cache.after_prompt_due and sum(layer.stored for layer in cache.layers) == (12 + 1) * 2
     full = make_cache(tiny, "full")
     tiny.generate(input_ids=ids, attention_mask=mask, cache=full, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert peaks[7] < peaks[64] and peaks[7] > full.peak_bytes  # the prompt whole, and a chunk's copy beside it
     cache = make_cache(tiny, "kvzip:budget=12")
-    cache.reconstructed = True  # a forward that does not reconstruct by itself
+    cache.after_prompt_due = False  # a forward that does not reconstruct by itself
     with torch.no_grad():
         tiny(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
     with pytest.raises(ValueError, match="it holds 30 tokens, input_ids has 20"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,8 +35,8 @@ class RetentionView:
       each stored token over every query so far (members that declare "mass"). keys(): [batch, heads, stored, dim]
       the stored keys as attention reads them (decoded; computed on demand). reconstruction: [batch, heads, stored]
       the most attention any query of the context's reconstruction gave each token, over the query heads of its KV
-      head (members that declare "reconstruction": `kvcompress.reconstruct`). capacity: [batch] tokens each row
-      keeps per head in this layer, where a pass over the whole model set it (kvzip's ranking across layers).
+      head (members that declare "reconstruction", scored by their `after_prompt` pass). capacity: [batch] tokens
+      each row keeps per head in this layer, where a pass over the whole model set it (kvzip's ranking across layers).
     """
 
     seen: int
@@ -66,6 +66,7 @@ class Retention:
     seam = False  # whether it runs on the attention seam (after attention) rather than inside `update`
     needs = ()  # statistics the seam computes for it: "attention", "mass", "reconstruction"
     capacity_by_layer = False  # whether `capacity` depends on the layer (then sizes are summed layer by layer)
+    acts_after_prompt = False  # whether `after_prompt` acts once the first forward stored the prompt (a model hook)
 
     @property
     def evicts(self) -> bool:
@@ -93,6 +94,18 @@ class Retention:
     def state_bytes_per_token(self, kv_heads: int) -> int:
         """Bookkeeping bytes per stored token per layer (positions, score state), counted in kv_bytes()."""
         return torch.int32.itemsize if self.needs_positions else 0
+
+    def check_cache(self, model_or_config: Any, prefill_chunk: int | None) -> None:
+        """Refuse, by name, a cache make_cache was asked for that this retention cannot serve (default: none)."""
+
+    def after_prompt(
+        self, model: Any, cache: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> None:
+        """Act on the prompt once the cache's first forward has stored it, where the member declares
+        `acts_after_prompt` (a second pass of the model over the prompt, then eviction): the cache calls it from a
+        forward hook, or a replayed prefill does, once per prompt; the model's forwards inside it do not call it again.
+        input_ids: [batch, tokens] the prompt (None: the model was called with embeddings); attention_mask: 0 for
+        left padding, or None. Default: nothing."""
 
 
 WHEN = ("budget", "prefill", "interval")

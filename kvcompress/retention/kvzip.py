@@ -1,4 +1,5 @@
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,14 +29,15 @@ class KVzipRetention(ScoreRetention):
     former, where RULER's multi-key haystacks need it (docs/measurements.md). The paper
     prefixes a "repeat the context" prompt; here the context follows itself bare (no tokenizer needed).
 
-    The scoring runs once, after the cache's first forward (the prompt, however it was called: `generate`, a manual
-    forward, a replayed prefill); so `when` is "prefill", and the whole prompt must be in that first forward (no
-    `prefill_chunk`). chunk: context tokens reconstructed per pass; one pass holds [heads, chunk, stored + chunk]
-    attention weights a block of queries at a time, and K/V of the chunk beside the cache."""
+    The scoring runs once, after the cache's first forward (`after_prompt`: the prompt, however it was called:
+    `generate`, a manual forward, a replayed prefill); so `when` is "prefill", and the whole prompt must be in that
+    first forward (no `prefill_chunk`). chunk: context tokens reconstructed per pass; one pass holds [heads, chunk,
+    stored + chunk] attention weights a block of queries at a time, and K/V of the chunk beside the cache."""
 
     chunk: int = 2048
     layers: str = "ranked"
     needs = ("reconstruction",)
+    acts_after_prompt = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,6 +56,30 @@ class KVzipRetention(ScoreRetention):
                 f"scores ranked together, layers as wide as their share; equal: every layer keeps the "
                 f"budget), got {self.layers!r}"
             )
+
+    def check_cache(self, model_or_config: Any, prefill_chunk: int | None) -> None:
+        """The reconstruction runs the model over the prompt after the first forward: it needs the model (make_cache
+        hooks it) and the whole prompt in that forward."""
+        if not hasattr(model_or_config, "register_forward_hook"):
+            raise ValueError(
+                f"{self.name} reconstructs the prompt with the model after prefilling it: pass the "
+                "model to make_cache, not its config"
+            )
+        if prefill_chunk is not None:
+            raise ValueError(
+                f"{self.name} scores the whole prompt once it is prefilled, so a chunked prefill "
+                f"would hold it whole anyway: leave prefill_chunk out, got prefill_chunk={prefill_chunk}"
+            )
+
+    def after_prompt(
+        self, model: Any, cache: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> None:
+        """Reconstruct the prompt the first forward prefilled (`reconstruct`), which evicts every layer."""
+        if input_ids is None:
+            raise ValueError(
+                "kvzip reconstructs the prompt from its token ids: call the model with input_ids, not inputs_embeds"
+            )
+        reconstruct(model, cache, input_ids, attention_mask)
 
     def due(self, stored, seen, layer, layers, step, since_eviction) -> bool:
         return False  # `reconstruct` evicts, once the whole model has scored the context
@@ -94,9 +120,9 @@ def reconstruct(model, cache, input_ids: torch.Tensor, attention_mask: torch.Ten
     """KVzip's scoring pass over `cache`, which holds exactly the prompt `input_ids` [batch, tokens] (left-padded
     rows: `attention_mask`): feed the prompt again after itself, `chunk` tokens at a time, each chunk attending over
     the stored prompt and its own tokens, then evict every layer by the scores. A cache made for a kvzip strategy
-    runs it by itself after its first forward (make_cache registers the hook); call it directly after filling a
-    cache without the model (a replayed prefill)."""
-    cache.reconstructed = True
+    runs it by itself after its first forward (`after_prompt`, from the hook make_cache registers); call it directly
+    after filling a cache without the model's forward."""
+    cache.after_prompt_due = False
     layers, tokens = cache.layers, input_ids.shape[1]
     if layers[0].seen != tokens:
         raise ValueError(
@@ -121,16 +147,3 @@ def reconstruct(model, cache, input_ids: torch.Tensor, attention_mask: torch.Ten
     for layer, view, capacity in zip(layers, views, cache.spec.retention.layer_capacities(views)):
         view.capacity = capacity
         layer.evict_reconstructed(view)
-
-
-def reconstruct_after_prompt(model, args: tuple, kwargs: dict, output) -> None:
-    """A model forward hook: after the first forward into a kvzip cache, reconstruct what it prefilled."""
-    cache = kwargs.get("cache")
-    if getattr(cache, "reconstructed", True):  # another cache, or no pass to come (KVCache sets it for kvzip only)
-        return
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    if input_ids is None:
-        raise ValueError(
-            "kvzip reconstructs the prompt from its token ids: call the model with input_ids, not inputs_embeds"
-        )
-    reconstruct(model, cache, input_ids, kwargs.get("attention_mask"))
