@@ -143,9 +143,11 @@ class ReportConfig:
 
 def configs_of(meta: dict) -> list[ReportConfig]:
     """The ReportConfigs a records file was run with: one per model (files from before model grids hold one; files
-    from before batched recall ran one case at a time, with the first generators' cases)."""
+    from before batched recall ran one case at a time, with the first generators' cases; files from before
+    latency_lengths timed latency at every length)."""
     return [
-        ReportConfig.from_dict({"recall_batch": 1, "cases": 1, **c}) for c in meta.get("configs") or [meta["config"]]
+        ReportConfig.from_dict({"recall_batch": 1, "cases": 1, "latency_lengths": c.get("lengths"), **c})
+        for c in meta.get("configs") or [meta["config"]]
     ]
 
 

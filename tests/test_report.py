@@ -10,7 +10,7 @@ from kvcompress.evals import harness as harness_module
 from kvcompress.evals import reference_text
 from kvcompress.evals.cases import CASES, render, score
 from kvcompress.evals.cells import cell_keys
-from kvcompress.evals.config import ReportConfig, Thresholds
+from kvcompress.evals.config import ReportConfig, Thresholds, configs_of
 from kvcompress.evals.latency import latency_cells
 from kvcompress.evals.records import RecordStore
 from kvcompress.evals.report import COLUMNS, _decode_change, pressures
@@ -540,6 +540,17 @@ def test_the_shipped_fidelity_text_gives_disjoint_windows(default_model):
     tokens = len(tokenizer(reference_text())["input_ids"])
     c = ReportConfig()
     assert tokens > 90_000 and tokens // c.fidelity_windows >= c.fidelity_prefill + c.fidelity_steps
+
+
+def test_records_from_before_latency_lengths_keep_latency_at_every_length():
+    """A records file whose config has no latency_lengths timed latency at each of its lengths: resumed or reported,
+    its grid still holds those cells; a file that names them keeps its own."""
+    old = {"config": {"model": "random:tiny", "lengths": [64, 96]}}
+    (config,) = configs_of(old)
+    assert config.latency_lengths == [64, 96]
+    assert sorted({c["length"] for c in cell_keys(config) if c["kind"] == "latency"}) == [64, 96]
+    (config,) = configs_of({"config": {**old["config"], "latency_lengths": [96]}})
+    assert config.latency_lengths == [96] and ReportConfig(lengths=[64, 96]).latency_lengths == [96]
 
 
 def test_the_wide_set_is_the_quick_grid_and_the_members_it_leaves_out():
