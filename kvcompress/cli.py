@@ -26,13 +26,14 @@ from .evals.run import run_report
 from .evals.sweep import load_sweep
 from .geometry import config_dtype
 from .models import load_config, load_model
-from .planner import GIB, as_json, parse_memory, plan, resolve_gpu_memory, sizing_table, weights_bytes
-from .provenance import provenance
-from .simulator import SimConfig, load_routes, plot_memory, simulate
-from .strategy import list_strategies, parse_strategy, split_strategies
+from .planner import GIB, kv_capacity, parse_memory, plan, plan_record, resolve_gpu_memory, sizing_table
+from .simulator import RECORD_FILE, SimConfig, SimResult, load_routes, simulate, write_simulation
+from .strategy import StrategySpec, list_strategies, parse_strategy, split_strategies
+from .tiers import DEVICE_MEMORY
 from .units import parse_tokens
 
 MIB = 2**20
+FULL = StrategySpec()  # what "saved" is measured against: every token kept, unencoded, on the device
 RUNS_DIR = Path("results/runs")  # fresh run folders (git-ignored); committed reference results live beside it
 LATEST = "latest"
 # report flags named apart from their Thresholds field; every other flag is its ReportConfig setting's name, and
@@ -46,7 +47,7 @@ def _strategies(args: argparse.Namespace) -> None:
     dtype = parse_dtype(args.kv_dtype, "--kv-dtype") or config_dtype(config)
     names = split_strategies(args.strategies) if args.strategies else None
     specs = [parse_strategy(n) for n in names] if names else _presets()
-    full = expected_kv_bytes(config, "full", args.context, dtype=dtype)
+    full = expected_kv_bytes(config, FULL, args.context, dtype=dtype)
     header = ("strategy", "retention", "codec", "tier", "bytes/token", f"KV MiB @ {args.context}", "saved vs full")
     rows = []
     for spec in specs:
@@ -92,8 +93,8 @@ def _generate(args: argparse.Namespace) -> None:
         out = model.generate(**inputs, cache=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
         tiers, stored, seen = cache.kv_bytes(), cache.stored_tokens(), cache.get_seq_length()
     print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
-    device = tiers.get("device", 0)
-    full = expected_kv_bytes(model, "full", seen, dtype=model.kv_dtype)
+    device = tiers.get(DEVICE_MEMORY, 0)
+    full = expected_kv_bytes(model, FULL, seen, dtype=model.kv_dtype)
     where = ", ".join(f"{t} {b / MIB:.2f} MiB" for t, b in tiers.items())
     print(
         f"\n[kv] {cache.spec}: {where} resident for {stored} of {seen} tokens; "
@@ -191,19 +192,7 @@ def _plan(args: argparse.Namespace) -> None:
     context, strategies = args.context, split_strategies(args.strategies)
     rows = plan(config, strategies, memory, context, args.sessions, args.weights, args.reserve)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": args.model,
-                    "gpu_bytes": round(memory),
-                    "context": context,
-                    "sessions": args.sessions,
-                    "weights": args.weights,
-                    "rows": as_json(rows),
-                },
-                indent=1,
-            )
-        )
+        print(json.dumps(plan_record(args.model, memory, context, args.sessions, args.weights, rows), indent=1))
         return
     first = rows[0]
     print(
@@ -238,17 +227,12 @@ def _plan(args: argparse.Namespace) -> None:
 def _simulate(args: argparse.Namespace) -> None:
 
     out = Path(args.out) if args.out else _fresh_run_folder("simulate")
-    if (out / "simulate.json").exists():
-        raise ValueError(f"--out {str(out)!r} already holds simulate.json: choose another folder or remove it first")
+    if (out / RECORD_FILE).exists():
+        raise ValueError(f"--out {str(out)!r} already holds {RECORD_FILE}: choose another folder or remove it first")
     _check_writable(out, "--out")
-    config = load_config(args.model)
-    kv_capacity = resolve_gpu_memory(args.gpu, args.gpu_mem) * (1 - args.reserve) - weights_bytes(config, args.weights)
-    if kv_capacity <= 0:
-        raise ValueError(
-            f"the weights ({args.weights}) and reserve leave no memory for KV on {args.gpu_mem or args.gpu}"
-        )
+    config, gpu = load_config(args.model), args.gpu_mem or args.gpu
     sim = SimConfig(
-        kv_capacity,
+        kv_capacity(config, args.gpu, args.gpu_mem, args.weights, args.reserve),
         args.minutes,
         args.seed,
         args.allocator,
@@ -263,48 +247,46 @@ def _simulate(args: argparse.Namespace) -> None:
     )
     results = simulate(config, split_strategies(args.strategies), load_routes(args.routes), sim)
     print(
-        f"{args.model} on {args.gpu_mem or args.gpu}: {kv_capacity / GIB:.1f} GiB for KV after weights and reserve; "
+        f"{args.model} on {gpu}: {sim.gpu_bytes / GIB:.1f} GiB for KV after weights and reserve; "
         f"{args.allocator} allocator, admission {args.admission}, idle policy {args.idle_policy} "
         f"(ttl {args.ttl:g} s), {args.minutes:g} min, seed {args.seed}"
     )
-    rows = []
-    for r in results:
-        p50, p95 = r.queue_wait_s()
-        peaks = ", ".join(f"{memory} {n / GIB:.1f} GiB" for memory, n in r.peak_off_device_bytes.items())
-        offload = (
-            f"; off the GPU: peak {peaks}, link demand {r.link_utilisation['mean']:.0%} mean / "
-            f"{r.link_utilisation['peak']:.0%} peak of what it carries, decode speed {r.decode_speed['mean']:.2f}x"
-            if any(r.peak_off_device_bytes.values())
-            else ""
-        )
-        failures = ", ".join(f"{n} short of {memory}" for memory, n in r.failures_by_memory.items() if n)
-        print(
-            f"\n{r.strategy}: peak {r.peak_bytes / GIB:.1f} GiB on the GPU, allocation failures "
-            f"{r.allocation_failures}{f' ({failures})' if failures else ''}, evictions {r.evictions}, fragmentation "
-            f"{r.fragmentation_pct:.1f}%, queue wait p50 {p50:.1f} s / p95 {p95:.1f} s{offload}"
-        )
-        print_table(
-            ("route", "active sessions", "avg active tokens", "KV GiB", "outcome"),
-            [
-                (
-                    name,
-                    f"{v['active_sessions']:.2f}",
-                    f"{v['avg_active_tokens']:,}",
-                    f"{v['kv_bytes'] / GIB:.2f}",
-                    v["outcome"],
-                )
-                for name, v in r.per_route.items()
-            ],
-        )
-        rows.append(r.record())
-    meta = {
-        **provenance(args.model, "cpu", args.command_line),
-        "gpu": args.gpu_mem or args.gpu,
-        "kv_capacity_bytes": round(kv_capacity),
-    }
-    (out / "simulate.json").write_text(json.dumps({"meta": meta, "results": rows}) + "\n")
-    png = plot_memory(results, kv_capacity, out / "kv_memory.png")
-    print(f"\nwrote {out / 'simulate.json'}" + (f" and {png}" if png else ""))
+    for result in results:
+        _print_simulation(result)
+    path, png = write_simulation(out, results, sim, args.model, gpu, args.command_line)
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+
+
+def _print_simulation(r: SimResult) -> None:
+    """One strategy's run: its headline figures, then a table of its routes."""
+
+    p50, p95 = r.queue_wait_s()
+    peaks = ", ".join(f"{memory} {n / GIB:.1f} GiB" for memory, n in r.peak_off_device_bytes.items())
+    offload = (
+        f"; off the GPU: peak {peaks}, link demand {r.link_utilisation['mean']:.0%} mean / "
+        f"{r.link_utilisation['peak']:.0%} peak of what it carries, decode speed {r.decode_speed['mean']:.2f}x"
+        if any(r.peak_off_device_bytes.values())
+        else ""
+    )
+    failures = ", ".join(f"{n} short of {memory}" for memory, n in r.failures_by_memory.items() if n)
+    print(
+        f"\n{r.strategy}: peak {r.peak_bytes / GIB:.1f} GiB on the GPU, allocation failures "
+        f"{r.allocation_failures}{f' ({failures})' if failures else ''}, evictions {r.evictions}, fragmentation "
+        f"{r.fragmentation_pct:.1f}%, queue wait p50 {p50:.1f} s / p95 {p95:.1f} s{offload}"
+    )
+    print_table(
+        ("route", "active sessions", "avg active tokens", "KV GiB", "outcome"),
+        [
+            (
+                name,
+                f"{v['active_sessions']:.2f}",
+                f"{v['avg_active_tokens']:,}",
+                f"{v['kv_bytes'] / GIB:.2f}",
+                v["outcome"],
+            )
+            for name, v in r.per_route.items()
+        ],
+    )
 
 
 def print_table(header, rows) -> None:

@@ -45,6 +45,17 @@ def resolve_gpu_memory(gpu: str, gpu_mem: str | None = None) -> float:
     return parse_memory(gpu_mem) if gpu_mem else gpu_memory(gpu)
 
 
+def kv_capacity(
+    config, gpu: str, gpu_mem: str | None = None, weights: str = "bf16", reserve_fraction: float = 0.1
+) -> float:
+    """Bytes of a GPU (a preset, or `gpu_mem` when given) left for KV once the runtime reserve, a fraction of its
+    memory, and the weights are taken: the room the simulator plays sessions in."""
+    capacity = resolve_gpu_memory(gpu, gpu_mem) * (1 - reserve_fraction) - weights_bytes(config, weights)
+    if capacity <= 0:
+        raise ValueError(f"the weights ({weights}) and reserve leave no memory for KV on {gpu_mem or gpu}")
+    return capacity
+
+
 def weights_bytes(config, weights: str = "bf16") -> int:
     if weights not in WEIGHT_BYTES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_BYTES)}, got {weights!r}")
@@ -124,7 +135,7 @@ def plan(
             )
         off_device = sizer.bytes(context, sessions) - kv
         if off_device:
-            verdict += f"; {spec.tier.name} holds {off_device / 2**30:,.1f} GiB"
+            verdict += f"; {spec.tier.memory} holds {off_device / 2**30:,.1f} GiB"
         rows.append(
             PlanRow(
                 str(spec),
@@ -194,3 +205,16 @@ def sizing_table(
 
 def as_json(rows: list[PlanRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def plan_record(model: str, gpu_bytes: float, context: int, sessions: int, weights: str, rows: list[PlanRow]) -> dict:
+    """The machine-readable plan (`kvcompress plan --json`): what was asked, and one row per strategy, bytes as
+    integers."""
+    return {
+        "model": model,
+        "gpu_bytes": round(gpu_bytes),
+        "context": context,
+        "sessions": sessions,
+        "weights": weights,
+        "rows": as_json(rows),
+    }

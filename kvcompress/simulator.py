@@ -14,22 +14,27 @@ carries, each decodes proportionally slower, so its answer takes longer and its 
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import random
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from .accounting import kv_sizer
+from .provenance import provenance
 from .strategy import StrategySpec, parse_strategy
+from .tiers import DEVICE_MEMORY, TIERS
 
 # A route whose answers decode, on average, over 10% slower than decode_tps is reported bandwidth-bound: below that
 # the link is busy but not what users notice.
 BANDWIDTH_BOUND = 0.9
+RECORD_FILE = "simulate.json"  # what a run writes into its folder: the records, and the plot of KV memory over time
+PLOT_FILE = "kv_memory.png"
 
 ROUTE_FIELDS = {
     "name": str,
@@ -157,7 +162,10 @@ class SimConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.block_tokens <= 0 or self.minutes <= 0 or self.gpu_bytes <= 0:
             raise ValueError("block_tokens, minutes and gpu memory must be positive")
-        for name in ("host_bytes", "pcie_bytes_per_s", "disk_bytes", "disk_bytes_per_s"):
+        # the settings tiers name for their memory's room and their link's speed, in the order declared here
+        tiers = [TIERS.get(name) for name in TIERS.names()]
+        sized = {tier.capacity_setting for tier in tiers} | {tier.link_setting for tier in tiers}
+        for name in (f.name for f in fields(self) if f.name in sized):
             value = getattr(self, name)
             # finite too: an unlimited tier is what made offloading look free; pass a large number to mean "plenty"
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -234,7 +242,7 @@ class Simulation:
         # where the off-device KV lives, how much of it fits and how fast a decode step reads it back
         # the tier declares where it keeps tokens (its memory), its link, and the machine settings sizing both
         self.tier = self.spec.tier
-        self.offloads = self.tier.memory != "device"
+        self.offloads = self.tier.memory != DEVICE_MEMORY
         self.off_capacity, self.link_bytes_per_s = (
             (getattr(config, self.tier.capacity_setting), getattr(config, self.tier.link_setting))
             if self.offloads
@@ -278,7 +286,7 @@ class Simulation:
     def _short(self, need: int, off_need: int) -> str:
         """The memory that cannot take `need` more device bytes and `off_need` more tier bytes, or ''."""
         if self.held + need > self.config.gpu_bytes:
-            return "device"
+            return DEVICE_MEMORY
         if self.off_held + off_need > self.off_capacity:
             return self.tier.memory
         return ""
@@ -316,7 +324,7 @@ class Simulation:
             short = self._short(need, off_need)
             if not short:
                 return
-            if not (session.bytes if short == "device" else session.off_bytes):
+            if not (session.bytes if short == DEVICE_MEMORY else session.off_bytes):
                 continue
             self.result.evictions += 1
             self._evictions[session.route.name] += 1
@@ -502,10 +510,11 @@ class Simulation:
             evicted = self._evicted_for[route.name]
             # the tier running out comes first: room for more sessions is what the offload was chosen for
             if self.offloads and failures.get(memory):
-                device = f"; {failures['device']} more short of device memory" if failures.get("device") else ""
-                outcome = f"{shortage} ({failures[memory]} allocation failures{device})"
+                device = failures.get(DEVICE_MEMORY)
+                also = f"; {device} more short of device memory" if device else ""
+                outcome = f"{shortage} ({failures[memory]} allocation failures{also})"
             elif failures:
-                outcome = f"allocation failures ({failures['device']})"
+                outcome = f"allocation failures ({failures[DEVICE_MEMORY]})"
             elif speed < BANDWIDTH_BOUND:
                 outcome = f"bandwidth-bound (decode {speed:.2g}x, {link} {demand:.0%} demanded)"
             elif leaked > 0.3:
@@ -534,6 +543,25 @@ class Simulation:
 
 def simulate(model_config, strategies: list[str], routes: list[Route], config: SimConfig) -> list[SimResult]:
     return [Simulation(model_config, s, routes, config).run() for s in strategies]
+
+
+def simulation_record(
+    results: list[SimResult], config: SimConfig, model: str, gpu: str, command: list[str] | None = None
+) -> dict:
+    """What simulate.json holds: how the run was made (provenance, the GPU named, its KV capacity) and each
+    strategy's record. The simulation itself runs on the CPU, whatever GPU it models."""
+    meta = {**provenance(model, "cpu", command), "gpu": gpu, "kv_capacity_bytes": round(config.gpu_bytes)}
+    return {"meta": meta, "results": [r.record() for r in results]}
+
+
+def write_simulation(
+    folder: Path, results: list[SimResult], config: SimConfig, model: str, gpu: str, command: list[str] | None = None
+) -> tuple[Path, Path | None]:
+    """Write simulate.json and the plot of KV memory over time into `folder`; return their paths (no plot without
+    matplotlib)."""
+    path = folder / RECORD_FILE
+    path.write_text(json.dumps(simulation_record(results, config, model, gpu, command)) + "\n")
+    return path, plot_memory(results, config.gpu_bytes, folder / PLOT_FILE)
 
 
 def plot_memory(results: list[SimResult], capacity: float, path: Path) -> Path | None:

@@ -7,7 +7,7 @@ import pytest
 
 from kvcompress.cli import main
 from kvcompress.models import load_config
-from kvcompress.planner import GIB, gpu_memory, parameter_count, parse_memory, plan
+from kvcompress.planner import GIB, gpu_memory, kv_capacity, parameter_count, parse_memory, plan, plan_record
 
 # (arch, parameters as published, layers x KV heads x head dim) -- all bfloat16
 MODELS = [
@@ -91,6 +91,18 @@ def test_cli_json_has_integer_bytes(capsys):
     data = json.loads(capsys.readouterr().out)
     assert [r["strategy"] for r in data["rows"]] == ["full", "int8", "fp8", "sink:window=4096"]
     assert data["rows"][0]["kv_bytes"] == 137_438_953_472 and isinstance(data["rows"][0]["weights_bytes"], int)
+    strategies = ["full", "int8", "fp8", "sink:window=4096"]
+    rows = plan(load_config("llama-3.1-8b"), strategies, 80e9, 32768, 32)
+    assert data == plan_record("random:llama-3.1-8b", 80e9, 32768, 32, "bf16", rows)
+
+
+def test_kv_capacity_is_the_gpu_less_its_reserve_and_the_weights():
+    config = load_config("llama-3.1-8b")
+    weights = 8_030_261_248 * 2
+    assert kv_capacity(config, "H100-80GB") == 80e9 * 0.9 - weights
+    assert kv_capacity(config, "H100-80GB", "141GB", "bf16", 0.2) == 141e9 * 0.8 - weights
+    with pytest.raises(ValueError, match=r"the weights \(bf16\) and reserve leave no memory for KV on 16GiB"):
+        kv_capacity(config, "H100-80GB", "16GiB")
 
 
 def test_cli_tables(capsys):

@@ -9,7 +9,7 @@ import pytest
 from kvcompress.accounting import kv_sizer
 from kvcompress.cli import main
 from kvcompress.models import load_config
-from kvcompress.simulator import Route, SimConfig, Simulation, load_routes
+from kvcompress.simulator import Route, SimConfig, Simulation, load_routes, simulate, write_simulation
 from kvcompress.tiers import TIERS
 
 from .conftest import png_size
@@ -190,6 +190,18 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
     assert min(png_size(tmp_path / "kv_memory.png")) >= 200
     with pytest.raises(SystemExit, match="unknown gpu"):
         main(["simulate", "--routes", ROUTES, "--gpu", "H1"])
+
+
+def test_write_simulation_keeps_each_record_and_the_capacity(tmp_path):
+    config = SimConfig(gpu_bytes=20 * 2**30 + 0.4, minutes=5)
+    results = simulate(CONFIG, ["full", "int8+host"], load_routes(ROUTES), config)
+    path, png = write_simulation(tmp_path, results, config, "llama-3.1-8b", "H100-80GB", ["kvcompress", "simulate"])
+    data = json.loads(path.read_text())
+    assert path == tmp_path / "simulate.json" and png == tmp_path / "kv_memory.png"
+    assert data["results"] == json.loads(json.dumps([r.record() for r in results]))
+    meta = data["meta"]
+    assert (meta["model"], meta["gpu"], meta["command"]) == ("llama-3.1-8b", "H100-80GB", "kvcompress simulate")
+    assert meta["kv_capacity_bytes"] == 20 * 2**30 and list(meta)[-2:] == ["gpu", "kv_capacity_bytes"]
 
 
 # -- host and disk tiers: capacity and link bandwidth -------------------------------------------------------------

@@ -18,6 +18,9 @@ from ..registry import Registry
 # A view that pins more than this fraction of dead bytes in its storage is copied out, so evicted tokens are freed
 # now rather than at the next append (and so resident bytes equal what the layer holds).
 _MAX_DEAD_FRACTION = 1 / 64
+# The memory of the compute device (HBM on a GPU): the `memory` of a tier that keeps every token there, and the key
+# of the `nbytes()` counts held in it; what the core compares a tier's `memory` with, never a member's name.
+DEVICE_MEMORY = "device"
 
 
 def own(t: torch.Tensor) -> torch.Tensor:
@@ -169,7 +172,7 @@ class Tier:
     # memory: where its bytes live (the key of the kv_bytes() counts that hold them); link: what a decode step reads
     # them back over; shortage: the outcome named when that memory runs out; capacity_setting and link_setting: the
     # SimConfig fields giving a simulated machine's room on that memory and the link's bytes/s.
-    memory = "device"
+    memory = DEVICE_MEMORY
     link = ""
     shortage = "memory-bound"
     capacity_setting = ""
