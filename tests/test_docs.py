@@ -197,7 +197,7 @@ def lm_eval_known_tasks():
     whose files mention a name (a superset of where it can be defined); a name missing there is looked up in the
     full index."""
     pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (the eval and test extras)")
-    from kvcompress.evals.lm_eval import TASKS_DIR, task_manager
+    from kvcompress.evals.lm_eval_recall import TASKS_DIR, task_manager
     from lm_eval.tasks import TaskManager
 
     names = {task for _, argv in LM_EVAL_COMMANDS for task in (_option(argv, "--tasks") or "").split(",") if task}
@@ -219,7 +219,7 @@ def test_lm_eval_command_parses_and_names_real_tasks(doc, argv, lm_eval_known_ta
     """lm-eval's own parser takes it once kvcompress's flags are taken out (as `kvcompress lm-eval` does), its
     strategies parse, its metadata is JSON, and every task it names is one lm-eval's TaskManager knows (ours
     registered beside lm-eval's)."""
-    from kvcompress.evals.lm_eval import BACKEND_FLAGS, _model_args
+    from kvcompress.evals.lm_eval_args import BACKEND_FLAGS, _model_args
     from lm_eval._cli import HarnessCLI
 
     rest, strategies = argv[2:], _option(argv, "--strategies")

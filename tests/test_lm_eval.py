@@ -7,7 +7,8 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval integration needs the eval extra")
 
 from kvcompress.evals import harness as harness_module  # noqa: E402
-from kvcompress.evals.lm_eval import KVCompressLM, recall_docs, task_manager  # noqa: E402
+from kvcompress.evals.lm_eval_model import KVCompressLM  # noqa: E402
+from kvcompress.evals.lm_eval_recall import recall_docs, task_manager  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
@@ -298,7 +299,8 @@ def test_strategies_run_as_ray_tasks(tmp_path, monkeypatch):
 
 
 def test_a_run_without_per_document_samples_is_refused_by_name(tmp_path):
-    from kvcompress.evals.lm_eval import REQUESTS_FILE, run_records
+    from kvcompress.evals.lm_eval_model import REQUESTS_FILE
+    from kvcompress.evals.lm_eval_records import run_records
 
     folder = tmp_path / "int8"
     (folder / "default").mkdir(parents=True)

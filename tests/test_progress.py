@@ -184,11 +184,13 @@ def test_a_run_prints_its_grid_and_estimate_and_records_its_calibration(tmp_path
 
 
 def test_lm_evals_documents_are_counted_from_the_tasks_metadata():
-    lm_eval = pytest.importorskip("kvcompress.evals.lm_eval", reason="the lm-eval integration needs lm-eval")
+    estimate = pytest.importorskip("kvcompress.evals.lm_eval_estimate", reason="the lm-eval integration needs lm-eval")
+    from kvcompress.evals.lm_eval_recall import SHORT_ANSWER_TOKENS
+
     argv = ["--tasks", "kvc_passkey", "--metadata", json.dumps({"lengths": [200, 400], "depths": 3})]
-    docs = lm_eval.documents(argv, {"pretrained": "default"})
+    docs = estimate.documents(argv, {"pretrained": "default"})
     assert len(docs) == 6 and {round(p, -2) for p, _ in docs} == {200, 400}
-    assert {steps for _, steps in docs} == {lm_eval.SHORT_ANSWER_TOKENS}  # a few digits: the short budget
-    assert lm_eval.documents([*argv, "--limit", "2"], {"pretrained": "default"}) == docs[:2]
+    assert {steps for _, steps in docs} == {SHORT_ANSWER_TOKENS}  # a few digits: the short budget
+    assert estimate.documents([*argv, "--limit", "2"], {"pretrained": "default"}) == docs[:2]
     timing = _calibration()
     assert timing.seconds(documents_work("kvzip:budget=64", docs)) > timing.seconds(documents_work("int8", docs))

@@ -118,7 +118,7 @@ def test_several_answers_score_only_when_all_appear():
 
 def test_ruler_tasks_through_lm_eval(tokenizer):
     pytest.importorskip("lm_eval", reason="the lm-eval integration needs the eval extra")
-    from kvcompress.evals.lm_eval import recall_docs, task_manager
+    from kvcompress.evals.lm_eval_recall import recall_docs, task_manager
 
     docs = recall_docs("ruler_niah_multivalue", tokenizer, [400], 2, 1)
     assert len(docs) == 2 and all(len(d["answer"]) == 4 for d in docs)
