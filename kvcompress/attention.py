@@ -154,7 +154,7 @@ def mask_visible(attention_mask, batch: int, q: int, kv: int, device) -> torch.T
     return visible.expand(batch, 1, q, kv).to(device)
 
 
-WEIGHT_ROWS = 256  # queries whose weights are held at once where every query's are read (mass, softcap)
+WEIGHT_ROWS = 128  # queries whose weights are held at once where every query's are read (mass, softcap)
 
 
 def grouped_attention(
@@ -192,19 +192,21 @@ def grouped_attention(
         made_here = softcap is not None or visible is not None
         out = query.new_empty(b, hq, q, d) if made_here else None
         total = keys.new_zeros(b, h, s, dtype=torch.float32) if per_key else None
+        keys_f, values_f = keys.float(), values.float()
+        buffer = keys.new_empty(b * hq * min(WEIGHT_ROWS, q) * s, dtype=torch.float32)  # every block's weights
         for start in range(0, q, WEIGHT_ROWS):
             stop = min(start + WEIGHT_ROWS, q)
             seen = _rows_visible(visible, q, s, start, stop, keys.device)
-            block = _weights(query[:, :, start:stop], keys, seen, scaling, softcap)
+            reach = _reach(seen, s - q + stop)
+            block = _weights(query[:, :, start:stop], keys_f[:, :, :reach], seen[..., :reach], scaling, softcap, buffer)
             if out is not None:
-                made = block @ values.float()[:, :, None]
-                out[:, :, start:stop] = made.to(query.dtype).view(b, hq, stop - start, d)
+                made = block.flatten(2, 3) @ values_f[:, :, :reach]  # [b, h, g x rows, d]
+                out.view(b, h, hq // h, q, d)[:, :, :, start:stop] = made.view(block.shape[:4] + (d,))
             if per_key == "mass":
-                total += block.mean(dim=2).sum(dim=2)
+                total[..., :reach] += block.sum(dim=(2, 3)) / (hq // h)
             elif per_key == "peak":
-                torch.maximum(total, block.amax(dim=(2, 3)), out=total)
-            scratch = max(scratch, block.nbytes)
-        scratch += total.nbytes if total is not None else 0
+                total[..., :reach] = torch.maximum(total[..., :reach], block.amax(dim=(2, 3)))
+        scratch = buffer.nbytes + (total.nbytes if total is not None else 0)
     if out is None:
         out, copied = _fused(query, keys, values, visible, scaling)
         scratch += copied
@@ -285,16 +287,46 @@ def _rows_visible(visible: torch.Tensor | None, q: int, s: int, start: int, stop
     return torch.ones(stop - start, s, dtype=torch.bool, device=device).tril(s - q + start)
 
 
+def _reach(seen: torch.Tensor, causal_reach: int) -> int:
+    """How many leading keys a block of queries can see: `causal_reach` where none of them sees a key past it (a
+    causal step's rows start..stop see at most s - q + stop keys), else all of them."""
+    if causal_reach >= seen.shape[-1] or bool(seen[..., causal_reach:].any()):
+        return seen.shape[-1]
+    return causal_reach
+
+
 def _weights(
-    query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float, softcap: float | None = None
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    visible: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    buffer: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """float32 softmax weights [b, h, hq/h, q, s] of query [b, hq, q, d] over keys [b, h, s, d]."""
+    """float32 softmax weights [b, h, hq/h, q, s] of query [b, hq, q, d] over keys [b, h, s, d], written into the
+    front of `buffer` (float32, at least that many elements) where given. The query heads of a KV head are rows of one
+    product with it (K never repeated), the mask touches only the columns some query does not see (a causal step's
+    own tokens) and the softmax runs in place: nothing is allocated per block and the scores take few passes."""
     b, hq, q, d = query.shape
-    h = keys.shape[1]
-    grouped = query.reshape(b, h, hq // h, q, d).float()
-    scores = grouped @ keys.float()[:, :, None].transpose(-1, -2) * scaling  # [b, h, g, q, s]
+    h, s = keys.shape[1], keys.shape[2]
+    group = hq // h
+    rows, keys_t = query.float().reshape(b * h, group * q, d), keys.float().flatten(0, 1).transpose(1, 2)
+    hidden = ~(visible if visible.dim() == 4 else visible.expand(b, 1, q, s))  # [q, s]: the same for every row
+    alpha = scaling if softcap is None else scaling / softcap
+    if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad):  # autograd: no out= nor in place
+        scores = torch.bmm(rows, keys_t) * alpha
+        scores = scores.tanh() * softcap if softcap is not None else scores
+        scores = scores.view(b, h, group, q, s).masked_fill(hidden[:, :, None], float("-inf"))
+        return scores.softmax(-1).nan_to_num(0.0)
+    size = b * hq * q * s
+    scores = (buffer[:size] if buffer is not None else keys.new_empty(size, dtype=torch.float32)).view(b * h, -1, s)
+    torch.baddbmm(scores, rows, keys_t, beta=0, alpha=alpha, out=scores)
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    visible = visible if visible.dim() == 4 else visible.expand(b, 1, q, -1)  # [q, s]: the same for every row
-    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
-    return scores.softmax(-1).nan_to_num_(0.0)  # a query that sees nothing (a pad query) attends to nothing
+        scores.tanh_().mul_(softcap)
+    # a block of queries masks few columns (a causal step's own tokens): find the first (a sync, so not per decode step)
+    first = 0 if q == 1 else int(torch.cat([hidden.any(dim=(0, 1, 2)), hidden.new_ones(1)]).nonzero()[0])
+    scores.view(b, h, group, q, s)[..., first:].masked_fill_(hidden[:, :, None, :, first:], float("-inf"))
+    torch.softmax(scores, -1, out=scores)
+    if q == 1 or bool(hidden.all(dim=-1).any()):  # a query that sees nothing (a pad query under the model's mask)
+        scores.nan_to_num_(0.0)  # attends to nothing
+    return scores.view(b, h, group, q, s)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from kvcompress import bytes_per_token, load_model, parse_strategy
@@ -180,3 +181,22 @@ def test_eviction_summary_counts_correct_answers_by_seed():
     )
     assert "| inside | `full` | 1/2 | 1/1 |" in rows and not [r for r in rows if "tova" in r]  # no cases: no row
     assert rows[3] == "| question | strategy | seed 0 | seed 1 |"
+
+
+def test_kvzip_bench_times_the_scoring_pass_against_a_prefill_in_paired_rounds(tmp_path, monkeypatch):
+    argv = ["--model", "random:tiny", "--lengths", "24,40", "--rounds", "3", "--strategy", "kvzip:budget=8"]
+    _run("bench_kvzip.py", [*argv, "--out", str(tmp_path)], monkeypatch)
+    result = json.loads((tmp_path / "kvzip_pass.json").read_text())
+    assert result["meta"]["model"] == "random:tiny" and result["meta"]["calibration"]["prefill_1k_s"] > 0
+    assert [r["length"] for r in result["rows"]] == [24, 40]
+    for row in result["rows"]:
+        assert len(row["full_ttft_s"]) == len(row["kvzip_ttft_s"]) == 3  # the warm-up round is not kept
+        low, high = row["pass_interval"]
+        assert low <= row["pass_in_prefills"] <= high
+    table = (tmp_path / "kvzip_pass.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table if line.startswith("| 24") or line.startswith("| 40")] == [
+        "24",
+        "40",
+    ]
+    with pytest.raises(SystemExit, match="already holds kvzip_pass.json"):
+        _run("bench_kvzip.py", [*argv, "--out", str(tmp_path)], monkeypatch)

@@ -17,9 +17,9 @@ class KVzipRetention(ScoreRetention):
     the cache and storing nothing); a token scores the most attention any query of that reconstruction gave it, over
     the query heads of its KV head, and each KV head keeps its top tokens. What the model must look up to restore the
     context (a passkey, every key of a multi-key haystack) scores high before any question is known, where a
-    query-aware member sees only the context's last query. The price is a second pass over the prompt, through float32
-    weights for every query of it: time to first token is a multiple of `full`'s, which the report's TTFT column
-    measures.
+    query-aware member sees only the context's last query. The price is a second pass over the prompt, with the
+    float32 weights of every query of it (a block of queries at a time): the report's TTFT column measures it, and
+    experiments/bench_kvzip.py times it against a plain prefill (results/kvzip-pass/).
 
     layers="ranked" (the default): the paper ranks every (layer, head, token) score of the model together and keeps
     the top; stored densely, a layer is as wide as its head that holds most of that top, and every head of it keeps
