@@ -22,12 +22,12 @@ from ..cache import make_cache
 from ..dtypes import dtype_name
 from ..models import load_config, load_model
 from ..planner import parameter_count
+from ..prefill import ATTENTION_ROWS
 from ..provenance import device_name
 from ..strategy import parse_strategy
 from .cells import cell_keys, latency_warmup
 from .config import ReportConfig
 from .latency import time_generation
-from .prefill import ATTENTION_ROWS
 from .tasks import depths
 
 # decode steps timed as (rows, context): one row after each one-row prefill (the 256- and the 1k-token, the figure

@@ -8,8 +8,8 @@ import math
 import torch
 
 from ..cache import make_cache
+from ..prefill import Prefill
 from ..strategy import StrategySpec
-from .prefill import Prefill
 
 
 @torch.no_grad()

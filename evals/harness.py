@@ -15,6 +15,7 @@ from ..cache import make_cache, static_refusal
 from ..dtypes import cpu_capability
 from ..geometry import KVGeometry
 from ..models import load_model
+from ..prefill import Prefill
 from ..static import capture
 from ..strategy import parse_strategy
 from . import reference_text, text_ids
@@ -23,7 +24,6 @@ from .cells import latency_warmup
 from .config import ReportConfig
 from .fidelity import compare, step_logits
 from .latency import percentile, time_generation
-from .prefill import Prefill
 from .tasks import depths, make_case
 
 

@@ -27,13 +27,13 @@ import torch
 from kvcompress.evals import stats
 from kvcompress.evals.cases import render
 from kvcompress.evals.config import ReportConfig, configs_of
-from kvcompress.evals.prefill import Prefill
 from kvcompress.evals.records import RecordStore
 from kvcompress.evals.run import run_report
 from kvcompress.evals.tasks import depths, make_case
 
 from kvcompress import bytes_per_token, load_model, make_cache, parse_strategy
 from kvcompress.dtypes import parse_dtype
+from kvcompress.prefill import Prefill
 from kvcompress.provenance import provenance
 
 MEMBERS = ["h2o", "tova", "snapkv", "pyramid", "knorm", "adakv", "kvzip"]

@@ -8,6 +8,7 @@ out = model.generate(**inputs, cache=kc.make_cache(model, "sink:window=256+int8"
 from .accounting import bytes_per_token, expected_kv_bytes
 from .cache import KVCache, KVLayer, make_cache
 from .models import load_model
+from .prefill import Prefill
 from .retention.kvzip import reconstruct
 from .static import compiled_step
 from .strategy import PRESETS, StrategySpec, list_strategies, parse_strategy
@@ -15,6 +16,7 @@ from .strategy import PRESETS, StrategySpec, list_strategies, parse_strategy
 __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
+    "Prefill",
     "KVCache",
     "KVLayer",
     "StrategySpec",

@@ -1,4 +1,6 @@
 """The transformers glue: one cache layer composed of a retention, a codec and a tier; the container only routes.
+The layer's jobs live in three files: the transformers layer API here (`KVLayer`), storage and bookkeeping in
+layer_storage.py, the seam's steps in layer_seam.py.
 
 A layer holds, per stored token, either its encoded form (`encoded_k/v`, older tokens) or its model-dtype form
 (`recent_k/v`, the codec's full-precision residual; every token when the codec is lossless). Retention runs after
@@ -20,67 +22,20 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .accounting import kv_sizer
-from .attention import grouped_attention, hand_over, mask_visible, new_token_valid, route, route_grouped
+from .attention import hand_over, route, route_grouped
 from .codecs import Codec
 from .dtypes import cast_on_write, parse_dtype
 from .geometry import decoder_config, head_dim
-from .kernels.decode import attend_encoded, auto_backend, chunk_tokens, supports
+from .kernels.decode import supports
+from .layer_seam import SeamSteps
+from .layer_storage import LayerStorage, Workspace, held_bytes, split_keep
 from .retention import RETENTIONS, Retention
-from .retention.base import Kept, RetentionView
 from .static import StaticKVLayer
 from .strategy import StrategySpec, parse_strategy
-from .tiers import DevicePart, Part, Store, merge_bytes, no_tokens, take_tokens
-
-FUSED_QUERIES = 16  # steps of at most this many queries attend over encoded KV directly; longer ones decode it
+from .tiers import DevicePart, Part, Store, merge_bytes, no_tokens
 
 
-def _held_bytes(*tensors: torch.Tensor) -> int:
-    """Bytes of the memory the tensors live in (a workspace view: the whole buffer)."""
-    return sum(t.untyped_storage().nbytes() for t in tensors)
-
-
-def _split_keep(keep: slice | torch.Tensor, n_encoded: int, stored: int):
-    """Split a keep over [encoded | recent] storage into one keep per part, or None where rows differ in how many
-    tokens they keep in a part (possible only on a multi-token step before the first eviction). A slice keeps
-    [start, stop) with stop >= n_encoded."""
-    if isinstance(keep, slice):
-        start, stop = keep.start, keep.stop
-        return slice(min(start, n_encoded), min(stop, n_encoded)), slice(max(start - n_encoded, 0), stop - n_encoded)
-    in_encoded = (keep < n_encoded).sum(-1)
-    if (in_encoded != in_encoded.flatten()[0]).any():
-        return None
-    cut = int(in_encoded.flatten()[0])
-    return keep[..., :cut], keep[..., cut:] - n_encoded
-
-
-class Workspace:
-    """Memory a cache's layers decode their history into, one layer after the other: a step's decoded K/V are dead
-    once the layer's attention has read them, so every layer reuses the same two buffers (K, V), grown in chunks of
-    `GROW` tokens. A fresh buffer per layer per step, one token longer each step, was mapped anew and page-faulted
-    by the CPU allocator: writing the decoded history cost several times what it costs into memory already touched."""
-
-    GROW = 256
-
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A [batch, heads, tokens, dim] view of `slot`'s buffer, reallocated only when it is too small or unlike."""
-        buffer = self.buffers.get(slot)
-        if (
-            buffer is None
-            or buffer.dtype != dtype
-            or buffer.device != device
-            or buffer.shape[:2] != shape[:2]
-            or buffer.shape[3] != shape[3]
-            or buffer.shape[2] < shape[2]
-        ):
-            room = -(-shape[2] // self.GROW) * self.GROW
-            buffer = self.buffers[slot] = torch.empty(*shape[:2], room, shape[3], dtype=dtype, device=device)
-        return buffer[:, :, : shape[2]]
-
-
-class KVLayer(CacheLayerMixin):
+class KVLayer(SeamSteps, LayerStorage, CacheLayerMixin):
     """One decoder layer's KV under a (retention, codec, tier) strategy. Its tokens live in parts its tier's store
     makes: the encoded tensors, and the model-dtype ones (every token for a lossless codec; else the codec's
     full-precision residual, which stays on the device: it is the hottest data and at most `residual` tokens)."""
@@ -121,8 +76,6 @@ class KVLayer(CacheLayerMixin):
         self.next_layer: KVLayer | None = None  # prefetched at the start of this layer's update (offloading tiers)
         self.workspace: Workspace | None = None  # where decoded history goes for attention (the cache's, shared)
         self._stash: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None  # seam: the step's K/V until attend
-        self.capture_rows = 0  # keep the last rows of each step's attention in `captured` (Prefill records them)
-        self.captured: torch.Tensor | None = None
         # [batch, heads, stored] float32 while a pass over the context scores what is stored (a retention's
         # `after_prompt`): steps then only score the stored
         self.reconstruction: torch.Tensor | None = None
@@ -143,15 +96,6 @@ class KVLayer(CacheLayerMixin):
             self.mass = torch.empty(*key_states.shape[:2], 0, dtype=torch.float32, device=self.device)
         self.is_initialized = True
 
-    # -- sizes -------------------------------------------------------------------------------------------------
-    @property
-    def n_encoded(self) -> int:
-        return len(next(iter(self.encoded_k.values()))) if self.encoded_k else 0
-
-    @property
-    def stored(self) -> int:
-        return self.n_encoded + (len(self.recent_k) if self.recent_k is not None else 0)
-
     def get_seq_length(self) -> int:
         return self.seen
 
@@ -163,7 +107,6 @@ class KVLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    # -- update ------------------------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         compute = key_states.dtype
         key_states, value_states = cast_on_write(self.kv_dtype, key_states, value_states)
@@ -188,206 +131,8 @@ class KVLayer(CacheLayerMixin):
             keys, values = keys.to(compute), values.to(compute)
         self._store_plain(key_states, kwargs)
         shares_storage = self.codec.lossless and not self.store.offloads and keys.dtype == self.dtype
-        self._end_step(0 if shares_storage else _held_bytes(keys, values))  # else decoded/widened copies
+        self._end_step(0 if shares_storage else held_bytes(keys, values))  # else decoded/widened copies
         return keys, values
-
-    def _store_plain(self, key_states: torch.Tensor, kwargs: dict[str, Any]) -> None:
-        """A positional retention's bookkeeping once the step's tokens are appended: positions, eviction, encoding."""
-        seen_before = self.seen
-        self.seen += key_states.shape[2]
-        if self.positions is not None:
-            new = torch.arange(seen_before, self.seen, dtype=torch.int32, device=self.device)
-            self.positions = torch.cat([self.positions, new.expand(self.positions.shape[0], -1)], dim=1)
-        if self._due():
-            view = RetentionView(
-                self.seen, self.stored, self.positions, self._left_padding(kwargs), self.layer_idx, self.layers
-            )
-            self._evict(view)
-        if not self.codec.lossless:
-            self._encode_overflow()
-        self.steps += 1
-
-    def _due(self) -> bool:
-        return self.retention.due(
-            self.stored, self.seen, self.layer_idx, self.layers, self.steps, self.steps - self.last_eviction
-        )
-
-    def _end_step(self, transient_bytes: int) -> None:
-        if self.store.offloads:
-            for part in self._parts():
-                part.release()
-        resident = sum(self.kv_bytes().values())
-        if self.on_step is not None:
-            self.on_step(resident - self.resident_bytes, transient_bytes)
-        self.resident_bytes, self.transient_bytes = resident, transient_bytes
-
-    # -- the seam: attention, statistics and eviction of a retention that reads them --------------------------------
-    def attend(self, query: torch.Tensor, attention_mask, scaling: float, kwargs: dict[str, Any]) -> torch.Tensor:
-        """Run this step's attention for `query` [batch, query heads, q, dim] over what the layer stores plus the
-        step's K/V (handed over by `update`), chunk by chunk under `prefill_chunk`, evicting after each chunk.
-        Returns the attention output [batch, q, query heads, dim]."""
-        new_k, new_v, compute = self._stash
-        self._stash = None
-        batch, q = query.shape[0], query.shape[2]
-        softcap = kwargs.get("softcap")
-        if not self.retention.seam:  # a fused decode step of a positional retention: the model's mask applies
-            visible = mask_visible(attention_mask, batch, q, self.stored + q, self.device)
-            out, _, _, transient = self._attend_over(query, new_k, new_v, visible, scaling, softcap, compute)
-            self.recent_k.append(new_k)
-            self.recent_v.append(new_v)
-            self._store_plain(new_k, kwargs)
-            self._end_step(transient)
-            return out
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None or position_ids.shape != (batch, q):
-            position_ids = torch.arange(self.seen, self.seen + q, device=self.device).expand(batch, q)
-        valid = new_token_valid(attention_mask, batch, q, self.device)
-        positions = position_ids.to(self.device, torch.int32).masked_fill(~valid, -1)
-        if self.reconstruction is not None:
-            return self._score_reconstruction(query, new_k, new_v, positions, scaling, softcap, compute)
-        chunk = self.prefill_chunk or q
-        outputs = []
-        for start in range(0, q, chunk):
-            step = slice(start, min(start + chunk, q))
-            outputs.append(
-                self._attend_chunk(
-                    query[:, :, step],
-                    new_k[:, :, step],
-                    new_v[:, :, step],
-                    positions[:, step],
-                    scaling,
-                    softcap,
-                    compute,
-                )
-            )
-        self.steps += 1
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-
-    def _visible(self, new_positions: torch.Tensor) -> torch.Tensor | None:
-        """What the step's queries see of [stored | step]: [batch, heads or 1, n, stored + n] bool, or None (a prompt
-        into an empty layer without padding: causal, no mask). A padding query sees itself alone (its output is never
-        read, and what it attends to must not count: a pass over the context has padding after stored tokens)."""
-        batch, n = new_positions.shape
-        real = new_positions >= 0
-        if not self.stored and bool(real.all()):
-            return None
-        held = self.positions >= 0  # [batch, heads, stored]
-        if n > 1 and bool((held == held[:, :1]).all()):
-            held = held[:, :1]  # every KV head sees the same tokens: one mask for all (q x s bytes a head)
-        heads = held.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-        eye = torch.eye(n, dtype=torch.bool, device=self.device)
-        step = (causal & real[:, None, None, :]) | eye
-        return torch.cat([held[:, :, None] & real[:, None, :, None], step.expand(batch, heads, n, n)], dim=-1)
-
-    def _attend_chunk(self, query, new_k, new_v, new_positions, scaling, softcap, compute) -> torch.Tensor:
-        visible = self._visible(new_positions)
-        needs = self.retention.needs
-        rows = max(self.retention.attention_rows, self.capture_rows) if "attention" in needs or self.capture_rows else 0
-        out, probs, mass, transient = self._attend_over(
-            query,
-            new_k,
-            new_v,
-            visible,
-            scaling,
-            softcap,
-            compute,
-            rows=rows,
-            per_key="mass" if "mass" in needs else None,
-        )
-        transient += visible.nbytes if visible is not None else 0
-        attention = probs.mean(dim=2) if probs is not None else None  # pooled over the query heads of a KV head
-        if self.capture_rows:
-            self.captured = attention[:, :, -self.capture_rows :]
-        self._store_step(new_k, new_v, new_positions, attention, mass, compute)
-        self._end_step(transient)
-        return out
-
-    def _score_reconstruction(self, query, new_k, new_v, new_positions, scaling, softcap, compute) -> torch.Tensor:
-        """A step of a pass over the context (a retention's `after_prompt`): attend over [stored | step] as any step,
-        raise each stored token's score to the most attention a query gave it, and store nothing."""
-        visible = self._visible(new_positions)
-        out, _, peak, transient = self._attend_over(
-            query, new_k, new_v, visible, scaling, softcap, compute, per_key="peak"
-        )
-        torch.maximum(self.reconstruction, peak[..., : self.stored], out=self.reconstruction)
-        self._end_step(transient + visible.nbytes + self.reconstruction.nbytes)
-        return out
-
-    def reconstruction_view(self) -> RetentionView:
-        """What the retention sees once a pass over the context scored every stored token."""
-        return RetentionView(
-            self.seen,
-            self.stored,
-            self.positions,
-            None,
-            self.layer_idx,
-            self.layers,
-            reconstruction=self.reconstruction,
-        )
-
-    def evict_reconstructed(self, view: RetentionView) -> None:
-        """Evict by the scores the reconstruction left (`view`), then leave the scoring mode."""
-        self.reconstruction = None
-        self._evict(view)
-        self._end_step(0)
-
-    def _history_and(self, new_k: torch.Tensor, new_v: torch.Tensor, compute: torch.dtype):
-        """[every stored token decoded | the step's], K and V, in the compute dtype."""
-        if self.encoded_k:
-            return (
-                self._with_history("k", new_k, compute, for_attention=True),
-                self._with_history("v", new_v, compute, for_attention=True),
-            )
-        return (
-            torch.cat([self.recent_k.read(), new_k], dim=2).to(compute),
-            torch.cat([self.recent_v.read(), new_v], dim=2).to(compute),
-        )
-
-    def _fuses(self, queries: int) -> bool:
-        """Whether a step of this many queries attends over the codes (a fused layer's decode step, with codes)."""
-        return self.fused and bool(self.encoded_k) and queries <= FUSED_QUERIES
-
-    def _attend_over(
-        self, query, new_k, new_v, visible, scaling, softcap, compute, rows: int = 0, per_key: str | None = None
-    ):
-        """The step's attention over [stored | step] (visible [b, h or 1, q, stored + q], or None: causal, the step
-        alone into an empty layer): read from the codes for a fused decode step that needs no weights and no softcap
-        (Gemma 2), else over the decoded history. Returns the output, the float32 weights of the last `rows` queries
-        (or None), with `per_key` what each key received from the step's queries (grouped_attention), and the bytes
-        the step allocated beside the storage (its mask aside)."""
-        if rows or per_key or softcap is not None or not self._fuses(new_k.shape[2]):
-            keys, values = self._history_and(new_k, new_v, compute)
-            out, probs, summed, scratch = grouped_attention(
-                query, keys, values, visible, scaling, softcap, rows, per_key
-            )
-            return out, probs, summed, _held_bytes(keys, values) + scratch + (probs.nbytes if probs is not None else 0)
-        n_encoded = self.n_encoded
-        tail_k = torch.cat([self.recent_k.read(), new_k], dim=2).to(compute)
-        tail_v = torch.cat([self.recent_v.read(), new_v], dim=2).to(compute)
-        packed_k = {name: part.read() for name, part in self.encoded_k.items()}
-        packed_v = {name: part.read() for name, part in self.encoded_v.items()}
-        batch, heads, _, dim = new_k.shape
-        chunk = (batch, heads, min(chunk_tokens(batch, heads, dim), n_encoded), dim)
-        decoded, buffer = 0, None  # the Triton kernel decodes in registers
-        if auto_backend(query, self.codec) == "torch":  # a chunk of K, then of V, decoded into one float32 buffer
-            decoded = batch * heads * chunk[2] * dim * 4
-            if self.workspace is not None and not torch.is_grad_enabled():  # memory already touched
-                buffer = self.workspace.take("k", chunk, torch.float32, new_k.device)
-                decoded = _held_bytes(buffer)
-        out = attend_encoded(
-            query,
-            self.codec,
-            packed_k,
-            packed_v,
-            visible[:, :, -1, :n_encoded],
-            tail_k,
-            tail_v,
-            visible[..., n_encoded:],
-            scaling,
-            buffer=buffer,
-        )
-        return out, None, None, decoded + tail_k.nbytes + tail_v.nbytes
 
     def restore(
         self,
@@ -415,140 +160,6 @@ class KVLayer(CacheLayerMixin):
         self.steps += 1
         self._end_step(transient_bytes)
 
-    def _store_step(self, new_k, new_v, new_positions, attention, mass, compute) -> None:
-        """Keep the step's tokens and their score state, encode the residual's overflow, evict if due."""
-        batch, heads, n = new_k.shape[:3]
-        self.seen += n
-        self.recent_k.append(new_k)
-        self.recent_v.append(new_v)
-        self.positions = torch.cat([self.positions, new_positions[:, None, :].expand(batch, heads, n)], dim=-1)
-        if self.mass is not None:
-            self.mass = torch.cat([self.mass, self.mass.new_zeros(batch, heads, n)], dim=-1) + mass
-        if not self.codec.lossless:  # first, so that the residual left is within the protected window
-            self._encode_overflow()
-        if self._due():
-            view = RetentionView(
-                self.seen,
-                self.stored,
-                self.positions,
-                None,
-                self.layer_idx,
-                self.layers,
-                attention=attention,
-                mass=self.mass,
-                keys=lambda: self._decoded("k", compute),
-            )
-            self._evict(view)
-
-    def _decoded(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Every stored K ("k") or V ("v") token, decoded, in `dtype` (fresh memory: callers may keep it)."""
-        recent = getattr(self, f"recent_{name}")
-        if not getattr(self, f"encoded_{name}"):
-            return recent.read().to(dtype)
-        return self._with_history(name, recent.read()[:, :, :0], dtype)
-
-    def _with_history(
-        self, name: str, new: torch.Tensor, dtype: torch.dtype, for_attention: bool = False
-    ) -> torch.Tensor:
-        """[K ("k") or V ("v") history decoded | recent | new] in `dtype`, the compute dtype. for_attention: only this
-        layer's attention reads it, so it may go into the cache's workspace."""
-        encoded, held = getattr(self, f"encoded_{name}"), getattr(self, f"recent_{name}").read()
-        n_encoded = len(next(iter(encoded.values()))) if encoded else 0
-        shape = (*new.shape[:2], n_encoded + held.shape[2] + new.shape[2], new.shape[3])
-        if for_attention and self.workspace is not None and not torch.is_grad_enabled():
-            out = self.workspace.take(name, shape, dtype, new.device)
-        else:  # autograd may keep what attention read
-            out = new.new_empty(shape, dtype=dtype)
-        self.codec.decode({key: part.read() for key, part in encoded.items()}, out.narrow(2, 0, n_encoded))
-        if held.shape[2]:
-            out.narrow(2, n_encoded, held.shape[2]).copy_(held)
-        out.narrow(2, n_encoded + held.shape[2], new.shape[2]).copy_(new)
-        return out
-
-    def _left_padding(self, kwargs: dict[str, Any]) -> torch.Tensor:
-        """Left-padding length per row, from the position ids generate derives from the attention mask: the last
-        token of a row with p pad tokens sits at position seen - 1 - p."""
-        batch = self.positions.shape[0] if self.positions is not None else 1
-        position_ids = kwargs.get("kwargs", kwargs).get("position_ids")
-        if position_ids is None or position_ids.shape[0] != batch or not self.retention.needs_positions:
-            return torch.zeros(batch, dtype=torch.long, device=self.device)
-        return (self.seen - 1 - position_ids[:, -1]).to(self.device)
-
-    def _evict(self, view: RetentionView) -> None:
-        stored, n_encoded = self.stored, self.n_encoded
-        keep = self.retention.keep(view)
-        self.last_eviction = self.steps
-        if keep is None:
-            return
-        keep, live = keep if isinstance(keep, Kept) else (keep, None)
-        if self.positions is not None:
-            self.positions = take_tokens(self.positions, keep, dim=self.positions.dim() - 1)
-            if live is not None:
-                self.positions = self.positions.masked_fill(~live, -1)
-        if self.mass is not None:
-            self.mass = take_tokens(self.mass, keep)
-        parts = _split_keep(keep, n_encoded, stored) if n_encoded else (None, keep)
-        # rows keep different numbers of encoded tokens, or the codec encodes blocks of tokens (`token_block`), which
-        # the eviction breaks: decode them back, then evict as one (and encode whole blocks again)
-        if parts is None or (n_encoded and self.codec.token_block > 1):
-            for name in ("k", "v"):
-                decoded = self._decoded(name, self.dtype)
-                for part in getattr(self, f"encoded_{name}").values():
-                    part.close()
-                setattr(self, f"encoded_{name}", {})
-                setattr(self, f"recent_{name}", DevicePart(decoded))
-            parts = (None, keep)
-        self._keep(*parts)
-        if self.codec.token_block > 1:
-            self._encode_overflow()
-
-    def _encode_overflow(self) -> None:
-        overflow = self.codec.encoded_tokens(len(self.recent_k))
-        if overflow <= 0:
-            return
-        self._append_encoded(self.recent_k.read()[:, :, :overflow], self.recent_v.read()[:, :, :overflow])
-        for recent in (self.recent_k, self.recent_v):
-            recent.keep(slice(overflow, len(recent)))
-
-    def _append_encoded(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        for name, packed in zip(("k", "v"), self.codec.encode_pair(keys, values)):
-            parts = getattr(self, f"encoded_{name}")
-            for key, tensor in packed.items():
-                if key not in parts:
-                    parts[key] = self.store.part(no_tokens(tensor))
-                parts[key].append(tensor)
-
-    def _keep(self, keep_encoded: slice | torch.Tensor | None, keep_recent: slice | torch.Tensor) -> None:
-        for part in self._parts():
-            part.keep(keep_recent if part in (self.recent_k, self.recent_v) else keep_encoded)
-
-    # -- bookkeeping that generate and beam search call --------------------------------------------------------
-    def _parts(self) -> list[Part]:
-        held = [*self.encoded_k.values(), *self.encoded_v.values(), self.recent_k, self.recent_v]
-        return [part for part in held if part is not None]
-
-    def prefetch(self) -> None:
-        for part in self._parts():
-            part.prefetch()
-
-    def kv_bytes(self) -> dict[str, int]:
-        """Bytes this layer holds, per tier: encoded payload, scales, residual buffers and positions, counted by the
-        storage the tensors keep alive (so a view pinning evicted tokens counts them)."""
-        state = [t for t in (self.positions, self.mass) if t is not None]
-        bookkeeping = {"device": sum(t.untyped_storage().nbytes() for t in state)} if state else {}
-        return merge_bytes(bookkeeping, *(part.nbytes() for part in self._parts()))
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if not self.is_initialized:
-            return
-        for part in self._parts():
-            part.map(fn)
-            part.release()
-        if self.positions is not None:
-            self.positions = fn(self.positions)
-        if self.mass is not None:
-            self.mass = fn(self.mass)
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
@@ -567,17 +178,13 @@ class KVLayer(CacheLayerMixin):
             raise RuntimeError(f"cannot crop a {self.retention.name} cache that has already evicted tokens")
         keep = slice(0, self.stored + tokens_to_remove)
         self.seen = keep.stop
-        self._keep(*_split_keep(keep, self.n_encoded, self.stored))
+        self._keep(*split_keep(keep, self.n_encoded, self.stored))
         for part in self._parts():
             part.release()
         if self.positions is not None:
             self.positions = self.positions[..., keep]
         if self.mass is not None:
             self.mass = self.mass[..., keep]
-
-    def close(self) -> None:
-        for part in self._parts():
-            part.close()
 
     def reset(self) -> None:
         self.close()

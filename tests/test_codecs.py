@@ -5,11 +5,11 @@ import pytest
 import torch
 from kvcompress.evals import haystack_text, text_ids
 from kvcompress.evals.fidelity import compare, step_logits
-from kvcompress.evals.prefill import Prefill
 from kvcompress.kernels import pack_nibbles, unpack_nibbles
 from kvcompress.kernels.quant import pack_codes, unpack_codes
 
 from kvcompress import codecs, expected_kv_bytes, load_model, make_cache, parse_strategy
+from kvcompress.prefill import Prefill
 
 from .conftest import left_padded, tiny_model
 from .members import CODECS, model_for, strategies

@@ -11,12 +11,12 @@ import statistics
 
 import pytest
 import torch
-from kvcompress.evals.prefill import Prefill
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from kvcompress import expected_kv_bytes, make_cache, parse_strategy, reconstruct
 from kvcompress.cache import seam_retentions
+from kvcompress.prefill import Prefill
 from kvcompress.retention.base import RetentionView
 
 from .conftest import left_padded, tiny_model

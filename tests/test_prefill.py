@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from kvcompress.evals.prefill import Prefill
 
+import kvcompress
 from kvcompress import make_cache
+from kvcompress.prefill import ATTENTION_ROWS, Prefill, Recording
+from kvcompress.retention import RETENTIONS
 
 from .conftest import tiny_model
 
@@ -46,3 +48,21 @@ def test_replayed_prefill_is_bit_identical_to_a_prefill(strategy, tmp_path):
                 outputs.append((torch.stack(logits), kv_bytes, stored, cache.get_seq_length()))
     (direct, *facts), (replayed, *replayed_facts) = outputs
     assert torch.equal(direct, replayed) and facts == replayed_facts
+
+
+def test_a_recording_keeps_the_last_queries_attention_of_every_layer_and_is_no_strategy():
+    """`kvcompress.Prefill.of(..., attention=True)` records, per layer, the pooled attention of the prompt's last
+    ATTENTION_ROWS queries (rows that sum to 1 over the keys they see) and each token's attention mass; the retention
+    that records is not a member anyone can ask for."""
+    model = tiny_model()
+    ids = torch.randint(3, 512, (1, 80), generator=torch.Generator().manual_seed(3))
+    prefill = kvcompress.Prefill.of(model, ids, attention=True)
+    assert len(prefill.attention) == model.config.num_hidden_layers
+    heads = model.config.num_key_value_heads
+    for (rows, mass), (keys, _) in zip(prefill.attention, prefill.kv):
+        assert rows.shape == (1, heads, ATTENTION_ROWS, 80) and keys.shape[2] == 80
+        torch.testing.assert_close(rows.sum(-1), torch.ones(1, heads, ATTENTION_ROWS))
+        assert bool((rows[..., -ATTENTION_ROWS:].triu(1) == 0).all())  # causal: no query sees a later token
+        torch.testing.assert_close(mass.sum(-1), torch.full((1, heads), 80.0))  # each query gives out 1
+    assert Recording.name not in RETENTIONS.names()
+    assert Prefill.of(model, ids, attention=True, mass=False).attention[0][1] is None
