@@ -15,16 +15,19 @@ different tokens), the statistics the retention asked for, eviction, encoding; w
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import saving
 from .accounting import kv_sizer
 from .attention import hand_over, route, route_grouped
 from .codecs import Codec
-from .dtypes import cast_on_write, parse_dtype
+from .dtypes import cast_on_write, dtype_name, parse_dtype
 from .geometry import decoder_config, head_dim
 from .kernels.decode import supports
 from .layer_seam import SeamSteps
@@ -240,6 +243,7 @@ class KVCache(Cache):
         self.resident_bytes = 0  # what every layer held after its last step
         self.peak_bytes = 0  # most KV bytes held at once: resident in every layer plus the step's transient copies
         self.workspace = Workspace()
+        self.model: Any = None  # what the cache was made for (make_cache sets it; `save` fingerprints it)
         for layer in self.layers:
             layer.on_step, layer.workspace = self._note_step, self.workspace
         if self.store.offloads:  # each layer prefetches the next; the last one the first, for the next step
@@ -272,6 +276,35 @@ class KVCache(Cache):
         if self.after_prompt_due:
             self.after_prompt_due = False
             self.spec.retention.after_prompt(model, self, input_ids, attention_mask)
+
+    def save(self, path: str | Path) -> int:
+        """Save what this cache holds to `path` (a safetensors file: saving.py), as stored: every layer's encoded
+        parts, model-dtype tokens, positions and score state, with the strategy, the model's identity and dtypes in
+        its header. Atomic: a failed save leaves the previous file. Returns the bytes on disk (to set beside
+        `kv_bytes()`). `load_cache(model, path)` continues from here bit for bit."""
+        if self.static:
+            raise ValueError("a compile=True cache holds preallocated storage: save a cache made without compile")
+        if not self.layers or not self.layers[0].is_initialized:
+            raise ValueError("this cache holds no tokens yet: save it after a forward")
+        source = self.model() if isinstance(self.model, weakref.ref) else self.model
+        if source is None:
+            raise ValueError("the model this cache was made for is gone: save the cache while the model is alive")
+        tensors, layers = {}, []
+        for i, layer in enumerate(self.layers):
+            state, counters = layer.saved_state()
+            tensors.update({f"{i}.{name}": t.detach().cpu().contiguous() for name, t in state.items()})
+            layers.append({**counters, "stored": layer.stored})
+        header = {
+            "strategy": str(self.spec),
+            "model": saving.model_identity(source),
+            "kv_dtype": dtype_name(self.layers[0].dtype),
+            "seen": self.get_seq_length(),
+            "stored": self.stored_tokens(),
+            "batch": self.layers[0].recent_k.read().shape[0],
+            "after_prompt_due": self.after_prompt_due,
+            "layers": layers,
+        }
+        return saving.write(path, tensors, header)
 
     def kv_bytes(self) -> dict[str, int]:
         """Exact resident bytes per tier name (device, host, disk), summed over layers, plus the store's staging."""
@@ -378,7 +411,7 @@ def make_cache(
     spec.codec.check(head_dim(config), stored_dtype or torch.float32)
     tokens = max_tokens or getattr(config, "max_position_embeddings", None) or 4096
     planned = kv_sizer(config, spec, stored_dtype).bytes(tokens, batch_size)
-    return KVCache(
+    cache = KVCache(
         spec,
         config.num_hidden_layers,
         planned,
@@ -389,6 +422,41 @@ def make_cache(
         grow,
         tokens if compile else None,
     )
+    # what `save` fingerprints: a model is held weakly (a cache must not keep it alive), a config as it is
+    is_module = isinstance(model_or_config, torch.nn.Module)
+    cache.model = weakref.ref(model_or_config) if is_module else model_or_config
+    return cache
+
+
+def load_cache(
+    model_or_config: Any,
+    path: str | Path,
+    *,
+    strategy: str | StrategySpec | None = None,
+    kv_dtype: str | torch.dtype | None = None,
+    offload_dir: str | None = None,
+) -> KVCache:
+    """A fresh cache holding what `KVCache.save` wrote to `path`, for `model_or_config`, to continue generating
+    from (bit-identical to the cache that was saved). strategy, kv_dtype: what the caller expects (default: the
+    file's); a file for another strategy, K/V dtype or model (shape or weights) is refused, naming what differs.
+    offload_dir: where a disk tier puts its file. Raises ValueError naming the file for a missing, truncated or
+    corrupt one; nothing on disk is changed."""
+    header, tensors = saving.read(path)
+    saved = parse_strategy(header["strategy"])
+    if strategy is not None and str(parse_strategy(strategy)) != str(saved):
+        raise ValueError(f"{str(path)!r} holds a {saved} cache, not {parse_strategy(strategy)}")
+    saving.check_model(path, header["model"], model_or_config)
+    wanted = parse_dtype(kv_dtype, "kv_dtype") or getattr(model_or_config, "kv_dtype", None)
+    if wanted is not None and dtype_name(wanted) != header["kv_dtype"]:
+        raise ValueError(f"{str(path)!r} stores K/V in {header['kv_dtype']}, not {dtype_name(wanted)} (kv_dtype)")
+    cache = make_cache(model_or_config, saved, kv_dtype=header["kv_dtype"], offload_dir=offload_dir)
+    device = getattr(model_or_config, "device", torch.device("cpu"))
+    for i, (layer, counters) in enumerate(zip(cache.layers, header["layers"])):
+        prefix = f"{i}."
+        state = {name[len(prefix) :]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
+        layer.load_saved(state, counters)
+    cache.after_prompt_due = header["after_prompt_due"]
+    return cache
 
 
 def static_refusal(spec: StrategySpec) -> str | None:

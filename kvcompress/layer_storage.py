@@ -238,3 +238,32 @@ class LayerStorage:
     def close(self) -> None:
         for part in self._parts():
             part.close()
+
+    def saved_state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """This layer's tensors as stored (encoded parts `encoded_k.<name>`, model-dtype tokens `recent_k`,
+        `positions`, score state `mass`; and the same for V) and its counters: what `load_saved` rebuilds it from."""
+        tensors = {}
+        for name in ("k", "v"):
+            tensors[f"recent_{name}"] = getattr(self, f"recent_{name}").read()
+            for key, part in getattr(self, f"encoded_{name}").items():
+                tensors[f"encoded_{name}.{key}"] = part.read()
+        tensors.update({name: t for name, t in (("positions", self.positions), ("mass", self.mass)) if t is not None})
+        return tensors, {"seen": self.seen, "steps": self.steps, "last_eviction": self.last_eviction}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:
+        """Rebuild an empty layer from `saved_state`'s tensors (on this layer's device) and counters: every part
+        made by this layer's store and filled as stored, nothing decoded or encoded."""
+        self.lazy_initialization(no_tokens(tensors["recent_k"]), no_tokens(tensors["recent_v"]))
+        for name in ("k", "v"):
+            getattr(self, f"recent_{name}").append(tensors[f"recent_{name}"])
+            parts = getattr(self, f"encoded_{name}")
+            for key, tensor in tensors.items():
+                if key.startswith(f"encoded_{name}."):
+                    part = parts[key.removeprefix(f"encoded_{name}.")] = self.store.part(no_tokens(tensor))
+                    part.append(tensor)
+        if self.positions is not None:
+            self.positions = tensors["positions"]
+        if self.mass is not None:
+            self.mass = tensors["mass"]
+        self.seen, self.steps, self.last_eviction = counters["seen"], counters["steps"], counters["last_eviction"]
+        self._end_step(0)

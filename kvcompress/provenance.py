@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import __version__
+from .version import __version__
 
 REPO = Path(__file__).resolve().parent.parent
 

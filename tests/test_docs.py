@@ -323,9 +323,10 @@ def test_yaml_blocks_are_valid_sweep_files(doc, tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_python_example_runs(capsys):
-    """The README's example as written, on the default model: it generates, and the cache holds fewer bytes than a
-    full cache of the same tokens (its strategy encodes them)."""
+def test_readme_python_example_runs(capsys, tmp_path, monkeypatch):
+    """The README's example as written, on the default model: it generates, the cache holds fewer bytes than a
+    full cache of the same tokens (its strategy encodes them), and it saves and loads (in a scratch folder)."""
+    monkeypatch.chdir(tmp_path)
     (example,) = blocks(README, "python")
     namespace: dict = {"__name__": "readme_example"}
     exec(compile(example, "README.md example", "exec"), namespace)
@@ -333,6 +334,7 @@ def test_readme_python_example_runs(capsys):
     cache = namespace["cache"]
     assert cache.get_seq_length() > namespace["inputs"]["input_ids"].shape[1]
     assert 0 < sum(cache.kv_bytes().values()) < namespace["full"]
+    assert namespace["on_disk"] == (tmp_path / "chat.kvc").stat().st_size  # the loaded cache is `cache` now
 
 
 # -- tables copied from the code and the results -----------------------------------------------------------------
