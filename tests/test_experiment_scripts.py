@@ -200,3 +200,19 @@ def test_kvzip_bench_times_the_scoring_pass_against_a_prefill_in_paired_rounds(t
     ]
     with pytest.raises(SystemExit, match="already holds kvzip_pass.json"):
         _run("bench_kvzip.py", [*argv, "--out", str(tmp_path)], monkeypatch)
+
+
+def test_reuse_bench_saves_loads_and_restores_every_strategy_against_a_re_prefill(tmp_path, monkeypatch):
+    argv = ["--model", "random:tiny", "--lengths", "24,40", "--strategies", "full,int8,kvzip:ratio=0.5"]
+    _run("bench_reuse.py", [*argv, "--rounds", "2", "--out", str(tmp_path)], monkeypatch)
+    result = json.loads((tmp_path / "reuse.json").read_text())
+    rows = {(r["strategy"], r["length"]): r for r in result["rows"]}
+    assert set(rows) == {(s, n) for s in ("full", "int8", "kvzip:ratio=0.5") for n in (24, 40)}
+    for row in rows.values():
+        assert len(row["rounds"]) == 2 and row["load_s"] <= row["restore_s"]
+        low, high = row["restore_vs_prefill_interval"]
+        assert low <= row["restore_vs_prefill"] <= high
+        assert row["kv_bytes"] < row["file_bytes"] < row["kv_bytes"] + 64_000  # as stored, plus the header
+    assert rows[("int8", 40)]["file_bytes"] < 0.6 * rows[("full", 40)]["file_bytes"]
+    assert rows[("kvzip:ratio=0.5", 40)]["kv_bytes"] < 0.75 * rows[("full", 40)]["kv_bytes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reuse.json", "reuse.md"]  # no cache file left
