@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from .config import ReportConfig
 from .latency import latency_cells
+from .rows import ReportRow
 
 
-def plot_all(records: list[dict], rows: list[dict], config, out: Path) -> list[Path]:
+def plot_all(records: list[dict], rows: list[ReportRow], config: ReportConfig, out: Path) -> list[Path]:
     try:
         import matplotlib
 
@@ -20,17 +22,17 @@ def plot_all(records: list[dict], rows: list[dict], config, out: Path) -> list[P
     return [p for p in paths if p]
 
 
-def _pareto(plt, rows, out: Path) -> Path:
+def _pareto(plt, rows: list[ReportRow], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     labels_at: dict[tuple, int] = defaultdict(int)  # strategies that land on the same spot (int8 and fp8 often do)
     for r in rows:
-        if r["hbm_saved_pct"] is None or r["recall_loss_pts"] is None:
+        if r.hbm_saved_pct is None or r.recall_loss_pts is None:
             continue
-        size = 40 + 4 * max(0.0, 100 + (r["decode_change_pct"] or 0))
-        point = (r["hbm_saved_pct"], r["recall_loss_pts"])
+        size = 40 + 4 * max(0.0, 100 + (r.decode_change_pct or 0))
+        point = (r.hbm_saved_pct, r.recall_loss_pts)
         ax.scatter(*point, s=size, alpha=0.6)
         spot = (round(point[0] / 3), round(point[1] / 3))  # within ~3 units the labels would overprint: stack them
-        ax.annotate(r["label"], point, fontsize=8, xytext=(4, 4 + 10 * labels_at[spot]), textcoords="offset points")
+        ax.annotate(r.label, point, fontsize=8, xytext=(4, 4 + 10 * labels_at[spot]), textcoords="offset points")
         labels_at[spot] += 1
     ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
     return _finish(

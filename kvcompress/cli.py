@@ -21,7 +21,7 @@ from .cache import make_cache
 from .dtypes import DTYPES, WEIGHTS, dtype_name, parse_dtype
 from .evals.backends import BACKENDS, Backend
 from .evals.config import SMOKE, ReportConfig, Thresholds
-from .evals.report import terminal_rows
+from .evals.render import terminal_rows
 from .evals.run import run_report
 from .evals.sweep import load_sweep
 from .geometry import config_dtype

@@ -1,8 +1,10 @@
 """The eval harness and the pressure-transfer report, on the default model with a tiny grid."""
 
 import csv
+import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -13,15 +15,19 @@ from kvcompress.evals.cells import cell_keys
 from kvcompress.evals.config import ReportConfig, Thresholds, configs_of
 from kvcompress.evals.latency import latency_cells
 from kvcompress.evals.records import RecordStore
-from kvcompress.evals.report import COLUMNS, _decode_change, pressures
+from kvcompress.evals.render import COLUMNS
+from kvcompress.evals.report import write_report
+from kvcompress.evals.rows import Figures
 from kvcompress.evals.run import run_report
 from kvcompress.evals.stats import paired_recall
+from kvcompress.evals.summary import _decode_change
 from kvcompress.evals.sweep import load_sweep
 from kvcompress.evals.tasks import TASKS, depths, make_case
+from kvcompress.evals.verdicts import pressures
 
 from kvcompress.strategy import parse_strategy
 
-from .conftest import head_commit, png_size
+from .conftest import ROOT, head_commit, png_size
 
 
 @pytest.mark.parametrize("task", [t for t in TASKS if not t.startswith("ruler_")])  # RULER's: test_ruler.py
@@ -58,7 +64,8 @@ def test_score_and_depths():
     assert depths(5) == [0.0, 0.25, 0.5, 0.75, 1.0] and depths(1) == [0.5]
 
 
-def _row(**overrides):
+def _row(**overrides) -> Figures:
+    """A row's figures: an int8 row that passes every guardrail, changed by `overrides`; the rest not measured."""
     row = {
         "strategy": "int8",
         "recall_loss_pts": 0.0,
@@ -74,8 +81,7 @@ def _row(**overrides):
         "overlap": None,
         "allocation_failures": 0,
     }
-    row.update(overrides)
-    return row
+    return Figures(**{**dict.fromkeys(f.name for f in dataclasses.fields(Figures)), **row, **overrides})
 
 
 def _paired(n: int, lost: int, won: int = 0) -> dict:
@@ -90,36 +96,34 @@ def _paired(n: int, lost: int, won: int = 0) -> dict:
 
 def test_verdicts_are_judged_on_intervals():
     t, int8 = Thresholds(), parse_strategy("int8")
-    one_in_twenty = pressures(_row(**_paired(20, 1)), int8, t)["verdict"]
+    one_in_twenty = pressures(_row(**_paired(20, 1)), int8, t).verdict
     assert one_in_twenty.startswith("inconclusive (n too small): recall loss 5.0 pts (95% CI")
-    assert pressures(_row(**_paired(60, 15)), int8, t)["verdict"].startswith(
-        "fail: recall loss 25.0 pts (95% CI 6.7 to"
-    )
-    assert pressures(_row(**_paired(240, 0)), int8, t)["verdict"] == "pass"  # identical outcomes, n large enough
-    assert pressures(_row(**_paired(60, 0)), int8, t)["verdict"].startswith("inconclusive")  # identical, n too small
+    assert pressures(_row(**_paired(60, 15)), int8, t).verdict.startswith("fail: recall loss 25.0 pts (95% CI 6.7 to")
+    assert pressures(_row(**_paired(240, 0)), int8, t).verdict == "pass"  # identical outcomes, n large enough
+    assert pressures(_row(**_paired(60, 0)), int8, t).verdict.startswith("inconclusive")  # identical, n too small
     # top-1 over 256 predictions: 96.9% cannot be told from 98%, 90% can
-    assert "inconclusive" in pressures(_row(top1=0.969, top1_interval=(0.939, 0.986)), int8, t)["verdict"]
-    assert pressures(_row(top1=0.90, top1_interval=(0.86, 0.93)), int8, t)["verdict"].startswith("fail: top-1 90.0%")
-    latency = pressures(_row(decode_change_pct=20.0, decode_change_interval=(12.0, 30.0)), int8, t)["verdict"]
+    assert "inconclusive" in pressures(_row(top1=0.969, top1_interval=(0.939, 0.986)), int8, t).verdict
+    assert pressures(_row(top1=0.90, top1_interval=(0.86, 0.93)), int8, t).verdict.startswith("fail: top-1 90.0%")
+    latency = pressures(_row(decode_change_pct=20.0, decode_change_interval=(12.0, 30.0)), int8, t).verdict
     assert latency.startswith("inconclusive") and "decode +20% (95% CI +12 to +30) vs <= +15%" in latency
 
 
 def test_guardrail_verdicts():
     t = Thresholds()
     int8, window = parse_strategy("int8"), parse_strategy("window:window=256")
-    assert pressures(_row(), int8, t)["verdict"] == "pass"
-    assert pressures(_row(recall_loss_pts=2.5), int8, t)["verdict"] == "fail: recall loss 2.5 pts vs <= 2.0 pts"
-    assert "decode +20% vs <= +15%" in pressures(_row(decode_change_pct=20.0), int8, t)["verdict"]
-    assert "top-1 97.0% vs >= 98.0%" in pressures(_row(top1=0.97), int8, t)["verdict"]
-    assert "1 allocation failures" in pressures(_row(allocation_failures=1), int8, t)["verdict"]
-    assert pressures(_row(top1=None), int8, t)["verdict"] == "incomplete: no top1"
-    assert pressures(_row(recall_loss_pts=2.5), int8, Thresholds(recall_loss_pts=5))["verdict"] == "pass"
+    assert pressures(_row(), int8, t).verdict == "pass"
+    assert pressures(_row(recall_loss_pts=2.5), int8, t).verdict == "fail: recall loss 2.5 pts vs <= 2.0 pts"
+    assert "decode +20% vs <= +15%" in pressures(_row(decode_change_pct=20.0), int8, t).verdict
+    assert "top-1 97.0% vs >= 98.0%" in pressures(_row(top1=0.97), int8, t).verdict
+    assert "1 allocation failures" in pressures(_row(allocation_failures=1), int8, t).verdict
+    assert pressures(_row(top1=None), int8, t).verdict == "incomplete: no top1"
+    assert pressures(_row(recall_loss_pts=2.5), int8, Thresholds(recall_loss_pts=5)).verdict == "pass"
     words = pressures(_row(strategy="window:window=256", recall_loss_pts=40.0), window, t)
-    assert words["relieved"] == "HBM -47.0% of KV"
-    assert "older than the 256-token budget" in words["created"] and "-40.0 pts" in words["created"]
-    assert "facts older than 256 tokens" in words["rollback"]
-    assert pressures(_row(hbm_saved_pct=0.0), int8, t)["verdict"] == "incomplete: cannot name relieved pressure"
-    assert pressures(_row(strategy="full"), parse_strategy("full"), t)["verdict"] == "baseline"
+    assert words.relieved == "HBM -47.0% of KV"
+    assert "older than the 256-token budget" in words.created and "-40.0 pts" in words.created
+    assert "facts older than 256 tokens" in words.rollback
+    assert pressures(_row(hbm_saved_pct=0.0), int8, t).verdict == "incomplete: cannot name relieved pressure"
+    assert pressures(_row(strategy="full"), parse_strategy("full"), t).verdict == "baseline"
     disk = pressures(
         _row(
             strategy="full+disk",
@@ -133,10 +137,8 @@ def test_guardrail_verdicts():
         parse_strategy("full+disk"),
         t,
     )
-    assert disk["relieved"] == "HBM -100.0% of KV" and disk["verdict"] == "pass"
-    assert (
-        disk["created"] == "decode latency +5%; host 0.020 GB + disk 0.500 GB holding KV; 12.0 MB moved per decode step"
-    )
+    assert disk.relieved == "HBM -100.0% of KV" and disk.verdict == "pass"
+    assert disk.created == "decode latency +5%; host 0.020 GB + disk 0.500 GB holding KV; 12.0 MB moved per decode step"
 
 
 TINY = dict(
@@ -199,6 +201,16 @@ def test_report_writes_every_column_for_every_row(tmp_path):
     for name in ("pareto.png", "recall_heatmap.png", "latency_vs_context.png"):
         width, height = png_size(tmp_path / name)
         assert width >= 300 and height >= 200
+
+
+def test_the_committed_default_run_summarises_to_its_committed_summary(tmp_path):
+    """Rows are typed (ReportRow) and serialise as the committed files hold them: results/default's records, reported
+    again, give its summary.json and summary.csv to the byte."""
+    committed = ROOT / "results" / "default"
+    shutil.copy(committed / "records.jsonl", tmp_path)
+    write_report(tmp_path)
+    for name in ("summary.json", "summary.csv"):
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), name
 
 
 def test_question_placements_needle_survival_and_peak_are_recorded(tmp_path):
