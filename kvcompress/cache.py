@@ -35,7 +35,7 @@ from .layer_storage import LayerStorage, Workspace, held_bytes, split_keep
 from .retention import RETENTIONS, Retention
 from .static import StaticKVLayer
 from .strategy import StrategySpec, parse_strategy
-from .tiers import DevicePart, Part, Store, merge_bytes, no_tokens
+from .tiers import DEVICE_MEMORY, DevicePart, Part, Store, merge_bytes, no_tokens
 
 
 class KVLayer(SeamSteps, LayerStorage, CacheLayerMixin):
@@ -461,10 +461,10 @@ def load_cache(
 
 def static_refusal(spec: StrategySpec) -> str | None:
     """Why `spec` has no static decode step (compile=True), or None when it has one."""
-    if spec.retention.name != "full" or spec.tier.name != "device":
+    if spec.retention.evicts or spec.tier.memory != DEVICE_MEMORY:
         return (
-            f"compile=True keeps every token in storage allocated once: it needs the retention full on the device "
-            f"tier, got {spec}"
+            f"compile=True keeps every token in storage allocated once: it needs a retention that never evicts, "
+            f"the retention full on the device tier, got {spec}"
         )
     if spec.codec.residual_tokens:
         return (

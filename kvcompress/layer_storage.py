@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .retention.base import Kept, RetentionView
-from .tiers import DevicePart, Part, merge_bytes, no_tokens, take_tokens
+from .tiers import DEVICE_MEMORY, DevicePart, Part, merge_bytes, no_tokens, take_tokens
 
 
 def held_bytes(*tensors: torch.Tensor) -> int:
@@ -221,7 +221,7 @@ class LayerStorage:
         """Bytes this layer holds, per tier: encoded payload, scales, residual buffers and positions, counted by the
         storage the tensors keep alive (so a view pinning evicted tokens counts them)."""
         state = [t for t in (self.positions, self.mass) if t is not None]
-        bookkeeping = {"device": sum(t.untyped_storage().nbytes() for t in state)} if state else {}
+        bookkeeping = {DEVICE_MEMORY: sum(t.untyped_storage().nbytes() for t in state)} if state else {}
         return merge_bytes(bookkeeping, *(part.nbytes() for part in self._parts()))
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -135,7 +135,7 @@ class DevicePart(Part):
         self.length = self.tensor.shape[2]
 
     def nbytes(self) -> dict[str, int]:
-        return {"device": self.tensor.untyped_storage().nbytes()}
+        return {DEVICE_MEMORY: self.tensor.untyped_storage().nbytes()}
 
 
 class Store:
