@@ -27,7 +27,7 @@ from .evals.sweep import load_sweep
 from .geometry import config_dtype
 from .models import load_config, load_model
 from .planner import GIB, kv_capacity, parse_memory, plan, plan_record, resolve_gpu_memory, sizing_table
-from .simulator import RECORD_FILE, SimConfig, SimResult, load_routes, simulate, write_simulation
+from .simulator import RECORD_FILE, ParkCosts, SimConfig, SimResult, load_routes, simulate, write_simulation
 from .strategy import StrategySpec, list_strategies, parse_strategy, split_strategies
 from .tiers import DEVICE_MEMORY
 from .units import parse_tokens
@@ -230,6 +230,14 @@ def _simulate(args: argparse.Namespace) -> None:
     if (out / RECORD_FILE).exists():
         raise ValueError(f"--out {str(out)!r} already holds {RECORD_FILE}: choose another folder or remove it first")
     _check_writable(out, "--out")
+    parks = args.idle_policy == "park"
+    for flag, value in (("--park-costs", args.park_costs), ("--prefill-tps", args.prefill_tps)):
+        if parks and value is None:
+            raise ValueError(f"--idle-policy park needs {flag} (see kvcompress simulate --help)")
+        if not parks and value is not None:
+            raise ValueError(f"{flag} is read only with --idle-policy park, not {args.idle_policy}")
+    if parks and not args.prefill_tps > 0:
+        raise ValueError(f"--prefill-tps must be a positive number of tokens/s, got {args.prefill_tps:g}")
     config, gpu = load_config(args.model), args.gpu_mem or args.gpu
     sim = SimConfig(
         kv_capacity(config, args.gpu, args.gpu_mem, args.weights, args.reserve),
@@ -244,6 +252,8 @@ def _simulate(args: argparse.Namespace) -> None:
         pcie_bytes_per_s=args.pcie_gbps * 1e9,
         disk_bytes=parse_memory(args.disk_mem, "--disk-mem"),
         disk_bytes_per_s=args.disk_gbps * 1e9,
+        park_costs=ParkCosts.read(args.park_costs) if parks else None,
+        prefill_tps=args.prefill_tps,
     )
     results = simulate(config, split_strategies(args.strategies), load_routes(args.routes), sim)
     print(
@@ -251,6 +261,13 @@ def _simulate(args: argparse.Namespace) -> None:
         f"{args.allocator} allocator, admission {args.admission}, idle policy {args.idle_policy} "
         f"(ttl {args.ttl:g} s), {args.minutes:g} min, seed {args.seed}"
     )
+    if parks:
+        costs = sim.park_costs
+        print(
+            f"park costs from {costs.source} ({costs.length} tokens): save {costs.save_bytes_per_s / 1e6:,.0f} MB/s, "
+            f"load {costs.load_bytes_per_s / 1e6:,.0f} MB/s, restore overhead {costs.restore_overhead_s:.3f} s; "
+            f"re-prefill at {args.prefill_tps:,.0f} tokens/s"
+        )
     for result in results:
         _print_simulation(result)
     path, png = write_simulation(out, results, sim, args.model, gpu, args.command_line)
@@ -274,14 +291,34 @@ def _print_simulation(r: SimResult) -> None:
         f"{r.allocation_failures}{f' ({failures})' if failures else ''}, evictions {r.evictions}, fragmentation "
         f"{r.fragmentation_pct:.1f}%, queue wait p50 {p50:.1f} s / p95 {p95:.1f} s{offload}"
     )
+    if r.park:  # the park policy's columns, only for its runs, so the other policies print what they always did
+        k = r.park
+        print(
+            f"parked on the host: mean {k['mean_parked_bytes'] / GIB:.1f} GiB, peak {k['peak_parked_bytes'] / GIB:.1f}"
+            f" GiB; {k['restores']} restores add {k['restore_ttft_mean_s']:.2f} s mean / {k['restore_ttft_p95_s']:.2f}"
+            f" s p95 to the first token, where a re-prefill would add {k['reprefill_ttft_mean_s']:.2f} s / "
+            f"{k['reprefill_ttft_p95_s']:.2f} s; {k['restore_failures']} restores found no device room, "
+            f"{k['park_refusals']} parks no host room"
+        )
+    park_header = ("host GiB", "restores", "restore s mean/p95", "re-prefill s mean/p95")
     print_table(
-        ("route", "active sessions", "avg active tokens", "KV GiB", "outcome"),
+        ("route", "active sessions", "avg active tokens", "KV GiB", *(park_header if r.park else ()), "outcome"),
         [
             (
                 name,
                 f"{v['active_sessions']:.2f}",
                 f"{v['avg_active_tokens']:,}",
                 f"{v['kv_bytes'] / GIB:.2f}",
+                *(
+                    (
+                        f"{v['parked_bytes'] / GIB:.2f}",
+                        v["restores"],
+                        f"{v['restore_ttft_mean_s']:.2f} / {v['restore_ttft_p95_s']:.2f}",
+                        f"{v['reprefill_ttft_mean_s']:.2f} / {v['reprefill_ttft_p95_s']:.2f}",
+                    )
+                    if r.park
+                    else ()
+                ),
                 v["outcome"],
             )
             for name, v in r.per_route.items()
@@ -364,12 +401,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocator", default="paged", help="paged or contiguous (max-length reservation)")
     p.add_argument("--block", type=int, default=16, help="paged block size in tokens")
     p.add_argument("--admission", default="reject", help="reject or queue")
-    p.add_argument("--idle-policy", default="ttl", help="ttl (keep state until --ttl) or release")
+    p.add_argument(
+        "--idle-policy",
+        default="ttl",
+        help="ttl (keep state until --ttl), release, or park (to host memory whenever not decoding, restored on the "
+        "next turn; needs --park-costs and --prefill-tps)",
+    )
     p.add_argument("--ttl", type=float, default=120, help="seconds an ended or disconnected session's KV is kept")
     p.add_argument("--host-mem", default="256GiB", help="host RAM for offloaded KV (host tier), e.g. 256GiB")
     p.add_argument("--pcie-gbps", type=float, default=55.0, help="host->GPU GB/s (55: pinned H2D measured on an H200)")
     p.add_argument("--disk-mem", default="2TiB", help="disk space for offloaded KV (disk tier)")
     p.add_argument("--disk-gbps", type=float, default=3.0, help="disk read GB/s (an NVMe through a file system)")
+    p.add_argument(
+        "--park-costs",
+        metavar="FILE",
+        help="reuse.json from python experiments/bench_reuse.py: park and restore throughput (--idle-policy park)",
+    )
+    p.add_argument(
+        "--prefill-tps",
+        type=float,
+        help="prefill tokens/s of --model on --gpu, pricing the re-prefill that park avoids (--idle-policy park)",
+    )
     p.add_argument(
         "--out", help=f"output folder, refused if it holds results (default: a new {RUNS_DIR}/simulate-<time>)"
     )

@@ -9,6 +9,11 @@ A host or disk tier is not free: the part of a session's KV kept off the device 
 against that tier's capacity (host RAM or disk space), and every decoding session streams it over the tier's link
 (PCIe, or the disk) once per generated token. When the decoding sessions together ask the link for more than it
 carries, each decodes proportionally slower, so its answer takes longer and its KV stays resident longer.
+
+The `park` idle policy moves a session's device KV to host memory whenever it is not decoding (thinking between
+turns, ended, disconnected) and restores it on its next turn, at the save and load throughput a measured run found
+(`ParkCosts`, read from `experiments/bench_reuse.py`'s reuse.json): parking frees HBM once the copy is done, and a
+restore needs device room again and delays that turn's first token.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ from .tiers import DEVICE_MEMORY, TIERS
 # A route whose answers decode, on average, over 10% slower than decode_tps is reported bandwidth-bound: below that
 # the link is busy but not what users notice.
 BANDWIDTH_BOUND = 0.9
+# Where the park policy keeps a parked session's KV: host RAM, sized by SimConfig.host_bytes (shared with an offload
+# tier that the same setting sizes).
+PARK_MEMORY, PARK_CAPACITY_SETTING = "host", "host_bytes"
+# The reuse.json fields ParkCosts reads from each row at the largest length.
+PARK_COST_FIELDS = ("save_mb_per_s", "load_mb_per_s", "load_s", "restore_s")
+MB = 1e6  # reuse.json's MB/s are decimal megabytes
 RECORD_FILE = "simulate.json"  # what a run writes into its folder: the records, and the plot of KV memory over time
 PLOT_FILE = "kv_memory.png"
 
@@ -125,6 +136,90 @@ def load_routes(path: str | Path) -> list[Route]:
     return routes
 
 
+def _p95(values: list[float]) -> float:
+    """The 95th percentile of `values` (a single value is its own; none is 0)."""
+    if len(values) > 1:
+        return statistics.quantiles(values, n=20)[-1]
+    return values[0] if values else 0.0
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+@dataclass(frozen=True)
+class ParkCosts:
+    """What parking a session's KV off the GPU and restoring it cost, from a measured run.
+
+    `read` takes the rows of reuse.json (`python experiments/bench_reuse.py`) at the largest prompt length measured,
+    one per strategy, and combines them by the median of each figure over those rows: the throughputs are bytes
+    moved per second whatever the strategy, and the median keeps one strategy's slow rounds from setting the fleet's
+    figure. The restore overhead is restore-to-first-token minus the load (the first decode step after a load).
+    Parking a session takes its bytes / save throughput, restoring it its bytes / load throughput plus the overhead.
+    The benchmark saves to a file on the machine it ran on: measure there what the fleet will park to.
+    """
+
+    save_bytes_per_s: float
+    load_bytes_per_s: float
+    restore_overhead_s: float
+    length: int = 0  # the prompt length the rows used were measured at
+    source: str = ""  # the file read
+
+    def __post_init__(self):
+        for name in ("save_bytes_per_s", "load_bytes_per_s"):
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"ParkCosts.{name} must be a positive, finite number, got {getattr(self, name)!r}")
+        if not (_positive(self.restore_overhead_s) or self.restore_overhead_s == 0):
+            raise ValueError(f"ParkCosts.restore_overhead_s must be >= 0 and finite, got {self.restore_overhead_s!r}")
+
+    def park_s(self, nbytes: int) -> float:
+        return nbytes / self.save_bytes_per_s
+
+    def restore_s(self, nbytes: int) -> float:
+        return nbytes / self.load_bytes_per_s + self.restore_overhead_s
+
+    def record(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def read(cls, path: str | Path) -> ParkCosts:
+        """The costs in a reuse.json; a missing file, or a field missing or out of range, raises naming both."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file (python experiments/bench_reuse.py writes one)")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a JSON file ({err})") from None
+        rows = data.get("rows") if isinstance(data, dict) else None
+        if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) for row in rows):
+            raise ValueError(f"{path}: needs a non-empty 'rows' list of objects, as bench_reuse.py writes")
+        for i, row in enumerate(rows):
+            if not (isinstance(row.get("length"), int) and _positive(row["length"])):
+                raise ValueError(f"{path}: rows[{i}].length must be a positive integer, got {row.get('length')!r}")
+        length = max(row["length"] for row in rows)
+        used = [(i, row) for i, row in enumerate(rows) if row["length"] == length]
+        for i, row in used:
+            for name in PARK_COST_FIELDS:
+                if not _positive(row.get(name)):
+                    raise ValueError(f"{path}: rows[{i}].{name} must be a positive number, got {row.get(name)!r}")
+            if row["restore_s"] < row["load_s"]:
+                raise ValueError(
+                    f"{path}: rows[{i}].restore_s ({row['restore_s']}) is below its load_s ({row['load_s']})"
+                )
+
+        def median(figure):
+            return statistics.median(figure(row) for _, row in used)
+
+        return cls(
+            median(lambda row: row["save_mb_per_s"]) * MB,
+            median(lambda row: row["load_mb_per_s"]) * MB,
+            median(lambda row: row["restore_s"] - row["load_s"]),
+            length,
+            str(path),
+        )
+
+
 @dataclass
 class SimConfig:
     gpu_bytes: float
@@ -133,7 +228,9 @@ class SimConfig:
     allocator: str = "paged"  # or "contiguous"
     block_tokens: int = 16
     admission: str = "reject"  # or "queue"
-    idle_policy: str = "ttl"  # or "release": free a session's KV as soon as it ends or disconnects
+    # or "release": free a session's KV as soon as it ends or disconnects; or "park": move it to host memory whenever
+    # it is not decoding (held there for ttl_s once it ends), restoring it on its next turn
+    idle_policy: str = "ttl"
     ttl_s: float = 120.0
     decode_tps: float = 40.0  # tokens/s one session generates
     sample_s: float = 10.0
@@ -150,12 +247,17 @@ class SimConfig:
     # Disk read bandwidth: 3e9 B/s, what one NVMe drive sustains reading through a file system (Gen4 drives quote
     # ~7 GB/s sequential at best; the page cache is no help for KV read once per step and larger than RAM).
     disk_bytes_per_s: float = 3e9
+    # The park policy's costs (ParkCosts.read of a measured reuse.json), and the prefill throughput of the simulated
+    # model on the simulated GPU (tokens/s), which prices the re-prefill a released session pays instead; both are
+    # required by park and read by nothing else.
+    park_costs: ParkCosts | None = None
+    prefill_tps: float | None = None
 
     def __post_init__(self):
         choices = {
             "allocator": ("paged", "contiguous"),
             "admission": ("reject", "queue"),
-            "idle_policy": ("ttl", "release"),
+            "idle_policy": ("ttl", "release", "park"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -170,6 +272,15 @@ class SimConfig:
             # finite too: an unlimited tier is what made offloading look free; pass a large number to mean "plenty"
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
+        if self.idle_policy == "park":
+            if not isinstance(self.park_costs, ParkCosts):
+                raise ValueError(
+                    f"idle_policy park needs park_costs (ParkCosts.read of a reuse.json), got {self.park_costs!r}"
+                )
+            if not _positive(self.prefill_tps):
+                raise ValueError(f"idle_policy park needs prefill_tps, a positive number, got {self.prefill_tps!r}")
+        elif self.park_costs is not None or self.prefill_tps is not None:
+            raise ValueError(f"park_costs and prefill_tps are read only by idle_policy park, not {self.idle_policy}")
 
 
 @dataclass
@@ -187,6 +298,10 @@ class _Session:
     queued_at: float | None = None
     pending: tuple[int, int] = (0, 0)  # (prompt, output) of a queued first turn
     disconnected: bool = False
+    parked: int = 0  # KV bytes held for it in host memory by the park policy
+    # "", "parking" (copying to the host, holding both), "parked" (host bytes only), "restoring" (both again)
+    park: str = ""
+    park_done_at: float = 0.0  # when its current parking copy finishes
     rng: random.Random = field(default_factory=random.Random)  # the session's own draws: same workload everywhere
 
 
@@ -210,11 +325,15 @@ class SimResult:
     link_utilisation: dict[str, float] = field(default_factory=lambda: {"peak": 0.0, "mean": 0.0})
     # decode speed as a fraction of decode_tps: mean over decoding session-time, and the slowest answer's
     decode_speed: dict[str, float] = field(default_factory=lambda: {"mean": 1.0, "min": 1.0})
+    # The park policy's figures (empty for ttl and release, whose records leave them out): host bytes parked,
+    # restores and the first-token time they add beside the re-prefill they avoid; and (time s, host bytes parked).
+    park: dict = field(default_factory=dict)
+    parked_samples: list[tuple[float, int]] = field(default_factory=list)
 
     def queue_wait_s(self) -> tuple[float, float]:
         """(p50, p95) of the queue waits (0 where nothing waited)."""
         waits = self.queue_waits_s or [0.0]
-        return statistics.median(waits), statistics.quantiles(waits, n=20)[-1] if len(waits) > 1 else waits[0]
+        return statistics.median(waits), _p95(waits)
 
     def record(self) -> dict:
         """What simulate.json keeps of a run."""
@@ -232,6 +351,7 @@ class SimResult:
             },
             "samples": self.samples,
             "offload_samples": self.offload_samples,
+            **({"park": self.park, "parked_samples": self.parked_samples} if self.park else {}),
         }
 
 
@@ -248,6 +368,13 @@ class Simulation:
             if self.offloads
             else (math.inf, math.inf)
         )
+        # the park policy: its costs, and whether its host memory is the offload tier's too
+        self.parks, self.costs = config.idle_policy == "park", config.park_costs
+        self.park_shares_tier = self.offloads and self.tier.capacity_setting == PARK_CAPACITY_SETTING
+        self.parked_held = 0  # bytes parked in host memory
+        self._restores: dict[str, list[tuple[float, float]]] = defaultdict(list)  # route -> (restore s, re-prefill s)
+        self._restore_failures: dict[str, int] = defaultdict(int)
+        self._park_refusals: dict[str, int] = defaultdict(int)  # parks refused for want of host memory
         self.rng = random.Random(config.seed)
         self.live: dict[int, _Session] = {}  # sessions holding KV (active or idle)
         self._failures: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # route -> memory -> n
@@ -266,6 +393,8 @@ class Simulation:
         self._used_integral = self._held_integral = 0.0
         self._demand_integral = 0.0  # time integral of link demand / link capacity
         self._decode_integral = self._speed_integral = 0.0  # decoding session-time, and the same weighted by speed
+        self._parked_integral = 0.0
+        self._peak_parked = 0
 
     # -- memory --------------------------------------------------------------------------------------------
     def kv_bytes(self, tokens: int) -> int:
@@ -283,13 +412,25 @@ class Simulation:
         blocks = math.ceil(self.sizer.stored(tokens) / self.config.block_tokens)
         return size(blocks * self.config.block_tokens) if blocks else 0
 
-    def _short(self, need: int, off_need: int) -> str:
-        """The memory that cannot take `need` more device bytes and `off_need` more tier bytes, or ''."""
+    def _short(self, need: int, off_need: int, park_need: int = 0) -> str:
+        """The memory that cannot take `need` more device bytes, `off_need` more tier bytes and `park_need` more
+        parked bytes, or ''."""
         if self.held + need > self.config.gpu_bytes:
             return DEVICE_MEMORY
-        if self.off_held + off_need > self.off_capacity:
+        if self.off_held + off_need + (self.parked_held if self.park_shares_tier else 0) > self.off_capacity:
             return self.tier.memory
+        host = self.parked_held + (self.off_held if self.park_shares_tier else 0)
+        if park_need and host + park_need > self.config.host_bytes:
+            return PARK_MEMORY
         return ""
+
+    def _holds(self, session: _Session, memory: str) -> int:
+        """Bytes `session` holds in `memory` (device, the tier's, or the park's)."""
+        if memory == DEVICE_MEMORY:
+            return session.bytes
+        return (session.off_bytes if memory == self.tier.memory else 0) + (
+            session.parked if memory == PARK_MEMORY else 0
+        )
 
     def _resize(self, session: _Session, tokens: int) -> bool:
         need = self.allocation(session, tokens) - session.bytes
@@ -314,17 +455,20 @@ class Simulation:
     def _free(self, session: _Session) -> None:
         self.held -= session.bytes
         self.off_held -= session.off_bytes
+        self.parked_held -= session.parked
         session.bytes, session.off_bytes, session.state, session.decoding = 0, 0, "gone", False
+        session.parked, session.park = 0, ""
         self.live.pop(session.id, None)
 
-    def _evict_idle(self, need: int, off_need: int) -> None:
+    def _evict_idle(self, need: int, off_need: int, park_need: int = 0) -> None:
         """Under pressure, idle sessions (held for their TTL) go first, oldest first; only those holding some of the
-        memory that is short (a short session of a `cold` offload holds nothing off the device)."""
+        memory that is short (a short session of a `cold` offload holds nothing off the device, a parked one
+        nothing on it)."""
         for session in sorted((s for s in self.live.values() if s.state == "idle"), key=lambda s: s.id):
-            short = self._short(need, off_need)
+            short = self._short(need, off_need, park_need)
             if not short:
                 return
-            if not (session.bytes if short == DEVICE_MEMORY else session.off_bytes):
+            if not self._holds(session, short):
                 continue
             self.result.evictions += 1
             self._evictions[session.route.name] += 1
@@ -367,15 +511,13 @@ class Simulation:
         while self.events:
             t, _, kind, session = heapq.heappop(self.events)
             while t_sample <= t:
-                self.result.samples.append((t_sample, self.held))
-                self.result.offload_samples.append((t_sample, self.off_held))
+                self._sample(t_sample)
                 t_sample += self.config.sample_s
             self._integrate(t)
             self.now = t
             getattr(self, f"_on_{kind}")(session)
             self._admit_queued()
-        self.result.samples.append((t_sample, self.held))
-        self.result.offload_samples.append((t_sample, self.off_held))
+        self._sample(t_sample)
         self.result.final_bytes = self.held
         self.result.final_offload_bytes = self.off_held
         by_memory: dict[str, int] = defaultdict(int)
@@ -391,7 +533,15 @@ class Simulation:
         if self._decode_integral:
             self.result.decode_speed["mean"] = self._speed_integral / self._decode_integral
         self.result.per_route = self._route_table()
+        if self.parks:
+            self.result.park = self._park_totals()
         return self.result
+
+    def _sample(self, t: float) -> None:
+        self.result.samples.append((t, self.held))
+        self.result.offload_samples.append((t, self.off_held))
+        if self.parks:
+            self.result.parked_samples.append((t, self.parked_held))
 
     def _on_arrive(self, session: _Session) -> None:
         self._start_turn(session)
@@ -401,12 +551,24 @@ class Simulation:
             self._draw(session.rng, session.route.prompt_tokens),
             self._draw(session.rng, session.route.output_tokens),
         )
+        context, restores = session.tokens, session.park == "parked"
+        if session.park == "parking":  # back before the copy finished: its device KV is still there, keep it
+            self.parked_held -= session.parked
+            session.parked, session.park = 0, ""
         if not self._resize(session, session.tokens + prompt + output):
             if session.state == "new" and self.config.admission == "queue":
                 session.state, session.queued_at, session.pending = "queued", self.now, (prompt, output)
                 self.queue.append(session)
             else:
+                self._restore_failures[session.route.name] += int(restores)
                 self._fail(session)
+            return
+        if restores:
+            # the turn's first token waits for the restore; a released session would prefill its context again
+            restore_s = self.costs.restore_s(session.parked)
+            self._restores[session.route.name].append((restore_s, context / self.config.prefill_tps))
+            session.pending, session.park = (prompt, output), "restoring"
+            self._push(self.now + restore_s, "restored", session)
             return
         self._answer(session, output)
 
@@ -429,13 +591,13 @@ class Simulation:
             # capacity/demand. The speed is fixed for the answer at its start (sessions starting or finishing later
             # do not re-time it): an approximation that keeps one event per answer.
             session.speed = min(1.0, 1.0 / max(self._demand(session.streamed), 1e-12))
-            session.decoding = True
             self.result.decode_speed["min"] = min(self.result.decode_speed["min"], session.speed)
+        session.decoding = self.offloads or self.parks
         answer_s = output / (self.config.decode_tps * session.speed)
         rng = session.rng
-        if self.offloads:
+        if session.decoding:
             # pushed first, so at equal times it is handled before a next turn starts (think_s 0); device strategies
-            # push nothing (no link to share), so their event stream is what it always was
+            # that do not park push nothing (no link to share), so their event stream is what it always was
             self._push(self.now + answer_s, "decoded", session)
         if rng.random() < session.route.disconnect_p:
             session.disconnected = True
@@ -447,21 +609,58 @@ class Simulation:
 
     def _on_decoded(self, session: _Session) -> None:
         session.decoding = False
+        if self.parks and session.state == "active":  # thinking until its next turn, or about to go idle
+            self._park(session)
 
     def _on_next_turn(self, session: _Session) -> None:
         if session.state == "active":
             self._start_turn(session)
 
     def _on_go_idle(self, session: _Session) -> None:
-        """The conversation ended or its client disconnected: release now, or hold until the TTL."""
+        """The conversation ended or its client disconnected: release now, or hold (parked, for `park`) until the
+        TTL."""
         if session.state != "active":
             return
         session.decoding = False  # a client that went away mid-answer stops its stream
         if self.config.idle_policy == "release":
             self._free(session)
         else:
+            if self.parks:
+                self._park(session)  # while still active, so making host room never evicts the session itself
             session.state = "idle"
             self._push(self.now + self.config.ttl_s, "expire", session)
+
+    # -- the park policy -----------------------------------------------------------------------------------
+    def _park(self, session: _Session) -> None:
+        """Start copying a session's device KV (its context's bytes, not its allocation's) to host memory; the
+        device allocation is freed when the copy is done. Without host room, after evicting idle sessions that
+        hold some, it stays on the device (a park refusal)."""
+        nbytes = self.kv_bytes(session.tokens)
+        if session.park or not session.bytes or not nbytes:
+            return
+        if self._short(0, 0, nbytes):
+            self._evict_idle(0, 0, nbytes)
+        if self._short(0, 0, nbytes):
+            self._park_refusals[session.route.name] += 1
+            return
+        self.parked_held += nbytes
+        self._peak_parked = max(self._peak_parked, self.parked_held)
+        session.parked, session.park = nbytes, "parking"
+        session.park_done_at = self.now + self.costs.park_s(nbytes)
+        self._push(session.park_done_at, "parked", session)
+
+    def _on_parked(self, session: _Session) -> None:
+        # a copy that was cancelled (its next turn came first) or freed, or an earlier copy's event, does nothing
+        if session.park != "parking" or session.park_done_at != self.now:
+            return
+        self.held -= session.bytes
+        session.bytes, session.park = 0, "parked"
+
+    def _on_restored(self, session: _Session) -> None:
+        """The restore is done: the host copy goes and the turn's answer starts."""
+        self.parked_held -= session.parked
+        session.parked, session.park = 0, ""
+        self._answer(session, session.pending[1])
 
     def _on_expire(self, session: _Session) -> None:
         if session.state == "idle":
@@ -484,14 +683,16 @@ class Simulation:
                 stats["bytes"] += dt * s.bytes
                 stats["off_bytes"] += dt * s.off_bytes
                 stats["leaked_bytes"] += dt * s.bytes * (not active and s.disconnected)
+                stats["parked"] += dt * s.parked
                 if s.decoding:  # what the route's answers saw of the link
                     stats["decoding"] += dt
                     stats["speed"] += dt * s.speed
                     stats["demand"] += dt * demand
                     self._decode_integral += dt
                     self._speed_integral += dt * s.speed
-                self._used_integral += dt * self.kv_bytes(s.tokens)
+                self._used_integral += dt * self.kv_bytes(s.tokens) * (s.park != "parked")
             self._held_integral += dt * self.held
+            self._parked_integral += dt * self.parked_held
             self._demand_integral += dt * demand
             self.result.link_utilisation["peak"] = max(self.result.link_utilisation["peak"], demand)
         self._last_t = t
@@ -538,7 +739,39 @@ class Simulation:
                 "link_demand": round(demand, 3),
                 "outcome": outcome,
             }
+            if self.parks:
+                table[route.name].update(
+                    {"parked_bytes": round(stats["parked"] / span)}
+                    | self._restore_figures(self._restores[route.name])
+                    | {
+                        "restore_failures": self._restore_failures[route.name],
+                        "park_refusals": self._park_refusals[route.name],
+                    }
+                )
         return table
+
+    @staticmethod
+    def _restore_figures(restores: list[tuple[float, float]]) -> dict:
+        """Restores, the first-token time they add (mean, p95) and that of the re-prefills they stand for."""
+        restore_s, prefill_s = [r for r, _ in restores], [p for _, p in restores]
+        return {
+            "restores": len(restores),
+            "restore_ttft_mean_s": round(statistics.fmean(restore_s), 4) if restores else 0.0,
+            "restore_ttft_p95_s": round(_p95(restore_s), 4),
+            "reprefill_ttft_mean_s": round(statistics.fmean(prefill_s), 4) if restores else 0.0,
+            "reprefill_ttft_p95_s": round(_p95(prefill_s), 4),
+        }
+
+    def _park_totals(self) -> dict:
+        """The whole run's park figures (SimResult.park)."""
+        restores = [r for route in self.routes for r in self._restores[route.name]]
+        return {
+            "mean_parked_bytes": round(self._parked_integral / max(self._last_t, 1e-9)),
+            "peak_parked_bytes": self._peak_parked,
+            **self._restore_figures(restores),
+            "restore_failures": sum(self._restore_failures.values()),
+            "park_refusals": sum(self._park_refusals.values()),
+        }
 
 
 def simulate(model_config, strategies: list[str], routes: list[Route], config: SimConfig) -> list[SimResult]:
@@ -551,6 +784,8 @@ def simulation_record(
     """What simulate.json holds: how the run was made (provenance, the GPU named, its KV capacity) and each
     strategy's record. The simulation itself runs on the CPU, whatever GPU it models."""
     meta = {**provenance(model, "cpu", command), "gpu": gpu, "kv_capacity_bytes": round(config.gpu_bytes)}
+    if config.park_costs:
+        meta |= {"park_costs": config.park_costs.record(), "prefill_tps": config.prefill_tps}
     return {"meta": meta, "results": [r.record() for r in results]}
 
 

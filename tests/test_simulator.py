@@ -1,4 +1,5 @@
-"""The serving-fleet simulator: conservation, allocator invariants, a hand-checked trace, bad route files."""
+"""The serving-fleet simulator: conservation, allocator invariants, hand-checked traces, bad route and costs files,
+the host and disk tiers, and the park policy."""
 
 import dataclasses
 import json
@@ -9,7 +10,7 @@ import pytest
 from kvcompress.accounting import kv_sizer
 from kvcompress.cli import main
 from kvcompress.models import load_config
-from kvcompress.simulator import Route, SimConfig, Simulation, load_routes, simulate, write_simulation
+from kvcompress.simulator import ParkCosts, Route, SimConfig, Simulation, load_routes, simulate, write_simulation
 from kvcompress.tiers import TIERS
 
 from .conftest import png_size
@@ -160,8 +161,14 @@ def test_bad_route_files_name_the_field_and_line(tmp_path, text, message):
 def test_bad_settings():
     with pytest.raises(ValueError, match="allocator must be one of paged, contiguous"):
         SimConfig(gpu_bytes=1, allocator="slab")
-    with pytest.raises(ValueError, match="idle_policy must be one of ttl, release"):
+    with pytest.raises(ValueError, match="idle_policy must be one of ttl, release, park"):
         SimConfig(gpu_bytes=1, idle_policy="never")
+    with pytest.raises(ValueError, match="idle_policy park needs park_costs"):
+        SimConfig(gpu_bytes=1, idle_policy="park", prefill_tps=1e4)
+    with pytest.raises(ValueError, match="idle_policy park needs prefill_tps"):
+        SimConfig(gpu_bytes=1, idle_policy="park", park_costs=ParkCosts(1e9, 1e9, 0.0), prefill_tps=0)
+    with pytest.raises(ValueError, match="read only by idle_policy park, not ttl"):
+        SimConfig(gpu_bytes=1, park_costs=ParkCosts(1e9, 1e9, 0.0))
 
 
 def test_cli_writes_table_json_and_plot(tmp_path, capsys):
@@ -319,3 +326,194 @@ def test_every_off_device_tier_declares_what_the_simulator_reads():
         result = _run(f"full+{name}", gpu_bytes=1, **{tier.capacity_setting: 2**30, tier.link_setting: FAST_LINK})
         outcomes = {row["outcome"] for row in result.run().per_route.values()}
         assert any(outcome.startswith(tier.shortage) for outcome in outcomes), outcomes
+
+
+# -- the park policy: idle and thinking sessions moved to host memory, restored on their next turn ----------------
+def _reuse_row(length, save_mb_per_s, load_mb_per_s, load_s, restore_s, strategy="full"):
+    """One row of experiments/bench_reuse.py's reuse.json, with the fields the simulator reads given."""
+    return {
+        "strategy": strategy,
+        "length": length,
+        "prefill_s": 1.0,
+        "save_s": 0.01,
+        "load_s": load_s,
+        "restore_s": restore_s,
+        "file_bytes": 10**6,
+        "kv_bytes": 10**6,
+        "save_mb_per_s": save_mb_per_s,
+        "load_mb_per_s": load_mb_per_s,
+        "restore_vs_prefill": 0.1,
+    }
+
+
+# At 4096 tokens the medians are save 500 MB/s, load 1000 MB/s and restore - load 0.05 s; the 1024-token row, far
+# off, must be left out.
+REUSE_ROWS = [
+    _reuse_row(1024, 1.0, 1.0, 0.001, 9.0),
+    _reuse_row(4096, 400.0, 800.0, 0.02, 0.06),
+    _reuse_row(4096, 500.0, 1000.0, 0.01, 0.06, "int8"),
+    _reuse_row(4096, 600.0, 1200.0, 0.03, 0.09, "kvzip:ratio=0.5"),
+]
+
+
+def _costs_file(folder, rows=REUSE_ROWS):
+    path = folder / "reuse.json"
+    path.write_text(json.dumps({"meta": {"command": "python experiments/bench_reuse.py"}, "rows": rows}))
+    return path
+
+
+def _park(tmp_path, strategy="full", routes=None, prefill_tps=10_000.0, **settings):
+    costs = ParkCosts.read(_costs_file(tmp_path))
+    return _run(strategy, routes, idle_policy="park", park_costs=costs, prefill_tps=prefill_tps, **settings)
+
+
+def test_park_costs_are_the_medians_at_the_largest_length(tmp_path):
+    costs = ParkCosts.read(_costs_file(tmp_path))
+    assert (costs.save_bytes_per_s, costs.load_bytes_per_s) == (500e6, 1000e6)
+    assert costs.restore_overhead_s == pytest.approx(0.05) and costs.length == 4096
+    assert costs.park_s(10**9) == 2.0 and costs.restore_s(10**9) == pytest.approx(1.05)
+
+
+def test_hand_checked_park_trace(tmp_path):
+    """One session, 1000 prompt + 100 output tokens per turn, 2 turns, 10 s thinking, 50 tok/s, ttl 5 s. Its first
+    answer ends at 2 s; parking 1100 tokens' KV at 500 MB/s takes 0.29 s, then the GPU holds nothing. Its second
+    turn (12 s) allocates 2200 tokens and waits for the restore, 1100 tokens' bytes / 1000 MB/s + 0.05 s; the host
+    copy goes and the answer ends 2 s later, at 14.19 s; the last park ends at 14.77 s, and the TTL at 19.19 s."""
+    route = Route("trace", 0.0, (1000, 1000), (100, 100), (2, 2), (10.0, 10.0), 0.0, arrivals_s=(0.0,))
+    settings = dict(gpu_bytes=10**12, minutes=1, block_tokens=100, decode_tps=50.0, ttl_s=5.0, sample_s=1.0)
+    sim = _park(tmp_path, routes=[route], prefill_tps=2000.0, **settings)
+    result = sim.run()
+    restore_s = 1100 * TOKEN / 1000e6 + 0.05
+    row = result.per_route["trace"]
+    assert row["restores"] == 1 and row["restore_failures"] == 0 and row["park_refusals"] == 0
+    assert row["restore_ttft_mean_s"] == row["restore_ttft_p95_s"] == round(restore_s, 4)
+    assert row["reprefill_ttft_mean_s"] == row["reprefill_ttft_p95_s"] == 1100 / 2000.0  # its context, prefilled again
+    one, two = 1100 * TOKEN, 2200 * TOKEN
+    device, host = dict(result.samples), dict(result.parked_samples)
+    assert [device[float(t)] for t in (1, 2, 3, 12, 13, 14, 15, 20)] == [one, one, 0, 0, two, two, 0, 0]
+    assert [host[float(t)] for t in (1, 2, 3, 12, 13, 14, 15, 19, 20)] == [0, 0, one, one, 0, 0, two, two, 0]
+    assert result.park["peak_parked_bytes"] == two and result.park["restores"] == 1
+    assert sim.now == pytest.approx(14 + restore_s + 5)  # the TTL ran from the end of the restore-delayed answer
+
+
+def test_a_parked_session_never_holds_device_bytes(tmp_path):
+    sim = _park(tmp_path)
+    seen = 0
+    sample = sim._sample
+
+    def checked_sample(t):
+        nonlocal seen
+        for s in sim.live.values():
+            if s.park == "parked":
+                assert s.bytes == 0 and s.parked == sim.kv_bytes(s.tokens) > 0
+                seen += 1
+        assert sim.held == sum(s.bytes for s in sim.live.values())
+        assert sim.parked_held == sum(s.parked for s in sim.live.values())
+        sample(t)
+
+    sim._sample = checked_sample
+    result = sim.run()
+    assert seen > 1000 and result.park["restores"] > 100
+    assert result.final_bytes == 0 and sim.parked_held == 0 and result.parked_samples[-1][1] == 0
+
+
+def test_park_lowers_the_hbm_peak_on_routes_with_think_time_and_moves_idle_state_to_the_host(tmp_path):
+    ttl = _run(gpu_bytes=1e15).run()
+    park = _park(tmp_path, gpu_bytes=1e15).run()
+    assert park.peak_bytes < 0.75 * ttl.peak_bytes
+    for name, row in park.per_route.items():
+        assert row["kv_bytes"] < ttl.per_route[name]["kv_bytes"] and row["parked_bytes"] > 0
+        assert 0 < row["restore_ttft_mean_s"] <= row["restore_ttft_p95_s"]
+    # disconnected clients leak on the device under ttl; parked, their state waits on the host instead
+    assert ttl.per_route["disconnected-streams"]["outcome"].startswith("leaked state")
+    assert park.per_route["disconnected-streams"]["outcome"] == "healthy"
+
+
+@pytest.mark.parametrize("strategy", ["full", "int8+host:policy=cold,window=256", "int8+disk:policy=cold,window=256"])
+def test_park_never_overcommits_host_memory_and_returns_to_zero(tmp_path, strategy):
+    """A small host refuses parks (the session stays on the device); with a host tier the park shares its memory,
+    a disk tier's KV stays on the disk."""
+    host = 2**28  # 256 MiB: a full session of 2k tokens holds as much
+    sim = _park(tmp_path, strategy, host_bytes=host, pcie_bytes_per_s=FAST_LINK, disk_bytes_per_s=FAST_LINK)
+    result = sim.run()
+    shared = [b if "+host" in strategy else 0 for _, b in result.offload_samples]
+    assert all(parked + off <= host for (_, parked), off in zip(result.parked_samples, shared))
+    assert result.park["park_refusals"] > 0 and 0 < result.park["peak_parked_bytes"] <= host
+    assert result.final_bytes == result.final_offload_bytes == sim.parked_held == 0 and not sim.live
+
+
+def test_restores_without_device_room_fail_like_any_allocation(tmp_path):
+    park = _park(tmp_path, gpu_bytes=10 * 2**30).run()
+    assert park.park["restore_failures"] > 0
+    assert park.park["restore_failures"] <= park.allocation_failures == park.failures_by_memory["device"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("{not json", "not a JSON file"),
+        ({"meta": {}, "rows": []}, "needs a non-empty 'rows' list"),
+        ({"rows": [{"strategy": "full"}]}, r"rows\[0\]\.length must be a positive integer, got None"),
+        ({"rows": [REUSE_ROWS[0], {**REUSE_ROWS[1], "load_mb_per_s": None}]}, r"rows\[1\]\.load_mb_per_s must be"),
+        ({"rows": [{**REUSE_ROWS[1], "save_mb_per_s": -3}]}, r"rows\[0\]\.save_mb_per_s must be a positive"),
+        ({"rows": [{**REUSE_ROWS[1], "restore_s": 0.001}]}, r"rows\[0\]\.restore_s \(0\.001\) is below its load_s"),
+    ],
+)
+def test_bad_park_costs_files_name_the_file_and_field(tmp_path, content, message):
+    path = tmp_path / "reuse.json"
+    if content is not None:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=f"^{path}: {message}"):
+        ParkCosts.read(path)
+
+
+def test_ttl_and_release_records_carry_no_park_fields():
+    routes = {"active_sessions", "avg_active_tokens", "kv_bytes", "offload_bytes", "evictions"}
+    routes |= {"allocation_failures", "decode_speed", "link_demand", "outcome"}
+    for policy in ("ttl", "release"):
+        record = _run(idle_policy=policy, minutes=5).run().record()
+        assert "park" not in record and "parked_samples" not in record
+        assert all(set(row) == routes for row in record["routes"].values())
+
+
+def _simulate_argv(tmp_path, *extra):
+    args = ["simulate", "--routes", ROUTES, "--minutes", "5", "--strategies", "int8", "--out", str(tmp_path / "o")]
+    return [*args, *extra]
+
+
+def test_cli_park_run_prints_and_records_what_park_relieves_and_creates(tmp_path, capsys):
+    costs = _costs_file(tmp_path)
+    main(_simulate_argv(tmp_path, "--idle-policy", "park", "--park-costs", str(costs), "--prefill-tps", "12000"))
+    out = capsys.readouterr().out
+    assert f"park costs from {costs} (4096 tokens): save 500 MB/s, load 1,000 MB/s" in out
+    assert "restores add" in out and "re-prefill s" in out
+    data = json.loads((tmp_path / "o" / "simulate.json").read_text())
+    assert data["meta"]["park_costs"] == ParkCosts.read(costs).record() and data["meta"]["prefill_tps"] == 12000
+    (result,) = data["results"]
+    assert result["park"]["restores"] == sum(row["restores"] for row in result["routes"].values()) > 0
+    assert len(result["parked_samples"]) == len(result["samples"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--idle-policy", "park", "--prefill-tps", "1e4"], "--idle-policy park needs --park-costs"),
+        (["--idle-policy", "park", "--park-costs", "{costs}"], "--idle-policy park needs --prefill-tps"),
+        (["--park-costs", "{costs}"], "--park-costs is read only with --idle-policy park, not ttl"),
+        (["--idle-policy", "release", "--prefill-tps", "1e4"], "--prefill-tps is read only with --idle-policy park"),
+        (["--idle-policy", "park", "--park-costs", "{costs}", "--prefill-tps", "0"], "--prefill-tps must be a posit"),
+        (
+            ["--idle-policy", "park", "--park-costs", "{bad}", "--prefill-tps", "1e4"],
+            r"{bad}: rows\[0\]\.load_mb_per_s",
+        ),
+    ],
+)
+def test_cli_park_flags_are_checked(tmp_path, extra, message):
+    costs = _costs_file(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": [{**REUSE_ROWS[1], "load_mb_per_s": "fast"}]}))
+    fill = {"{costs}": str(costs), "{bad}": str(bad)}
+    with pytest.raises(SystemExit, match=message.replace("{bad}", str(bad))):
+        main(_simulate_argv(tmp_path, *(fill.get(arg, arg) for arg in extra)))
+    assert not (tmp_path / "o" / "simulate.json").exists()
