@@ -15,6 +15,7 @@ different tokens), the statistics the retention asked for, eviction, encoding; w
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -434,17 +435,21 @@ def load_cache(
     *,
     strategy: str | StrategySpec | None = None,
     kv_dtype: str | torch.dtype | None = None,
+    tier: str | None = None,
     offload_dir: str | None = None,
 ) -> KVCache:
     """A fresh cache holding what `KVCache.save` wrote to `path`, for `model_or_config`, to continue generating
     from (bit-identical to the cache that was saved). strategy, kv_dtype: what the caller expects (default: the
     file's); a file for another strategy, K/V dtype or model (shape or weights) is refused, naming what differs.
-    offload_dir: where a disk tier puts its file. Raises ValueError naming the file for a missing, truncated or
-    corrupt one; nothing on disk is changed."""
+    tier: put the tokens on another tier than the saved strategy's (e.g. "disk", "host:policy=cold"): where tokens
+    live changes no code or value, so decoding is the same. offload_dir: where a disk tier puts its file. Raises
+    ValueError naming the file for a missing, truncated or corrupt one; nothing on disk is changed."""
     header, tensors = saving.read(path)
     saved = parse_strategy(header["strategy"])
     if strategy is not None and str(parse_strategy(strategy)) != str(saved):
         raise ValueError(f"{str(path)!r} holds a {saved} cache, not {parse_strategy(strategy)}")
+    if tier is not None:
+        saved = dataclasses.replace(saved, tier=_tier(tier))
     saving.check_model(path, header["model"], model_or_config)
     wanted = parse_dtype(kv_dtype, "kv_dtype") or getattr(model_or_config, "kv_dtype", None)
     if wanted is not None and dtype_name(wanted) != header["kv_dtype"]:
@@ -457,6 +462,14 @@ def load_cache(
         layer.load_saved(state, counters)
     cache.after_prompt_due = header["after_prompt_due"]
     return cache
+
+
+def _tier(text: str):
+    """The tier member `text` names (a tier alone, in the strategy grammar)."""
+    spec = parse_strategy(text)
+    if str(spec) != str(StrategySpec(tier=spec.tier)):
+        raise ValueError(f"tier must name a tier alone (e.g. disk, host:policy=cold), got {text!r}")
+    return spec.tier
 
 
 def static_refusal(spec: StrategySpec) -> str | None:

@@ -159,3 +159,19 @@ def test_an_empty_or_compiled_cache_is_refused(tmp_path):
     with pytest.raises(ValueError, match="compile=True cache"):
         static.save(tmp_path / "static.kvc")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tier", ["disk", "host:policy=cold,sinks=2,window=8"])
+def test_a_saved_cache_loads_onto_another_tier_and_decodes_the_same(tier, tmp_path):
+    """Parking a session: saved from the device, loaded with its tokens on the disk or host tier."""
+    model = tiny_model()
+    cache = make_cache(model, "sink:sinks=2,window=24+int8:group=8,residual=4")
+    token, mask = _prefill(model, cache)
+    cache.save(tmp_path / "c.kvc")
+    loaded = load_cache(model, tmp_path / "c.kvc", tier=tier, offload_dir=tmp_path)
+    assert str(loaded.spec) == f"{cache.spec}+{tier}"
+    assert set(loaded.kv_bytes()) - {"device"}  # tokens off the device now
+    assert torch.equal(_continue(model, cache, token, mask), _continue(model, loaded, token, mask))
+    loaded.close()
+    with pytest.raises(ValueError, match="tier must name a tier alone"):
+        load_cache(model, tmp_path / "c.kvc", tier="int8")
