@@ -245,6 +245,7 @@ class KVCache(Cache):
         self.peak_bytes = 0  # most KV bytes held at once: resident in every layer plus the step's transient copies
         self.workspace = Workspace()
         self.model: Any = None  # what the cache was made for (make_cache sets it; `save` fingerprints it)
+        self.planned_tokens, self.planned_batch = None, 1  # the room make_cache planned, per row and rows
         for layer in self.layers:
             layer.on_step, layer.workspace = self._note_step, self.workspace
         if self.store.offloads:  # each layer prefetches the next; the last one the first, for the next step
@@ -293,16 +294,25 @@ class KVCache(Cache):
         tensors, layers = {}, []
         for i, layer in enumerate(self.layers):
             state, counters = layer.saved_state()
-            tensors.update({f"{i}.{name}": t.detach().cpu().contiguous() for name, t in state.items()})
+            tensors.update({f"{i}.{name}": t for name, t in state.items()})
             layers.append({**counters, "stored": layer.stored})
+        first = self.layers[0]
         header = {
             "strategy": str(self.spec),
             "model": saving.model_identity(source),
-            "kv_dtype": dtype_name(self.layers[0].dtype),
+            "kv_dtype": dtype_name(first.dtype),
             "seen": self.get_seq_length(),
             "stored": self.stored_tokens(),
-            "batch": self.layers[0].recent_k.read().shape[0],
+            "batch": tensors["0.recent_k"].shape[0],
             "after_prompt_due": self.after_prompt_due,
+            # how the cache was made beside its strategy: what its next steps compute and how its storage grows
+            "make_cache": {
+                "fused": self.fused,
+                "prefill_chunk": first.prefill_chunk,
+                "grow": self.store.grow,
+                "max_tokens": self.planned_tokens,
+                "batch_size": self.planned_batch,
+            },
             "layers": layers,
         }
         return saving.write(path, tensors, header)
@@ -423,6 +433,7 @@ def make_cache(
         grow,
         tokens if compile else None,
     )
+    cache.planned_tokens, cache.planned_batch = tokens, batch_size  # the room planned, which `save` records
     # what `save` fingerprints: a model is held weakly (a cache must not keep it alive), a config as it is
     is_module = isinstance(model_or_config, torch.nn.Module)
     cache.model = weakref.ref(model_or_config) if is_module else model_or_config
@@ -437,13 +448,18 @@ def load_cache(
     kv_dtype: str | torch.dtype | None = None,
     tier: str | None = None,
     offload_dir: str | None = None,
+    max_tokens: int | None = None,
 ) -> KVCache:
     """A fresh cache holding what `KVCache.save` wrote to `path`, for `model_or_config`, to continue generating
     from (bit-identical to the cache that was saved). strategy, kv_dtype: what the caller expects (default: the
     file's); a file for another strategy, K/V dtype or model (shape or weights) is refused, naming what differs.
     tier: put the tokens on another tier than the saved strategy's (e.g. "disk", "host:policy=cold"): where tokens
-    live changes no code or value, so decoding is the same. offload_dir: where a disk tier puts its file. Raises
-    ValueError naming the file for a missing, truncated or corrupt one; nothing on disk is changed."""
+    live changes no code or value, so decoding is the same. offload_dir: where a disk tier puts its file;
+    max_tokens: the most tokens a row will hold, which a disk tier checks room for (default: the saved cache's).
+    The cache is made as the saved one was (fused, prefill_chunk, grow, its planned room), each layer's tokens on the
+    device its
+    decoder layer computes on. Raises ValueError naming the file for a missing, truncated or corrupt one; nothing on
+    disk is changed."""
     header, tensors = saving.read(path)
     saved = parse_strategy(header["strategy"])
     if strategy is not None and str(parse_strategy(strategy)) != str(saved):
@@ -454,14 +470,35 @@ def load_cache(
     wanted = parse_dtype(kv_dtype, "kv_dtype") or getattr(model_or_config, "kv_dtype", None)
     if wanted is not None and dtype_name(wanted) != header["kv_dtype"]:
         raise ValueError(f"{str(path)!r} stores K/V in {header['kv_dtype']}, not {dtype_name(wanted)} (kv_dtype)")
-    cache = make_cache(model_or_config, saved, kv_dtype=header["kv_dtype"], offload_dir=offload_dir)
-    device = getattr(model_or_config, "device", torch.device("cpu"))
-    for i, (layer, counters) in enumerate(zip(cache.layers, header["layers"])):
-        prefix = f"{i}."
-        state = {name[len(prefix) :]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
-        layer.load_saved(state, counters)
+    cache = make_cache(
+        model_or_config,
+        saved,
+        kv_dtype=header["kv_dtype"],
+        offload_dir=offload_dir,
+        **{**header["make_cache"], **({"max_tokens": max_tokens} if max_tokens else {})},
+    )
+    try:
+        for i, (layer, counters, device) in enumerate(zip(cache.layers, header["layers"], _layer_devices(cache))):
+            prefix = f"{i}."
+            state = {name[len(prefix) :]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
+            layer.load_saved(state, counters)
+    except BaseException:
+        cache.close()
+        raise
     cache.after_prompt_due = header["after_prompt_due"]
     return cache
+
+
+def _layer_devices(cache: KVCache) -> list[torch.device]:
+    """The device each decoder layer of the cache's model computes on (a model split over devices by device_map
+    puts layers on several), else the model's device; the CPU for a config."""
+    source = cache.model() if isinstance(cache.model, weakref.ref) else cache.model
+    default = getattr(source, "device", torch.device("cpu"))
+    decoder = source.get_decoder() if hasattr(source, "get_decoder") else None
+    blocks = list(getattr(decoder, "layers", []))
+    if len(blocks) != len(cache.layers):
+        return [default] * len(cache.layers)
+    return [next(block.parameters(), torch.empty(0, device=default)).device for block in blocks]
 
 
 def _tier(text: str):

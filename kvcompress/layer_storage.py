@@ -240,14 +240,24 @@ class LayerStorage:
             part.close()
 
     def saved_state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """This layer's tensors as stored (encoded parts `encoded_k.<name>`, model-dtype tokens `recent_k`,
-        `positions`, score state `mass`; and the same for V) and its counters: what `load_saved` rebuilds it from."""
+        """CPU copies of this layer's tensors as stored (encoded parts `encoded_k.<name>`, model-dtype tokens
+        `recent_k`, `positions`, score state `mass`; and the same for V) and its counters: what `load_saved` rebuilds
+        it from. An offloaded part is read one at a time and released at once: saving a parked cache never holds
+        its KV on the device."""
         tensors = {}
+
+        def copy(name: str, part: Part) -> None:
+            tensors[name] = part.read().detach().to("cpu", copy=True).contiguous()  # the staging buffer is reused
+            if self.store.offloads:
+                part.release()
+
         for name in ("k", "v"):
-            tensors[f"recent_{name}"] = getattr(self, f"recent_{name}").read()
+            copy(f"recent_{name}", getattr(self, f"recent_{name}"))
             for key, part in getattr(self, f"encoded_{name}").items():
-                tensors[f"encoded_{name}.{key}"] = part.read()
-        tensors.update({name: t for name, t in (("positions", self.positions), ("mass", self.mass)) if t is not None})
+                copy(f"encoded_{name}.{key}", part)
+        for name, state in (("positions", self.positions), ("mass", self.mass)):
+            if state is not None:
+                tensors[name] = state.detach().to("cpu", copy=True).contiguous()
         return tensors, {"seen": self.seen, "steps": self.steps, "last_eviction": self.last_eviction}
 
     def load_saved(self, tensors: dict[str, torch.Tensor], counters: dict[str, int]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,18 @@ from .version import __version__
 
 FORMAT = "kvcompress-cache/1"
 HEADER_KEY = "kvcompress"
-SHAPE_FIELDS = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size")
+# what K/V depend on beside the weights: the shapes, and the rotary embedding (not in the weights: inv_freq is
+# computed from the config)
+SHAPE_FIELDS = (
+    "model_type",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_size",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+)
 SAMPLED = 4096  # elements of each weight tensor the fingerprint reads (a whole 8B model would take seconds)
 
 
@@ -37,13 +49,16 @@ def model_identity(model_or_config: Any) -> dict[str, Any]:
     config = decoder_config(model_or_config)
     identity: dict[str, Any] = {field: getattr(config, field, None) for field in SHAPE_FIELDS}
     identity["head_dim"] = head_dim(config)
+    identity = json.loads(json.dumps(identity, default=str))  # as the header holds it (tuples become lists)
     state = model_or_config.state_dict() if hasattr(model_or_config, "state_dict") else None
     if state is not None:
         digest = hashlib.sha256()
         for name, tensor in state.items():
-            flat = tensor.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // SAMPLED)][:SAMPLED].cpu().contiguous()
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if tensor.device.type == "meta":  # offloaded by accelerate: no values here to sample
+                continue
+            flat = tensor.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // SAMPLED)][:SAMPLED].cpu().contiguous()
             digest.update(sample.view(torch.uint8).numpy().tobytes())
         identity["weights"] = digest.hexdigest()
         identity["compute_dtype"] = dtype_name(getattr(model_or_config, "dtype", torch.float32))
@@ -60,7 +75,9 @@ def write(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, 
     path = Path(path)
     header = {"format": FORMAT, "kvcompress": __version__, **header}
     header["checksums"] = {name: checksum(t) for name, t in tensors.items()}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # one per save
+    os.close(handle)
+    temporary = Path(name)
     try:
         save_file(tensors, str(temporary), metadata={HEADER_KEY: json.dumps(header)})
         with open(temporary, "rb+") as f:

@@ -2,6 +2,7 @@
 file is truncated, corrupt, or made for another model, strategy or K/V dtype."""
 
 import os
+import threading
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 import kvcompress
 from kvcompress import load_cache, make_cache, parse_strategy
 from kvcompress.attention import position_ids
+from kvcompress.tiers import merge_bytes
 
 from .conftest import left_padded, tiny_model
 from .members import CODECS, TIERS, model_for, strategies
@@ -47,6 +49,10 @@ def _continue(model, cache, token, mask, steps=STEPS):
     return torch.cat(out, dim=1)
 
 
+def _layers_bytes(cache) -> dict[str, int]:
+    return merge_bytes(*(layer.kv_bytes() for layer in cache.layers))
+
+
 def _strategy_of(row: str) -> str:
     # a codec row names a codec: on the full retention (a residual must fit a positional budget)
     return row if "+" in row or row in POSITIONAL or row in MEMBERS.values() else "full+" + row
@@ -58,11 +64,11 @@ def test_a_loaded_cache_continues_bit_for_bit_as_stored(row, tmp_path):
     model = model_for(strategy)
     cache = make_cache(model, strategy, offload_dir=tmp_path)
     token, mask = _prefill(model, cache)
+    held = _layers_bytes(cache)  # what the layers hold (an offloading store's staging pool aside)
     file_bytes = cache.save(tmp_path / "cache.kvc")
-    assert file_bytes == (tmp_path / "cache.kvc").stat().st_size
-    held = cache.kv_bytes()
+    assert file_bytes == (tmp_path / "cache.kvc").stat().st_size and _layers_bytes(cache) == held
     loaded = load_cache(model, tmp_path / "cache.kvc", offload_dir=tmp_path)
-    assert str(loaded.spec) == str(cache.spec) and loaded.kv_bytes() == held
+    assert str(loaded.spec) == str(cache.spec) and _layers_bytes(loaded) == held
     assert loaded.get_seq_length() == cache.get_seq_length() and loaded.stored_tokens() == cache.stored_tokens()
     for original, restored in zip(cache.layers, loaded.layers):
         assert original.dtype == restored.dtype
@@ -175,3 +181,89 @@ def test_a_saved_cache_loads_onto_another_tier_and_decodes_the_same(tier, tmp_pa
     loaded.close()
     with pytest.raises(ValueError, match="tier must name a tier alone"):
         load_cache(model, tmp_path / "c.kvc", tier="int8")
+
+
+@pytest.mark.parametrize("tier", ["disk", "host"])
+def test_saving_an_offloaded_cache_holds_none_of_it_on_the_device_afterwards(tier, tmp_path):
+    model = tiny_model()
+    cache = make_cache(model, "full+" + tier, offload_dir=tmp_path)
+    _prefill(model, cache)
+
+    def fetched():  # parts whose tokens sit on the device, read back for a step
+        return sum(getattr(part, "_device", None) is not None for layer in cache.layers for part in layer._parts())
+
+    assert fetched() == 0
+    cache.save(tmp_path / "c.kvc")
+    assert fetched() == 0
+    cache.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"fused": True}, {"grow": 64}, {"prefill_chunk": 8}], ids=["fused", "grow", "prefill_chunk"]
+)
+def test_a_loaded_cache_is_made_as_the_saved_one_was(kwargs, tmp_path):
+    """Fused decode, in-place growth and a chunked prefill change what the next steps compute or hold: the loaded
+    cache keeps them, and a second turn (a multi-token step) gives the same logits."""
+    strategy = "h2o:budget=20,sinks=2,window=8" if "prefill_chunk" in kwargs else "int8:group=8,residual=4"
+    model = tiny_model()
+    cache = make_cache(model, strategy, **kwargs)
+    token, mask = _prefill(model, cache)
+    cache.save(tmp_path / "c.kvc")
+    loaded = load_cache(model, tmp_path / "c.kvc")
+    assert (loaded.fused, loaded.store.grow, loaded.layers[0].prefill_chunk) == (
+        cache.fused,
+        cache.store.grow,
+        cache.layers[0].prefill_chunk,
+    )
+    assert _layers_bytes(loaded) == _layers_bytes(cache)
+    turn = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(5))
+    logits = []
+    with torch.no_grad():
+        for each in (cache, loaded):
+            grown = torch.cat([mask, torch.ones_like(turn)], dim=1)
+            out = model(
+                input_ids=turn,
+                attention_mask=grown,
+                position_ids=position_ids(grown)[:, -20:],
+                cache=each,
+                use_cache=True,
+            )
+            logits.append(out.logits)
+    assert torch.equal(*logits)
+
+
+def test_concurrent_saves_to_one_path_each_write_a_whole_file(tmp_path):
+    model = tiny_model()
+    caches = []
+    for strategy in ("int8:group=8", "full"):
+        caches.append(make_cache(model, strategy))
+        _prefill(model, caches[-1])
+    errors = []
+
+    def saving(cache):
+        try:
+            for _ in range(10):
+                cache.save(tmp_path / "c.kvc")
+        except Exception as err:  # noqa: BLE001 - the test reports any
+            errors.append(err)
+
+    threads = [threading.Thread(target=saving, args=(c,)) for c in caches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert str(load_cache(model, tmp_path / "c.kvc").spec) in ("int8:group=8", "full")  # one whole file, verified
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.kvc"]
+
+
+def test_the_rotary_settings_are_part_of_the_model(tmp_path):
+    model, path = _saved(tmp_path)
+    other = tiny_model()
+    field = "rope_parameters" if getattr(other.config, "rope_parameters", None) is not None else "rope_theta"
+    value = getattr(other.config, field)
+    if isinstance(value, dict):
+        setattr(other.config, field, {**value, "rope_theta": float(value.get("rope_theta", 10000.0)) * 2})
+    else:
+        setattr(other.config, field, value * 2)
+    _unchanged(path, lambda: load_cache(other, path), "its rope_[a-z]+ differ")  # transformers aliases them
