@@ -31,21 +31,27 @@ def _prefill(model, cache):
     return logits[:, -1:].argmax(-1), mask
 
 
+@torch.no_grad()
+def _step(model, cache, ids, mask):
+    """A forward of `ids` [rows, n] after what `cache` holds (its rows' mask so far: `mask`); logits, and the mask."""
+    mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    logits = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids(mask)[:, -ids.shape[1] :],
+        cache=cache,
+        use_cache=True,
+    ).logits
+    return logits, mask
+
+
 def _continue(model, cache, token, mask, steps=STEPS):
     """`steps` greedy decode steps after the prompt; every step's logits."""
     out = []
-    with torch.no_grad():
-        for _ in range(steps):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = model(
-                input_ids=token,
-                attention_mask=mask,
-                position_ids=position_ids(mask)[:, -1:],
-                cache=cache,
-                use_cache=True,
-            ).logits
-            out.append(logits)
-            token = logits[:, -1:].argmax(-1)
+    for _ in range(steps):
+        logits, mask = _step(model, cache, token, mask)
+        out.append(logits)
+        token = logits[:, -1:].argmax(-1)
     return torch.cat(out, dim=1)
 
 
@@ -217,19 +223,7 @@ def test_a_loaded_cache_is_made_as_the_saved_one_was(kwargs, tmp_path):
     )
     assert _layers_bytes(loaded) == _layers_bytes(cache)
     turn = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(5))
-    logits = []
-    with torch.no_grad():
-        for each in (cache, loaded):
-            grown = torch.cat([mask, torch.ones_like(turn)], dim=1)
-            out = model(
-                input_ids=turn,
-                attention_mask=grown,
-                position_ids=position_ids(grown)[:, -20:],
-                cache=each,
-                use_cache=True,
-            )
-            logits.append(out.logits)
-    assert torch.equal(*logits)
+    assert torch.equal(_step(model, cache, turn, mask)[0], _step(model, loaded, turn, mask)[0])
 
 
 def test_concurrent_saves_to_one_path_each_write_a_whole_file(tmp_path):
