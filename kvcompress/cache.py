@@ -457,9 +457,8 @@ def load_cache(
     live changes no code or value, so decoding is the same. offload_dir: where a disk tier puts its file;
     max_tokens: the most tokens a row will hold, which a disk tier checks room for (default: the saved cache's).
     The cache is made as the saved one was (fused, prefill_chunk, grow, its planned room), each layer's tokens on the
-    device its
-    decoder layer computes on. Raises ValueError naming the file for a missing, truncated or corrupt one; nothing on
-    disk is changed."""
+    device its decoder layer computes on. Raises ValueError naming the file for a missing, truncated or corrupt
+    one; nothing on disk is changed."""
     header, tensors = saving.read(path)
     saved = parse_strategy(header["strategy"])
     if strategy is not None and str(parse_strategy(strategy)) != str(saved):
@@ -478,7 +477,8 @@ def load_cache(
         **{**header["make_cache"], **({"max_tokens": max_tokens} if max_tokens else {})},
     )
     try:
-        for i, (layer, counters, device) in enumerate(zip(cache.layers, header["layers"], _layer_devices(cache))):
+        devices = _layer_devices(model_or_config, len(cache.layers))
+        for i, (layer, counters, device) in enumerate(zip(cache.layers, header["layers"], devices)):
             prefix = f"{i}."
             state = {name[len(prefix) :]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
             layer.load_saved(state, counters)
@@ -489,15 +489,14 @@ def load_cache(
     return cache
 
 
-def _layer_devices(cache: KVCache) -> list[torch.device]:
-    """The device each decoder layer of the cache's model computes on (a model split over devices by device_map
+def _layer_devices(model_or_config: Any, layers: int) -> list[torch.device]:
+    """The device each of the model's `layers` decoder layers computes on (a model split over devices by device_map
     puts layers on several), else the model's device; the CPU for a config."""
-    source = cache.model() if isinstance(cache.model, weakref.ref) else cache.model
-    default = getattr(source, "device", torch.device("cpu"))
-    decoder = source.get_decoder() if hasattr(source, "get_decoder") else None
+    default = getattr(model_or_config, "device", torch.device("cpu"))
+    decoder = model_or_config.get_decoder() if hasattr(model_or_config, "get_decoder") else None
     blocks = list(getattr(decoder, "layers", []))
-    if len(blocks) != len(cache.layers):
-        return [default] * len(cache.layers)
+    if len(blocks) != layers:
+        return [default] * layers
     return [next(block.parameters(), torch.empty(0, device=default)).device for block in blocks]
 
 

@@ -112,15 +112,7 @@ class SeamSteps:
 
     def reconstruction_view(self) -> RetentionView:
         """What the retention sees once a pass over the context scored every stored token."""
-        return RetentionView(
-            self.seen,
-            self.stored,
-            self.positions,
-            None,
-            self.layer_idx,
-            self.layers,
-            reconstruction=self.reconstruction,
-        )
+        return self._view(reconstruction=self.reconstruction)
 
     def evict_reconstructed(self, view: RetentionView) -> None:
         """Evict by the scores the reconstruction left (`view`), then leave the scoring mode."""

@@ -80,13 +80,16 @@ class LayerStorage:
             new = torch.arange(seen_before, self.seen, dtype=torch.int32, device=self.device)
             self.positions = torch.cat([self.positions, new.expand(self.positions.shape[0], -1)], dim=1)
         if self._due():
-            view = RetentionView(
-                self.seen, self.stored, self.positions, self._left_padding(kwargs), self.layer_idx, self.layers
-            )
-            self._evict(view)
+            self._evict(self._view(self._left_padding(kwargs)))
         if not self.codec.lossless:
             self._encode_overflow()
         self.steps += 1
+
+    def _view(self, left_padding: torch.Tensor | None = None, **statistics: Any) -> RetentionView:
+        """What the retention sees of this layer now, with the statistics the step computed for it."""
+        return RetentionView(
+            self.seen, self.stored, self.positions, left_padding, self.layer_idx, self.layers, **statistics
+        )
 
     def _due(self) -> bool:
         return self.retention.due(
@@ -114,17 +117,7 @@ class LayerStorage:
         if not self.codec.lossless:  # first, so that the residual left is within the protected window
             self._encode_overflow()
         if self._due():
-            view = RetentionView(
-                self.seen,
-                self.stored,
-                self.positions,
-                None,
-                self.layer_idx,
-                self.layers,
-                attention=attention,
-                mass=self.mass,
-                keys=lambda: self._decoded("k", compute),
-            )
+            view = self._view(attention=attention, mass=self.mass, keys=lambda: self._decoded("k", compute))
             self._evict(view)
 
     def _decoded(self, name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -120,6 +120,5 @@ def check_model(path: str | Path, saved: dict[str, Any], model_or_config: Any) -
     current = model_identity(model_or_config)
     for field, value in saved.items():
         if field in current and current[field] != value:
-            what = "weights" if field == "weights" else field
             shown = "" if field == "weights" else f": saved {value!r}, this model {current[field]!r}"
-            raise ValueError(f"{str(path)!r} was saved for another model (its {what} differ{shown})")
+            raise ValueError(f"{str(path)!r} was saved for another model (its {field} differ{shown})")
