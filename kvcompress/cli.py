@@ -27,7 +27,16 @@ from .evals.sweep import load_sweep
 from .geometry import config_dtype
 from .models import load_config, load_model
 from .planner import GIB, kv_capacity, parse_memory, plan, plan_record, resolve_gpu_memory, sizing_table
-from .simulator import RECORD_FILE, ParkCosts, SimConfig, SimResult, load_routes, simulate, write_simulation
+from .simulator import (
+    RECORD_FILE,
+    ParkCosts,
+    SimConfig,
+    SimResult,
+    StepCosts,
+    load_routes,
+    simulate,
+    write_simulation,
+)
 from .strategy import StrategySpec, list_strategies, parse_strategy, split_strategies
 from .tiers import DEVICE_MEMORY
 from .units import parse_tokens
@@ -231,12 +240,16 @@ def _simulate(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {str(out)!r} already holds {RECORD_FILE}: choose another folder or remove it first")
     _check_writable(out, "--out")
     parks = args.idle_policy == "park"
+    steps = StepCosts.read(args.step_costs) if args.step_costs else None
+    if steps and args.prefill_tps is not None:
+        raise ValueError(f"--prefill-tps is not read with --step-costs: {args.step_costs} prices every prefill")
     for flag, value in (("--park-costs", args.park_costs), ("--prefill-tps", args.prefill_tps)):
-        if parks and value is None:
-            raise ValueError(f"--idle-policy park needs {flag} (see kvcompress simulate --help)")
+        if parks and value is None and not (steps and flag == "--prefill-tps"):
+            also = " (or --step-costs)" if flag == "--prefill-tps" else ""
+            raise ValueError(f"--idle-policy park needs {flag}{also} (see kvcompress simulate --help)")
         if not parks and value is not None:
             raise ValueError(f"{flag} is read only with --idle-policy park, not {args.idle_policy}")
-    if parks and not args.prefill_tps > 0:
+    if parks and not steps and not args.prefill_tps > 0:
         raise ValueError(f"--prefill-tps must be a positive number of tokens/s, got {args.prefill_tps:g}")
     config, gpu = load_config(args.model), args.gpu_mem or args.gpu
     sim = SimConfig(
@@ -254,6 +267,7 @@ def _simulate(args: argparse.Namespace) -> None:
         disk_bytes_per_s=args.disk_gbps * 1e9,
         park_costs=ParkCosts.read(args.park_costs) if parks else None,
         prefill_tps=args.prefill_tps,
+        step_costs=steps,
     )
     results = simulate(config, split_strategies(args.strategies), load_routes(args.routes), sim)
     print(
@@ -261,12 +275,21 @@ def _simulate(args: argparse.Namespace) -> None:
         f"{args.allocator} allocator, admission {args.admission}, idle policy {args.idle_policy} "
         f"(ttl {args.ttl:g} s), {args.minutes:g} min, seed {args.seed}"
     )
+    if steps:
+        calibration = steps.calibration_prefill_1k_s
+        print(
+            f"step costs from {steps.source}: measured with {steps.model or 'an unnamed model'} on "
+            f"{steps.device or 'an unnamed machine'}"
+            + (f" (1k-token prefill {calibration:.2f} s there)" if calibration else "")
+            + ("" if steps.model == args.model else f", not --model {args.model}: the times are that model's there")
+        )
     if parks:
         costs = sim.park_costs
+        reprefill = f"{args.prefill_tps:,.0f} tokens/s" if args.prefill_tps else "the step costs' prefill"
         print(
             f"park costs from {costs.source} ({costs.length} tokens): save {costs.save_bytes_per_s / 1e6:,.0f} MB/s, "
             f"load {costs.load_bytes_per_s / 1e6:,.0f} MB/s, restore overhead {costs.restore_overhead_s:.3f} s; "
-            f"re-prefill at {args.prefill_tps:,.0f} tokens/s"
+            f"re-prefill at {reprefill}"
         )
     for result in results:
         _print_simulation(result)
@@ -291,6 +314,16 @@ def _print_simulation(r: SimResult) -> None:
         f"{r.allocation_failures}{f' ({failures})' if failures else ''}, evictions {r.evictions}, fragmentation "
         f"{r.fragmentation_pct:.1f}%, queue wait p50 {p50:.1f} s / p95 {p95:.1f} s{offload}"
     )
+    if r.step_costs:  # measured step costs' figures, only for runs given them
+        k, grid = r.step_costs, r.step_costs["grid"]
+        print(
+            f"decode {k['decode_tps']:.1f} tokens/s per session (batch {k['batch_mean']:.1f} mean, {k['batch_max']} "
+            f"max), first token {k['ttft_mean_s']:.2f} s mean / {k['ttft_p95_s']:.2f} s p95; outside the measured "
+            f"grid (batch <= {grid['batches'][-1]}, context <= {grid['contexts'][-1]:,}, prompt <= "
+            f"{grid['prompts'][-1]:,}): {k['extrapolated']['decode']} of {k['lookups']['decode']} decode steps, "
+            f"{k['extrapolated']['prefill']} of {k['lookups']['prefill']} prefills (largest: batch "
+            f"{k['largest']['batch']}, context {k['largest']['context']:,}, prompt {k['largest']['prompt']:,})"
+        )
     if r.park:  # the park policy's columns, only for its runs, so the other policies print what they always did
         k = r.park
         print(
@@ -301,14 +334,32 @@ def _print_simulation(r: SimResult) -> None:
             f"{k['park_refusals']} parks no host room"
         )
     park_header = ("host GiB", "restores", "restore s mean/p95", "re-prefill s mean/p95")
+    steps_header = ("tokens/s per session", "batch", "first token s mean/p95")
     print_table(
-        ("route", "active sessions", "avg active tokens", "KV GiB", *(park_header if r.park else ()), "outcome"),
+        (
+            "route",
+            "active sessions",
+            "avg active tokens",
+            "KV GiB",
+            *(steps_header if r.step_costs else ()),
+            *(park_header if r.park else ()),
+            "outcome",
+        ),
         [
             (
                 name,
                 f"{v['active_sessions']:.2f}",
                 f"{v['avg_active_tokens']:,}",
                 f"{v['kv_bytes'] / GIB:.2f}",
+                *(
+                    (
+                        f"{v['decode_tps']:.1f}",
+                        f"{v['batch_mean']:.1f}",
+                        f"{v['ttft_mean_s']:.2f} / {v['ttft_p95_s']:.2f}",
+                    )
+                    if r.step_costs
+                    else ()
+                ),
                 *(
                     (
                         f"{v['parked_bytes'] / GIB:.2f}",
@@ -420,7 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefill-tps",
         type=float,
-        help="prefill tokens/s of --model on --gpu, pricing the re-prefill that park avoids (--idle-policy park)",
+        help="prefill tokens/s of --model on --gpu, pricing the re-prefill that park avoids (--idle-policy park; "
+        "not read with --step-costs)",
+    )
+    p.add_argument(
+        "--step-costs",
+        metavar="FILE",
+        help="steps.json from python experiments/bench_steps.py: decode step seconds by batch and context and prefill "
+        "seconds by prompt length, per strategy, instead of one constant decode rate and free prompts",
     )
     p.add_argument(
         "--out", help=f"output folder, refused if it holds results (default: a new {RUNS_DIR}/simulate-<time>)"
@@ -473,6 +531,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: text.split(","),
         help=f"question placements: after (compressed before the question, as in a chat), inside (the "
         f"question is part of the prompt) (default: {','.join(d('questions'))})",
+    )
+    p.add_argument(
+        "--followups",
+        type=int,
+        help="questions per case, each about another needle (multikey, vartrack, RULER's multi-key, multi-value, "
+        "multi-query and vt tasks): the context is compressed once and every question is recorded with its index "
+        f"(default: {d('followups')}, one question)",
+    )
+    p.add_argument(
+        "--modes",
+        type=lambda text: text.split(","),
+        help="how follow-ups meet the compressed context: reuse (every question from the context as stored, the "
+        "previous answer dropped), chat (one conversation, eviction going on) "
+        f"(default: {','.join(d('modes'))})",
     )
     p.add_argument(
         "--compile",

@@ -14,10 +14,16 @@ The `park` idle policy moves a session's device KV to host memory whenever it is
 turns, ended, disconnected) and restores it on its next turn, at the save and load throughput a measured run found
 (`ParkCosts`, read from `experiments/bench_reuse.py`'s reuse.json): parking frees HBM once the copy is done, and a
 restore needs device room again and delays that turn's first token.
+
+By default every session decodes at one constant rate and a prompt costs no time. With `StepCosts` (read from
+`experiments/bench_steps.py`'s steps.json) a decode step's seconds depend on how many sessions decode together and
+over how much context, and a turn's first token waits for its prompt's prefill, both as measured on the machine the
+file names.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import json
 import math
@@ -44,6 +50,7 @@ PARK_MEMORY, PARK_CAPACITY_SETTING = "host", "host_bytes"
 # The reuse.json fields ParkCosts reads from each row at the largest length.
 PARK_COST_FIELDS = ("save_mb_per_s", "load_mb_per_s", "load_s", "restore_s")
 MB = 1e6  # reuse.json's MB/s are decimal megabytes
+STEPS_FILE = "steps.json"  # what experiments/bench_steps.py writes: the step costs StepCosts reads
 RECORD_FILE = "simulate.json"  # what a run writes into its folder: the records, and the plot of KV memory over time
 PLOT_FILE = "kv_memory.png"
 
@@ -220,6 +227,146 @@ class ParkCosts:
         )
 
 
+def _linear(points: dict[int, float], x: float) -> tuple[float, bool]:
+    """The piecewise-linear value through `points` at `x`, and whether `x` lies outside them. Below the first point
+    the first value holds (a step over fewer tokens, or fewer rows, is taken to cost no less than the smallest
+    measured); above the last, the last segment's rise goes on (a fall between the last two points, timing noise,
+    is not extended: the last value holds)."""
+    xs = sorted(points)
+    if x <= xs[0] or len(xs) == 1:
+        return points[xs[0]], x != xs[0]
+    i = bisect.bisect_left(xs, x)
+    if i == len(xs):
+        low, high = xs[-2], xs[-1]
+        rise = max(0.0, (points[high] - points[low]) / (high - low))
+        return points[high] + rise * (x - high), True
+    low, high = xs[i - 1], xs[i]
+    return points[low] + (points[high] - points[low]) * (x - low) / (high - low), False
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What a decode step and a prefill cost, per strategy, as measured on one machine (steps.json, written by
+    `python experiments/bench_steps.py`).
+
+    A decode step's seconds are measured on a grid of batch sizes x contexts (every row of the batch over the same
+    context) and read linearly in context, then linearly in batch, between grid points; a one-row prefill's seconds
+    by prompt length, linearly between lengths. Outside the grid `_linear`'s rule extends it, and each lookup says
+    whether it did, so a record can count what it extrapolated.
+    """
+
+    decode: dict[str, dict[tuple[int, int], float]]  # strategy -> (batch, context) -> seconds per decode step
+    prefill: dict[str, dict[int, float]]  # strategy -> prompt tokens -> seconds to the first token
+    source: str = ""  # the file read
+    model: str = ""  # the model and machine it was measured with, and that machine's calibration
+    device: str = ""
+    calibration_prefill_1k_s: float | None = None
+
+    def _table(self, table: dict, strategy: str | StrategySpec) -> dict:
+        name = str(parse_strategy(strategy))
+        if name not in table:
+            raise ValueError(
+                f"{self.source}: no step costs for strategy {name!r}; it has {', '.join(table)} "
+                f"(python experiments/bench_steps.py --strategies {name} measures it)"
+            )
+        return table[name]
+
+    def check(self, strategy: str | StrategySpec) -> None:
+        """Raise, naming the file, unless it holds `strategy`'s decode steps and prefills."""
+        self._table(self.decode, strategy)
+        self._table(self.prefill, strategy)
+
+    def decode_step_s(self, strategy: str | StrategySpec, batch: int, context: float) -> tuple[float, bool]:
+        """Seconds of one decode step of `batch` sessions over `context` tokens each, and whether it lies outside
+        the measured grid."""
+        grid = self._table(self.decode, strategy)
+        batches, contexts = sorted({b for b, _ in grid}), sorted({c for _, c in grid})
+        by_batch, outside = {}, False
+        for b in batches:
+            by_batch[b], off = _linear({c: grid[b, c] for c in contexts}, context)
+            outside |= off
+        seconds, off = _linear(by_batch, batch)
+        return seconds, outside or off
+
+    def prefill_s(self, strategy: str | StrategySpec, tokens: int) -> tuple[float, bool]:
+        """Seconds to prefill a `tokens`-token prompt of one session, and whether it lies outside the lengths
+        measured."""
+        return _linear(self._table(self.prefill, strategy), tokens)
+
+    def grid(self, strategy: str | StrategySpec) -> dict[str, list[int]]:
+        """The batches, contexts and prompt lengths measured for `strategy`."""
+        decode = self._table(self.decode, strategy)
+        return {
+            "batches": sorted({b for b, _ in decode}),
+            "contexts": sorted({c for _, c in decode}),
+            "prompts": sorted(self._table(self.prefill, strategy)),
+        }
+
+    def record(self) -> dict:
+        """What a simulation's meta keeps: the file, and the model and machine it measured."""
+        names = ("source", "model", "device", "calibration_prefill_1k_s")
+        return {name: getattr(self, name) for name in names} | {"strategies": list(self.decode)}
+
+    @classmethod
+    def read(cls, path: str | Path) -> StepCosts:
+        """The costs in a steps.json. A missing file, a row with a field missing or out of range, or a strategy's
+        grid with a hole raises one ValueError naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file (python experiments/bench_steps.py writes one)")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a JSON file ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: needs 'decode' and 'prefill' lists of objects, as bench_steps.py writes")
+        tables: dict[str, dict[str, dict]] = {}
+        for part, axes, figure in (("decode", ("batch", "context"), "step_s"), ("prefill", ("tokens",), "prefill_s")):
+            rows = data.get(part)
+            if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) for row in rows):
+                raise ValueError(f"{path}: needs a non-empty '{part}' list of objects, as bench_steps.py writes")
+            table: dict[str, dict] = {}
+            for i, row in enumerate(rows):
+                where = f"{path}: {part}[{i}]"
+                try:
+                    name = str(parse_strategy(row.get("strategy")))
+                except ValueError as err:
+                    raise ValueError(f"{where}.strategy: {err}") from None
+                for axis in axes:
+                    if not (isinstance(row.get(axis), int) and _positive(row[axis])):
+                        raise ValueError(f"{where}.{axis} must be a positive integer, got {row.get(axis)!r}")
+                if not _positive(row.get(figure)):
+                    raise ValueError(f"{where}.{figure} must be a positive number, got {row.get(figure)!r}")
+                point = tuple(row[axis] for axis in axes) if len(axes) > 1 else row[axes[0]]
+                if point in table.setdefault(name, {}):
+                    raise ValueError(f"{where} measures {name!r} at {point} a second time")
+                table[name][point] = float(row[figure])
+            tables[part] = table
+        decode, prefill = tables["decode"], tables["prefill"]
+        for name in decode.keys() ^ prefill.keys():
+            has, lacks = ("decode steps", "prefill") if name in decode else ("prefills", "decode")
+            raise ValueError(f"{path}: strategy {name!r} has {has} but no {lacks} rows")
+        for name, grid in decode.items():
+            batches, contexts = sorted({b for b, _ in grid}), sorted({c for _, c in grid})
+            for b in batches:
+                for c in contexts:
+                    if (b, c) not in grid:
+                        raise ValueError(
+                            f"{path}: strategy {name!r} has no decode step at batch {b}, context {c}: "
+                            "its grid must hold every batch at every context"
+                        )
+        meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+        calibration = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
+        return cls(
+            decode,
+            prefill,
+            str(path),
+            str(meta.get("model", "")),
+            str(meta.get("device", "")),
+            calibration.get("prefill_1k_s"),
+        )
+
+
 @dataclass
 class SimConfig:
     gpu_bytes: float
@@ -252,6 +399,10 @@ class SimConfig:
     # required by park and read by nothing else.
     park_costs: ParkCosts | None = None
     prefill_tps: float | None = None
+    # Measured step costs (StepCosts.read of a steps.json): when given, a decode step's seconds depend on the batch
+    # decoding together and its context and a turn's first token waits for its prompt's prefill; decode_tps and
+    # prefill_tps are then not read (park prices its re-prefill from the same file).
+    step_costs: StepCosts | None = None
 
     def __post_init__(self):
         choices = {
@@ -277,10 +428,16 @@ class SimConfig:
                 raise ValueError(
                     f"idle_policy park needs park_costs (ParkCosts.read of a reuse.json), got {self.park_costs!r}"
                 )
-            if not _positive(self.prefill_tps):
-                raise ValueError(f"idle_policy park needs prefill_tps, a positive number, got {self.prefill_tps!r}")
+            if self.step_costs is None and not _positive(self.prefill_tps):
+                raise ValueError(
+                    f"idle_policy park needs prefill_tps, a positive number (or step_costs), got {self.prefill_tps!r}"
+                )
+            if self.step_costs is not None and self.prefill_tps is not None:
+                raise ValueError("prefill_tps is not read with step_costs, which price the re-prefill park avoids")
         elif self.park_costs is not None or self.prefill_tps is not None:
             raise ValueError(f"park_costs and prefill_tps are read only by idle_policy park, not {self.idle_policy}")
+        if self.step_costs is not None and not isinstance(self.step_costs, StepCosts):
+            raise ValueError(f"step_costs must be StepCosts (StepCosts.read of a steps.json), got {self.step_costs!r}")
 
 
 @dataclass
@@ -302,6 +459,11 @@ class _Session:
     # "", "parking" (copying to the host, holding both), "parked" (host bytes only), "restoring" (both again)
     park: str = ""
     park_done_at: float = 0.0  # when its current parking copy finishes
+    # with step costs: when its current turn's prompt came, the context its answer decodes over (mid-answer), and
+    # its answer's tokens/s before the link's slowdown
+    turn_at: float = 0.0
+    answer_context: float = 0.0
+    tps: float = 0.0
     rng: random.Random = field(default_factory=random.Random)  # the session's own draws: same workload everywhere
 
 
@@ -329,6 +491,9 @@ class SimResult:
     # restores and the first-token time they add beside the re-prefill they avoid; and (time s, host bytes parked).
     park: dict = field(default_factory=dict)
     parked_samples: list[tuple[float, int]] = field(default_factory=list)
+    # With measured step costs (empty otherwise, and left out of the record): tokens/s per session, the batch it
+    # decoded in, first-token times, and how many lookups fell outside the measured grid.
+    step_costs: dict = field(default_factory=dict)
 
     def queue_wait_s(self) -> tuple[float, float]:
         """(p50, p95) of the queue waits (0 where nothing waited)."""
@@ -352,6 +517,7 @@ class SimResult:
             "samples": self.samples,
             "offload_samples": self.offload_samples,
             **({"park": self.park, "parked_samples": self.parked_samples} if self.park else {}),
+            **({"step_costs": self.step_costs} if self.step_costs else {}),
         }
 
 
@@ -375,6 +541,15 @@ class Simulation:
         self._restores: dict[str, list[tuple[float, float]]] = defaultdict(list)  # route -> (restore s, re-prefill s)
         self._restore_failures: dict[str, int] = defaultdict(int)
         self._park_refusals: dict[str, int] = defaultdict(int)  # parks refused for want of host memory
+        # measured step costs: checked for this strategy before anything runs
+        self.steps = config.step_costs
+        if self.steps is not None:
+            self.steps.check(self.spec)
+        self._answers: dict[str, list[tuple[float, int]]] = defaultdict(list)  # route -> (tokens/s, batch) per answer
+        self._ttfts: dict[str, list[float]] = defaultdict(list)  # route -> seconds to each turn's first token
+        self._lookups = {"decode": 0, "prefill": 0}  # step-cost lookups, and those outside the measured grid
+        self._outside = {"decode": 0, "prefill": 0}
+        self._largest = {"batch": 0, "context": 0, "prompt": 0}  # the largest looked up
         self.rng = random.Random(config.seed)
         self.live: dict[int, _Session] = {}  # sessions holding KV (active or idle)
         self._failures: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # route -> memory -> n
@@ -476,13 +651,42 @@ class Simulation:
             self._free(session)
 
     # -- the tier's link -----------------------------------------------------------------------------------
-    def _demand(self, extra: int = 0) -> float:
-        """Link bandwidth the decoding sessions (plus `extra` streamed bytes) ask for, over what it carries: each
-        reads its off-device KV once per token, at decode_tps tokens/s."""
+    def _demand(self, extra: int = 0, extra_tps: float = 0.0) -> float:
+        """Link bandwidth the decoding sessions (plus `extra` streamed bytes at `extra_tps` tokens/s) ask for, over
+        what it carries: each reads its off-device KV once per token, at decode_tps tokens/s (with step costs, at
+        its answer's own rate)."""
         if not self.offloads:
             return 0.0
+        if self.steps is not None:
+            asked = sum(s.streamed * s.tps for s in self.live.values() if s.decoding) + extra * extra_tps
+            return asked / self.link_bytes_per_s
         streamed = sum(s.streamed for s in self.live.values() if s.decoding) + extra
         return streamed * self.config.decode_tps / self.link_bytes_per_s
+
+    # -- measured step costs -------------------------------------------------------------------------------
+    def _prefill_s(self, tokens: int) -> float:
+        seconds, outside = self.steps.prefill_s(self.spec, tokens)
+        self._lookups["prefill"] += 1
+        self._outside["prefill"] += outside
+        self._largest["prompt"] = max(self._largest["prompt"], tokens)
+        return seconds
+
+    def _reprefill_s(self, context: int) -> float:
+        """What prefilling a released session's whole context again would take."""
+        return self._prefill_s(context) if self.steps is not None else context / self.config.prefill_tps
+
+    def _step_s(self, session: _Session) -> tuple[float, int]:
+        """Seconds of the decode steps `session` joins (the sessions decoding now and it, over their mean context),
+        and that batch's size."""
+        contexts = [s.answer_context for s in self.live.values() if s.decoding and s is not session]
+        contexts.append(session.answer_context)
+        context = statistics.fmean(contexts)
+        seconds, outside = self.steps.decode_step_s(self.spec, len(contexts), context)
+        self._lookups["decode"] += 1
+        self._outside["decode"] += outside
+        largest = self._largest
+        largest["batch"], largest["context"] = max(largest["batch"], len(contexts)), max(largest["context"], context)
+        return seconds, len(contexts)
 
     # -- events --------------------------------------------------------------------------------------------
     def _push(self, t: float, kind: str, session: _Session) -> None:
@@ -535,6 +739,8 @@ class Simulation:
         self.result.per_route = self._route_table()
         if self.parks:
             self.result.park = self._park_totals()
+        if self.steps is not None:
+            self.result.step_costs = self._step_totals()
         return self.result
 
     def _sample(self, t: float) -> None:
@@ -552,6 +758,7 @@ class Simulation:
             self._draw(session.rng, session.route.output_tokens),
         )
         context, restores = session.tokens, session.park == "parked"
+        session.turn_at = self.now
         if session.park == "parking":  # back before the copy finished: its device KV is still there, keep it
             self.parked_held -= session.parked
             session.parked, session.park = 0, ""
@@ -566,11 +773,11 @@ class Simulation:
         if restores:
             # the turn's first token waits for the restore; a released session would prefill its context again
             restore_s = self.costs.restore_s(session.parked)
-            self._restores[session.route.name].append((restore_s, context / self.config.prefill_tps))
+            self._restores[session.route.name].append((restore_s, self._reprefill_s(context)))
             session.pending, session.park = (prompt, output), "restoring"
             self._push(self.now + restore_s, "restored", session)
             return
-        self._answer(session, output)
+        self._first_token(session, prompt, output)
 
     def _admit_queued(self) -> None:
         while self.queue:
@@ -580,20 +787,48 @@ class Simulation:
                 return
             self.queue.pop(0)
             self.result.queue_waits_s.append(self.now - session.queued_at)
+            self._first_token(session, prompt, output)
+
+    def _first_token(self, session: _Session, prompt: int, output: int) -> None:
+        """Prefill the turn's prompt, then answer: with step costs the answer waits for the prompt's measured
+        prefill (its first token comes then, counted from the turn's start: queue wait and restore included);
+        without them a prompt costs no time."""
+        if self.steps is None:
             self._answer(session, output)
+            return
+        session.state = "active"  # its KV is held (and grows) while the prompt prefills
+        self.live[session.id] = session
+        seconds = self._prefill_s(prompt)
+        self._ttfts[session.route.name].append(self.now + seconds - session.turn_at)
+        session.pending = (prompt, output)
+        self._push(self.now + seconds, "prefilled", session)
+
+    def _on_prefilled(self, session: _Session) -> None:
+        if session.state == "active":
+            self._answer(session, session.pending[1])
 
     def _answer(self, session: _Session, output: int) -> None:
         session.state = "active"
         self.live[session.id] = session
         session.turns_left -= 1
+        if self.steps is not None:
+            # the step it joins: the sessions decoding now and it, over their contexts at mid-answer; fixed for the
+            # answer at its start, as the link's share is below
+            session.answer_context = session.tokens - output / 2
+            step_s, batch = self._step_s(session)
+            session.tps = 1 / step_s
         if self.offloads:
             # Over-asked, the link is shared in proportion: every decoding session, this one too, runs at
             # capacity/demand. The speed is fixed for the answer at its start (sessions starting or finishing later
             # do not re-time it): an approximation that keeps one event per answer.
-            session.speed = min(1.0, 1.0 / max(self._demand(session.streamed), 1e-12))
+            session.speed = min(1.0, 1.0 / max(self._demand(session.streamed, session.tps), 1e-12))
             self.result.decode_speed["min"] = min(self.result.decode_speed["min"], session.speed)
-        session.decoding = self.offloads or self.parks
-        answer_s = output / (self.config.decode_tps * session.speed)
+        session.decoding = self.offloads or self.parks or self.steps is not None
+        if self.steps is not None:
+            answer_s = output / (session.tps * session.speed)
+            self._answers[session.route.name].append((session.tps * session.speed, batch))
+        else:
+            answer_s = output / (self.config.decode_tps * session.speed)
         rng = session.rng
         if session.decoding:
             # pushed first, so at equal times it is handled before a next turn starts (think_s 0); device strategies
@@ -657,10 +892,10 @@ class Simulation:
         session.bytes, session.park = 0, "parked"
 
     def _on_restored(self, session: _Session) -> None:
-        """The restore is done: the host copy goes and the turn's answer starts."""
+        """The restore is done: the host copy goes and the turn's prompt prefills."""
         self.parked_held -= session.parked
         session.parked, session.park = 0, ""
-        self._answer(session, session.pending[1])
+        self._first_token(session, *session.pending)
 
     def _on_expire(self, session: _Session) -> None:
         if session.state == "idle":
@@ -739,6 +974,8 @@ class Simulation:
                 "link_demand": round(demand, 3),
                 "outcome": outcome,
             }
+            if self.steps is not None:
+                table[route.name].update(self._step_figures(self._answers[route.name], self._ttfts[route.name]))
             if self.parks:
                 table[route.name].update(
                     {"parked_bytes": round(stats["parked"] / span)}
@@ -762,6 +999,32 @@ class Simulation:
             "reprefill_ttft_p95_s": round(_p95(prefill_s), 4),
         }
 
+    @staticmethod
+    def _step_figures(answers: list[tuple[float, int]], ttfts: list[float]) -> dict:
+        """Answers, their mean tokens/s per session and batch size, and the first-token time (mean, p95)."""
+        return {
+            "answers": len(answers),
+            "decode_tps": round(statistics.fmean(tps for tps, _ in answers), 2) if answers else 0.0,
+            "batch_mean": round(statistics.fmean(batch for _, batch in answers), 2) if answers else 0.0,
+            "ttft_mean_s": round(statistics.fmean(ttfts), 4) if ttfts else 0.0,
+            "ttft_p95_s": round(_p95(ttfts), 4),
+        }
+
+    def _step_totals(self) -> dict:
+        """The whole run's step-cost figures (SimResult.step_costs), with what was read outside the measured grid."""
+        answers = [a for route in self.routes for a in self._answers[route.name]]
+        ttfts = [t for route in self.routes for t in self._ttfts[route.name]]
+        largest = self._largest
+        return {
+            **self._step_figures(answers, ttfts),
+            "batch_max": largest["batch"],
+            "lookups": dict(self._lookups),
+            # lookups the grid did not cover (extended by StepCosts' rule), the largest looked up, and the grid
+            "extrapolated": dict(self._outside),
+            "largest": {**largest, "context": round(largest["context"])},
+            "grid": self.steps.grid(self.spec),
+        }
+
     def _park_totals(self) -> dict:
         """The whole run's park figures (SimResult.park)."""
         restores = [r for route in self.routes for r in self._restores[route.name]]
@@ -775,7 +1038,8 @@ class Simulation:
 
 
 def simulate(model_config, strategies: list[str], routes: list[Route], config: SimConfig) -> list[SimResult]:
-    return [Simulation(model_config, s, routes, config).run() for s in strategies]
+    simulations = [Simulation(model_config, s, routes, config) for s in strategies]  # every strategy checked first
+    return [simulation.run() for simulation in simulations]
 
 
 def simulation_record(
@@ -786,6 +1050,8 @@ def simulation_record(
     meta = {**provenance(model, "cpu", command), "gpu": gpu, "kv_capacity_bytes": round(config.gpu_bytes)}
     if config.park_costs:
         meta |= {"park_costs": config.park_costs.record(), "prefill_tps": config.prefill_tps}
+    if config.step_costs:
+        meta["step_costs"] = config.step_costs.record()
     return {"meta": meta, "results": [r.record() for r in results]}
 
 
