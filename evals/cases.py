@@ -57,6 +57,15 @@ TAIL_CHARS = 1024  # the most characters the fit tries for it (a build clips it 
 
 
 @dataclass(frozen=True)
+class Followup:
+    """A later question about the same context: its text, the answer it plants and the needle that holds it."""
+
+    question: str
+    answer: str | tuple[str, ...]
+    needle: str
+
+
+@dataclass(frozen=True)
 class Case:
     task: str
     length: int
@@ -67,6 +76,11 @@ class Case:
     answer: str | tuple[str, ...]  # several: every one must appear (RULER's multi-answer tasks)
     needle: str  # the sentence of the context that holds the answer (needle survival is measured on its tokens)
     answer_tokens: int | None = None  # tokens an answer needs, when more than the run's max_new_tokens
+    followups: tuple[Followup, ...] = ()  # the questions asked after the first one, each about another needle
+
+    def turn(self, index: int) -> Followup:
+        """Question `index` of the case (0: the first, `question`), with its answer and needle."""
+        return Followup(self.question, self.answer, self.needle) if index == 0 else self.followups[index - 1]
 
     @property
     def key(self) -> tuple:
@@ -159,11 +173,35 @@ def render(tokenizer, messages, question: str) -> tuple[list[int], list[int]]:
     return _encode(tokenizer, text[:cut]), _encode(tokenizer, text[cut:])
 
 
-def needle_positions(tokenizer, case: Case) -> range:
-    """Token positions of the case's needle in its rendered context: every token that overlaps its characters."""
+def asked_in_place(tokenizer, case: Case, question: str) -> list[int]:
+    """Token ids of `question` asked where the case's first question is (the same context before it): what a
+    follow-up adds to the stored context when the previous question and answer are dropped."""
+    *before, last = case.messages
+    if not last["content"].endswith(case.question):
+        raise ValueError(f"{case.task}: its last turn does not end with its question, so another cannot replace it")
+    messages = (*before, {**last, "content": last["content"][: -len(case.question)] + question})
+    return render(tokenizer, messages, question)[1]
+
+
+ANSWER_MARK = "@@previous-answer@@"  # stands for the previous answer while a chat's next turn is rendered
+
+
+def next_turn(tokenizer, case: Case, question: str) -> list[int]:
+    """Token ids that follow an assistant's answer to the case's first question when the user then asks `question`:
+    the end of the answer's turn, the new user turn and the prompt for the next answer, as the chat template
+    renders them."""
+    messages = (*case.messages, {"role": "assistant", "content": ANSWER_MARK}, {"role": "user", "content": question})
+    text = _chat_text(tokenizer, messages)
+    return _encode(tokenizer, text[text.rindex(ANSWER_MARK) + len(ANSWER_MARK) :])
+
+
+def needle_positions(tokenizer, case: Case, needle: str | None = None) -> range:
+    """Token positions of the case's needle (or another sentence of its context) in its rendered context: every
+    token that overlaps its characters."""
+    needle = needle or case.needle
     text = _chat_text(tokenizer, case.messages)
-    start = text.index(case.needle)
-    end = start + len(case.needle)
+    start = text.index(needle)
+    end = start + len(needle)
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
     return range(inside[0], inside[-1] + 1)

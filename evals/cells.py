@@ -45,9 +45,22 @@ def cell_id(config: ReportConfig, cell: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def turn_keys(config: ReportConfig) -> list[dict]:
+    """What tells a recall cell's questions apart: nothing for one question per case; with follow-ups, every
+    question's index in every mode (a cell's id then holds how many questions its case asks)."""
+    if config.followups == 1:
+        return [{}]
+    return [
+        {"turns": config.followups, "mode": mode, "turn": turn}
+        for mode in config.modes
+        for turn in range(config.followups)
+    ]
+
+
 def cell_keys(config: ReportConfig) -> list[dict]:
-    """Every cell of a run, each with its id, in the order it runs: recall case by case (strategies innermost, so
-    one prefill of a batch's contexts serves them all), then latency round by round, then fidelity."""
+    """Every cell of a run, each with its id, in the order it runs: recall case by case (strategies, then their
+    questions, innermost, so one prefill of a batch's contexts serves them all), then latency round by round, then
+    fidelity."""
     cells = [
         {
             "kind": "recall",
@@ -57,6 +70,7 @@ def cell_keys(config: ReportConfig) -> list[dict]:
             "depth": depth,
             "seed": seed,
             "question": question,
+            **turn,
         }
         for task in config.tasks
         for length in config.lengths
@@ -64,6 +78,7 @@ def cell_keys(config: ReportConfig) -> list[dict]:
         for seed in range(config.seeds)
         for question in config.questions
         for strategy in config.strategies
+        for turn in turn_keys(config)
     ]
     # every strategy's round r before any round r + 1, so drift of the machine lands in every strategy's rounds alike;
     # round 0 has no key, so the cells of runs from before rounds keep their ids

@@ -11,9 +11,13 @@ from ..dtypes import WEIGHTS, parse_dtype
 from ..strategy import parse_strategy
 from ..units import parse_token_list, parse_tokens
 from .cases import CASES
-from .tasks import TASKS
+from .tasks import FOLLOWUP_TASKS, TASKS
 
 QUESTIONS = ("after", "inside")  # the question arrives after the context was compressed, or inside the prompt
+# how a follow-up question meets the compressed context: `reuse`, the context as it was stored after the first
+# prompt (the previous question's answer dropped, as a server reusing a cached document); `chat`, one conversation
+# (earlier questions and answers stay, eviction goes on)
+MODES = ("reuse", "chat")
 
 # The main job's strategies, sized with ReportConfig's defaults to run within ten minutes on a 2-core AVX2 laptop:
 # budgets well below the grid's longest context, so eviction is visible; one member per question a user asks first
@@ -63,6 +67,8 @@ class ReportConfig:
     compute_dtype: str | None = None  # None: the KV dtype where the device computes it natively, else float32
     weights: str | None = None  # None: the checkpoint's, in the compute dtype; nf4, fp4, int8: bitsandbytes
     questions: list[str] = field(default_factory=lambda: ["after"])  # question placements (QUESTIONS)
+    followups: int = 1  # questions per case, each about another needle (> 1: FOLLOWUP_TASKS, in every mode)
+    modes: list[str] = field(default_factory=lambda: list(MODES))  # how follow-ups meet the context (MODES)
     compile: bool = False  # latency cells of strategies with a static step (make_cache's compile=True) run compiled
     prefill_chunk: int | None = None  # score-based retentions prefill this many tokens at a time, evicting between
     sessions: int = 32
@@ -108,6 +114,17 @@ class ReportConfig:
         bad = [q for q in self.questions if q not in QUESTIONS]
         if bad or not self.questions:
             raise ValueError(f"questions must list placements among {', '.join(QUESTIONS)}, got {self.questions}")
+        if not isinstance(self.followups, int) or isinstance(self.followups, bool) or self.followups < 1:
+            raise ValueError(f"followups must be a number of questions per case >= 1, got {self.followups!r}")
+        single = [t for t in self.tasks if t not in FOLLOWUP_TASKS]
+        if self.followups > 1 and single:
+            raise ValueError(
+                f"followups needs tasks that plant a needle per question; {', '.join(single)} cannot; allowed: "
+                f"{', '.join(FOLLOWUP_TASKS)}"
+            )
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"modes must list follow-up modes among {', '.join(MODES)}, got {self.modes}")
         if self.prefill_chunk is not None and self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive number of tokens, got {self.prefill_chunk}")
         if not isinstance(self.compile, bool):

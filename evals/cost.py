@@ -218,8 +218,12 @@ def cell_work(jobs: list[tuple[int, dict]], configs: list[ReportConfig]) -> dict
             mine += once(batch, Work(prefill=[(rows, context, 0)]))
             passes = _extra_passes(strategy) * [(rows, context, context)]
             again = [(rows, context, 0)] if _prefills_again(strategy, config) else []
-            steps = [(rows, config.max_new_tokens, length)]  # an upper bound: rows stop at their answer
-            mine += once((*batch, strategy), Work(again + passes + [(rows, QUESTION_TOKENS, context)], steps))
+            # every question of a case is answered in the strategy's first cell: the first once, each later one
+            # once per mode
+            answers = 1 + (config.followups - 1) * len(config.modes) if "turn" in cell else 1
+            steps = answers * [(rows, config.max_new_tokens, length)]  # an upper bound: rows stop at their answer
+            questions = answers * [(rows, QUESTION_TOKENS, context)]
+            mine += once((*batch, strategy), Work(again + passes + questions, steps))
         elif kind == "latency":
             length, steps = cell["length"], config.decode_steps + latency_warmup(config.decode_steps)
             passes = _extra_passes(strategy) * [(1, length, length)]

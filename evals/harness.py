@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import resource
 import statistics
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..cache import make_cache, static_refusal
+from ..cache import load_cache, make_cache, static_refusal
 from ..dtypes import cpu_capability
 from ..geometry import KVGeometry
 from ..models import load_model
@@ -19,7 +20,7 @@ from ..prefill import Prefill
 from ..static import capture
 from ..strategy import parse_strategy
 from . import reference_text, text_ids
-from .cases import needle_positions, render, score
+from .cases import asked_in_place, needle_positions, next_turn, render, score
 from .cells import latency_warmup
 from .config import ReportConfig
 from .fidelity import compare, step_logits
@@ -103,7 +104,7 @@ class Harness:
         self._fidelity_prefill: Prefill | None = None
         self._text_token_ids: torch.Tensor | None = None
         self._case_prefill: tuple[tuple, Prefill] | None = None  # the last recall batch's contexts, for its strategies
-        self._cases: tuple[tuple, list] = ((), [])  # (task, length) and its grid's cases, rendered
+        self._cases: tuple[tuple, list] = ((), [])  # (task, length, turns) and its grid's cases, rendered
         self._recalled: dict[tuple, dict] = {}  # records of batch-mates, until their own cells ask for them
         # strategies that read attention replay a shared prefill only with the attention it recorded
         self.kv_heads = KVGeometry.of(self.model).kv_heads
@@ -143,91 +144,175 @@ class Harness:
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=self.model.device)
         return ids, mask
 
-    def _batch(self, task: str, length: int, depth: float, seed: int, question: str) -> list[tuple]:
-        """The cases that run as one left-padded batch with this one, as (case, context ids, question ids): the
-        grid's cases of this task and length in grid order, `recall_batch` at a time; with the question after the
-        context only those whose question has as many tokens (every row's context step must end at one column).
-        Fixed by the grid, not by which cells are left, so a resumed run batches a case as the first run did."""
-        if self._cases[0] != (task, length):
+    def _batch(self, task: str, length: int, depth: float, seed: int, question: str, turns: int = 1) -> list[tuple]:
+        """The cases that run as one left-padded batch with this one, as (case, context ids, question ids, follow-ups
+        as `_rendered` makes them): the grid's cases of this task and length in grid order, `recall_batch` at a time;
+        with the question after the context only those whose questions have as many tokens (every row's context step
+        must end at one column), and with follow-ups those whose later turns have as many tokens too. Fixed by the
+        grid, not by which cells are left, so a resumed run batches a case as the first run did."""
+        if self._cases[0] != (task, length, turns):
             cases = [
-                make_case(task, self.tokenizer, length, d, s)
+                make_case(task, self.tokenizer, length, d, s, turns)
                 for d in depths(self.config.depths)
                 for s in range(self.config.seeds)
             ]
-            self._cases = ((task, length), [self._rendered(case) for case in cases])
+            self._cases = ((task, length, turns), [self._rendered(case) for case in cases])
         cases = self._cases[1]
         mine = next((c for c in cases if c[0].key == (task, length, round(depth, 4), seed)), None)
         if mine is None:  # a case outside the grid (a cell of another run's records): alone
-            return [self._rendered(make_case(task, self.tokenizer, length, depth, seed))]
-        alike = [c for c in cases if question == "inside" or len(c[2]) == len(mine[2])]
+            return [self._rendered(make_case(task, self.tokenizer, length, depth, seed, turns))]
+
+        def shape(rendered: tuple) -> tuple:
+            _, _, asked, later = rendered
+            widths = [len(tokens) for turn in later for tokens in turn]
+            return (*widths, len(asked)) if question == "after" else (*widths[1::2],)
+
+        alike = [c for c in cases if shape(c) == shape(mine)]
         start = alike.index(mine) // self.config.recall_batch * self.config.recall_batch
         return alike[start : start + self.config.recall_batch]
 
     def _rendered(self, case) -> tuple:
-        return (case, *render(self.tokenizer, case.messages, case.question))
+        """(case, context ids, question ids, and per follow-up: (its ids asked in the first question's place, its
+        ids as the next chat turn))."""
+        later = [
+            (asked_in_place(self.tokenizer, case, f.question), next_turn(self.tokenizer, case, f.question))
+            for f in case.followups
+        ]
+        return (case, *render(self.tokenizer, case.messages, case.question), later)
 
-    def recall(self, strategy: str, task: str, length: int, depth: float, seed: int, question: str = "after") -> dict:
+    def recall(
+        self,
+        strategy: str,
+        task: str,
+        length: int,
+        depth: float,
+        seed: int,
+        question: str = "after",
+        turns: int = 1,
+        mode: str | None = None,
+        turn: int = 0,
+    ) -> dict:
         """question="after": the context is prefilled (and compressed) before the question arrives, as in a chat;
         "inside": context and question are one prompt (all but its last token prefilled), so query-aware retention
         sees the question. The case runs in a left-padded batch with others of its task and length (`_batch`); their
-        records wait here for their own cells."""
-        key = (strategy, task, length, round(depth, 4), seed, question)
+        records wait here for their own cells. turns > 1: the case asks `turns` questions in each of the run's modes
+        (`_followups`), and this cell is question `turn` in `mode`."""
+        key = (strategy, task, length, round(depth, 4), seed, question, mode, turn)
         if key not in self._recalled:
-            batch = self._batch(task, length, depth, seed, question)
-            for (case, *_), record in zip(batch, self._recall_batch(strategy, batch, question)):
-                self._recalled[(strategy, *case.key, question)] = record
+            batch = self._batch(task, length, depth, seed, question, turns)
+            if turns == 1:
+                turned = {(None, 0): self._recall_batch(strategy, batch, question)}
+            else:
+                turned = self._followups(strategy, batch, question, turns)
+            for (asked_mode, index), records in turned.items():
+                for (case, *_), record in zip(batch, records):
+                    self._recalled[(strategy, *case.key, question, asked_mode, index)] = record
         return self._recalled.pop(key)
+
+    def _first_prompt(self, strategy: str, batch: list[tuple], question: str, rows: int) -> tuple:
+        """A cache for `strategy` holding the batch's shared prefill (the contexts; with the question inside, all
+        of the first prompt but its last token), and that prompt's ids, mask and each row's left padding."""
+        firsts = [context if question == "after" else context + asked[:-1] for _, context, asked, _ in batch]
+        prefill = self._context_prefill(tuple(case.key for case, *_ in batch) + (question,), firsts)
+        ids, mask = self._left_padded([context + asked for _, context, asked, _ in batch])
+        pads = (mask == 0).sum(dim=1).tolist()  # the same in the prefill: every row's rest has as many tokens
+        chunk = self.config.prefill_chunk if parse_strategy(strategy).retention.seam else None
+        cache = make_cache(self.model, strategy, prefill_chunk=chunk, batch_size=rows)
+        prefill.fill(self.model, cache)
+        return cache, ids, mask, pads
 
     @torch.no_grad()
     def _recall_batch(self, strategy: str, batch: list[tuple], question: str) -> list[dict]:
-        firsts = [context if question == "after" else context + asked[:-1] for _, context, asked in batch]
-        prefill = self._context_prefill(tuple(case.key for case, *_ in batch) + (question,), firsts)
-        ids, mask = self._left_padded([context + asked for _, context, asked in batch])
-        pads = (mask == 0).sum(dim=1).tolist()  # the same in the prefill: every row's rest has as many tokens
+        cache, ids, mask, pads = self._first_prompt(strategy, batch, question, len(batch))
+        with cache:
+            return self._answer(cache, ids, mask, batch, pads, 0)[1]
+
+    @torch.no_grad()
+    def _followups(self, strategy: str, batch: list[tuple], question: str, turns: int) -> dict[tuple, list[dict]]:
+        """Every question of the batch's cases in each of the run's modes, by (mode, question index). The first
+        question is the same in both modes (answered once). `reuse`: every later question starts from the cache as
+        the first prompt left it, saved and loaded back (`KVCache.save`, `load_cache`), and is asked in the first
+        question's place, or, with the question inside the prompt, as a new user turn after an empty answer (that
+        prompt is part of what was compressed). `chat`: one conversation, each question a new user turn after the
+        answer before it, on the same cache (eviction goes on as the member's `when=` says). A batch's rows
+        generate together, so a row's answer holds what it generated until every row of the batch had answered."""
+        rows, modes = len(batch), self.config.modes
+        turned = {}
+        cache, first_ids, first_mask, pads = self._first_prompt(strategy, batch, question, rows)
+        with cache, tempfile.TemporaryDirectory(prefix="kvcompress-reuse-") as folder:
+            saved = Path(folder) / "context.safetensors"
+            if "reuse" in modes:
+                cache.save(saved)
+            out, first = self._answer(cache, first_ids, first_mask, batch, pads, 0)
+            turned.update({(mode, 0): first for mode in modes})
+            for turn in range(1, turns) if "chat" in modes else ():
+                ids = torch.cat([out, self._column([later[turn - 1][1] for *_, later in batch])], dim=1)
+                out, turned[("chat", turn)] = self._answer(cache, ids, first_mask, batch, pads, turn)
+            for turn in range(1, turns) if "reuse" in modes else ():
+                if question == "after":
+                    ids, mask = self._left_padded([context + later[turn - 1][0] for _, context, _, later in batch])
+                else:
+                    ids, mask = (
+                        torch.cat([first_ids, self._column([later[turn - 1][1] for *_, later in batch])], 1),
+                        first_mask,
+                    )
+                with load_cache(self.model, saved) as restored:
+                    turned[("reuse", turn)] = self._answer(restored, ids, mask, batch, pads, turn)[1]
+        return turned
+
+    def _column(self, rows: list[list[int]]) -> torch.Tensor:
+        """Rows of as many token ids (a batch's next turn), as one tensor on the model's device."""
+        return torch.tensor(rows, device=self.model.device)
+
+    def _answer(
+        self, cache, ids: torch.Tensor, mask: torch.Tensor, batch: list[tuple], pads: list[int], turn: int
+    ) -> tuple[torch.Tensor, list[dict]]:
+        """Generate the batch's answers to question `turn` after `ids` (the cache holds all but their uncached
+        tail) and score them: (every row's ids with its answer, one record per row). `mask` covers the first
+        `mask.shape[1]` columns (the left padding); every column after them is a token."""
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], ids.shape[1] - mask.shape[1])], dim=1)
         rows = len(batch)
-        chunk = self.config.prefill_chunk if parse_strategy(strategy).retention.seam else None
-        with make_cache(self.model, strategy, prefill_chunk=chunk, batch_size=rows) as cache:
-            prefill.fill(self.model, cache)
-            kv_bytes_prefill, peak_prefill = cache.kv_bytes(), cache.peak_bytes
-            survival = [
-                needle_survival(cache, needle_positions(self.tokenizer, case), self.kv_heads, row, pad)
-                for row, ((case, *_), pad) in enumerate(zip(batch, pads))
-            ]
-            answers = [case.answer for case, *_ in batch]
-            self._sync_peak()
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                cache=cache,
-                max_new_tokens=max(self.config.max_new_tokens, *(case.answer_tokens or 0 for case, *_ in batch)),
-                do_sample=False,
-                stopping_criteria=StoppingCriteriaList([AnswerFound(self.tokenizer, ids.shape[1], answers)]),
-                pad_token_id=self.tokenizer.eos_token_id,
-            )
-            outputs = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-            shared = {
-                "kv_bytes_prefill": _per_row(kv_bytes_prefill, rows),
-                "kv_bytes_final": _per_row(cache.kv_bytes(), rows),
-                "peak_kv_bytes_prefill": peak_prefill // rows,
-                "peak_kv_bytes": cache.peak_bytes // rows,
-                "peak_device_bytes": self._peak(),  # the batch's (weights included), not divided
-                "stored_tokens": cache.stored_tokens(),
-                "seen_tokens": cache.get_seq_length(),
-                "process_peak_rss_bytes": _peak_rss_bytes(),
-                "batch_rows": rows,
+        turns = [case.turn(turn) for case, *_ in batch]
+        kv_bytes_prefill, peak_prefill = cache.kv_bytes(), cache.peak_bytes
+        survival = [
+            needle_survival(cache, needle_positions(self.tokenizer, case, asked.needle), self.kv_heads, row, pad)
+            for row, ((case, *_), asked, pad) in enumerate(zip(batch, turns, pads))
+        ]
+        answers = [asked.answer for asked in turns]
+        self._sync_peak()
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            cache=cache,
+            max_new_tokens=max(self.config.max_new_tokens, *(case.answer_tokens or 0 for case, *_ in batch)),
+            do_sample=False,
+            stopping_criteria=StoppingCriteriaList([AnswerFound(self.tokenizer, ids.shape[1], answers)]),
+            pad_token_id=self.tokenizer.eos_token_id,
+        )
+        outputs = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        shared = {
+            "kv_bytes_prefill": _per_row(kv_bytes_prefill, rows),
+            "kv_bytes_final": _per_row(cache.kv_bytes(), rows),
+            "peak_kv_bytes_prefill": peak_prefill // rows,
+            "peak_kv_bytes": cache.peak_bytes // rows,
+            "peak_device_bytes": self._peak(),  # the batch's (weights included), not divided
+            "stored_tokens": cache.stored_tokens(),
+            "seen_tokens": cache.get_seq_length(),
+            "process_peak_rss_bytes": _peak_rss_bytes(),
+            "batch_rows": rows,
+        }
+        return out, [
+            {
+                "answer": asked.answer,
+                "correct": score(asked.answer, output),
+                "prompt_tokens": int(mask[row].sum()),
+                "output": output,
+                "needle_survival": row_survival["mean"],
+                "needle_survival_per_layer_head": row_survival["per_layer_head"],
+                **shared,
             }
-            return [
-                {
-                    "answer": case.answer,
-                    "correct": score(case.answer, output),
-                    "prompt_tokens": len(context) + len(asked),
-                    "output": output,
-                    "needle_survival": row_survival["mean"],
-                    "needle_survival_per_layer_head": row_survival["per_layer_head"],
-                    **shared,
-                }
-                for (case, context, asked), output, row_survival in zip(batch, outputs, survival)
-            ]
+            for row, (asked, output, row_survival) in enumerate(zip(turns, outputs, survival))
+        ]
 
     def _text_ids(self, length: int, windows: int = 1) -> torch.Tensor:
         if self._text_token_ids is None and self.tokenizer is None:  # random weights: timing ignores the values

@@ -10,7 +10,13 @@ from .latency import latency_cells
 from .rows import ReportRow
 
 
-def plot_all(records: list[dict], rows: list[ReportRow], config: ReportConfig, out: Path) -> list[Path]:
+def plot_all(
+    records: list[dict],
+    rows: list[ReportRow],
+    config: ReportConfig,
+    out: Path,
+    by_turn: dict[tuple, list[float | None]] | None = None,
+) -> list[Path]:
     try:
         import matplotlib
 
@@ -19,6 +25,7 @@ def plot_all(records: list[dict], rows: list[ReportRow], config: ReportConfig, o
     except ImportError:  # plots are optional: the table and CSV carry every number
         return []
     paths = [_pareto(plt, rows, out), _heatmaps(plt, records, config, out), _latency(plt, records, config, out)]
+    paths.append(_by_turn(plt, by_turn, out) if by_turn else None)
     return [p for p in paths if p]
 
 
@@ -107,3 +114,13 @@ def _latency(plt, records, config, out: Path) -> Path:
         "Decode latency vs context",
         out / "latency_vs_context.png",
     )
+
+
+def _by_turn(plt, by_turn: dict[tuple, list[float | None]], out: Path) -> Path:
+    """Recall at each question index of a follow-up run, a line per strategy, placement and mode."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for (strategy, question, mode), recall in sorted(by_turn.items()):
+        points = [(i + 1, 100 * r) for i, r in enumerate(recall) if r is not None]
+        ax.plot(*zip(*points), marker="o", label=f"{strategy} [{question}, {mode}]")
+    ax.legend(fontsize=6)
+    return _finish(plt, fig, ax, "question index", "recall (%)", "Recall by question", out / "recall_by_question.png")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .config import configs_of
+from .followups import first_questions, followup_section, recall_by_turn
 from .plots import plot_all
 from .records import RecordStore
 from .render import by_task, header_lines, table
@@ -20,7 +21,9 @@ def write_report(out: Path) -> Path:
     out = Path(out)
     store = RecordStore(out / "records.jsonl")
     meta, configs = store.meta, configs_of(store.meta)
-    sections = [(c, records, summarize(records, c)) for c in configs for records in [grid_records(store.records, c)]]
+    grids = [(c, grid_records(store.records, c)) for c in configs]
+    # the main table reads each case's first question; follow-ups get a section of their own
+    sections = [(c, firsts, summarize(firsts, c)) for c, records in grids for firsts in [first_questions(records, c)]]
     rows = [row for _, _, mine in sections for row in mine]
     summary = [row.as_dict() for row in rows]  # summary.json and summary.csv hold the same fields
     config = configs[0]
@@ -37,12 +40,13 @@ def write_report(out: Path) -> Path:
         if len(configs) == 1
         else "\n".join(f"## {c.model}\n\n{table(mine, c)}" for c, _, mine in sections)
     )
-    path.write_text("\n".join(header) + "\n" + body + by_task(sections))
+    followups = "".join(followup_section(records, c) for c, records in grids)
+    path.write_text("\n".join(header) + "\n" + body + by_task(sections) + followups)
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": summary}, indent=1) + "\n")
-    for c, records, mine in sections:  # several models: each model's plots in a folder of its own
+    for (c, records, mine), (_, every) in zip(sections, grids):  # several models: each model's plots in its folder
         folder = (
             out if len(configs) == 1 else out / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c.model)
         )
         folder.mkdir(exist_ok=True)
-        plot_all(records, mine, c, folder)
+        plot_all(records, mine, c, folder, recall_by_turn(every, c))
     return path

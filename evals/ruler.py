@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from .cases import TAIL_UNITS, WORDS, Case, _fit, _single_turn, fill, partial
+from .cases import TAIL_UNITS, WORDS, Case, Followup, _fit, _single_turn, fill, partial
 
 ADJECTIVES = (
     "ancient",
@@ -88,24 +88,31 @@ def niah(
     queries: int = 1,
 ) -> Callable[..., Case]:
     """A needle-in-a-haystack task: `needle_keys` keys (the first `queries` of them asked for), each with
-    `needle_values` values; the other keys are distractors."""
+    `needle_values` values; the other keys are distractors. With turns > 1 each question asks for one key (RULER's
+    multi-query split over the turns): the first for the key at `depth`, follow-up i for key i, planted elsewhere
+    (at least `turns` keys, each with its `needle_values` values)."""
     make_key = _word_key if keys == "words" else _uuid
     make_value = _number if values == "numbers" else _uuid
 
-    def task(tokenizer, length: int, depth: float, seed: int) -> Case:
+    def task(tokenizer, length: int, depth: float, seed: int, turns: int = 1) -> Case:
         rng = random.Random(f"{name}-{seed}-{depth}")
         chosen = []
-        while len(chosen) < needle_keys:
+        while len(chosen) < max(needle_keys, turns):
             key = make_key(rng)
             chosen += [key] if key not in chosen else []
         planted = [[make_value(rng) for _ in range(needle_values)] for _ in chosen]
-        places = [depth] + [rng.random() for _ in range(needle_keys * needle_values - 1)]
+        places = [depth] + [rng.random() for _ in range(len(chosen) * needle_values - 1)]
         needles = [
             NEEDLE.format(kind=values, key=key, value=value) for key, vals in zip(chosen, planted) for value in vals
         ]
-        asked = chosen[:queries]
+        asked = chosen[: 1 if turns > 1 else queries]
         question = NIAH_QUESTION.format(kind=values, query=", ".join(asked))
-        answers = tuple(value for vals in planted[:queries] for value in vals)
+        answers = tuple(value for vals in planted[: len(asked)] for value in vals)
+        followups = tuple(
+            Followup(NIAH_QUESTION.format(kind=values, query=key), tuple(vals), needles[i * needle_values])
+            for i, (key, vals) in enumerate(zip(chosen, planted))
+            if 0 < i < turns
+        )
 
         def build(n, tail):
             hay = random.Random(f"{name}-{seed}-{depth}-hay")  # the same distractors for every n tried
@@ -119,14 +126,26 @@ def niah(
             context = fill(haystack, n, list(zip(places, needles)), tail, distractor)
             return _single_turn(NIAH.format(kind=values, context=context), question), question, answers, needles[0]
 
-        return Case(name, length, depth, seed, *_fit(build, tokenizer, length), answer_tokens=24 + 16 * len(answers))
+        return Case(
+            name,
+            length,
+            depth,
+            seed,
+            *_fit(build, tokenizer, length),
+            answer_tokens=24 + 16 * len(answers),
+            followups=followups,
+        )
 
     return task
 
 
-def variable_tracking(tokenizer, length: int, depth: float, seed: int, chains: int = 1, hops: int = 4) -> Case:
+def variable_tracking(
+    tokenizer, length: int, depth: float, seed: int, chains: int = 1, hops: int = 4, turns: int = 1
+) -> Case:
     """VT: chains of `hops` assignments (VAR B = VAR A) from a value; the answer is every variable of the chain that
-    holds the asked value. The chains start at `depth` and spread to the end of the noise haystack."""
+    holds the asked value. The chains start at `depth` and spread to the end of the noise haystack. With turns > 1
+    there are at least `turns` chains and follow-up question i asks for chain i's value."""
+    chains = max(chains, turns)
     rng = random.Random(f"ruler_vt-{seed}-{depth}")
     names = set()
     while len(names) < chains * (hops + 1):
@@ -146,12 +165,17 @@ def variable_tracking(tokenizer, length: int, depth: float, seed: int, chains: i
             for i in range(hops + 1)
         ]
     question = VT_QUESTION.format(value=values[0])
+    followups = tuple(
+        Followup(VT_QUESTION.format(value=values[c]), tuple(names[c * (hops + 1) : (c + 1) * (hops + 1)]), head)
+        for c, (_, head) in enumerate(statements[:: hops + 1][1:turns], start=1)
+    )
 
     def build(n, tail):
         context = VT.format(context=fill("noise", n, statements, tail))
         return _single_turn(context, question), question, tuple(chain), statements[0][1]
 
-    return Case("ruler_vt", length, depth, seed, *_fit(build, tokenizer, length), answer_tokens=60)
+    case = _fit(build, tokenizer, length)
+    return Case("ruler_vt", length, depth, seed, *case, answer_tokens=60, followups=followups)
 
 
 def common_words(tokenizer, length: int, depth: float, seed: int, count: int = 10) -> Case:
