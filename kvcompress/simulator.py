@@ -232,9 +232,11 @@ def _linear(points: dict[int, float], x: float) -> tuple[float, bool]:
     the first value holds (a step over fewer tokens, or fewer rows, is taken to cost no less than the smallest
     measured); above the last, the last segment's rise goes on (a fall between the last two points, timing noise,
     is not extended: the last value holds)."""
+    if x in points:
+        return points[x], False
     xs = sorted(points)
-    if x <= xs[0] or len(xs) == 1:
-        return points[xs[0]], x != xs[0]
+    if x < xs[0] or len(xs) == 1:
+        return points[xs[0]], True
     i = bisect.bisect_left(xs, x)
     if i == len(xs):
         low, high = xs[-2], xs[-1]

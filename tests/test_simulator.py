@@ -1,18 +1,33 @@
 """The serving-fleet simulator: conservation, allocator invariants, hand-checked traces, bad route and costs files,
-the host and disk tiers, and the park policy."""
+the host and disk tiers, the park policy, and measured step costs (with the benchmark that measures them)."""
 
 import dataclasses
 import json
 import math
+import runpy
+import statistics
+import sys
 
 import pytest
 
+from kvcompress import expected_kv_bytes, load_model
 from kvcompress.accounting import kv_sizer
 from kvcompress.cli import main
 from kvcompress.models import load_config
-from kvcompress.simulator import ParkCosts, Route, SimConfig, Simulation, load_routes, simulate, write_simulation
+from kvcompress.provenance import provenance
+from kvcompress.simulator import (
+    ParkCosts,
+    Route,
+    SimConfig,
+    Simulation,
+    StepCosts,
+    load_routes,
+    simulate,
+    write_simulation,
+)
 from kvcompress.tiers import TIERS
 
+from .conftest import ROOT as REPO
 from .conftest import png_size
 
 CONFIG = load_config("llama-3.1-8b")
@@ -517,3 +532,220 @@ def test_cli_park_flags_are_checked(tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message.replace("{bad}", str(bad))):
         main(_simulate_argv(tmp_path, *(fill.get(arg, arg) for arg in extra)))
     assert not (tmp_path / "o" / "simulate.json").exists()
+
+
+# -- measured step costs: a decode step by batch and context, a prefill by prompt length --------------------------
+def _steps_file(folder, decode, prefill, name="steps.json", meta=None):
+    """A steps.json as experiments/bench_steps.py writes it: decode {(strategy, batch, context): s}, prefill
+    {(strategy, tokens): s}."""
+    path = folder / name
+    data = {
+        "meta": meta
+        if meta is not None
+        else {"model": "default", "device": "a test CPU", "calibration": {"prefill_1k_s": 1.5}},
+        "decode": [{"strategy": s, "batch": b, "context": c, "step_s": t} for (s, b, c), t in decode.items()],
+        "prefill": [{"strategy": s, "tokens": n, "prefill_s": t} for (s, n), t in prefill.items()],
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _grid(step_s, strategies=("full",), batches=(1, 4), contexts=(100, 10_000), prefill_s=0.5):
+    """Decode seconds step_s(batch, context) at every grid point, and a prefill of `prefill_s` at 100 and 10k
+    tokens, for each strategy."""
+    decode = {(s, b, c): step_s(b, c) for s in strategies for b in batches for c in contexts}
+    return decode, {(s, n): prefill_s for s in strategies for n in (100, 10_000)}
+
+
+def test_step_costs_are_linear_in_context_then_batch_and_say_when_they_extrapolate(tmp_path):
+    decode = {("full", 1, 100): 0.010, ("full", 1, 300): 0.030, ("full", 4, 100): 0.040, ("full", 4, 300): 0.120}
+    costs = StepCosts.read(_steps_file(tmp_path, decode, {("full", 100): 0.1, ("full", 1000): 1.0}))
+    step = costs.decode_step_s
+    assert step("full", 1, 100) == (0.010, False) and step("full", 4, 300) == (0.120, False)
+    assert step("full", 1, 200) == (pytest.approx(0.020), False)
+    # at context 200: 0.020 at batch 1 and 0.080 at batch 4; a third of the way to 4
+    assert step("full", 2, 200) == (pytest.approx(0.040), False)
+    # above the grid the last segment's rise goes on; below it the first value holds
+    assert step("full", 1, 500) == (pytest.approx(0.050), True)
+    assert step("full", 8, 300) == (pytest.approx(0.240), True)
+    assert step("full", 1, 50) == (0.010, True)
+    assert costs.prefill_s("full", 550) == (pytest.approx(0.55), False)
+    assert costs.prefill_s("full", 2000) == (pytest.approx(2.0), True) and costs.prefill_s("full", 10) == (0.1, True)
+    assert costs.prefill_s("full+none", 1000) == (1.0, False)  # the strategy as parsed, not as spelled
+    assert costs.grid("full") == {"batches": [1, 4], "contexts": [100, 300], "prompts": [100, 1000]}
+    # a noisy fall between the last two contexts is not extended: the last value holds
+    falling = {("full", 1, 100): 0.03, ("full", 1, 300): 0.02}
+    costs = StepCosts.read(_steps_file(tmp_path, falling, {("full", 100): 0.1}, "falling.json"))
+    assert costs.decode_step_s("full", 1, 5000) == (0.02, True)
+    assert costs.decode_step_s("full", 3, 200) == (pytest.approx(0.025), True)  # one batch measured: it holds
+
+
+def test_hand_checked_step_costs_trace(tmp_path):
+    """Two sessions of 1000 prompt + 100 output tokens, arriving at 0 and 1 s; a prefill takes 0.5 s at any length,
+    a decode step 20 ms alone and 40 ms in a batch of two, at any context. The first prefills to 0.5 s and decodes
+    alone, 100 x 20 ms, to 2.5 s; the second prefills from 1 to 1.5 s and joins the first: 100 x 40 ms, to 5.5 s."""
+    route = Route("trace", 0.0, (1000, 1000), (100, 100), (1, 1), (0.0, 0.0), 0.0, arrivals_s=(0.0, 1.0))
+    costs = StepCosts.read(_steps_file(tmp_path, *_grid(lambda b, c: 0.02 * b, batches=(1, 2))))
+    settings = dict(gpu_bytes=10**12, minutes=1, block_tokens=100, idle_policy="release", sample_s=1.0)
+    result = Simulation(CONFIG, "full", [route], SimConfig(**settings, step_costs=costs)).run()
+    held = dict(result.samples)
+    assert [held[float(t)] for t in range(7)] == [0, 1100 * TOKEN, 2200 * TOKEN] + [1100 * TOKEN] * 3 + [0]
+    row = result.per_route["trace"]
+    assert row["answers"] == 2 and row["decode_tps"] == (50 + 25) / 2 and row["batch_mean"] == 1.5
+    assert row["ttft_mean_s"] == row["ttft_p95_s"] == 0.5
+    totals = result.step_costs
+    assert totals["lookups"] == {"decode": 2, "prefill": 2} and totals["extrapolated"] == {"decode": 0, "prefill": 0}
+    assert totals["largest"] == {"batch": 2, "context": 1050, "prompt": 1000} and totals["batch_max"] == 2
+    # the constant rate (no file) knows neither: both decode at decode_tps from their arrival
+    plain = Simulation(CONFIG, "full", [route], SimConfig(**settings, decode_tps=50.0)).run()
+    assert [dict(plain.samples)[float(t)] for t in range(5)] == [0, 1100 * TOKEN, 2200 * TOKEN, 1100 * TOKEN, 0]
+    assert "decode_tps" not in plain.per_route["trace"] and not plain.step_costs
+
+
+def test_batches_that_cost_more_lower_each_sessions_tokens_per_s_at_higher_concurrency(tmp_path):
+    """Eight sessions arriving together, against one alone. With a step that costs as much at batch 4 as at
+    batch 1 (flat), every answer decodes at 50 tokens/s; where batch 4 costs four times batch 1 (and the rise goes
+    on past the grid), the k-th answer to start joins k - 1 others and decodes at 50 / k tokens/s."""
+    flat = StepCosts.read(_steps_file(tmp_path, *_grid(lambda b, c: 0.02), name="flat.json"))
+    costly = StepCosts.read(_steps_file(tmp_path, *_grid(lambda b, c: 0.02 * b), name="costly.json"))
+
+    def run(costs, sessions):
+        route = Route("r", 0.0, (1000, 1000), (100, 100), (1, 1), (0.0, 0.0), 0.0, arrivals_s=(0.0,) * sessions)
+        config = SimConfig(gpu_bytes=10**12, minutes=1, idle_policy="release", step_costs=costs)
+        return Simulation(CONFIG, "full", [route], config).run()
+
+    assert run(flat, 1).per_route["r"]["decode_tps"] == run(costly, 1).per_route["r"]["decode_tps"] == 50
+    together_flat, together_costly = run(flat, 8), run(costly, 8)
+    assert together_flat.per_route["r"]["decode_tps"] == 50
+    harmonic = sum(50 / k for k in range(1, 9)) / 8
+    assert together_costly.per_route["r"]["decode_tps"] == pytest.approx(harmonic, abs=0.01)
+    assert together_costly.per_route["r"]["batch_mean"] == together_flat.per_route["r"]["batch_mean"] == 4.5
+    assert together_costly.step_costs["extrapolated"]["decode"] == 4  # batches 5 to 8 lie past the grid's 4
+
+
+def test_a_costlier_batch_slows_a_whole_fleet_and_keeps_its_kv_resident_longer(tmp_path):
+    flat = StepCosts.read(_steps_file(tmp_path, *_grid(lambda b, c: 0.02), name="flat.json"))
+    costly = StepCosts.read(_steps_file(tmp_path, *_grid(lambda b, c: 0.005 * (3 + b)), name="costly.json"))
+    fast = _run(gpu_bytes=1e15, minutes=10, step_costs=flat).run()
+    slow = _run(gpu_bytes=1e15, minutes=10, step_costs=costly).run()
+    for name, row in slow.per_route.items():
+        assert row["decode_tps"] < 0.5 * fast.per_route[name]["decode_tps"] == 25
+        assert row["batch_mean"] > fast.per_route[name]["batch_mean"] > 1
+        assert row["kv_bytes"] > fast.per_route[name]["kv_bytes"]
+    assert slow.step_costs["extrapolated"]["decode"] > 0 and slow.step_costs["largest"]["batch"] > 4
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("{not json", "not a JSON file"),
+        ({"decode": [], "prefill": []}, "needs a non-empty 'decode' list"),
+        ({"decode": [{"strategy": "full", "batch": 1, "context": 9, "step_s": 0.1}]}, "needs a non-empty 'prefill'"),
+        ({"decode": [{"strategy": "full", "batch": 1, "context": 9}]}, r"decode\[0\]\.step_s must be a positive"),
+        ({"decode": [{"strategy": "full", "batch": 1.5, "context": 9, "step_s": 1}]}, r"decode\[0\]\.batch must be"),
+        ({"decode": [{"strategy": "fast", "batch": 1, "context": 9, "step_s": 1}]}, r"decode\[0\]\.strategy: unknown"),
+    ],
+)
+def test_bad_step_costs_files_name_the_file_and_field(tmp_path, content, message):
+    path = tmp_path / "steps.json"
+    if content is not None:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=f"^{path}: {message}"):
+        StepCosts.read(path)
+
+
+def test_step_costs_with_a_hole_or_half_a_strategy_are_refused(tmp_path):
+    decode, prefill = _grid(lambda b, c: 0.02)
+    del decode["full", 4, 100]
+    with pytest.raises(ValueError, match=r"'full' has no decode step at batch 4, context 100: its grid must hold"):
+        StepCosts.read(_steps_file(tmp_path, decode, prefill))
+    decode, prefill = _grid(lambda b, c: 0.02, strategies=("full", "int8"))
+    del prefill["int8", 100], prefill["int8", 10_000]
+    path = _steps_file(tmp_path, decode, prefill)
+    with pytest.raises(ValueError, match=f"^{path}: strategy 'int8' has decode steps but no prefill rows"):
+        StepCosts.read(path)
+
+
+def test_a_strategy_the_file_lacks_is_refused_before_anything_runs(tmp_path, capsys):
+    path = _steps_file(tmp_path, *_grid(lambda b, c: 0.02, strategies=("full", "int8")))
+    costs = StepCosts.read(path)
+    message = f"^{path}: no step costs for strategy 'fp8'; it has full, int8 .python experiments/bench_steps.py"
+    with pytest.raises(ValueError, match=message):
+        simulate(CONFIG, ["full", "fp8"], load_routes(ROUTES), SimConfig(gpu_bytes=2**30, step_costs=costs))
+    with pytest.raises(SystemExit, match=f"kvcompress simulate: {path}: no step costs for strategy 'fp8'"):
+        main(_simulate_argv(tmp_path, "--strategies", "full,fp8", "--step-costs", str(path)))
+    assert not (tmp_path / "o" / "simulate.json").exists() and "full: peak" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=f"kvcompress simulate: {tmp_path / 'none.json'}: no such file"):
+        main(_simulate_argv(tmp_path, "--step-costs", str(tmp_path / "none.json")))
+
+
+def test_cli_step_costs_run_prints_and_records_the_file_and_its_machine(tmp_path, capsys):
+    path = _steps_file(tmp_path, *_grid(lambda b, c: 0.02 * b + 1e-6 * c, strategies=("int8",)))
+    main(_simulate_argv(tmp_path, "--step-costs", str(path)))
+    out = capsys.readouterr().out
+    assert f"step costs from {path}: measured with default on a test CPU (1k-token prefill 1.50 s there)" in out
+    assert "not --model random:llama-3.1-8b" in out and "tokens/s per session" in out and "outside the measured" in out
+    data = json.loads((tmp_path / "o" / "simulate.json").read_text())
+    assert data["meta"]["step_costs"] == {
+        "source": str(path),
+        "model": "default",
+        "device": "a test CPU",
+        "calibration_prefill_1k_s": 1.5,
+        "strategies": ["int8"],
+    }
+    (result,) = data["results"]
+    assert result["step_costs"]["lookups"]["decode"] == sum(r["answers"] for r in result["routes"].values()) > 0
+    assert all(0 < r["decode_tps"] < 50 and r["ttft_mean_s"] >= 0.5 for r in result["routes"].values())
+
+
+def test_cli_park_prices_its_re_prefill_from_the_step_costs(tmp_path, capsys):
+    steps = _steps_file(tmp_path, *_grid(lambda b, c: 0.02, strategies=("int8",), prefill_s=0.25))
+    park = ["--idle-policy", "park", "--park-costs", str(_costs_file(tmp_path))]
+    main(_simulate_argv(tmp_path, *park, "--step-costs", str(steps)))
+    assert "re-prefill at the step costs' prefill" in capsys.readouterr().out
+    (result,) = json.loads((tmp_path / "o" / "simulate.json").read_text())["results"]
+    assert result["park"]["restores"] > 0 and result["park"]["reprefill_ttft_mean_s"] == 0.25
+    with pytest.raises(SystemExit, match="--prefill-tps is not read with --step-costs"):
+        main(_simulate_argv(tmp_path / "again", *park, "--step-costs", str(steps), "--prefill-tps", "1e4"))
+    with pytest.raises(ValueError, match="prefill_tps is not read with step_costs"):
+        SimConfig(
+            gpu_bytes=1,
+            idle_policy="park",
+            park_costs=ParkCosts(1e9, 1e9, 0.0),
+            prefill_tps=1e4,
+            step_costs=StepCosts.read(steps),
+        )
+
+
+def test_bench_steps_measures_a_tiny_grid_the_simulator_reads(tmp_path, monkeypatch):
+    """experiments/bench_steps.py on a tiny random model: every cell of every round kept, each figure the median of
+    its rounds' samples inside its interval, the cache's bytes as the config says, and a file StepCosts reads."""
+    argv = ["--model", "random:tiny", "--strategies", "full,int8", "--batches", "1,2", "--contexts", "16,32"]
+    argv += ["--prompts", "16,32", "--rounds", "2", "--steps", "3", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["bench_steps.py", *argv])
+    runpy.run_path(str(REPO / "experiments" / "bench_steps.py"), run_name="__main__")
+    data = json.loads((tmp_path / "steps.json").read_text())
+    meta, model = data["meta"], load_model("random:tiny")[0]
+    assert meta["model"] == "random:tiny" and meta["calibration"]["prefill_1k_s"] > 0
+    assert meta["git_commit"] == provenance("random:tiny", "cpu")["git_commit"] and meta["grid"]["batches"] == [1, 2]
+    assert [(r["strategy"], r["batch"], r["context"]) for r in data["decode"]] == [
+        (s, b, c) for s in ("full", "int8") for b in (1, 2) for c in (16, 32)
+    ]
+    for row in data["decode"]:
+        assert [len(r) for r in row["rounds"]] == [3, 3]
+        low, high = row["step_s_interval"]
+        assert low <= row["step_s"] <= high
+        assert row["step_s"] == pytest.approx(statistics.median(sum(row["rounds"], [])), abs=2e-6)
+        # the cell held `batch` rows of its context plus the steps decoded (one untimed, three timed)
+        assert row["kv_bytes"] == row["batch"] * expected_kv_bytes(model, row["strategy"], row["context"] + 4)
+    assert [(r["strategy"], r["tokens"], len(r["rounds"])) for r in data["prefill"]] == [
+        (s, n, 2) for s in ("full", "int8") for n in (16, 32)
+    ]
+    costs = StepCosts.read(tmp_path / "steps.json")
+    int8 = next(r for r in data["decode"] if (r["strategy"], r["batch"], r["context"]) == ("int8", 2, 32))
+    assert costs.decode_step_s("int8", 2, 32) == (int8["step_s"], False) and costs.device == meta["device"]
+    text = (tmp_path / "steps.md").read_text()
+    assert "| `int8` | 2 | " in text and "calibration: 1k-token prefill" in text
+    with pytest.raises(SystemExit, match="already holds steps.json"):
+        runpy.run_path(str(REPO / "experiments" / "bench_steps.py"), run_name="__main__")
