@@ -1,4 +1,5 @@
-"""Sweeps on the `ray` backend: a local Ray of 2 CPUs started by the run itself (and stopped by it), 2 workers."""
+"""Sweeps on the `ray` backend, 2 workers: on a local Ray of 2 CPUs that the module starts once and each run joins,
+and one run that starts Ray itself (and stops it)."""
 
 import json
 import subprocess
@@ -13,7 +14,7 @@ from kvcompress.evals.run import run_report
 
 ray = pytest.importorskip("ray", reason="the ray backend needs ray (pip install -e '.[test]')")
 
-# one pytest-xdist worker runs every test that starts Ray, one after another: each checks that no Ray runs beside it
+# one pytest-xdist worker runs every test that starts Ray, one after another: none runs beside another Ray
 pytestmark = pytest.mark.xdist_group("ray")
 RAY = Backend("ray", workers=2)
 # random weights: recall and fidelity cells are recorded as skipped at once; latency cells time a real decode
@@ -38,15 +39,40 @@ def _ray_processes() -> list[str]:
     ).stdout.split()
 
 
-@pytest.fixture(autouse=True)
-def no_ray_left_behind():
+def _wait_until(done, seconds: float = 20) -> bool:
+    deadline = time.time() + seconds
+    while not done() and time.time() < deadline:  # Ray's processes and actor names go a moment after a kill returns
+        time.sleep(0.5)
+    return done()
+
+
+@pytest.fixture
+def own_ray():
+    """A run that starts Ray itself: none runs before it, and the run stops it, leaving no Ray process behind."""
     assert not ray.is_initialized() and not _ray_processes(), "a Ray cluster was running before the test"
     yield
     assert not ray.is_initialized()
-    deadline = time.time() + 20
-    while _ray_processes() and time.time() < deadline:  # the raylet exits a moment after shutdown returns
-        time.sleep(0.5)
-    assert not _ray_processes(), "the test left Ray processes behind"
+    assert _wait_until(lambda: not _ray_processes()), "the test left Ray processes behind"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray of 2 CPUs for the module's other runs (started once: a Ray start and stop per run would cost more
+    than the runs), stopped at the module's end with nothing of it left behind. The tests that start their own Ray
+    come before the first that takes this fixture."""
+    assert not ray.is_initialized() and not _ray_processes(), "a Ray cluster was running before the tests"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    assert _wait_until(lambda: not _ray_processes()), "the module left Ray processes behind"
+
+
+@pytest.fixture
+def joined(cluster):
+    """A run that joins the running Ray: it leaves that Ray running, and kills every worker it started."""
+    yield
+    assert ray.is_initialized(), "a run stopped a Ray it did not start"
+    assert _wait_until(lambda: not ray.util.list_named_actors()), "the run left its workers alive"
 
 
 def _appends(monkeypatch) -> list[dict]:
@@ -56,8 +82,29 @@ def _appends(monkeypatch) -> list[dict]:
     return appended
 
 
+# first, before the module's cluster starts: a run that starts Ray itself (and stops it, failing)
+def test_a_model_that_does_not_load_on_a_worker_is_one_clear_error(tmp_path, own_ray):
+    config = ReportConfig(**{**TINY, "model": "random:no-such-arch"})
+    with pytest.raises(
+        ValueError,
+        match=r"Ray worker worker-\d could not start \(model 'random:no-such-arch'\): "
+        r"ValueError: .*no-such-arch",
+    ):
+        run_report(config, tmp_path, backend=RAY)
+    assert not (tmp_path / "records.jsonl").exists()
+
+
+def test_bad_backend_settings_name_the_flag():
+    with pytest.raises(ValueError, match="backend must be one of local, ray, got 'slurm'"):
+        Backend("slurm")
+    with pytest.raises(ValueError, match="--workers and --gpus-per-worker need --backend ray"):
+        Backend("local", workers=2)
+    with pytest.raises(ValueError, match="workers must be a positive number"):
+        Backend("ray", workers=0)
+
+
 @pytest.mark.slow
-def test_ray_runs_the_same_cells_with_the_same_recall_outcomes_as_local(tmp_path):
+def test_ray_runs_the_same_cells_with_the_same_recall_outcomes_as_local(tmp_path, joined):
     config = ReportConfig(
         strategies=["full", "window:window=64"],
         tasks=["passkey"],
@@ -70,6 +117,7 @@ def test_ray_runs_the_same_cells_with_the_same_recall_outcomes_as_local(tmp_path
         fidelity_prefill=64,
         fidelity_steps=8,
         compute_dtype="float32",
+        latency_rounds=1,  # latency is not what is compared: one round of each cell
     )
     run_report(config, tmp_path / "local")
     run_report(config, tmp_path / "ray", backend=RAY)
@@ -113,7 +161,7 @@ def _kill_on_first_latency(monkeypatch) -> list[str]:
     return killed
 
 
-def test_a_killed_worker_loses_no_cell(tmp_path, monkeypatch):
+def test_a_killed_worker_loses_no_cell(tmp_path, monkeypatch, joined):
     config, killed = KILLED, _kill_on_first_latency(monkeypatch)
     run_report(config, tmp_path, backend=RAY)
     records = _records(tmp_path)
@@ -123,7 +171,7 @@ def test_a_killed_worker_loses_no_cell(tmp_path, monkeypatch):
     assert retried and all(r["kind"] == "latency" and r["worker"] not in killed for r in retried)
 
 
-def test_cells_past_their_retries_are_recorded_as_errors_and_rerun_on_resume(tmp_path, monkeypatch):
+def test_cells_past_their_retries_are_recorded_as_errors_and_rerun_on_resume(tmp_path, monkeypatch, joined):
     killed = _kill_on_first_latency(monkeypatch)
     path = run_report(KILLED, tmp_path, backend=Backend("ray", workers=2, retries=0))
     errors = [r for r in _records(tmp_path) if r["outcome"] == "error"]
@@ -132,12 +180,14 @@ def test_cells_past_their_retries_are_recorded_as_errors_and_rerun_on_resume(tmp
 
     monkeypatch.undo()
     appended = _appends(monkeypatch)
-    path = run_report(None, tmp_path, resume=True, backend=RAY)
+    path = run_report(None, tmp_path, resume=True)  # which cells a resume runs is the records', on any backend
     assert sorted(r["id"] for r in appended) == sorted(r["id"] for r in errors)  # only the lost cells ran again
     assert "cells lost" not in path.read_text()
 
 
-def test_an_interrupted_sweep_resumes_only_the_missing_cells_and_a_widened_grid_only_the_new(tmp_path, monkeypatch):
+def test_an_interrupted_sweep_resumes_only_the_missing_cells_and_a_widened_grid_only_the_new(
+    tmp_path, monkeypatch, joined
+):
     config = ReportConfig(**TINY)
     original, written = RecordStore.append, []
 
@@ -150,7 +200,8 @@ def test_an_interrupted_sweep_resumes_only_the_missing_cells_and_a_widened_grid_
     monkeypatch.setattr(RecordStore, "append", stop_after_five)
     with pytest.raises(KeyboardInterrupt):
         run_report(config, tmp_path, backend=RAY)
-    assert len(_records(tmp_path)) == 5 and not ray.is_initialized()  # the run stopped the Ray it started
+    assert len(_records(tmp_path)) == 5
+    assert _wait_until(lambda: not ray.util.list_named_actors())  # the interrupted run killed its workers
 
     monkeypatch.setattr(RecordStore, "append", original)
     appended = _appends(monkeypatch)
@@ -160,7 +211,7 @@ def test_an_interrupted_sweep_resumes_only_the_missing_cells_and_a_widened_grid_
 
     wider = ReportConfig(**{**TINY, "strategies": [*TINY["strategies"], "fp8"], "lengths": [64, 96, 128]})
     appended.clear()
-    run_report(wider, tmp_path, resume=True, backend=RAY)
+    run_report(wider, tmp_path, resume=True)  # widened on the local backend: the cells to run are the records'
     new = {c["id"] for c in cell_keys(wider)} - everything
     assert {r["id"] for r in appended} == new and len(appended) == len(new)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -171,27 +222,7 @@ def test_an_interrupted_sweep_resumes_only_the_missing_cells_and_a_widened_grid_
     ]
 
 
-def test_a_model_that_does_not_load_on_a_worker_is_one_clear_error(tmp_path):
-    config = ReportConfig(**{**TINY, "model": "random:no-such-arch"})
-    with pytest.raises(
-        ValueError,
-        match=r"Ray worker worker-\d could not start \(model 'random:no-such-arch'\): "
-        r"ValueError: .*no-such-arch",
-    ):
-        run_report(config, tmp_path, backend=RAY)
-    assert not (tmp_path / "records.jsonl").exists()
-
-
-def test_bad_backend_settings_name_the_flag():
-    with pytest.raises(ValueError, match="backend must be one of local, ray, got 'slurm'"):
-        Backend("slurm")
-    with pytest.raises(ValueError, match="--workers and --gpus-per-worker need --backend ray"):
-        Backend("local", workers=2)
-    with pytest.raises(ValueError, match="workers must be a positive number"):
-        Backend("ray", workers=0)
-
-
-def test_the_sweep_command_runs_a_file_on_ray_and_resumes_a_widened_grid(tmp_path, capsys):
+def test_the_sweep_command_runs_a_file_on_ray_and_resumes_a_widened_grid(tmp_path, capsys, joined):
     from kvcompress.cli import main
 
     sweep = tmp_path / "sweep.yaml"
