@@ -18,6 +18,7 @@ COMMON_SETTINGS = ("model", "device", "kv_dtype", "compute_dtype", "weights")
 CELL_SETTINGS = {
     "recall": ("max_new_tokens", "prefill_chunk"),
     "latency": ("decode_steps",),
+    "capacity": ("decode_steps", "kv_budget"),
     "fidelity": ("fidelity_windows", "fidelity_prefill", "fidelity_steps", "fidelity_text"),
 }
 
@@ -57,10 +58,20 @@ def turn_keys(config: ReportConfig) -> list[dict]:
     ]
 
 
+def _timed(config: ReportConfig, kind: str) -> list[dict]:
+    """Timed cells of one kind at every latency length, every strategy's round r before any round r + 1."""
+    return [
+        {"kind": kind, "strategy": s, "length": length, **({"round": r} if r else {})}
+        for length in config.latency_lengths
+        for r in range(config.latency_rounds)
+        for s in config.strategies
+    ]
+
+
 def cell_keys(config: ReportConfig) -> list[dict]:
     """Every cell of a run, each with its id, in the order it runs: recall case by case (strategies, then their
     questions, innermost, so one prefill of a batch's contexts serves them all), then latency round by round, then
-    fidelity."""
+    capacity (with a KV budget) round by round, then fidelity."""
     cells = [
         {
             "kind": "recall",
@@ -82,11 +93,6 @@ def cell_keys(config: ReportConfig) -> list[dict]:
     ]
     # every strategy's round r before any round r + 1, so drift of the machine lands in every strategy's rounds alike;
     # round 0 has no key, so the cells of runs from before rounds keep their ids
-    cells += [
-        {"kind": "latency", "strategy": s, "length": length, **({"round": r} if r else {})}
-        for length in config.latency_lengths
-        for r in range(config.latency_rounds)
-        for s in config.strategies
-    ]
+    cells += _timed(config, "latency") + (_timed(config, "capacity") if config.kv_budget is not None else [])
     cells += [{"kind": "fidelity", "strategy": s} for s in config.strategies]
     return [{"id": cell_id(config, cell), "model": config.model, **cell} for cell in cells]

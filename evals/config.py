@@ -7,7 +7,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..accounting import kv_sizer
 from ..dtypes import WEIGHTS, parse_dtype
+from ..models import load_config
+from ..planner import parse_memory
 from ..strategy import parse_strategy
 from ..units import parse_token_list, parse_tokens
 from .cases import CASES
@@ -73,6 +76,9 @@ class ReportConfig:
     prefill_chunk: int | None = None  # score-based retentions prefill this many tokens at a time, evicting between
     sessions: int = 32
     context: int = 32768
+    # capacity cells: the KV bytes concurrent sessions share ('96MiB', '0.5GB' or bytes); at each latency length the
+    # most sessions whose measured peak KV fits it decode as one batch; None: no capacity cells
+    kv_budget: int | str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     cases: int = CASES  # the version of the recall cases' generators (cases.CASES) the records were made with
 
@@ -125,6 +131,13 @@ class ReportConfig:
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ValueError(f"modes must list follow-up modes among {', '.join(MODES)}, got {self.modes}")
+        if self.kv_budget is not None:
+            budget = (
+                self.kv_budget if isinstance(self.kv_budget, int) else parse_memory(str(self.kv_budget), "kv_budget")
+            )
+            if isinstance(budget, bool) or budget < 1:
+                raise ValueError(f"kv_budget must be a positive size such as 96MiB, got {self.kv_budget!r}")
+            self.kv_budget = int(budget)
         if self.prefill_chunk is not None and self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive number of tokens, got {self.prefill_chunk}")
         if not isinstance(self.compile, bool):
@@ -166,6 +179,20 @@ def configs_of(meta: dict) -> list[ReportConfig]:
         ReportConfig.from_dict({"recall_batch": 1, "cases": 1, "latency_lengths": c.get("lengths"), **c})
         for c in meta.get("configs") or [meta["config"]]
     ]
+
+
+def check_budget(config: ReportConfig) -> None:
+    """Refuse, before any work, a KV budget that holds no session of `full` at the shortest latency length (its
+    analytic bytes): capacity cells would measure nothing."""
+    if config.kv_budget is None:
+        return
+    length = min(config.latency_lengths)
+    one = kv_sizer(load_config(config.model), "full", parse_dtype(config.kv_dtype)).bytes(length)
+    if config.kv_budget < one:
+        raise ValueError(
+            f"kv_budget {config.kv_budget / 2**20:.2f} MiB holds no session of full at {length} tokens "
+            f"({one / 2**20:.2f} MiB of KV each); give at least that, e.g. {4 * one / 2**20:.0f}MiB for 4 sessions"
+        )
 
 
 # `kvcompress report --smoke`: the whole pipeline in about a minute on 2 CPU cores (CI runs it); numbers mean nothing

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..accounting import KVSizer, kv_sizer
 from ..cache import make_cache
-from ..dtypes import dtype_name
+from ..dtypes import dtype_name, parse_dtype
 from ..models import load_config, load_model
 from ..planner import parameter_count
 from ..prefill import ATTENTION_ROWS
@@ -199,6 +200,14 @@ def cell_work(jobs: list[tuple[int, dict]], configs: list[ReportConfig]) -> dict
     charged: set[tuple] = set()
     batches = [_recall_batches(c) for c in configs]
 
+    sizers: dict[tuple, KVSizer] = {}
+
+    def sizer(config: ReportConfig, strategy: str) -> KVSizer:
+        key = (config.model, strategy, config.kv_dtype)
+        if key not in sizers:
+            sizers[key] = kv_sizer(load_config(config.model), strategy, parse_dtype(config.kv_dtype))
+        return sizers[key]
+
     def once(key: tuple, shared: Work) -> Work:
         if key in charged:
             return Work()
@@ -228,6 +237,13 @@ def cell_work(jobs: list[tuple[int, dict]], configs: list[ReportConfig]) -> dict
             length, steps = cell["length"], config.decode_steps + latency_warmup(config.decode_steps)
             passes = _extra_passes(strategy) * [(1, length, length)]
             mine = Work([(1, length, 0), *passes], [(1, steps, length)])
+        elif kind == "capacity":  # one session measured, then the sessions the budget holds by the analytic size
+            length, steps = cell["length"], config.decode_steps + latency_warmup(config.decode_steps)
+            sessions = config.kv_budget // sizer(config, strategy).bytes(length + steps)
+            passes = _extra_passes(strategy) * [(1 + sessions, length, length)]
+            mine = Work(
+                [(1, length, 0), (sessions, length, 0), *passes], [(1, steps, length), (sessions, steps, length)]
+            )
         elif kind == "fidelity":
             windows, prefill, steps = config.fidelity_windows, config.fidelity_prefill, config.fidelity_steps - 1
             context = prefill + steps // 2
@@ -237,7 +253,7 @@ def cell_work(jobs: list[tuple[int, dict]], configs: list[ReportConfig]) -> dict
                 again = [(windows, prefill, 0)] if _prefills_again(strategy, config) else []
                 mine += Work(again + passes, [(windows, steps, context)])
         else:
-            raise ValueError(f"cell kind must be one of recall, latency, fidelity, got {kind!r}")
+            raise ValueError(f"cell kind must be one of recall, latency, capacity, fidelity, got {kind!r}")
         work[cell["id"]] = mine
     return work
 
@@ -289,6 +305,10 @@ def grid_lines(
             f"{config.latency_rounds} rounds)",
             f"fidelity {per_strategy.get('fidelity', 0)}",
         ]
+        if config.kv_budget is not None:
+            parts.insert(
+                2, f"capacity {per_strategy.get('capacity', 0)} (at a {config.kv_budget / 2**20:.1f} MiB KV budget)"
+            )
         model = f" ({config.model})" if len(configs) > 1 else ""
         lines.append(
             f"grid{model}: {len(config.strategies)} strategies x {sum(per_strategy.values())} cells "

@@ -106,6 +106,7 @@ class Harness:
         self._case_prefill: tuple[tuple, Prefill] | None = None  # the last recall batch's contexts, for its strategies
         self._cases: tuple[tuple, list] = ((), [])  # (task, length, turns) and its grid's cases, rendered
         self._recalled: dict[tuple, dict] = {}  # records of batch-mates, until their own cells ask for them
+        self._session_peaks: dict[tuple[str, int], int] = {}  # one session's measured peak KV, for capacity cells
         # strategies that read attention replay a shared prefill only with the attention it recorded
         self.kv_heads = KVGeometry.of(self.model).kv_heads
         needs = {need for s in config.strategies for need in parse_strategy(s).retention.needs}
@@ -360,6 +361,48 @@ class Harness:
                 transfer_per_step=per_step,
             )
         return record
+
+    def _decode_batch(self, strategy: str, length: int, sessions: int) -> tuple[dict, int, list[float]]:
+        """`sessions` sessions of `length` tokens prefilled together, then decoded as one batch: the timing, the
+        cache's measured peak KV bytes and the timed steps' seconds (warm-up dropped)."""
+        warmup = latency_warmup(self.config.decode_steps)
+        with make_cache(self.model, strategy, batch_size=sessions) as cache:
+            timing = time_generation(
+                self.model, self._text_ids(length, sessions), cache, self.config.decode_steps + warmup
+            )
+            return timing, cache.peak_bytes, timing["decode_s"][warmup:]
+
+    def capacity(self, strategy: str, length: int) -> dict:
+        """The most concurrent sessions of `length` tokens whose measured peak KV (resident plus the largest
+        transient, as `peak_kv_bytes` counts it) fits `kv_budget`, found by measurement, and that batch decoded
+        together. It starts from the budget over one session's measured peak and steps down while the batch's own
+        peak is over the budget. Each session gets a token per step, so a step's time is every session's per-token
+        decode latency and the batch's tokens/s is sessions over the median step; TTFT is the batch's prefill, as
+        sessions arriving together see it."""
+        budget = self.config.kv_budget
+        if (strategy, length) not in self._session_peaks:  # measured once: every round admits as many sessions
+            self._session_peaks[(strategy, length)] = self._decode_batch(strategy, length, 1)[1]
+        one = self._session_peaks[(strategy, length)]
+        sessions, tried = budget // one, []
+        while sessions > 0:
+            timing, peak, decode = self._decode_batch(strategy, length, sessions)
+            tried.append([sessions, peak])
+            if peak <= budget:
+                p50 = statistics.median(decode)
+                return {
+                    "sessions": sessions,
+                    "kv_budget": budget,
+                    "session_peak_kv_bytes": one,
+                    "peak_kv_bytes": peak,
+                    "tried": tried,  # [sessions, measured peak] of every batch decoded, the admitted one last
+                    "ttft_s": timing["ttft_s"],
+                    "decode_ms_p50": p50 * 1e3,
+                    "decode_ms_p95": percentile(decode, 95) * 1e3,
+                    "decode_ms": [round(1e3 * t, 4) for t in decode],
+                    "tokens_per_s": sessions / p50,
+                }
+            sessions -= 1
+        return {"sessions": 0, "kv_budget": budget, "session_peak_kv_bytes": one, "tried": tried, "tokens_per_s": 0.0}
 
     def fidelity(self, strategy: str) -> dict:
         c = self.config

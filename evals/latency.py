@@ -47,20 +47,20 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1] if len(values) > 1 else values[0]
 
 
-def latency_cells(records: list[dict]) -> dict[tuple[str, int], dict]:
-    """Each (strategy, length)'s latency records as one: its rounds by number (`rounds`; records without one are
-    round 0), decode ms p50 over every step of every round, the median round's TTFT; bytes and transfers from round
-    0."""
+def latency_cells(records: list[dict], kind: str = "latency") -> dict[tuple[str, int], dict]:
+    """Each (strategy, length)'s latency records (or capacity records, `kind`) as one: its rounds by number
+    (`rounds`; records without one are round 0), decode ms p50 over every step of every round, the median round's
+    TTFT; bytes, transfers and sessions from round 0."""
     rounds: dict[tuple[str, int], dict[int, dict]] = {}
     for r in records:
-        if r.get("kind") == "latency" and r.get("outcome") == "ok":
+        if r.get("kind") == kind and r.get("outcome") == "ok":
             rounds.setdefault((r["strategy"], r["length"]), {})[r.get("round", 0)] = r
     cells = {}
     for key, by_round in rounds.items():
         first = by_round[min(by_round)]
         steps = [t for r in by_round.values() for t in r.get("decode_ms") or []]
         ttfts = [r["ttft_s"] for r in by_round.values() if r.get("ttft_s") is not None]
-        p50 = statistics.median(steps) if len(by_round) > 1 and steps else first["decode_ms_p50"]
+        p50 = statistics.median(steps) if len(by_round) > 1 and steps else first.get("decode_ms_p50")
         cells[key] = {
             **first,
             "rounds": by_round,

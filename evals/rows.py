@@ -14,8 +14,9 @@ class Figures:
     """What the records measured for one strategy and question placement, in groups: who it is (model to label);
     recall paired against `full` on the same cases (recall_n to needle_survival); resident KV bytes at the measured
     length and at the config's scale (peak_kv_bytes to scale_saved_gb); decode and prefill time against `full`
-    (latency_length to ttft_change_pct); teacher-forced fidelity (kl to ppl_change_pct); what offload holds and moves
-    (host_bytes to overlap); cells that did not finish (allocation_failures, cell_errors). None: not measured."""
+    (latency_length to ttft_change_pct); sessions and tokens/s at a KV budget (kv_budget to ttft_s_at_budget);
+    teacher-forced fidelity (kl to ppl_change_pct); what offload holds and moves (host_bytes to overlap); cells that
+    did not finish (allocation_failures, cell_errors). None: not measured."""
 
     model: str
     strategy: str
@@ -40,6 +41,14 @@ class Figures:
     decode_change_pct: float | None  # decode time per token against `full`
     decode_change_interval: tuple[float, float] | None
     ttft_change_pct: float | None
+    kv_budget: int | None  # capacity cells' KV budget, bytes (None: not measured)
+    sessions_at_budget: int | None  # the most sessions of latency_length tokens whose measured peak KV fits it
+    sessions_vs_full: float | None  # as a multiple of full's
+    tokens_per_s_at_budget: float | None  # those sessions decoding as one batch
+    tokens_per_s_vs_full: float | None
+    tokens_per_s_vs_full_interval: tuple[float, float] | None
+    decode_change_at_budget_pct: float | None  # a session's per-token decode time at budget against full's at budget
+    ttft_s_at_budget: float | None  # the batch's prefill, as its sessions arriving together see it
     kl: float | None
     top1: float | None  # teacher-forced top-1 agreement with `full`
     top1_interval: tuple[float, float] | None
@@ -65,7 +74,8 @@ class ReportRow(Figures):
 
     @classmethod
     def from_dict(cls, row: dict) -> ReportRow:
-        """A row as summary.json holds it (intervals as lists)."""
+        """A row as summary.json holds it (intervals as lists; figures a run did not measure may be absent)."""
+        row = {**dict.fromkeys(f.name for f in dataclasses.fields(Figures)), **row}
         return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in row.items()})
 
     def as_dict(self) -> dict:

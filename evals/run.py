@@ -12,7 +12,7 @@ from ..provenance import provenance
 from .backends import Backend, start
 from .cases import CASES
 from .cells import cell_keys
-from .config import ReportConfig, configs_of
+from .config import ReportConfig, check_budget, configs_of
 from .cost import Calibration, cell_costs, grid_lines
 from .records import RecordStore
 from .report import write_report
@@ -56,6 +56,8 @@ def run_report(
             "recall cells cannot be run to match them; run the grid into a new --out, or resume it "
             "with `kvcompress sweep FILE --resume` (which reruns every recall cell)"
         )
+    for c in configs:
+        check_budget(c)
     runner = start(backend, configs, jobs[0][0])  # a bad model or device fails here, before a records file exists
     try:
         calibration = Calibration.from_record(runner.calibrate())

@@ -29,6 +29,8 @@ def summarize(records: list[dict], config: ReportConfig) -> list[ReportRow]:
     longest = max((r["length"] for r in recall), default=None)
     latency = latency_cells(ok)
     latency_length = max((length for _, length in latency), default=None)
+    capacity = latency_cells(ok, "capacity")
+    budget_length = max((length for _, length in capacity), default=None)  # the latency length, as cells are made
     fidelity = {r["strategy"]: r for r in ok if r["kind"] == "fidelity"}
     full_correct = {_case(r): r["correct"] for r in recall if r["strategy"] == "full"}
     model_config = load_config(config.model)
@@ -58,6 +60,8 @@ def summarize(records: list[dict], config: ReportConfig) -> list[ReportRow]:
         at_scale = kv_sizer(model_config, spec, dtype).device_bytes(config.context, config.sessions)
         recall_stats = paired_recall([f for f, _ in paired], [c for _, c in paired]) if paired else None
         decode = _decode_change(lat, lat_full)
+        cap, cap_full = capacity.get((strategy, budget_length)), capacity.get(("full", budget_length))
+        budget = _at_budget(cap, cap_full)
         top1_interval = _top1_interval(fidelity.get(strategy))
         figures = Figures(
             model=config.model,
@@ -83,6 +87,9 @@ def summarize(records: list[dict], config: ReportConfig) -> list[ReportRow]:
             decode_change_pct=decode and decode[0],
             decode_change_interval=decode and decode[1:],
             ttft_change_pct=100 * (lat["ttft_s"] / lat_full["ttft_s"] - 1) if lat and lat_full else None,
+            kv_budget=cap and cap["kv_budget"],
+            sessions_at_budget=cap and cap["sessions"],
+            **budget,
             kl=fidelity.get(strategy, {}).get("kl"),
             top1=fidelity.get(strategy, {}).get("top1"),
             top1_interval=top1_interval,
@@ -131,6 +138,36 @@ def _decode_change(lat: dict | None, lat_full: dict | None) -> tuple[float, floa
         return tuple(100 * (x - 1) for x in ratio_interval(*paired[0]))
     change = 100 * (lat["decode_ms_p50"] / lat_full["decode_ms_p50"] - 1)
     return change, change, change
+
+
+def _at_budget(cap: dict | None, cap_full: dict | None) -> dict:
+    """A strategy's capacity cell against full's: sessions and tokens/s as multiples of full's (tokens/s with a
+    bootstrap interval of full's median step over the strategy's that resamples whole rounds, times the ratio of
+    sessions, which every round admits alike), per-session decode time against full's at budget, and TTFT."""
+    none = dict.fromkeys(
+        ("sessions_vs_full", "tokens_per_s_at_budget", "tokens_per_s_vs_full", "tokens_per_s_vs_full_interval")
+    )
+    none |= {"decode_change_at_budget_pct": None, "ttft_s_at_budget": None}
+    if not cap:
+        return none
+    tokens_per_s = cap["sessions"] / (cap["decode_ms_p50"] / 1e3) if cap["sessions"] else 0.0
+    figures = {**none, "tokens_per_s_at_budget": tokens_per_s, "ttft_s_at_budget": cap.get("ttft_s")}
+    if not (cap_full and cap_full["sessions"]):
+        return figures
+    figures["sessions_vs_full"] = cap["sessions"] / cap_full["sessions"]
+    if not cap["sessions"]:
+        return {**figures, "tokens_per_s_vs_full": 0.0, "tokens_per_s_vs_full_interval": (0.0, 0.0)}
+    change = _decode_change(cap, cap_full)
+    if change is None:
+        return figures
+    per_step, low, high = (1 + x / 100 for x in change)  # the strategy's step over full's, with its interval
+    sessions = figures["sessions_vs_full"]
+    return {
+        **figures,
+        "tokens_per_s_vs_full": sessions / per_step,
+        "tokens_per_s_vs_full_interval": (sessions / high, sessions / low),
+        "decode_change_at_budget_pct": change[0],
+    }
 
 
 def _top1_interval(record: dict | None) -> tuple[float, float] | None:

@@ -26,6 +26,11 @@ def pressures(figures: Figures, spec: StrategySpec, t: Thresholds) -> ReportRow:
     relieved = []
     if figures.hbm_saved_pct is not None and figures.hbm_saved_pct > 0.5:
         relieved.append(f"HBM -{figures.hbm_saved_pct:.1f}% of KV")
+    if figures.sessions_vs_full is not None and figures.sessions_vs_full > 1:
+        relieved.append(
+            f"{figures.sessions_vs_full:.2f}x the sessions at the KV budget"
+            + (f", {figures.tokens_per_s_vs_full:.2f}x tokens/s" if figures.tokens_per_s_vs_full is not None else "")
+        )
     created = []
     retention = spec.retention
     if retention.evicts:
@@ -43,6 +48,11 @@ def pressures(figures: Figures, spec: StrategySpec, t: Thresholds) -> ReportRow:
         created.append(f"fidelity: top-1 {figures.top1:.1%}, KL {figures.kl:.1e}")
     if figures.decode_change_pct is not None and figures.decode_change_pct > 1:
         created.append(f"decode latency +{figures.decode_change_pct:.0f}%")
+    if figures.decode_change_at_budget_pct is not None and figures.decode_change_at_budget_pct > 1:
+        created.append(
+            f"decode per session at the KV budget +{figures.decode_change_at_budget_pct:.0f}% "
+            f"({figures.sessions_at_budget} sessions in a batch)"
+        )
     if figures.host_bytes or figures.disk_bytes:
         held = (("host", figures.host_bytes), ("disk", figures.disk_bytes))
         where = " + ".join(f"{name} {nbytes / GB:.3f} GB" for name, nbytes in held if nbytes)

@@ -567,6 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--context", type=_token_count, help=f"tokens per session for the at-scale column (default: {d('context')})"
     )
     p.add_argument(
+        "--kv-budget",
+        help="capacity cells: KV memory sessions share, e.g. 96MiB; at each latency length the most sessions whose "
+        "measured peak KV fits it decode as one batch, for sessions and tokens/s at the budget against full's "
+        "(default: none)",
+    )
+    p.add_argument(
         "--max-new-tokens", type=int, help=f"answer budget of a recall case (default: {d('max_new_tokens')})"
     )
     p.add_argument(
