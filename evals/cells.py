@@ -19,6 +19,7 @@ CELL_SETTINGS = {
     "recall": ("max_new_tokens", "prefill_chunk"),
     "latency": ("decode_steps",),
     "capacity": ("decode_steps", "kv_budget"),
+    "output": ("outputs", "output_cap", "prefill_chunk", "fidelity_text"),
     "fidelity": ("fidelity_windows", "fidelity_prefill", "fidelity_steps", "fidelity_text"),
 }
 
@@ -38,7 +39,7 @@ def cell_id(config: ReportConfig, cell: dict) -> str:
         settings["cases"] = config.cases
     if cell["kind"] == "latency" and config.compile:  # compiled steps time differently from eager ones
         settings["compile"] = True
-    if cell["kind"] == "fidelity":  # the text, not where it lies (the shipped one when none is given)
+    if cell["kind"] in ("fidelity", "output"):  # the text, not where it lies (the shipped one when none is given)
         text = Path(config.fidelity_text).read_bytes() if config.fidelity_text else reference_text().encode()
         settings["fidelity_text"] = hashlib.sha256(text).hexdigest()
     cell = {k: v for k, v in cell.items() if k not in ("id", "model")}
@@ -71,7 +72,7 @@ def _timed(config: ReportConfig, kind: str) -> list[dict]:
 def cell_keys(config: ReportConfig) -> list[dict]:
     """Every cell of a run, each with its id, in the order it runs: recall case by case (strategies, then their
     questions, innermost, so one prefill of a batch's contexts serves them all), then latency round by round, then
-    capacity (with a KV budget) round by round, then fidelity."""
+    capacity (with a KV budget) round by round, then fidelity, then output length (with `outputs`)."""
     cells = [
         {
             "kind": "recall",
@@ -95,4 +96,6 @@ def cell_keys(config: ReportConfig) -> list[dict]:
     # round 0 has no key, so the cells of runs from before rounds keep their ids
     cells += _timed(config, "latency") + (_timed(config, "capacity") if config.kv_budget is not None else [])
     cells += [{"kind": "fidelity", "strategy": s} for s in config.strategies]
+    if config.outputs:
+        cells += [{"kind": "output", "strategy": s, "length": max(config.lengths)} for s in config.strategies]
     return [{"id": cell_id(config, cell), "model": config.model, **cell} for cell in cells]

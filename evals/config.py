@@ -79,6 +79,10 @@ class ReportConfig:
     # capacity cells: the KV bytes concurrent sessions share ('96MiB', '0.5GB' or bytes); at each latency length the
     # most sessions whose measured peak KV fits it decode as one batch; None: no capacity cells
     kv_budget: int | str | None = None
+    # output-length cells: this many passages of the fidelity text at the longest length, each followed by a request
+    # for a long answer, generated greedily to EOS or `output_cap` tokens; 0: none
+    outputs: int = 0
+    output_cap: int = 256
     thresholds: Thresholds = field(default_factory=Thresholds)
     cases: int = CASES  # the version of the recall cases' generators (cases.CASES) the records were made with
 
@@ -114,6 +118,7 @@ class ReportConfig:
             ("fidelity_windows", self.fidelity_windows),
             ("fidelity_prefill", self.fidelity_prefill),
             ("fidelity_steps", self.fidelity_steps),
+            ("output_cap", self.output_cap),
         ):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -131,6 +136,8 @@ class ReportConfig:
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ValueError(f"modes must list follow-up modes among {', '.join(MODES)}, got {self.modes}")
+        if not isinstance(self.outputs, int) or isinstance(self.outputs, bool) or self.outputs < 0:
+            raise ValueError(f"outputs must be a number of prompts >= 0, got {self.outputs!r}")
         if self.kv_budget is not None:
             budget = (
                 self.kv_budget if isinstance(self.kv_budget, int) else parse_memory(str(self.kv_budget), "kv_budget")

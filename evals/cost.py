@@ -217,7 +217,7 @@ def cell_work(jobs: list[tuple[int, dict]], configs: list[ReportConfig]) -> dict
     for index, cell in jobs:
         config, kind, strategy = configs[index], cell["kind"], cell["strategy"]
         mine = Work()
-        if config.model.startswith("random:") and kind in ("recall", "fidelity"):
+        if config.model.startswith("random:") and kind in ("recall", "fidelity", "output"):
             pass  # a random-weight model skips them (Harness.skipped)
         elif kind == "recall":
             length, question = cell["length"], cell["question"]
@@ -244,6 +244,10 @@ def cell_work(jobs: list[tuple[int, dict]], configs: list[ReportConfig]) -> dict
             mine = Work(
                 [(1, length, 0), (sessions, length, 0), *passes], [(1, steps, length), (sessions, steps, length)]
             )
+        elif kind == "output":  # every answer runs to the cap: an upper bound
+            rows, length = config.outputs, cell["length"] + QUESTION_TOKENS
+            passes = _extra_passes(strategy) * [(rows, length, length)]
+            mine = Work([(rows, length, 0), *passes], [(rows, config.output_cap, length)])
         elif kind == "fidelity":
             windows, prefill, steps = config.fidelity_windows, config.fidelity_prefill, config.fidelity_steps - 1
             context = prefill + steps // 2
@@ -253,7 +257,7 @@ def cell_work(jobs: list[tuple[int, dict]], configs: list[ReportConfig]) -> dict
                 again = [(windows, prefill, 0)] if _prefills_again(strategy, config) else []
                 mine += Work(again + passes, [(windows, steps, context)])
         else:
-            raise ValueError(f"cell kind must be one of recall, latency, capacity, fidelity, got {kind!r}")
+            raise ValueError(f"cell kind must be one of recall, latency, capacity, fidelity, output, got {kind!r}")
         work[cell["id"]] = mine
     return work
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from .config import ReportConfig
 from .fidelity import compare, step_logits
 from .latency import percentile, time_generation
 from .tasks import depths, make_case
+
+# what an output-length cell asks after its passage: an answer whose length the model chooses
+OUTPUT_REQUEST = "Retell the passage above in detail, scene by scene, in your own words."
 
 
 def _is_allocation_failure(err: BaseException) -> bool:
@@ -116,7 +120,7 @@ class Harness:
         return {**self.model.dtype_plan.as_record(), "weights": self.model.weights, "cpu_capability": cpu_capability()}
 
     def run(self, base: dict) -> dict:
-        if self.skipped and base["kind"] in ("recall", "fidelity"):
+        if self.skipped and base["kind"] in ("recall", "fidelity", "output"):
             return {**base, "outcome": "skipped", "reason": self.skipped}
         args = {k: v for k, v in base.items() if k not in ("kind", "id", "model", "round")}  # a round: a cell again
         return _guarded(base, lambda: getattr(self, base["kind"])(**args))
@@ -403,6 +407,42 @@ class Harness:
                 }
             sessions -= 1
         return {"sessions": 0, "kv_budget": budget, "session_peak_kv_bytes": one, "tried": tried, "tokens_per_s": 0.0}
+
+    @torch.no_grad()
+    def output(self, strategy: str, length: int) -> dict:
+        """`outputs` passages of about `length` tokens of the fidelity text, each followed by OUTPUT_REQUEST in one
+        user turn, generated greedily as one left-padded batch until each row's EOS or `output_cap` new tokens: how
+        many tokens each answer takes (compression that makes answers longer creates end-to-end time per answer)."""
+        c = self.config
+        passages = self.tokenizer.batch_decode(self._text_ids(length, c.outputs), skip_special_tokens=True)
+        rows = []
+        for passage in passages:
+            context, asked = render(
+                self.tokenizer, [{"role": "user", "content": f"{passage}\n\n{OUTPUT_REQUEST}"}], OUTPUT_REQUEST
+            )
+            rows.append(context + asked)
+        ids, mask = self._left_padded(rows)
+        chunk = c.prefill_chunk if parse_strategy(strategy).retention.seam else None
+        eos = self.tokenizer.eos_token_id
+        with make_cache(self.model, strategy, prefill_chunk=chunk, batch_size=len(rows)) as cache:
+            started = time.perf_counter()
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                cache=cache,
+                max_new_tokens=c.output_cap,
+                do_sample=False,
+                pad_token_id=eos,
+            )
+            seconds = time.perf_counter() - started
+        answers = out[:, ids.shape[1] :].tolist()
+        tokens = [row.index(eos) if eos in row else len(row) for row in answers]  # up to its EOS, EOS excluded
+        return {
+            "prompt_tokens": [len(row) for row in rows],
+            "output_tokens": tokens,
+            "capped": [n == c.output_cap for n in tokens],
+            "generate_s": seconds,  # the batch's prefill and every step until its longest answer ended
+        }
 
     def fidelity(self, strategy: str) -> dict:
         c = self.config

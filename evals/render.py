@@ -79,9 +79,18 @@ def _budget_cell(r: ReportRow) -> str:
     return cell + f", TTFT {_fmt(r.ttft_s_at_budget, '.2f', ' s')}"
 
 
+def _output_cell(r: ReportRow) -> str:
+    """'212 tok (+8.0% [+1.2, +15.3]), 25% capped'."""
+    if r.output_tokens is None:
+        return "n/a"
+    change = _with_interval(r.output_change_pct, r.output_change_interval, "+.1f", "%")
+    return f"{r.output_tokens:.0f} tok ({change}), {r.output_capped:.0%} capped"
+
+
 def table(rows: list[ReportRow], config: ReportConfig) -> str:
-    budget = config.kv_budget is not None
-    columns = [*COLUMNS[:3], "at the KV budget", *COLUMNS[3:]] if budget else COLUMNS
+    budget, outputs = config.kv_budget is not None, config.outputs > 0
+    columns = [*COLUMNS[:3], *(["at the KV budget"] if budget else []), *COLUMNS[3:5]]
+    columns += [*(["output length"] if outputs else []), *COLUMNS[5:]]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [
@@ -92,6 +101,7 @@ def table(rows: list[ReportRow], config: ReportConfig) -> str:
             *([_budget_cell(r)] if budget else []),
             _decode_cell(r),
             _fmt(r.ttft_change_pct, "+.1f", "%"),
+            *([_output_cell(r)] if outputs else []),
             _recall_cell(r),
             f"top-1 {_fidelity_cell(r)}",
             _offload_cell(r),
@@ -149,6 +159,15 @@ def header_lines(meta: dict, config: ReportConfig, rows: list[ReportRow], record
                     else []
                 ),
             ]
+        ),
+        *(
+            [
+                f"- output length: {config.outputs} passages of the fidelity text at {max(config.lengths)} tokens, "
+                f"each with a request for a long retelling, generated greedily to EOS or {config.output_cap} tokens; "
+                f"mean tokens per answer against `full`'s on the same prompts (paired bootstrap interval)"
+            ]
+            if config.outputs
+            else []
         ),
         f"- fidelity: teacher-forced top-1 / KL / perplexity vs `full` over {config.fidelity_windows} windows of "
         f"{config.fidelity_text or 'Northanger Abbey (shipped, public domain)'} x {config.fidelity_steps} steps after "

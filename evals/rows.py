@@ -15,8 +15,9 @@ class Figures:
     recall paired against `full` on the same cases (recall_n to needle_survival); resident KV bytes at the measured
     length and at the config's scale (peak_kv_bytes to scale_saved_gb); decode and prefill time against `full`
     (latency_length to ttft_change_pct); sessions and tokens/s at a KV budget (kv_budget to ttft_s_at_budget);
-    teacher-forced fidelity (kl to ppl_change_pct); what offload holds and moves (host_bytes to overlap); cells that
-    did not finish (allocation_failures, cell_errors). None: not measured."""
+    free answers' length against `full`'s (output_tokens to output_capped); teacher-forced fidelity (kl to
+    ppl_change_pct); what offload holds and moves (host_bytes to overlap); cells that did not finish
+    (allocation_failures, cell_errors). None: not measured."""
 
     model: str
     strategy: str
@@ -49,6 +50,10 @@ class Figures:
     tokens_per_s_vs_full_interval: tuple[float, float] | None
     decode_change_at_budget_pct: float | None  # a session's per-token decode time at budget against full's at budget
     ttft_s_at_budget: float | None  # the batch's prefill, as its sessions arriving together see it
+    output_tokens: float | None  # mean tokens of a freely generated answer (output-length cells)
+    output_change_pct: float | None  # against full's answers to the same prompts
+    output_change_interval: tuple[float, float] | None
+    output_capped: float | None  # share of answers that ran to the cap
     kl: float | None
     top1: float | None  # teacher-forced top-1 agreement with `full`
     top1_interval: tuple[float, float] | None

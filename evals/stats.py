@@ -363,3 +363,20 @@ def rounds_ratio_interval(
             np.median(np.concatenate([b[i] for i in chosen])) / np.median(np.concatenate([a[i] for i in chosen]))
         )
     return float(np.median(np.concatenate(b)) / np.median(np.concatenate(a))), *_percentile_interval(ratios, confidence)
+
+
+def paired_mean_ratio_interval(
+    a: list[float], b: list[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Ratio of means mean(b) / mean(a) over pairs (a[i], b[i]) measured on the same case (e.g. a strategy's output
+    tokens over `full`'s on the same prompt), with a bootstrap percentile interval that resamples whole pairs, so what
+    a case shares between the two (a prompt that invites a long answer) cancels. Returns (ratio, low, high)."""
+    confidence = _check_confidence(confidence)
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.ndim != 1 or x.size == 0 or x.shape != y.shape or not x.sum() > 0:
+        raise ValueError(f"a and b must be as many numbers, a's summing above 0, got {len(a)} and {len(b)}")
+    rng = np.random.default_rng(_check_count("seed", seed))
+    chosen = rng.integers(0, x.size, size=(_check_resamples(resamples), x.size))
+    totals = x[chosen].sum(axis=1)
+    ratios = y[chosen].sum(axis=1) / np.where(totals > 0, totals, np.nan)
+    return float(y.sum() / x.sum()), *_percentile_interval(ratios[np.isfinite(ratios)], confidence)

@@ -13,7 +13,13 @@ from .cells import cell_keys
 from .config import ReportConfig
 from .latency import latency_cells
 from .rows import GB, Figures, ReportRow
-from .stats import paired_recall, proportion_interval, ratio_interval, rounds_ratio_interval
+from .stats import (
+    paired_mean_ratio_interval,
+    paired_recall,
+    proportion_interval,
+    ratio_interval,
+    rounds_ratio_interval,
+)
 from .verdicts import pressures
 
 
@@ -32,6 +38,7 @@ def summarize(records: list[dict], config: ReportConfig) -> list[ReportRow]:
     capacity = latency_cells(ok, "capacity")
     budget_length = max((length for _, length in capacity), default=None)  # the latency length, as cells are made
     fidelity = {r["strategy"]: r for r in ok if r["kind"] == "fidelity"}
+    outputs = {r["strategy"]: r for r in ok if r["kind"] == "output"}
     full_correct = {_case(r): r["correct"] for r in recall if r["strategy"] == "full"}
     model_config = load_config(config.model)
     dtype = parse_dtype(config.kv_dtype)
@@ -90,6 +97,7 @@ def summarize(records: list[dict], config: ReportConfig) -> list[ReportRow]:
             kv_budget=cap and cap["kv_budget"],
             sessions_at_budget=cap and cap["sessions"],
             **budget,
+            **_output_length(outputs.get(strategy), outputs.get("full")),
             kl=fidelity.get(strategy, {}).get("kl"),
             top1=fidelity.get(strategy, {}).get("top1"),
             top1_interval=top1_interval,
@@ -168,6 +176,23 @@ def _at_budget(cap: dict | None, cap_full: dict | None) -> dict:
         "tokens_per_s_vs_full_interval": (sessions / high, sessions / low),
         "decode_change_at_budget_pct": change[0],
     }
+
+
+def _output_length(mine: dict | None, full: dict | None) -> dict:
+    """Mean output tokens of a strategy's free answers, and their change against `full`'s on the same prompts (ratio
+    of means, paired bootstrap interval), with the share that ran to the cap (a capped answer's length is a floor)."""
+    figures = dict.fromkeys(("output_tokens", "output_change_pct", "output_change_interval", "output_capped"))
+    if not mine:
+        return figures
+    tokens = mine["output_tokens"]
+    figures |= {"output_tokens": statistics.fmean(tokens), "output_capped": statistics.fmean(mine["capped"])}
+    if full and len(full["output_tokens"]) == len(tokens) and sum(full["output_tokens"]):
+        ratio, low, high = paired_mean_ratio_interval(full["output_tokens"], tokens)
+        figures |= {
+            "output_change_pct": 100 * (ratio - 1),
+            "output_change_interval": (100 * (low - 1), 100 * (high - 1)),
+        }
+    return figures
 
 
 def _top1_interval(record: dict | None) -> tuple[float, float] | None:

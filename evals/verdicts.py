@@ -53,6 +53,10 @@ def pressures(figures: Figures, spec: StrategySpec, t: Thresholds) -> ReportRow:
             f"decode per session at the KV budget +{figures.decode_change_at_budget_pct:.0f}% "
             f"({figures.sessions_at_budget} sessions in a batch)"
         )
+    if figures.output_change_interval is not None and figures.output_change_interval[0] > 0:
+        created.append(
+            f"answers {figures.output_change_pct:+.0f}% longer than full's (end-to-end time per answer grows with them)"
+        )
     if figures.host_bytes or figures.disk_bytes:
         held = (("host", figures.host_bytes), ("disk", figures.disk_bytes))
         where = " + ".join(f"{name} {nbytes / GB:.3f} GB" for name, nbytes in held if nbytes)

@@ -573,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: none)",
     )
     p.add_argument(
+        "--outputs",
+        type=int,
+        help="output-length cells: this many passages, each with a request for a long answer, generated to EOS or "
+        f"--output-cap tokens; answer length against full's on the same prompts (default: {d('outputs')}, none)",
+    )
+    p.add_argument("--output-cap", type=int, help=f"most tokens of a free answer (default: {d('output_cap')})")
+    p.add_argument(
         "--max-new-tokens", type=int, help=f"answer budget of a recall case (default: {d('max_new_tokens')})"
     )
     p.add_argument(

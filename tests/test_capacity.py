@@ -1,13 +1,16 @@
-"""Capacity at a KV budget (`report --kv-budget`): the most sessions whose measured peak KV fits, decoded as one batch,
-on a tiny random-weight model (mechanics), and the row's figures against full's from hand-made records."""
+"""The report's serving cells: capacity at a KV budget (`--kv-budget`: the most sessions whose measured peak KV fits,
+decoded as one batch) on a tiny random-weight model, free answers' length (`--outputs`) on the default model, and
+the rows' figures against full's from hand-made records."""
 
 import json
 
 import pytest
-from kvcompress.evals.cells import cell_keys
+from kvcompress.evals.cells import CELL_SETTINGS, cell_keys
 from kvcompress.evals.config import ReportConfig
+from kvcompress.evals.cost import cell_work
 from kvcompress.evals.harness import Harness
 from kvcompress.evals.run import run_report
+from kvcompress.evals.stats import paired_mean_ratio_interval
 from kvcompress.evals.summary import summarize
 
 BUDGET = 2**20
@@ -121,3 +124,70 @@ def test_a_report_with_a_budget_has_the_column_and_its_records(tmp_path):
     full, window = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert full["sessions_vs_full"] == 1.0 and window["sessions_vs_full"] > 1
     assert f"{window['sessions_at_budget']} sessions ({window['sessions_vs_full']:.2f}x)" in table
+
+
+def test_free_answers_are_generated_to_the_cap_and_counted():
+    config = ReportConfig(strategies=["full", "window:window=48"], lengths=[64], outputs=2, output_cap=6)
+    harness = Harness(config)
+    record = harness.output("window:window=48", 64)
+    assert record["output_tokens"] == [6, 6] and record["capped"] == [True, True]  # the request invites a long answer
+    assert all(n > 64 for n in record["prompt_tokens"])  # the passage and the request, in the chat template
+
+
+def _output(strategy: str, tokens: list[int], cap: int = 256) -> dict:
+    return {
+        "kind": "output",
+        "outcome": "ok",
+        "strategy": strategy,
+        "length": 96,
+        "output_tokens": tokens,
+        "capped": [n == cap for n in tokens],
+    }
+
+
+def test_longer_answers_are_named_as_created_pressure_paired_against_full():
+    config = ReportConfig(**TINY, strategies=["full", "int8", "window:window=32"], outputs=4)
+    records = [
+        _output("full", [100, 120, 80, 256]),
+        _output("int8", [100, 120, 80, 256]),
+        _output("window:window=32", [150, 180, 120, 256]),
+    ]
+    full, int8, window = summarize(records, config)
+    assert full.output_change_pct == 0.0 and int8.output_change_pct == 0.0 and int8.output_change_interval == (0, 0)
+    assert window.output_tokens == pytest.approx(706 / 4) and window.output_capped == 0.25
+    assert window.output_change_pct == pytest.approx(100 * (706 / 556 - 1))
+    low, high = window.output_change_interval
+    assert 0 < low < window.output_change_pct < high
+    assert "answers +27% longer than full's" in window.created and "longer" not in int8.created
+
+
+def test_output_cells_exist_only_when_asked_and_a_bad_count_is_refused():
+    assert not [c for c in cell_keys(ReportConfig(**TINY)) if c["kind"] == "output"]
+    cells = [
+        c for c in cell_keys(ReportConfig(**TINY, strategies=["full", "int8"], outputs=3)) if c["kind"] == "output"
+    ]
+    assert [(c["strategy"], c["length"]) for c in cells] == [("full", 96), ("int8", 96)]
+    with pytest.raises(ValueError, match="outputs must be a number of prompts >= 0, got -1"):
+        ReportConfig(**TINY, outputs=-1)
+    with pytest.raises(ValueError, match="output_cap must be positive, got 0"):
+        ReportConfig(**TINY, output_cap=0)
+
+
+def test_the_paired_ratio_refuses_unpaired_or_empty_samples():
+    with pytest.raises(ValueError, match="a and b must be as many numbers"):
+        paired_mean_ratio_interval([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="a's summing above 0"):
+        paired_mean_ratio_interval([0.0, 0.0], [1.0, 2.0])
+    ratio, low, high = paired_mean_ratio_interval([10.0, 20.0, 30.0], [20.0, 40.0, 60.0])
+    assert ratio == low == high == 2.0  # every pair doubled: no resample says otherwise
+
+
+def test_every_cell_kind_is_a_harness_method_and_is_priced():
+    config = ReportConfig(strategies=["full", "int8"], tasks=["passkey"], lengths=[96], kv_budget="1MiB", outputs=1)
+    cells = cell_keys(config)
+    assert {c["kind"] for c in cells} == set(CELL_SETTINGS)
+    assert all(callable(getattr(Harness, kind, None)) for kind in CELL_SETTINGS)
+    work = cell_work([(0, c) for c in cells], [config])
+    for kind in CELL_SETTINGS:  # the first cell of each kind carries its work
+        first = work[next(c["id"] for c in cells if c["kind"] == kind)]
+        assert first.prefill and first.decode, kind
