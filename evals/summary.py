@@ -152,10 +152,8 @@ def _at_budget(cap: dict | None, cap_full: dict | None) -> dict:
     """A strategy's capacity cell against full's: sessions and tokens/s as multiples of full's (tokens/s with a
     bootstrap interval of full's median step over the strategy's that resamples whole rounds, times the ratio of
     sessions, which every round admits alike), per-session decode time against full's at budget, and TTFT."""
-    none = dict.fromkeys(
-        ("sessions_vs_full", "tokens_per_s_at_budget", "tokens_per_s_vs_full", "tokens_per_s_vs_full_interval")
-    )
-    none |= {"decode_change_at_budget_pct": None, "ttft_s_at_budget": None}
+    names = ("sessions_vs_full", "tokens_per_s_at_budget", "tokens_per_s_vs_full", "tokens_per_s_vs_full_interval")
+    none = dict.fromkeys((*names, "decode_change_at_budget_pct", "ttft_s_at_budget"))
     if not cap:
         return none
     tokens_per_s = cap["sessions"] / (cap["decode_ms_p50"] / 1e3) if cap["sessions"] else 0.0
