@@ -47,14 +47,14 @@ def cell_id(config: ReportConfig, cell: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def turn_keys(config: ReportConfig) -> list[dict]:
+def turn_keys(config: ReportConfig, question: str) -> list[dict]:
     """What tells a recall cell's questions apart: nothing for one question per case; with follow-ups, every
-    question's index in every mode (a cell's id then holds how many questions its case asks)."""
+    question's index in every mode the placement runs (a cell's id then holds how many questions its case asks)."""
     if config.followups == 1:
         return [{}]
     return [
         {"turns": config.followups, "mode": mode, "turn": turn}
-        for mode in config.modes
+        for mode in config.modes_for(question)
         for turn in range(config.followups)
     ]
 
@@ -90,7 +90,7 @@ def cell_keys(config: ReportConfig) -> list[dict]:
         for seed in range(config.seeds)
         for question in config.questions
         for strategy in config.strategies
-        for turn in turn_keys(config)
+        for turn in turn_keys(config, question)
     ]
     # every strategy's round r before any round r + 1, so drift of the machine lands in every strategy's rounds alike;
     # round 0 has no key, so the cells of runs from before rounds keep their ids

@@ -145,6 +145,8 @@ class ReportConfig:
             if isinstance(budget, bool) or budget < 1:
                 raise ValueError(f"kv_budget must be a positive size such as 96MiB, got {self.kv_budget!r}")
             self.kv_budget = int(budget)
+        if self.followups > 1 and not all(self.modes_for(q) for q in self.questions):
+            raise ValueError("modes reuse asks follow-ups only with questions after; with questions inside add chat")
         if self.prefill_chunk is not None and self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive number of tokens, got {self.prefill_chunk}")
         if not isinstance(self.compile, bool):
@@ -157,6 +159,13 @@ class ReportConfig:
             raise ValueError(f"fidelity_text must be a readable text file, got {self.fidelity_text!r}")
         if isinstance(self.thresholds, dict):
             self.thresholds = Thresholds(**self.thresholds)
+
+    def modes_for(self, question: str) -> list[str]:
+        """The follow-up modes a question placement runs. `reuse` asks a later question in the first one's place,
+        which only a question after the context has: with the question inside the prompt the stored prefix ends in
+        the first question's answer turn, and a later question after an empty answer is answered with nothing
+        (`full`'s too, measured), so there only `chat` asks follow-ups."""
+        return [mode for mode in self.modes if mode == "chat" or question == "after"]
 
     @classmethod
     def from_dict(cls, data: dict) -> ReportConfig:

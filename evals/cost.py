@@ -229,7 +229,7 @@ def cell_work(jobs: list[tuple[int, dict]], configs: list[ReportConfig]) -> dict
             again = [(rows, context, 0)] if _prefills_again(strategy, config) else []
             # every question of a case is answered in the strategy's first cell: the first once, each later one
             # once per mode
-            answers = 1 + (config.followups - 1) * len(config.modes) if "turn" in cell else 1
+            answers = 1 + (config.followups - 1) * len(config.modes_for(question)) if "turn" in cell else 1
             steps = answers * [(rows, config.max_new_tokens, length)]  # an upper bound: rows stop at their answer
             questions = answers * [(rows, QUESTION_TOKENS, context)]
             mine += once((*batch, strategy), Work(again + passes + questions, steps))

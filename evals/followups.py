@@ -11,8 +11,13 @@ from .stats import paired_recall
 def first_questions(records: list[dict], config: ReportConfig) -> list[dict]:
     """The records the main table reads: every cell but the follow-ups' later questions, and a first question once
     (it is the same computation in every mode)."""
-    first_mode = config.modes[0] if config.followups > 1 else None
-    return [r for r in records if r.get("kind") != "recall" or (r.get("turn", 0) == 0 and r.get("mode") == first_mode)]
+    first = {q: config.modes_for(q)[0] if config.followups > 1 else None for q in config.questions}
+    return [
+        r
+        for r in records
+        if r.get("kind") != "recall"
+        or (r.get("turn", 0) == 0 and r.get("mode") == first.get(r.get("question", "after")))
+    ]
 
 
 def _key(record: dict) -> tuple:
@@ -46,7 +51,7 @@ def followup_section(records: list[dict], config: ReportConfig) -> str:
         "|---|---|---|---|---|" + "---|" * len(turns),
     ]
     for question in config.questions:
-        for mode in config.modes:
+        for mode in config.modes_for(question):
             here = [r for r in recall if r.get("question", "after") == question and r["mode"] == mode]
             full = {_key(r): r["correct"] for r in here if r["strategy"] == "full"}
             for strategy in config.strategies:

@@ -235,13 +235,13 @@ class Harness:
     @torch.no_grad()
     def _followups(self, strategy: str, batch: list[tuple], question: str, turns: int) -> dict[tuple, list[dict]]:
         """Every question of the batch's cases in each of the run's modes, by (mode, question index). The first
-        question is the same in both modes (answered once). `reuse`: every later question starts from the cache as
-        the first prompt left it, saved and loaded back (`KVCache.save`, `load_cache`), and is asked in the first
-        question's place, or, with the question inside the prompt, as a new user turn after an empty answer (that
-        prompt is part of what was compressed). `chat`: one conversation, each question a new user turn after the
-        answer before it, on the same cache (eviction goes on as the member's `when=` says). A batch's rows
-        generate together, so a row's answer holds what it generated until every row of the batch had answered."""
-        rows, modes = len(batch), self.config.modes
+        question is the same in both modes (answered once). `reuse` (question after the context only,
+        `ReportConfig.modes_for`): every later question starts from the cache as the context left it, saved and
+        loaded back (`KVCache.save`, `load_cache`), and is asked in the first question's place. `chat`: one
+        conversation, each question a new user turn after the answer before it, on the same cache (eviction goes on
+        as the member's `when=` says). A batch's rows generate together, so a row's answer holds what it generated
+        until every row of the batch had answered."""
+        rows, modes = len(batch), self.config.modes_for(question)
         turned = {}
         cache, first_ids, first_mask, pads = self._first_prompt(strategy, batch, question, rows)
         with cache, tempfile.TemporaryDirectory(prefix="kvcompress-reuse-") as folder:
@@ -254,13 +254,7 @@ class Harness:
                 ids = torch.cat([out, self._column([later[turn - 1][1] for *_, later in batch])], dim=1)
                 out, turned[("chat", turn)] = self._answer(cache, ids, first_mask, batch, pads, turn)
             for turn in range(1, turns) if "reuse" in modes else ():
-                if question == "after":
-                    ids, mask = self._left_padded([context + later[turn - 1][0] for _, context, _, later in batch])
-                else:
-                    ids, mask = (
-                        torch.cat([first_ids, self._column([later[turn - 1][1] for *_, later in batch])], 1),
-                        first_mask,
-                    )
+                ids, mask = self._left_padded([context + later[turn - 1][0] for _, context, _, later in batch])
                 with load_cache(self.model, saved) as restored:
                     turned[("reuse", turn)] = self._answer(restored, ids, mask, batch, pads, turn)[1]
         return turned

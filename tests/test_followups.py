@@ -56,6 +56,11 @@ def test_cells_carry_the_question_index_and_mode_and_one_question_cells_keep_the
     assert sorted((c["mode"], c["turn"]) for c in recall) == [(m, t) for m in ("chat", "reuse") for t in range(3)]
     assert len({c["id"] for c in recall}) == 6
     assert not {c["id"] for c in recall} & {c["id"] for c in cell_keys(one)}
+    both = ReportConfig(**{**vars(many), "questions": ["after", "inside"]})
+    modes = {(c["question"], c["mode"]) for c in cell_keys(both) if c["kind"] == "recall"}
+    assert modes == {("after", "chat"), ("after", "reuse"), ("inside", "chat")}  # reuse asks in the first's place
+    with pytest.raises(ValueError, match="modes reuse asks follow-ups only with questions after"):
+        ReportConfig(tasks=["multikey"], followups=2, questions=["inside"], modes=["reuse"])
 
 
 @pytest.fixture(scope="module")
