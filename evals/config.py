@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..accounting import kv_sizer
+from ..accounting import expected_kv_bytes
 from ..dtypes import WEIGHTS, parse_dtype
 from ..models import load_config
 from ..planner import parse_memory
@@ -203,7 +203,7 @@ def check_budget(config: ReportConfig) -> None:
     if config.kv_budget is None:
         return
     length = min(config.latency_lengths)
-    one = kv_sizer(load_config(config.model), "full", parse_dtype(config.kv_dtype)).bytes(length)
+    one = expected_kv_bytes(load_config(config.model), "full", length, dtype=parse_dtype(config.kv_dtype))
     if config.kv_budget < one:
         raise ValueError(
             f"kv_budget {config.kv_budget / 2**20:.2f} MiB holds no session of full at {length} tokens "

@@ -89,8 +89,11 @@ def _output_cell(r: ReportRow) -> str:
 
 def table(rows: list[ReportRow], config: ReportConfig) -> str:
     budget, outputs = config.kv_budget is not None, config.outputs > 0
-    columns = [*COLUMNS[:3], *(["at the KV budget"] if budget else []), *COLUMNS[3:5]]
-    columns += [*(["output length"] if outputs else []), *COLUMNS[5:]]
+    columns = list(COLUMNS)
+    if budget:
+        columns.insert(columns.index("decode latency"), "at the KV budget")
+    if outputs:
+        columns.insert(columns.index("recall loss"), "output length")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [
