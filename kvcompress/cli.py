@@ -22,6 +22,9 @@ from .dtypes import DTYPES, WEIGHTS, dtype_name, parse_dtype
 from .evals.backends import BACKENDS, Backend
 from .evals.config import SMOKE, ReportConfig, Thresholds
 from .evals.render import terminal_rows
+from .evals.replay import IDLE_POLICIES as REPLAY_IDLE_POLICIES
+from .evals.replay import RECORD_FILE as REPLAY_FILE
+from .evals.replay import compress_time, replay, replay_meta
 from .evals.run import run_report
 from .evals.sweep import load_sweep
 from .geometry import config_dtype
@@ -297,6 +300,49 @@ def _simulate(args: argparse.Namespace) -> None:
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
 
 
+def _replay(args: argparse.Namespace) -> None:
+    routes = compress_time(load_routes(args.routes), args.speedup)
+    budget = parse_memory(args.kv_budget, "--kv-budget")
+    if not budget > 0:
+        raise ValueError(f"--kv-budget must be a positive size such as 100MiB, got {args.kv_budget!r}")
+    strategies = split_strategies(args.strategies)
+    for strategy in strategies:
+        parse_strategy(strategy)
+    if args.idle_policy not in REPLAY_IDLE_POLICIES:
+        raise ValueError(f"--idle-policy must be one of {', '.join(REPLAY_IDLE_POLICIES)}, got {args.idle_policy!r}")
+    steps = StepCosts.read(args.step_costs) if args.step_costs else None
+    sim = SimConfig(
+        budget,
+        args.minutes / args.speedup,
+        args.seed,
+        args.allocator,
+        args.block,
+        args.admission,
+        args.idle_policy,
+        args.ttl / args.speedup,
+        step_costs=steps,
+    )
+    out = Path(args.out) if args.out else _fresh_run_folder("replay")
+    _check_writable(out, "--out")
+    model, tokenizer = load_model(args.model, args.dtype)
+    meta = replay_meta(args.model, model, sim, args.routes, args.speedup, args.command_line)
+    record = replay(model, tokenizer, strategies, routes, sim, out, meta)
+    print(
+        f"{args.model}: KV budget {budget / MIB:,.0f} MiB, {args.minutes:g} min of trace at speedup {args.speedup:g}; "
+        f"calibration: 1k-token prefill {meta['calibration']['prefill_1k_s']:.2f} s on {meta['device']}"
+    )
+    for r in record["results"]:
+        p, e = r["predicted"], r["relative_error"]
+        print(
+            f"{r['strategy']}: peak {r['peak_kv_bytes'] / MIB:.1f} MiB (simulator {p['peak_kv_bytes'] / MIB:.1f}), "
+            f"allocation failures {r['allocation_failures']} ({p['allocation_failures']}), TTFT p95 "
+            f"{r['ttft_p95_s']:.2f} s ({p['ttft_p95_s']:.2f}), decode {r['decode_tps']:.1f} tokens/s per session "
+            f"({p['decode_tps']:.1f}); relative errors "
+            + ", ".join(f"{k} {v:+.0%}" if v is not None else f"{k} n/a" for k, v in e.items())
+        )
+    print(f"\nwrote {out / REPLAY_FILE}")
+
+
 def _print_simulation(r: SimResult) -> None:
     """One strategy's run: its headline figures, then a table of its routes."""
 
@@ -484,6 +530,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help=f"output folder, refused if it holds results (default: a new {RUNS_DIR}/simulate-<time>)"
     )
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser(
+        "replay", help="the simulator's trace played through the real model with real caches, beside its prediction"
+    )
+    p.add_argument("--routes", required=True, help="routes YAML, e.g. experiments/routes/support_fleet_cpu.yaml")
+    p.add_argument("--kv-budget", required=True, help="memory the sessions' KV may use, e.g. 100MiB")
+    p.add_argument("--model", default="default")
+    p.add_argument("--dtype", help="compute dtype (default: the model's on its device)")
+    p.add_argument("--strategies", default="full,int8")
+    p.add_argument("--minutes", type=float, default=10, help="minutes of trace (before --speedup)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speedup", type=float, default=1.0, help="compress the trace's time: arrivals and think times")
+    p.add_argument("--allocator", default="paged", help="paged or contiguous (max-length reservation)")
+    p.add_argument("--block", type=int, default=16, help="paged block size in tokens")
+    p.add_argument("--admission", default="reject", help="reject or queue")
+    p.add_argument("--idle-policy", default="ttl", help="ttl (keep state until --ttl) or release")
+    p.add_argument("--ttl", type=float, default=120, help="seconds of trace an ended session's KV is kept")
+    p.add_argument(
+        "--step-costs",
+        metavar="FILE",
+        help="steps.json from python experiments/bench_steps.py on this machine: prices the simulator's prediction "
+        "(without it the simulator decodes at one constant rate and prompts cost nothing)",
+    )
+    p.add_argument(
+        "--out",
+        help=f"output folder; rerun with the same settings to finish an interrupted replay "
+        f"(default: a new {RUNS_DIR}/replay-<time>)",
+    )
+    p.set_defaults(func=_replay)
 
     d = ReportConfig.default
     p = sub.add_parser("report", help="the pressure-transfer report: HBM saved vs latency vs recall vs fidelity")

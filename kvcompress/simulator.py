@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 import yaml
 
 from .accounting import kv_sizer
@@ -442,11 +443,60 @@ class SimConfig:
             raise ValueError(f"step_costs must be StepCosts (StepCosts.read of a steps.json), got {self.step_costs!r}")
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a planned session: its prompt and answer lengths, then either the share of the answer after
+    which its client goes away (`disconnect`, in [0, 1)) or, before a next turn, the think time."""
+
+    prompt: int
+    output: int
+    disconnect: float | None = None
+    think_s: float | None = None
+
+
+@dataclass(frozen=True)
+class PlannedSession:
+    """A session of the trace: when it arrives, on which route, and every turn it would take."""
+
+    number: int
+    route: Route
+    arrival_s: float
+    turns: tuple[Turn, ...]
+
+
+def plan_sessions(routes: list[Route], minutes: float, seed: int) -> list[PlannedSession]:
+    """The trace a seed draws from the routes over `minutes`: arrivals (Poisson at each route's rate, or its
+    explicit arrivals_s), and per session its turns, drawn from the session's own generator so a session's workload
+    is the same whatever else happens. The simulator and the measured replay (`kvcompress replay`) both read it."""
+    rng, end, arrivals = random.Random(seed), minutes * 60, []
+    for route in routes:
+        times = list(route.arrivals_s)
+        if not times and route.rate_per_min > 0:
+            t = rng.expovariate(route.rate_per_min / 60)
+            while t < end:
+                times.append(t)
+                t += rng.expovariate(route.rate_per_min / 60)
+        arrivals += [(t, route) for t in times]
+    planned = []
+    for number, (t, route) in enumerate(sorted(arrivals, key=lambda x: x[0])):
+        session_rng = random.Random(f"{seed}-{number}")
+        turns = []
+        for left in range(session_rng.randint(*route.turns) - 1, -1, -1):
+            prompt, output = session_rng.randint(*route.prompt_tokens), session_rng.randint(*route.output_tokens)
+            if session_rng.random() < route.disconnect_p:
+                turns.append(Turn(prompt, output, disconnect=session_rng.random()))
+                break
+            think = session_rng.uniform(*route.think_s) if left else None
+            turns.append(Turn(prompt, output, think_s=think))
+        planned.append(PlannedSession(number, route, t, tuple(turns)))
+    return planned
+
+
 @dataclass
 class _Session:
     id: int
     route: Route
-    turns_left: int
+    plan: tuple[Turn, ...]
     tokens: int = 0  # tokens of context seen so far
     bytes: int = 0  # KV bytes held for it
     off_bytes: int = 0  # KV bytes held for it on the host or disk tier
@@ -466,7 +516,11 @@ class _Session:
     turn_at: float = 0.0
     answer_context: float = 0.0
     tps: float = 0.0
-    rng: random.Random = field(default_factory=random.Random)  # the session's own draws: same workload everywhere
+    turn: int = 0  # the plan's turn it is on
+
+    @property
+    def turns_left(self) -> int:
+        return len(self.plan) - self.turn
 
 
 @dataclass
@@ -524,9 +578,17 @@ class SimResult:
 
 
 class Simulation:
-    def __init__(self, model_config, strategy: str | StrategySpec, routes: list[Route], config: SimConfig):
+    def __init__(
+        self,
+        model_config,
+        strategy: str | StrategySpec,
+        routes: list[Route],
+        config: SimConfig,
+        kv_dtype: torch.dtype | None = None,
+    ):
+        """kv_dtype: what the KV is stored in (default: the config's dtype), as a model loaded on a CPU stores it."""
         self.spec, self.routes, self.config = parse_strategy(strategy), routes, config
-        self.sizer = kv_sizer(model_config, self.spec)
+        self.sizer = kv_sizer(model_config, self.spec, kv_dtype)
         # where the off-device KV lives, how much of it fits and how fast a decode step reads it back
         # the tier declares where it keeps tokens (its memory), its link, and the machine settings sizing both
         self.tier = self.spec.tier
@@ -552,7 +614,6 @@ class Simulation:
         self._lookups = {"decode": 0, "prefill": 0}  # step-cost lookups, and those outside the measured grid
         self._outside = {"decode": 0, "prefill": 0}
         self._largest = {"batch": 0, "context": 0, "prompt": 0}  # the largest looked up
-        self.rng = random.Random(config.seed)
         self.live: dict[int, _Session] = {}  # sessions holding KV (active or idle)
         self._failures: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # route -> memory -> n
         self._evictions: dict[str, int] = defaultdict(int)
@@ -695,24 +756,9 @@ class Simulation:
         self._seq += 1
         heapq.heappush(self.events, (t, self._seq, kind, session))
 
-    @staticmethod
-    def _draw(rng: random.Random, span, kind=int):
-        return rng.uniform(*span) if kind is float else rng.randint(*span)
-
     def run(self) -> SimResult:
-        end = self.config.minutes * 60
-        sessions = []
-        for route in self.routes:
-            times = list(route.arrivals_s)
-            if not times and route.rate_per_min > 0:
-                t = self.rng.expovariate(route.rate_per_min / 60)
-                while t < end:
-                    times.append(t)
-                    t += self.rng.expovariate(route.rate_per_min / 60)
-            sessions += [(t, route) for t in times]
-        for number, (t, route) in enumerate(sorted(sessions, key=lambda x: x[0])):
-            rng = random.Random(f"{self.config.seed}-{number}")
-            self._push(t, "arrive", _Session(number, route, self._draw(rng, route.turns), rng=rng))
+        for planned in plan_sessions(self.routes, self.config.minutes, self.config.seed):
+            self._push(planned.arrival_s, "arrive", _Session(planned.number, planned.route, planned.turns))
         t_sample = 0.0
         while self.events:
             t, _, kind, session = heapq.heappop(self.events)
@@ -755,10 +801,7 @@ class Simulation:
         self._start_turn(session)
 
     def _start_turn(self, session: _Session) -> None:
-        prompt, output = (
-            self._draw(session.rng, session.route.prompt_tokens),
-            self._draw(session.rng, session.route.output_tokens),
-        )
+        prompt, output = session.plan[session.turn].prompt, session.plan[session.turn].output
         context, restores = session.tokens, session.park == "parked"
         session.turn_at = self.now
         if session.park == "parking":  # back before the copy finished: its device KV is still there, keep it
@@ -812,7 +855,8 @@ class Simulation:
     def _answer(self, session: _Session, output: int) -> None:
         session.state = "active"
         self.live[session.id] = session
-        session.turns_left -= 1
+        turn = session.plan[session.turn]
+        session.turn += 1
         if self.steps is not None:
             # the step it joins: the sessions decoding now and it, over their contexts at mid-answer; fixed for the
             # answer at its start, as the link's share is below
@@ -831,16 +875,15 @@ class Simulation:
             self._answers[session.route.name].append((session.tps * session.speed, batch))
         else:
             answer_s = output / (self.config.decode_tps * session.speed)
-        rng = session.rng
         if session.decoding:
             # pushed first, so at equal times it is handled before a next turn starts (think_s 0); device strategies
             # that do not park push nothing (no link to share), so their event stream is what it always was
             self._push(self.now + answer_s, "decoded", session)
-        if rng.random() < session.route.disconnect_p:
+        if turn.disconnect is not None:
             session.disconnected = True
-            self._push(self.now + rng.uniform(0, answer_s), "go_idle", session)
+            self._push(self.now + answer_s * turn.disconnect, "go_idle", session)
         elif session.turns_left > 0:
-            self._push(self.now + answer_s + self._draw(rng, session.route.think_s, float), "next_turn", session)
+            self._push(self.now + answer_s + turn.think_s, "next_turn", session)
         else:
             self._push(self.now + answer_s, "go_idle", session)
 
