@@ -9,8 +9,9 @@ session answering, as one batch (`decode_rows`: sessions join and leave between 
 the step after it, as on a server without chunked prefill.
 
 Memory follows the simulator's rule, so the two differ only where measurement does: a turn is admitted when the
-analytic bytes of its whole context (prompt and answer, in the allocator's blocks) fit beside what the live sessions
-hold, after evicting idle sessions oldest first; a new session that does not fit is queued or rejected, a next turn
+analytic bytes of its whole context (prompt and answer, in the allocator's blocks), plus the largest excess over the
+analytic size that any session's step has measured so far, fit beside what the live sessions hold, after evicting
+idle sessions oldest first; a new session that does not fit is queued or rejected, a next turn
 that does not fit fails. After every step the caches' measured KV (resident plus the step's transients) is checked
 against the budget; a step over it fails the newest answering session (recorded, never a crash), as does a step
 that runs out of memory.
@@ -23,7 +24,7 @@ import json
 import math
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +137,10 @@ class Replay:
         self.prefills: list[dict] = []
         self.peak_kv = 0  # the most measured KV at once: resident in every live cache plus the step's transients
         self.peak_reserved = 0  # the most the allocator held at once (what the simulator's peak counts)
-        self.transient = 0  # the largest transient one session's step allocated so far
+        # the most one session's step has measured above the analytic size of what its cache has seen: the
+        # transients a step allocates (a codec's decoded copy, a score-based member's scores) and whatever the
+        # analytic size leaves out (a retention holding more between evictions)
+        self.excess = 0
         self.freed: list[dict] = []  # every release: when, why, and the bytes its cache held
         self._integrals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._last_t = 0.0
@@ -204,9 +208,8 @@ class Replay:
         """Hold the allocator's bytes for the turn's whole context, evicting idle sessions if it must."""
         turn = session.current
         end = session.context + turn.prompt + turn.output
-        # the allocator's bytes, plus room for the transient a step allocates beside them: the largest one session's
-        # step has measured so far in this replay (a codec's decoded copy, a score-based member's scores)
-        need = self.sizing.allocation(session.plan, end) + self.transient - session.reserved
+        # the allocator's bytes, plus the largest excess over the analytic size a session's step has measured so far
+        need = self.sizing.allocation(session.plan, end) + self.excess - session.reserved
         for idle in sorted((s for s in self.sessions if s.state == "idle"), key=lambda s: s.plan.number):
             if self.held + need <= self.config.gpu_bytes:
                 break
@@ -266,7 +269,8 @@ class Replay:
     def _check_budget(self, kind: str) -> int:
         for s in self.sessions:
             if s.cache is not None:
-                self.transient = max(self.transient, s.cache.peak_bytes - s.cache.resident_bytes)
+                analytic = self.sizing.kv_bytes(s.cache.get_seq_length())
+                self.excess = max(self.excess, s.cache.peak_bytes - analytic)
         measured = self._measured()
         self.peak_kv = max(self.peak_kv, measured)
         if measured > self.config.gpu_bytes:  # the reservation fell short: the newest answering session goes
@@ -381,7 +385,7 @@ class Replay:
             "peak_kv_bytes": self.peak_kv,
             "peak_reserved_bytes": self.peak_reserved,
             "allocation_failures": sum(sum(f.values()) for f in self.failures.values()),
-            "failures": {reason: n for f in self.failures.values() for reason, n in f.items()},
+            "failures": dict(sum((Counter(f) for f in self.failures.values()), Counter())),
             "evictions": sum(self.evictions.values()),
             "queue_wait_p50_s": round(statistics.median(waits), 4),
             "queue_wait_p95_s": round(percentile(waits, 95), 4),

@@ -58,6 +58,7 @@ def test_measured_kv_never_exceeds_the_budget(model, strategy):
     # the budget binds: sessions were turned away or idle ones evicted to make room
     assert record["allocation_failures"] + record["evictions"] > 0
     assert not any(reason.startswith("over budget") for reason in record["failures"])
+    assert sum(record["failures"].values()) == record["allocation_failures"]
     assert record["final_kv_bytes"] == 0
 
 
