@@ -9,12 +9,16 @@ session answering, as one batch (`decode_rows`: sessions join and leave between 
 the step after it, as on a server without chunked prefill.
 
 Memory follows the simulator's rule, so the two differ only where measurement does: a turn is admitted when the
-analytic bytes of its whole context (prompt and answer, in the allocator's blocks), plus the largest excess over the
-analytic size that any session's step has measured so far, fit beside what the live sessions hold, after evicting
-idle sessions oldest first; a new session that does not fit is queued or rejected, a next turn
+analytic bytes of its whole context (prompt and answer, in the allocator's blocks) fit beside what the live sessions
+hold and room for the largest excess over the analytic size a step has measured so far, after evicting idle
+sessions oldest first; a new session that does not fit is queued or rejected, a next turn
 that does not fit fails. After every step the caches' measured KV (resident plus the step's transients) is checked
 against the budget; a step over it fails the newest answering session (recorded, never a crash), as does a step
-that runs out of memory.
+that runs out of memory. Before each decode step its KV is foreseen (one more token per session, and per session the
+largest transient a session's decode step has measured): where it would go over, idle sessions are evicted, then the
+newest answer stops, recorded as `would exceed budget at decode`; a prefill is foreseen the same way (its prompt's
+bytes and its transient at the largest rate per prompt token x context token a prefill has measured) and waits for
+running answers to end, or fails as `would exceed budget at prefill`.
 """
 
 from __future__ import annotations
@@ -137,10 +141,12 @@ class Replay:
         self.prefills: list[dict] = []
         self.peak_kv = 0  # the most measured KV at once: resident in every live cache plus the step's transients
         self.peak_reserved = 0  # the most the allocator held at once (what the simulator's peak counts)
-        # the most one session's step has measured above the analytic size of what its cache has seen: the
-        # transients a step allocates (a codec's decoded copy, a score-based member's scores) and whatever the
-        # analytic size leaves out (a retention holding more between evictions)
+        # the most a prefill has measured above the analytic size of what the live caches have seen: the transients
+        # it allocates (a codec's decoded copy, a score-based member's scores) and whatever the analytic size leaves
+        # out (a retention holding more between evictions)
         self.excess = 0
+        self.prefill_rate = 0.0  # the largest prefill excess per prompt token x context token (scores grow so)
+        self.step_excess = 0  # the largest transient one session's cache has measured in a decode step
         self.freed: list[dict] = []  # every release: when, why, and the bytes its cache held
         self._integrals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._last_t = 0.0
@@ -159,7 +165,7 @@ class Replay:
                 _, _, kind, session = heapq.heappop(self.events)
                 getattr(self, f"_on_{kind}")(session)
             self._admit_queued()
-            if self.waiting:
+            if self.waiting and self._prefill_fits(self.waiting[0]):
                 self._prefill(self.waiting.pop(0))
             if self.answering:
                 self._step()
@@ -208,14 +214,16 @@ class Replay:
         """Hold the allocator's bytes for the turn's whole context, evicting idle sessions if it must."""
         turn = session.current
         end = session.context + turn.prompt + turn.output
-        # the allocator's bytes, plus the largest excess over the analytic size a session's step has measured so far
-        need = self.sizing.allocation(session.plan, end) + self.excess - session.reserved
+        need = self.sizing.allocation(session.plan, end) - session.reserved
+        # room is kept once, beside every reservation, for the largest excess a prefill has measured (one runs at a
+        # time); a decode step is checked against its batch's own measured transients before it runs (`_step`)
+        room = self.config.gpu_bytes - self.excess
         for idle in sorted((s for s in self.sessions if s.state == "idle"), key=lambda s: s.plan.number):
-            if self.held + need <= self.config.gpu_bytes:
+            if self.held + need <= room:
                 break
             self.evictions[idle.route] += 1
             self._free(idle, "evicted")
-        if self.held + need > self.config.gpu_bytes:
+        if self.held + need > room:
             return False
         self.held += need
         self.peak_reserved = max(self.peak_reserved, self.held)
@@ -267,11 +275,13 @@ class Replay:
                 s.cache.peak_bytes = s.cache.resident_bytes
 
     def _check_budget(self, kind: str) -> int:
-        for s in self.sessions:
-            if s.cache is not None:
-                analytic = self.sizing.kv_bytes(s.cache.get_seq_length())
-                self.excess = max(self.excess, s.cache.peak_bytes - analytic)
         measured = self._measured()
+        if kind == "prefill":
+            live = [s for s in self.sessions if s.cache is not None]
+            excess = measured - sum(self.sizing.kv_bytes(s.cache.get_seq_length()) for s in live)
+            self.excess = max(self.excess, excess)
+            prompt, seen = self.prefills[-1]["tokens"], max((s.cache.get_seq_length() for s in live), default=1)
+            self.prefill_rate = max(self.prefill_rate, excess / (prompt * seen))
         self.peak_kv = max(self.peak_kv, measured)
         if measured > self.config.gpu_bytes:  # the reservation fell short: the newest answering session goes
             newest = max(self.answering or self.waiting, key=lambda s: s.admitted_at, default=None)
@@ -285,6 +295,29 @@ class Replay:
         n, total = session.current.prompt, len(self.text)
         start = (session.plan.number * 7919 + session.turn * 104729) % max(total - n, 1)
         return session.carry + self.text[start : start + n].tolist()
+
+    def _prefill_fits(self, session: _Live) -> bool:
+        """Whether the turn's prefill, foreseen (every live cache's resident bytes, the prompt's analytic bytes and
+        its transient at the largest rate a prefill has measured), stays within the budget: idle sessions are
+        evicted to make it so; failing that it waits for the answers running to end, or, with none, fails."""
+        seen = session.cache.get_seq_length() if session.cache is not None else 0
+        n = len(session.carry) + session.current.prompt
+        growth = self.sizing.kv_bytes(seen + n) - self.sizing.kv_bytes(seen)
+        transient = math.ceil(self.prefill_rate * n * (seen + n))
+        while True:
+            held = sum(s.cache.resident_bytes for s in self.sessions if s.cache is not None)
+            if held + growth + transient <= self.config.gpu_bytes:
+                return True
+            idle = [s for s in self.sessions if s.state == "idle"]
+            if not idle:
+                break
+            victim = min(idle, key=lambda s: s.plan.number)
+            self.evictions[victim.route] += 1
+            self._free(victim, "evicted")
+        if not self.answering:
+            self.waiting.remove(session)
+            self._fail(session, "would exceed budget at prefill")
+        return False
 
     @torch.no_grad()
     def _prefill(self, session: _Live) -> None:
@@ -316,8 +349,29 @@ class Replay:
         self.answering.append(session)
         self._answered_some(session)
 
+    def _expected_step(self) -> int:
+        """The next decode step's KV: every live cache's resident bytes, and per answering session one more token
+        and the largest transient a session's decode step has measured (a score-based member's eviction steps
+        allocate more than the others), grown with its context."""
+        expected = sum(s.cache.resident_bytes for s in self.sessions if s.cache is not None)
+        for s in self.answering:
+            seen, stored = s.cache.get_seq_length(), max(s.cache.stored_tokens(), 1)
+            expected += self.sizing.kv_bytes(seen + 1) - self.sizing.kv_bytes(seen)
+            expected += math.ceil(self.step_excess * (stored + 1) / stored)
+        return expected
+
     @torch.no_grad()
     def _step(self) -> None:
+        while self.answering and self._expected_step() > self.config.gpu_bytes:
+            idle = [s for s in self.sessions if s.state == "idle"]
+            if idle:  # idle sessions go first, oldest first, as for admission
+                victim = min(idle, key=lambda s: s.plan.number)
+                self.evictions[victim.route] += 1
+                self._free(victim, "evicted")
+            else:  # the newest answer stops before the step would go over
+                self._fail(max(self.answering, key=lambda s: s.admitted_at), "would exceed budget at decode")
+        if not self.answering:
+            return
         batch = list(self.answering)
         self._begin_step()
         started = time.perf_counter()
@@ -329,6 +383,10 @@ class Replay:
         seconds = self.clock("decode", time.perf_counter() - started)
         self._advance(self.now + seconds)
         measured = self._check_budget("decode")
+        for session in batch:
+            if session.cache is not None:
+                transient = session.cache.peak_bytes - session.cache.resident_bytes
+                self.step_excess = max(self.step_excess, transient)
         self.steps.append({"batch": len(batch), "s": round(seconds, 6), "kv_bytes": measured})
         for row, session in enumerate(batch):
             if session.state != "answering":
@@ -580,7 +638,7 @@ def markdown(record: dict) -> list[str]:
 
 def replay_meta(model_name: str, model: Any, config: SimConfig, routes_path: str, speedup: float, command=None) -> dict:
     """What replay.json records of how it was made, with the machine's calibration (a 1k-token prefill) measured
-    now."""
+    now. Its settings' minutes and ttl_s are on the replay's clock, after `speedup` divided them."""
     settings = {
         "routes": routes_path,
         "kv_budget": round(config.gpu_bytes),
