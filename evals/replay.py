@@ -10,15 +10,15 @@ the step after it, as on a server without chunked prefill.
 
 Memory follows the simulator's rule, so the two differ only where measurement does: a turn is admitted when the
 analytic bytes of its whole context (prompt and answer, in the allocator's blocks) fit beside what the live sessions
-hold and room for the largest excess over the analytic size a step has measured so far, after evicting idle
-sessions oldest first; a new session that does not fit is queued or rejected, a next turn
-that does not fit fails. After every step the caches' measured KV (resident plus the step's transients) is checked
-against the budget; a step over it fails the newest answering session (recorded, never a crash), as does a step
-that runs out of memory. Before each decode step its KV is foreseen (one more token per session, and per session the
-largest transient a session's decode step has measured): where it would go over, idle sessions are evicted, then the
-newest answer stops, recorded as `would exceed budget at decode`; a prefill is foreseen the same way (its prompt's
-bytes and its transient at the largest rate per prompt token x context token a prefill has measured) and waits for
-running answers to end, or fails as `would exceed budget at prefill`.
+hold and room for the largest transient a prefill has measured so far, after evicting idle sessions oldest first; a
+new session that does not fit is queued or rejected, a next turn that does not fit fails. Each step is foreseen
+before it runs: a decode step as the caches' resident bytes, one more token per answering session and per session
+the largest transient a decode step has measured; a prefill as its prompt's bytes and its transient at the largest
+rate per prompt token x token attended a prefill has measured. Where it would go over, idle sessions are evicted;
+then a decode step stops the newest answer (`would exceed budget at decode`) and a prefill waits for running answers
+to end, or with none fails (`would exceed budget at prefill`). After every step the caches' measured KV (resident
+plus the step's transients) is checked against the budget; a step still over it fails the newest answering session,
+as does a step that runs out of memory: recorded, never a crash.
 """
 
 from __future__ import annotations
@@ -141,11 +141,10 @@ class Replay:
         self.prefills: list[dict] = []
         self.peak_kv = 0  # the most measured KV at once: resident in every live cache plus the step's transients
         self.peak_reserved = 0  # the most the allocator held at once (what the simulator's peak counts)
-        # the most a prefill has measured above the analytic size of what the live caches have seen: the transients
-        # it allocates (a codec's decoded copy, a score-based member's scores) and whatever the analytic size leaves
-        # out (a retention holding more between evictions)
+        # the largest transient a prefill has measured beside what its cache keeps (a codec's decoded copy, a
+        # score-based member's scores)
         self.excess = 0
-        self.prefill_rate = 0.0  # the largest prefill excess per prompt token x context token (scores grow so)
+        self.prefill_rate = 0.0  # the largest prefill transient per prompt token x token attended
         self.step_excess = 0  # the largest transient one session's cache has measured in a decode step
         self.freed: list[dict] = []  # every release: when, why, and the bytes its cache held
         self._integrals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -215,8 +214,8 @@ class Replay:
         turn = session.current
         end = session.context + turn.prompt + turn.output
         need = self.sizing.allocation(session.plan, end) - session.reserved
-        # room is kept once, beside every reservation, for the largest excess a prefill has measured (one runs at a
-        # time); a decode step is checked against its batch's own measured transients before it runs (`_step`)
+        # room is kept once, beside every reservation, for the largest transient a prefill has measured (one runs at
+        # a time); a decode step is checked against its batch's own measured transients before it runs (`_step`)
         room = self.config.gpu_bytes - self.excess
         for idle in sorted((s for s in self.sessions if s.state == "idle"), key=lambda s: s.plan.number):
             if self.held + need <= room:
@@ -274,14 +273,15 @@ class Replay:
             if s.cache is not None:
                 s.cache.peak_bytes = s.cache.resident_bytes
 
+    def _learn_prefill(self, session: _Live, prompt: int, stored_before: int) -> None:
+        """What the prefill allocated beside what its cache keeps: the largest such transient, and the largest per
+        prompt token x token attended (a score-based member's scores grow so)."""
+        transient = session.cache.peak_bytes - session.cache.resident_bytes
+        self.excess = max(self.excess, transient)
+        self.prefill_rate = max(self.prefill_rate, transient / (prompt * (stored_before + prompt)))
+
     def _check_budget(self, kind: str) -> int:
         measured = self._measured()
-        if kind == "prefill":
-            live = [s for s in self.sessions if s.cache is not None]
-            excess = measured - sum(self.sizing.kv_bytes(s.cache.get_seq_length()) for s in live)
-            self.excess = max(self.excess, excess)
-            prompt, seen = self.prefills[-1]["tokens"], max((s.cache.get_seq_length() for s in live), default=1)
-            self.prefill_rate = max(self.prefill_rate, excess / (prompt * seen))
         self.peak_kv = max(self.peak_kv, measured)
         if measured > self.config.gpu_bytes:  # the reservation fell short: the newest answering session goes
             newest = max(self.answering or self.waiting, key=lambda s: s.admitted_at, default=None)
@@ -301,9 +301,10 @@ class Replay:
         its transient at the largest rate a prefill has measured), stays within the budget: idle sessions are
         evicted to make it so; failing that it waits for the answers running to end, or, with none, fails."""
         seen = session.cache.get_seq_length() if session.cache is not None else 0
+        stored = session.cache.stored_tokens() if session.cache is not None else 0
         n = len(session.carry) + session.current.prompt
         growth = self.sizing.kv_bytes(seen + n) - self.sizing.kv_bytes(seen)
-        transient = math.ceil(self.prefill_rate * n * (seen + n))
+        transient = math.ceil(self.prefill_rate * n * (stored + n))
         while True:
             held = sum(s.cache.resident_bytes for s in self.sessions if s.cache is not None)
             if held + growth + transient <= self.config.gpu_bytes:
@@ -325,7 +326,7 @@ class Replay:
         if session.cache is None:
             session.cache = make_cache(self.model, self.strategy)
         ids = torch.tensor([self._prompt_ids(session)], device=self.model.device)
-        seen = session.cache.get_seq_length()
+        seen, stored = session.cache.get_seq_length(), session.cache.stored_tokens()
         positions = torch.arange(seen, seen + ids.shape[1], device=self.model.device).unsqueeze(0)
         self._begin_step()
         started = time.perf_counter()
@@ -337,6 +338,7 @@ class Replay:
         seconds = self.clock("prefill", time.perf_counter() - started)
         self._advance(self.now + seconds)
         self.prefills.append({"tokens": ids.shape[1], "s": round(seconds, 6)})
+        self._learn_prefill(session, ids.shape[1], stored)
         self._check_budget("prefill")
         if session.state == "gone":
             return
