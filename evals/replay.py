@@ -13,12 +13,14 @@ analytic bytes of its whole context (prompt and answer, in the allocator's block
 hold and room for the largest transient a prefill has measured so far, after evicting idle sessions oldest first; a
 new session that does not fit is queued or rejected, a next turn that does not fit fails. Each step is foreseen
 before it runs: a decode step as the caches' resident bytes, one more token per answering session and per session
-the largest transient a decode step has measured; a prefill as its prompt's bytes and its transient at the largest
-rate per prompt token x token attended a prefill has measured. Where it would go over, idle sessions are evicted;
-then a decode step stops the newest answer (`would exceed budget at decode`) and a prefill waits for running answers
-to end, or with none fails (`would exceed budget at prefill`). After every step the caches' measured KV (resident
-plus the step's transients) is checked against the budget; a step still over it fails the newest answering session,
-as does a step that runs out of memory: recorded, never a crash.
+the largest transient a decode step has measured; a prefill as its prompt's bytes and its transient (`_Transients`: the
+largest measured, or the largest rate per token attended, per prompt token x token attended where the retention
+scores through the seam, times the prefill's size). Where it
+would go over, idle sessions are evicted; then a decode step stops the newest answer (`would exceed budget at
+decode`) and a prefill waits for running answers to end, or with none fails (`would exceed budget at prefill`).
+After every step the caches' measured KV (resident plus the step's transients) is checked against the budget; a
+step still over it fails the newest answering session, as does a step that runs out of memory: recorded, never a
+crash.
 """
 
 from __future__ import annotations
@@ -103,6 +105,27 @@ class _Live:
         return self.plan.route.name
 
 
+class _Transients:
+    """What one cache's steps have allocated beside what they keep (a codec's decoded copy, a storage growing by
+    copy, a score-based member's scores), and a bound for the next step of a given size: the largest seen, or the
+    largest per unit of size (over steps of at least RATE_SIZE, where fixed buffers no longer dominate) times its
+    size, whichever is larger."""
+
+    RATE_SIZE = 64
+
+    def __init__(self):
+        self.largest, self.per_unit = 0, 0.0
+
+    def add(self, cache: KVCache, size: int) -> None:
+        transient = cache.peak_bytes - cache.resident_bytes
+        self.largest = max(self.largest, transient)
+        if size >= self.RATE_SIZE:
+            self.per_unit = max(self.per_unit, transient / size)
+
+    def bound(self, size: int) -> int:
+        return max(self.largest, math.ceil(self.per_unit * size))
+
+
 class Replay:
     """One strategy's replay of `sessions` on `model` under `config` (its gpu_bytes is the KV budget).
 
@@ -141,11 +164,9 @@ class Replay:
         self.prefills: list[dict] = []
         self.peak_kv = 0  # the most measured KV at once: resident in every live cache plus the step's transients
         self.peak_reserved = 0  # the most the allocator held at once (what the simulator's peak counts)
-        # the largest transient a prefill has measured beside what its cache keeps (a codec's decoded copy, a
-        # score-based member's scores)
-        self.excess = 0
-        self.prefill_rate = 0.0  # the largest prefill transient per prompt token x token attended
-        self.step_excess = 0  # the largest transient one session's cache has measured in a decode step
+        # what one cache's step allocates beside what it keeps, as prefills and decode steps have measured it
+        self.prefill_transients, self.decode_transients = _Transients(), _Transients()
+        self.seam = parse_strategy(strategy).retention.seam
         self.freed: list[dict] = []  # every release: when, why, and the bytes its cache held
         self._integrals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._last_t = 0.0
@@ -216,7 +237,7 @@ class Replay:
         need = self.sizing.allocation(session.plan, end) - session.reserved
         # room is kept once, beside every reservation, for the largest transient a prefill has measured (one runs at
         # a time); a decode step is checked against its batch's own measured transients before it runs (`_step`)
-        room = self.config.gpu_bytes - self.excess
+        room = self.config.gpu_bytes - self.prefill_transients.largest
         for idle in sorted((s for s in self.sessions if s.state == "idle"), key=lambda s: s.plan.number):
             if self.held + need <= room:
                 break
@@ -273,13 +294,6 @@ class Replay:
             if s.cache is not None:
                 s.cache.peak_bytes = s.cache.resident_bytes
 
-    def _learn_prefill(self, session: _Live, prompt: int, stored_before: int) -> None:
-        """What the prefill allocated beside what its cache keeps: the largest such transient, and the largest per
-        prompt token x token attended (a score-based member's scores grow so)."""
-        transient = session.cache.peak_bytes - session.cache.resident_bytes
-        self.excess = max(self.excess, transient)
-        self.prefill_rate = max(self.prefill_rate, transient / (prompt * (stored_before + prompt)))
-
     def _check_budget(self, kind: str) -> int:
         measured = self._measured()
         self.peak_kv = max(self.peak_kv, measured)
@@ -298,13 +312,13 @@ class Replay:
 
     def _prefill_fits(self, session: _Live) -> bool:
         """Whether the turn's prefill, foreseen (every live cache's resident bytes, the prompt's analytic bytes and
-        its transient at the largest rate a prefill has measured), stays within the budget: idle sessions are
+        its transient at the rates prefills have measured), stays within the budget: idle sessions are
         evicted to make it so; failing that it waits for the answers running to end, or, with none, fails."""
         seen = session.cache.get_seq_length() if session.cache is not None else 0
         stored = session.cache.stored_tokens() if session.cache is not None else 0
         n = len(session.carry) + session.current.prompt
         growth = self.sizing.kv_bytes(seen + n) - self.sizing.kv_bytes(seen)
-        transient = math.ceil(self.prefill_rate * n * (stored + n))
+        transient = self.prefill_transients.bound(self._prefill_size(n, stored))
         while True:
             held = sum(s.cache.resident_bytes for s in self.sessions if s.cache is not None)
             if held + growth + transient <= self.config.gpu_bytes:
@@ -338,7 +352,7 @@ class Replay:
         seconds = self.clock("prefill", time.perf_counter() - started)
         self._advance(self.now + seconds)
         self.prefills.append({"tokens": ids.shape[1], "s": round(seconds, 6)})
-        self._learn_prefill(session, ids.shape[1], stored)
+        self.prefill_transients.add(session.cache, self._prefill_size(ids.shape[1], stored))
         self._check_budget("prefill")
         if session.state == "gone":
             return
@@ -351,15 +365,20 @@ class Replay:
         self.answering.append(session)
         self._answered_some(session)
 
+    def _prefill_size(self, prompt: int, stored: int) -> int:
+        """What a prefill's transient grows with: the tokens it attends over, times its prompt's tokens where the
+        retention scores them through the seam (the step's attention weights)."""
+        return prompt * (stored + prompt) if self.seam else stored + prompt
+
     def _expected_step(self) -> int:
         """The next decode step's KV: every live cache's resident bytes, and per answering session one more token
         and the largest transient a session's decode step has measured (a score-based member's eviction steps
         allocate more than the others), grown with its context."""
         expected = sum(s.cache.resident_bytes for s in self.sessions if s.cache is not None)
         for s in self.answering:
-            seen, stored = s.cache.get_seq_length(), max(s.cache.stored_tokens(), 1)
+            seen, stored = s.cache.get_seq_length(), s.cache.stored_tokens()
             expected += self.sizing.kv_bytes(seen + 1) - self.sizing.kv_bytes(seen)
-            expected += math.ceil(self.step_excess * (stored + 1) / stored)
+            expected += self.decode_transients.bound(stored + 1)
         return expected
 
     @torch.no_grad()
@@ -387,8 +406,7 @@ class Replay:
         measured = self._check_budget("decode")
         for session in batch:
             if session.cache is not None:
-                transient = session.cache.peak_bytes - session.cache.resident_bytes
-                self.step_excess = max(self.step_excess, transient)
+                self.decode_transients.add(session.cache, session.cache.stored_tokens())
         self.steps.append({"batch": len(batch), "s": round(seconds, 6), "kv_bytes": measured})
         for row, session in enumerate(batch):
             if session.state != "answering":
