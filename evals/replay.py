@@ -13,14 +13,12 @@ analytic bytes of its whole context (prompt and answer, in the allocator's block
 hold and room for the largest transient a prefill has measured so far, after evicting idle sessions oldest first; a
 new session that does not fit is queued or rejected, a next turn that does not fit fails. Each step is foreseen
 before it runs: a decode step as the caches' resident bytes, one more token per answering session and per session
-the largest transient a decode step has measured; a prefill as its prompt's bytes and its transient (`_Transients`: the
-largest measured, or the largest rate per token attended, per prompt token x token attended where the retention
-scores through the seam, times the prefill's size). Where it
-would go over, idle sessions are evicted; then a decode step stops the newest answer (`would exceed budget at
-decode`) and a prefill waits for running answers to end, or with none fails (`would exceed budget at prefill`).
-After every step the caches' measured KV (resident plus the step's transients) is checked against the budget; a
-step still over it fails the newest answering session, as does a step that runs out of memory: recorded, never a
-crash.
+a bound of its transient; a prefill as its prompt's bytes and a bound of its transient (`_Transients`: the largest
+measured, or the largest measured rate times the step's size, whichever is larger). Where it would go over, idle
+sessions are evicted; then a decode step stops the newest answer (`would exceed budget at decode`) and a prefill
+waits for running answers to end, or with none fails (`would exceed budget at prefill`). After every step the
+caches' measured KV (resident plus the step's transients) is checked against the budget; a step still over it fails
+the newest answering session, as does a step that runs out of memory: recorded, never a crash.
 """
 
 from __future__ import annotations
@@ -372,8 +370,7 @@ class Replay:
 
     def _expected_step(self) -> int:
         """The next decode step's KV: every live cache's resident bytes, and per answering session one more token
-        and the largest transient a session's decode step has measured (a score-based member's eviction steps
-        allocate more than the others), grown with its context."""
+        and a bound of its transient over its stored tokens (`_Transients`)."""
         expected = sum(s.cache.resident_bytes for s in self.sessions if s.cache is not None)
         for s in self.answering:
             seen, stored = s.cache.get_seq_length(), s.cache.stored_tokens()
