@@ -39,8 +39,9 @@ import torch
 from kvcompress.batching import decode_rows
 from kvcompress.cache import KVCache, make_cache
 from kvcompress.provenance import device_name, provenance, provenance_lines
-from kvcompress.simulator import PlannedSession, Route, SimConfig, Simulation, Turn, plan_sessions
+from kvcompress.simulator import PlannedSession, Route, SimConfig, Simulation, Turn, plan_sessions, route_outcome
 from kvcompress.strategy import parse_strategy
+from kvcompress.tiers import DEVICE_MEMORY
 
 from . import reference_text
 from .cost import calibrate
@@ -448,7 +449,12 @@ class Replay:
                 "evictions": self.evictions[route],
                 "ttft_p95_s": round(percentile(self.ttfts[route], 95), 4) if self.ttfts[route] else 0.0,
                 **_decode_figures(answers),
-                "outcome": _outcome(failures, leaked, bool(self.queue_waits), self.evictions[route]),
+                "outcome": route_outcome(
+                    {DEVICE_MEMORY: sum(failures.values())} if failures else {},
+                    leaked,
+                    any(wait > 0 for wait in self.queue_waits),
+                    self.evictions[route],
+                ),
             }
         ttfts = [t for values in self.ttfts.values() for t in values]
         answers = [a for s in self.sessions for a in s.answers]
@@ -492,19 +498,6 @@ def _decode_figures(answers: list[tuple[int, float]]) -> dict:
         "decode_ms_p50": round(1e3 * statistics.median(per_token), 3) if per_token else 0.0,
         "decode_ms_p95": round(1e3 * percentile(per_token, 95), 3) if per_token else 0.0,
     }
-
-
-def _outcome(failures: dict[str, int], leaked: float, queued: bool, evictions: int) -> str:
-    """The route's outcome in the simulator's words, from what was measured (device memory only)."""
-    if failures:
-        return f"allocation failures ({sum(failures.values())})"
-    if leaked > 0.3:
-        return f"leaked state ({leaked:.0%} of its KV held for disconnected clients)"
-    if queued:
-        return "queueing"
-    if evictions:
-        return f"memory-bound ({evictions} idle sessions evicted before their TTL)"
-    return "healthy"
 
 
 def relative_errors(measured: dict, predicted: dict) -> dict[str, float | None]:

@@ -155,6 +155,41 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
+def route_outcome(
+    failures: dict[str, int],
+    leaked: float,
+    queued: bool,
+    evictions: int,
+    tier=None,
+    tier_evictions: dict[str, int] | None = None,
+    speed: float = 1.0,
+    demand: float = 0.0,
+) -> str:
+    """A route's outcome, the pressure that hurts most first. failures: allocation failures by the memory that ran
+    short; leaked: the share of its KV held for disconnected clients; queued: whether a session waited for room;
+    evictions: idle sessions evicted before their TTL. With an offload `tier`: those evictions by memory, and the
+    decode speed its link allowed (a fraction of the unhindered one) and the link demand behind it."""
+    memory = tier.memory if tier is not None else None
+    # the tier running out comes first: room for more sessions is what the offload was chosen for
+    if tier is not None and failures.get(memory):
+        device = failures.get(DEVICE_MEMORY)
+        also = f"; {device} more short of device memory" if device else ""
+        return f"{tier.shortage} ({failures[memory]} allocation failures{also})"
+    if failures:
+        return f"allocation failures ({failures[DEVICE_MEMORY]})"
+    if speed < BANDWIDTH_BOUND:
+        return f"bandwidth-bound (decode {speed:.2g}x, {tier.link} {demand:.0%} demanded)"
+    if leaked > 0.3:
+        return f"leaked state ({leaked:.0%} of its KV held for disconnected clients)"
+    if queued:
+        return "queueing"
+    if tier is not None and (tier_evictions or {}).get(memory):
+        return f"{tier.shortage} ({tier_evictions[memory]} idle sessions evicted before their TTL)"
+    if evictions:
+        return f"memory-bound ({evictions} idle sessions evicted before their TTL)"
+    return "healthy"
+
+
 @dataclass(frozen=True)
 class ParkCosts:
     """What parking a session's KV off the GPU and restoring it cost, from a measured run.
@@ -981,33 +1016,22 @@ class Simulation:
         span = max(self._last_t, 1e-9)
         waits = self.result.queue_waits_s
         table = {}
-        link, memory, shortage = self.tier.link, self.tier.memory, self.tier.shortage
         for route in self.routes:
             stats = self._route_time[route.name]
             leaked = stats["leaked_bytes"] / stats["bytes"] if stats["bytes"] else 0.0
             failures = {memory: n for memory, n in self._failures[route.name].items() if n}
             speed = stats["speed"] / stats["decoding"] if stats["decoding"] else 1.0
             demand = stats["demand"] / stats["decoding"] if stats["decoding"] else 0.0
-            evicted = self._evicted_for[route.name]
-            # the tier running out comes first: room for more sessions is what the offload was chosen for
-            if self.offloads and failures.get(memory):
-                device = failures.get(DEVICE_MEMORY)
-                also = f"; {device} more short of device memory" if device else ""
-                outcome = f"{shortage} ({failures[memory]} allocation failures{also})"
-            elif failures:
-                outcome = f"allocation failures ({failures[DEVICE_MEMORY]})"
-            elif speed < BANDWIDTH_BOUND:
-                outcome = f"bandwidth-bound (decode {speed:.2g}x, {link} {demand:.0%} demanded)"
-            elif leaked > 0.3:
-                outcome = f"leaked state ({leaked:.0%} of its KV held for disconnected clients)"
-            elif waits and max(waits) > 0:
-                outcome = "queueing"
-            elif self.offloads and evicted.get(memory):
-                outcome = f"{shortage} ({evicted[memory]} idle sessions evicted before their TTL)"
-            elif self._evictions[route.name]:
-                outcome = f"memory-bound ({self._evictions[route.name]} idle sessions evicted before their TTL)"
-            else:
-                outcome = "healthy"
+            outcome = route_outcome(
+                failures,
+                leaked,
+                bool(waits) and max(waits) > 0,
+                self._evictions[route.name],
+                self.tier if self.offloads else None,
+                self._evicted_for[route.name],
+                speed,
+                demand,
+            )
             table[route.name] = {
                 "active_sessions": round(stats["active"] / span, 2),
                 "avg_active_tokens": round(stats["tokens"] / stats["active"]) if stats["active"] else 0,
