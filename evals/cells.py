@@ -59,12 +59,12 @@ def turn_keys(config: ReportConfig, question: str) -> list[dict]:
     ]
 
 
-def _timed(config: ReportConfig, kind: str) -> list[dict]:
+def _timed(config: ReportConfig, kind: str, rounds: int) -> list[dict]:
     """Timed cells of one kind at every latency length, every strategy's round r before any round r + 1."""
     return [
         {"kind": kind, "strategy": s, "length": length, **({"round": r} if r else {})}
         for length in config.latency_lengths
-        for r in range(config.latency_rounds)
+        for r in range(rounds)
         for s in config.strategies
     ]
 
@@ -94,7 +94,8 @@ def cell_keys(config: ReportConfig) -> list[dict]:
     ]
     # every strategy's round r before any round r + 1, so drift of the machine lands in every strategy's rounds alike;
     # round 0 has no key, so the cells of runs from before rounds keep their ids
-    cells += _timed(config, "latency") + (_timed(config, "capacity") if config.kv_budget is not None else [])
+    cells += _timed(config, "latency", config.latency_rounds)
+    cells += _timed(config, "capacity", config.capacity_rounds) if config.kv_budget is not None else []
     cells += [{"kind": "fidelity", "strategy": s} for s in config.strategies]
     if config.outputs:
         cells += [{"kind": "output", "strategy": s, "length": max(config.lengths)} for s in config.strategies]

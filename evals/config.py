@@ -16,6 +16,10 @@ from ..units import parse_token_list, parse_tokens
 from .cases import CASES
 from .tasks import FOLLOWUP_TASKS, TASKS
 
+AUTO_BUDGET = "auto"  # a KV budget sized to the run: `full` holds a few sessions of its longest latency length
+AUTO_SESSIONS = 4  # sessions of `full` an automatic budget is sized for (its measured transients may leave room for
+# one fewer)
+
 QUESTIONS = ("after", "inside")  # the question arrives after the context was compressed, or inside the prompt
 # how a follow-up question meets the compressed context: `reuse`, the context as it was stored after the first
 # prompt (the previous question's answer dropped, as a server reusing a cached document); `chat`, one conversation
@@ -76,9 +80,11 @@ class ReportConfig:
     prefill_chunk: int | None = None  # score-based retentions prefill this many tokens at a time, evicting between
     sessions: int = 32
     context: int = 32768
-    # capacity cells: the KV bytes concurrent sessions share ('96MiB', '0.5GB' or bytes); at each latency length the
-    # most sessions whose measured peak KV fits it decode as one batch; None: no capacity cells
-    kv_budget: int | str | None = None
+    # capacity cells: the KV bytes concurrent sessions share ('96MiB', '0.5GB' or bytes; AUTO_BUDGET: AUTO_SESSIONS
+    # sessions of `full` at each latency length by their analytic KV, `budget_at`); at each latency length the most
+    # sessions whose measured peak KV fits it decode as one batch; None or 'none': no capacity cells
+    kv_budget: int | str | None = AUTO_BUDGET
+    capacity_rounds: int = 1  # capacity cells run this many times, interleaved; one round's interval resamples steps
     # output-length cells: this many passages of the fidelity text at the longest length, each followed by a request
     # for a long answer, generated greedily to EOS or `output_cap` tokens; 0: none
     outputs: int = 0
@@ -115,6 +121,7 @@ class ReportConfig:
             ("recall_batch", self.recall_batch),
             ("decode_steps", self.decode_steps),
             ("latency_rounds", self.latency_rounds),
+            ("capacity_rounds", self.capacity_rounds),
             ("fidelity_windows", self.fidelity_windows),
             ("fidelity_prefill", self.fidelity_prefill),
             ("fidelity_steps", self.fidelity_steps),
@@ -138,7 +145,9 @@ class ReportConfig:
             raise ValueError(f"modes must list follow-up modes among {', '.join(MODES)}, got {self.modes}")
         if not isinstance(self.outputs, int) or isinstance(self.outputs, bool) or self.outputs < 0:
             raise ValueError(f"outputs must be a number of prompts >= 0, got {self.outputs!r}")
-        if self.kv_budget is not None:
+        if self.kv_budget == "none":
+            self.kv_budget = None
+        if self.kv_budget is not None and self.kv_budget != AUTO_BUDGET:
             budget = (
                 self.kv_budget if isinstance(self.kv_budget, int) else parse_memory(str(self.kv_budget), "kv_budget")
             )
@@ -180,6 +189,18 @@ class ReportConfig:
     def fields(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    def budget_at(self, length: int) -> int:
+        """The KV budget of the capacity cells at a latency length, in bytes: `kv_budget`, or with AUTO_BUDGET
+        AUTO_SESSIONS sessions of `full` holding `length` tokens and the decode steps (analytic KV)."""
+        if self.kv_budget is None:
+            raise ValueError("this run has no KV budget (kv_budget none): it has no capacity cells")
+        if self.kv_budget != AUTO_BUDGET:
+            return self.kv_budget
+        tokens = length + self.decode_steps
+        return AUTO_SESSIONS * expected_kv_bytes(
+            load_config(self.model), "full", tokens, dtype=parse_dtype(self.kv_dtype)
+        )
+
     @classmethod
     def default(cls, name: str):
         """A setting's default, for the CLI's flags and help."""
@@ -190,9 +211,19 @@ class ReportConfig:
 def configs_of(meta: dict) -> list[ReportConfig]:
     """The ReportConfigs a records file was run with: one per model (files from before model grids hold one; files
     from before batched recall ran one case at a time, with the first generators' cases; files from before
-    latency_lengths timed latency at every length)."""
+    latency_lengths timed latency at every length; before a KV budget by default, none had one unless given, and
+    its capacity cells ran every latency round)."""
     return [
-        ReportConfig.from_dict({"recall_batch": 1, "cases": 1, "latency_lengths": c.get("lengths"), **c})
+        ReportConfig.from_dict(
+            {
+                "recall_batch": 1,
+                "cases": 1,
+                "latency_lengths": c.get("lengths"),
+                "kv_budget": None,
+                "capacity_rounds": c.get("latency_rounds", 3),
+                **c,
+            }
+        )
         for c in meta.get("configs") or [meta["config"]]
     ]
 
@@ -200,7 +231,7 @@ def configs_of(meta: dict) -> list[ReportConfig]:
 def check_budget(config: ReportConfig) -> None:
     """Refuse, before any work, a KV budget that holds no session of `full` at the shortest latency length (its
     analytic bytes): capacity cells would measure nothing."""
-    if config.kv_budget is None:
+    if config.kv_budget in (None, AUTO_BUDGET):  # an automatic budget holds AUTO_SESSIONS sessions
         return
     length = min(config.latency_lengths)
     one = expected_kv_bytes(load_config(config.model), "full", length, dtype=parse_dtype(config.kv_dtype))

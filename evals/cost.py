@@ -237,13 +237,11 @@ def cell_work(jobs: list[tuple[int, dict]], configs: list[ReportConfig]) -> dict
             length, steps = cell["length"], config.decode_steps + latency_warmup(config.decode_steps)
             passes = _extra_passes(strategy) * [(1, length, length)]
             mine = Work([(1, length, 0), *passes], [(1, steps, length)])
-        elif kind == "capacity":  # one session measured, then the sessions the budget holds by the analytic size
+        elif kind == "capacity":  # one session prefilled and probed, then copies of it: as many as the analytic size
             length, steps = cell["length"], config.decode_steps + latency_warmup(config.decode_steps)
-            sessions = config.kv_budget // sizer(config, strategy).bytes(length + steps)
-            passes = _extra_passes(strategy) * [(1 + sessions, length, length)]
-            mine = Work(
-                [(1, length, 0), (sessions, length, 0), *passes], [(1, steps, length), (sessions, steps, length)]
-            )
+            sessions = config.budget_at(length) // sizer(config, strategy).bytes(length + steps)
+            passes = _extra_passes(strategy) * [(1, length, length)]
+            mine = Work([(1, length, 0), *passes], [(1, 1, length), (sessions, steps, length)])
         elif kind == "output":  # every answer runs to the cap: an upper bound
             rows, length = config.outputs, cell["length"] + QUESTION_TOKENS
             passes = _extra_passes(strategy) * [(rows, length, length)]
@@ -310,8 +308,11 @@ def grid_lines(
             f"fidelity {per_strategy.get('fidelity', 0)}",
         ]
         if config.kv_budget is not None:
+            longest = max(config.latency_lengths)
             parts.insert(
-                2, f"capacity {per_strategy.get('capacity', 0)} (at a {config.kv_budget / 2**20:.1f} MiB KV budget)"
+                2,
+                f"capacity {per_strategy.get('capacity', 0)} (at a {config.budget_at(longest) / 2**20:.1f} MiB KV "
+                f"budget at {longest} tokens)",
             )
         model = f" ({config.model})" if len(configs) > 1 else ""
         lines.append(

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..batching import decode_rows
 from ..cache import load_cache, make_cache, static_refusal
 from ..dtypes import cpu_capability
 from ..geometry import KVGeometry
@@ -25,7 +26,7 @@ from .cases import asked_in_place, needle_positions, next_turn, render, score
 from .cells import latency_warmup
 from .config import ReportConfig
 from .fidelity import compare, step_logits
-from .latency import percentile, time_generation
+from .latency import percentile, sync, time_generation
 from .tasks import depths, make_case
 
 # what an output-length cell asks after its passage: an answer whose length the model chooses
@@ -110,7 +111,6 @@ class Harness:
         self._case_prefill: tuple[tuple, Prefill] | None = None  # the last recall batch's contexts, for its strategies
         self._cases: tuple[tuple, list] = ((), [])  # (task, length, turns) and its grid's cases, rendered
         self._recalled: dict[tuple, dict] = {}  # records of batch-mates, until their own cells ask for them
-        self._session_peaks: dict[tuple[str, int], int] = {}  # one session's measured peak KV, for capacity cells
         # strategies that read attention replay a shared prefill only with the attention it recorded
         self.kv_heads = KVGeometry.of(self.model).kv_heads
         needs = {need for s in config.strategies for need in parse_strategy(s).retention.needs}
@@ -360,47 +360,76 @@ class Harness:
             )
         return record
 
-    def _decode_batch(self, strategy: str, length: int, sessions: int) -> tuple[dict, int, list[float]]:
-        """`sessions` sessions of `length` tokens prefilled together, then decoded as one batch: the timing, the
-        cache's measured peak KV bytes and the timed steps' seconds (warm-up dropped)."""
-        warmup = latency_warmup(self.config.decode_steps)
-        with make_cache(self.model, strategy, batch_size=sessions) as cache:
-            timing = time_generation(
-                self.model, self._text_ids(length, sessions), cache, self.config.decode_steps + warmup
-            )
-            return timing, cache.peak_bytes, timing["decode_s"][warmup:]
-
+    @torch.no_grad()
     def capacity(self, strategy: str, length: int) -> dict:
         """The most concurrent sessions of `length` tokens whose measured peak KV (resident plus the largest
-        transient, as `peak_kv_bytes` counts it) fits `kv_budget`, found by measurement, and that batch decoded
-        together. It starts from the budget over one session's measured peak and steps down while the batch's own
-        peak is over the budget. Each session gets a token per step, so a step's time is every session's per-token
-        decode latency and the batch's tokens/s is sessions over the median step; TTFT is the batch's prefill, as
-        sessions arriving together see it."""
-        budget = self.config.kv_budget
-        if (strategy, length) not in self._session_peaks:  # measured once: every round admits as many sessions
-            self._session_peaks[(strategy, length)] = self._decode_batch(strategy, length, 1)[1]
-        one = self._session_peaks[(strategy, length)]
-        sessions, tried = budget // one, []
-        while sessions > 0:
-            timing, peak, decode = self._decode_batch(strategy, length, sessions)
-            tried.append([sessions, peak])
-            if peak <= budget:
-                p50 = statistics.median(decode)
-                return {
-                    "sessions": sessions,
-                    "kv_budget": budget,
-                    "session_peak_kv_bytes": one,
-                    "peak_kv_bytes": peak,
-                    "tried": tried,  # [sessions, measured peak] of every batch decoded, the admitted one last
-                    "ttft_s": timing["ttft_s"],
-                    "decode_ms_p50": p50 * 1e3,
-                    "decode_ms_p95": percentile(decode, 95) * 1e3,
-                    "decode_ms": [round(1e3 * t, 4) for t in decode],
-                    "tokens_per_s": sessions / p50,
-                }
-            sessions -= 1
-        return {"sessions": 0, "kv_budget": budget, "session_peak_kv_bytes": one, "tried": tried, "tokens_per_s": 0.0}
+        transient, as `peak_kv_bytes` counts it) fits `kv_budget`, and that batch decoded together. Sessions arrive
+        one after another, as a server prefills them: one session's prompt is prefilled (timed: TTFT) and measured,
+        and every session is a copy of that cache (`KVCache.copy`: the same prompt gives the same cache), so the
+        batch's peak is the larger of the other sessions resident while the last one prefills and the most its decode
+        steps hold at once (every cache's resident bytes plus its step's transient). The batch decodes as one ragged
+        batch (`decode_rows`), each session a token per step, so a step's time is every session's per-token decode
+        latency and the batch's tokens/s is sessions over the median step. It starts from the most sessions the
+        prefill's measured bytes fit and steps down while the batch's measured peak is over the budget."""
+        budget = self.config.budget_at(length)
+        device = self.model.device
+        with make_cache(self.model, strategy) as first:
+            sync(device)
+            started = time.perf_counter()
+            logits = self.model(input_ids=self._text_ids(length), cache=first, use_cache=True, logits_to_keep=1).logits
+            sync(device)
+            ttft = time.perf_counter() - started
+            token, resident, prefill_peak = int(logits[0, -1].argmax()), first.resident_bytes, first.peak_bytes
+            # the most sessions both bounds admit: the others resident while the last prefills, and each holding
+            # what one decode step of a copy held (resident plus its transient)
+            step_peak = self._decoded_together(first, 1, token, steps=1)[0]
+            sessions = min((budget - prefill_peak) // resident + 1, budget // step_peak)
+            sessions = sessions if prefill_peak <= budget else 0
+            record = {"kv_budget": budget, "session_peak_kv_bytes": prefill_peak, "session_kv_bytes": resident}
+            tried = []
+            while sessions > 0:
+                stepped, decode = self._decoded_together(first, sessions, token)
+                peak = max((sessions - 1) * resident + prefill_peak, stepped)
+                tried.append([sessions, peak])
+                if peak <= budget:
+                    p50 = statistics.median(decode)
+                    return {
+                        **record,
+                        "sessions": sessions,
+                        "peak_kv_bytes": peak,
+                        "tried": tried,  # [sessions, measured peak] of every batch decoded, the admitted one last
+                        "ttft_s": ttft,
+                        "decode_ms_p50": p50 * 1e3,
+                        "decode_ms_p95": percentile(decode, 95) * 1e3,
+                        "decode_ms": [round(1e3 * t, 4) for t in decode],
+                        "tokens_per_s": sessions / p50,
+                    }
+                sessions -= 1
+        return {**record, "sessions": 0, "tried": tried, "tokens_per_s": 0.0}
+
+    def _decoded_together(
+        self, prefilled, sessions: int, token: int, steps: int | None = None
+    ) -> tuple[int, list[float]]:
+        """`sessions` copies of the `prefilled` cache, each next given `token`, decoded as one batch for `steps`
+        steps (default: the warm-up and timed steps): the most KV bytes a step held (every copy's resident bytes plus
+        its step's transient) and the seconds of the steps after the warm-up."""
+        warmup = latency_warmup(self.config.decode_steps) if steps is None else 0
+        caches = [prefilled.copy() for _ in range(sessions)]
+        try:
+            peak, tokens, decode = 0, [token] * sessions, []
+            for _ in range(warmup + self.config.decode_steps if steps is None else steps):
+                for cache in caches:
+                    cache.peak_bytes = cache.resident_bytes  # this step's peak
+                started = time.perf_counter()
+                logits = decode_rows(self.model, caches, tokens)
+                sync(self.model.device)
+                decode.append(time.perf_counter() - started)
+                tokens = logits.argmax(-1).tolist()
+                peak = max(peak, sum(cache.peak_bytes for cache in caches))
+            return peak, decode[warmup:]
+        finally:
+            for cache in caches:
+                cache.close()
 
     @torch.no_grad()
     def output(self, strategy: str, length: int) -> dict:

@@ -11,7 +11,8 @@ import torch
 from ..static import compiled_step
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer read after it counts that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -24,10 +25,10 @@ def time_generation(model, input_ids: torch.Tensor, cache, decode_steps: int) ->
     caches, the transfer counters of the decode steps (bytes per direction, seconds copying, seconds the host
     waited)."""
     device = input_ids.device
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits  # as a server would
-    _sync(device)
+    sync(device)
     ttft = time.perf_counter() - start
     moved_before = cache.transfer_stats() if hasattr(cache, "transfer_stats") else {}
     step = compiled_step(model) if getattr(cache, "static", False) else model
@@ -36,7 +37,7 @@ def time_generation(model, input_ids: torch.Tensor, cache, decode_steps: int) ->
         token = logits.argmax(-1)
         start = time.perf_counter()
         logits = step(input_ids=token, cache=cache, use_cache=True).logits
-        _sync(device)
+        sync(device)
         decode.append(time.perf_counter() - start)
     moved = cache.transfer_stats() if hasattr(cache, "transfer_stats") else {}
     transfer = {key: value - moved_before.get(key, 0) for key, value in moved.items()}

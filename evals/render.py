@@ -155,8 +155,11 @@ def header_lines(meta: dict, config: ReportConfig, rows: list[ReportRow], record
                 *(
                     [
                         f"- at the KV budget: the most sessions of {rows[0].latency_length} tokens whose measured peak "
-                        f"KV (resident plus the largest transient) fits {config.kv_budget / 2**20:.1f} MiB, decoded "
-                        f"as one batch; tokens/s against `full`'s at the same budget, its interval resampling rounds"
+                        f"KV (resident plus the largest transient) fits "
+                        f"{config.budget_at(rows[0].latency_length) / 2**20:.1f} MiB, each "
+                        f"prefilled after the others, decoded as one batch; tokens/s against `full`'s at the same "
+                        f"budget over {config.capacity_rounds} round(s), its interval resampling "
+                        + ("rounds" if config.capacity_rounds > 1 else "steps")
                     ]
                     if budget
                     else []

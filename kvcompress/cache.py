@@ -284,13 +284,29 @@ class KVCache(Cache):
         parts, model-dtype tokens, positions and score state, with the strategy, the model's identity and dtypes in
         its header. Atomic: a failed save leaves the previous file. Returns the bytes on disk (to set beside
         `kv_bytes()`). `load_cache(model, path)` continues from here bit for bit."""
+        header, tensors = self._saved_state()
+        return saving.write(path, tensors, {**header, "model": saving.model_identity(self._source_model())})
+
+    def copy(self) -> KVCache:
+        """A second cache holding what this one holds, as stored (nothing decoded or re-encoded), made as this one
+        was: `save` then `load_cache` without the file. The two then continue apart, bit for bit as this one would
+        have (several sessions with the same prompt, each prefilled once)."""
+        header, tensors = self._saved_state()
+        return _restored(self._source_model(), header, tensors, self.spec)
+
+    def _source_model(self) -> Any:
+        source = self.model() if isinstance(self.model, weakref.ref) else self.model
+        if source is None:
+            raise ValueError("the model this cache was made for is gone: save or copy the cache while it is alive")
+        return source
+
+    def _saved_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The header (strategy, dtype, counters, how the cache was made; not the model's identity) and the CPU
+        tensors `save` writes and `load_cache` rebuilds from."""
         if self.static:
             raise ValueError("a compile=True cache holds preallocated storage: save a cache made without compile")
         if not self.layers or not self.layers[0].is_initialized:
             raise ValueError("this cache holds no tokens yet: save it after a forward")
-        source = self.model() if isinstance(self.model, weakref.ref) else self.model
-        if source is None:
-            raise ValueError("the model this cache was made for is gone: save the cache while the model is alive")
         tensors, layers = {}, []
         for i, layer in enumerate(self.layers):
             state, counters = layer.saved_state()
@@ -299,7 +315,6 @@ class KVCache(Cache):
         first = self.layers[0]
         header = {
             "strategy": str(self.spec),
-            "model": saving.model_identity(source),
             "kv_dtype": dtype_name(first.dtype),
             "seen": self.get_seq_length(),
             "stored": self.stored_tokens(),
@@ -315,7 +330,7 @@ class KVCache(Cache):
             },
             "layers": layers,
         }
-        return saving.write(path, tensors, header)
+        return header, tensors
 
     def kv_bytes(self) -> dict[str, int]:
         """Exact resident bytes per tier name (device, host, disk), summed over layers, plus the store's staging."""
@@ -469,9 +484,21 @@ def load_cache(
     wanted = parse_dtype(kv_dtype, "kv_dtype") or getattr(model_or_config, "kv_dtype", None)
     if wanted is not None and dtype_name(wanted) != header["kv_dtype"]:
         raise ValueError(f"{str(path)!r} stores K/V in {header['kv_dtype']}, not {dtype_name(wanted)} (kv_dtype)")
+    return _restored(model_or_config, header, tensors, saved, offload_dir, max_tokens)
+
+
+def _restored(
+    model_or_config: Any,
+    header: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    spec: StrategySpec,
+    offload_dir: str | None = None,
+    max_tokens: int | None = None,
+) -> KVCache:
+    """A cache for `spec`, made as `header` says the saved one was, holding `tensors` (KVCache._saved_state's)."""
     cache = make_cache(
         model_or_config,
-        saved,
+        spec,
         kv_dtype=header["kv_dtype"],
         offload_dir=offload_dir,
         **{**header["make_cache"], **({"max_tokens": max_tokens} if max_tokens else {})},

@@ -20,7 +20,7 @@ from .accounting import bytes_per_token, expected_kv_bytes
 from .cache import make_cache
 from .dtypes import DTYPES, WEIGHTS, dtype_name, parse_dtype
 from .evals.backends import BACKENDS, Backend
-from .evals.config import SMOKE, ReportConfig, Thresholds
+from .evals.config import AUTO_SESSIONS, SMOKE, ReportConfig, Thresholds
 from .evals.render import terminal_rows
 from .evals.replay import IDLE_POLICIES as REPLAY_IDLE_POLICIES
 from .evals.replay import RECORD_FILE as REPLAY_FILE
@@ -644,8 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kv-budget",
         help="capacity cells: KV memory sessions share, e.g. 96MiB; at each latency length the most sessions whose "
-        "measured peak KV fits it decode as one batch, for sessions and tokens/s at the budget against full's "
-        "(default: none)",
+        "measured peak KV fits it decode as one batch, for sessions and tokens/s at the budget against full's; "
+        f"none: no capacity cells (default: {d('kv_budget')}, {AUTO_SESSIONS} sessions of full at each latency "
+        "length by their analytic KV)",
+    )
+    p.add_argument(
+        "--capacity-rounds",
+        type=int,
+        help=f"times every capacity cell runs, interleaved (default: {d('capacity_rounds')})",
     )
     p.add_argument(
         "--outputs",

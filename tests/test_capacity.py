@@ -5,13 +5,18 @@ the rows' figures against full's from hand-made records."""
 import json
 
 import pytest
+import torch
 from kvcompress.evals.cells import CELL_SETTINGS, cell_keys
-from kvcompress.evals.config import ReportConfig
+from kvcompress.evals.config import AUTO_SESSIONS, ReportConfig
 from kvcompress.evals.cost import cell_work
 from kvcompress.evals.harness import Harness
 from kvcompress.evals.run import run_report
 from kvcompress.evals.stats import paired_mean_ratio_interval
 from kvcompress.evals.summary import summarize
+
+from kvcompress import make_cache
+from kvcompress.accounting import expected_kv_bytes
+from kvcompress.models import load_config
 
 BUDGET = 2**20
 TINY = dict(model="random:tiny", tasks=["passkey"], lengths=[96], depths=1, seeds=1, decode_steps=4)
@@ -28,7 +33,11 @@ def test_admitted_sessions_fit_the_budget_and_one_more_would_not(harness, strate
     assert record["sessions"] > 1 and record["kv_budget"] == BUDGET
     assert record["peak_kv_bytes"] <= BUDGET and record["tried"][-1] == [record["sessions"], record["peak_kv_bytes"]]
     assert all(peak > BUDGET for _, peak in record["tried"][:-1])  # every batch stepped down from was over it
-    one_more = harness._decode_batch(strategy, 96, record["sessions"] + 1)[1]
+    with make_cache(harness.model, strategy) as prefilled:  # one more session, measured as the cell measures
+        logits = harness.model(input_ids=harness._text_ids(96), cache=prefilled, use_cache=True).logits
+        stepped = harness._decoded_together(prefilled, record["sessions"] + 1, int(logits[0, -1].argmax()))[0]
+        assert prefilled.peak_bytes == record["session_peak_kv_bytes"]
+        one_more = max(record["sessions"] * prefilled.resident_bytes + prefilled.peak_bytes, stepped)
     assert one_more > BUDGET, "a larger batch would have fit: the admitted one is not the most"
     assert len(record["decode_ms"]) == 4 and record["tokens_per_s"] == pytest.approx(
         record["sessions"] / (record["decode_ms_p50"] / 1e3)
@@ -41,9 +50,18 @@ def test_evicting_members_admit_more_sessions_than_full(harness):
     assert window["sessions"] > full["sessions"]
 
 
+def test_the_default_budget_holds_four_full_sessions_of_each_latency_length():
+    config = ReportConfig(**TINY, latency_lengths=[48, 96])
+    for length in (48, 96):
+        one = expected_kv_bytes(load_config("random:tiny"), "full", length + TINY["decode_steps"], dtype=torch.bfloat16)
+        assert config.budget_at(length) == AUTO_SESSIONS * one
+    assert ReportConfig(**TINY, kv_budget="2MiB").budget_at(48) == 2**21
+    assert ReportConfig(**TINY, kv_budget="none").kv_budget is None
+
+
 def test_capacity_cells_exist_only_with_a_budget_and_a_new_budget_reruns_only_them():
-    plain = ReportConfig(**TINY, strategies=["full", "int8"])
-    budgeted = ReportConfig(**TINY, strategies=["full", "int8"], kv_budget="1MiB", latency_rounds=2)
+    plain = ReportConfig(**TINY, strategies=["full", "int8"], kv_budget=None)
+    budgeted = ReportConfig(**TINY, strategies=["full", "int8"], kv_budget="1MiB", capacity_rounds=2)
     assert not [c for c in cell_keys(plain) if c["kind"] == "capacity"]
     capacity = [c for c in cell_keys(budgeted) if c["kind"] == "capacity"]
     assert [(c["strategy"], c.get("round", 0)) for c in capacity] == [
@@ -52,7 +70,7 @@ def test_capacity_cells_exist_only_with_a_budget_and_a_new_budget_reruns_only_th
         ("full", 1),
         ("int8", 1),
     ]
-    wider = ReportConfig(**{**TINY, "strategies": ["full", "int8"], "latency_rounds": 2, "kv_budget": "2MiB"})
+    wider = ReportConfig(**{**TINY, "strategies": ["full", "int8"], "capacity_rounds": 2, "kv_budget": "2MiB"})
     changed = {c["id"] for c in cell_keys(wider)} ^ {c["id"] for c in cell_keys(budgeted)}
     assert len(changed) == 2 * len(capacity)  # the capacity cells alone have new ids
 
@@ -114,7 +132,7 @@ def test_a_strategy_that_fits_no_session_reads_zero():
 
 
 def test_a_report_with_a_budget_has_the_column_and_its_records(tmp_path):
-    config = ReportConfig(**TINY, strategies=["full", "window:window=32"], kv_budget="1MiB", latency_rounds=2)
+    config = ReportConfig(**TINY, strategies=["full", "window:window=32"], kv_budget="1MiB", capacity_rounds=2)
     run_report(config, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()[1:]]
     capacity = [r for r in records if r["kind"] == "capacity"]

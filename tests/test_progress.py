@@ -69,9 +69,10 @@ def test_the_estimate_scales_with_the_grid():
     assert all(cost > 0 for cost in small_costs.values())
     assert doubled_costs["recall"] == pytest.approx(2 * small_costs["recall"])
     assert doubled_costs["latency"] == pytest.approx(small_costs["latency"])
-    # twice the strategies of one kind: each one's cells cost as much again (the shared prefill and reference aside)
-    two = ReportConfig(strategies=["full", "int8"], recall_batch=5)
-    three = ReportConfig(strategies=["full", "int8", "int4"], recall_batch=5)
+    # twice the strategies of one kind: each one's cells cost as much again (the shared prefill and reference aside;
+    # capacity cells left out: a smaller codec fits more sessions, and costs more)
+    two = ReportConfig(strategies=["full", "int8"], recall_batch=5, kv_budget=None)
+    three = ReportConfig(strategies=["full", "int8", "int4"], recall_batch=5, kv_budget=None)
     two_costs, three_costs = (cell_costs(_jobs(c), [c], timing) for c in (two, three))
     int8 = sum(two_costs[cell["id"]] for cell in cell_keys(two) if cell["strategy"] == "int8")
     assert sum(three_costs.values()) == pytest.approx(sum(two_costs.values()) + int8)
@@ -155,10 +156,10 @@ def test_grid_lines_name_the_grid_and_the_estimate():
     costs = dict.fromkeys((cell["id"] for _, cell in jobs), 2.0)
     grid, estimate = grid_lines([config], jobs[3:], costs, finished=3)
     assert grid == (
-        "grid: 3 strategies x 67 cells (recall 60 (2 tasks x 2 lengths x 15 cases), latency 6 (2 lengths x 3 rounds), "
-        "fidelity 1) = 201 cells"
+        "grid: 3 strategies x 69 cells (recall 60 (2 tasks x 2 lengths x 15 cases), latency 6 (2 lengths x 3 rounds), "
+        "capacity 2 (at a 68.2 MiB KV budget at 768 tokens), fidelity 1) = 207 cells"
     )
-    assert estimate.startswith("estimate: 198 cells to run (3 finished earlier, not counted), 6 min 36 s of work")
+    assert estimate.startswith("estimate: 204 cells to run (3 finished earlier, not counted), 6 min 48 s of work")
 
 
 def test_a_run_prints_its_grid_and_estimate_and_records_its_calibration(tmp_path, capsys):
@@ -167,8 +168,8 @@ def test_a_run_prints_its_grid_and_estimate_and_records_its_calibration(tmp_path
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith(("calibration:", "grid:", "estimate:"))]
     assert [line.split(":")[0] for line in lines] == ["calibration", "grid", "estimate"]
-    assert "grid: 2 strategies x 34 cells (recall 30 (2 tasks x 1 lengths x 15 cases)" in lines[1]
-    assert lines[1].endswith("= 68 cells") and lines[2].startswith("estimate: 68 cells to run, ")
+    assert "grid: 2 strategies x 35 cells (recall 30 (2 tasks x 1 lengths x 15 cases)" in lines[1]
+    assert lines[1].endswith("= 70 cells") and lines[2].startswith("estimate: 70 cells to run, ")
     meta = json.loads((tmp_path / "run" / "records.jsonl").read_text().splitlines()[0])
     calibration = meta["calibration"]
     assert set(calibration["prefill_s"]) == {"256", "1024"} and set(calibration["decode_step_s"]) == {

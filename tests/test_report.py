@@ -164,7 +164,9 @@ def test_report_writes_every_column_for_every_row(tmp_path):
     path = run_report(ReportConfig(**TINY), tmp_path)
     main, by_task = path.read_text().split("## Recall by task")
     table = [line for line in main.splitlines() if line.startswith("|")]
-    assert [c.strip() for c in table[0].strip("|").split("|")] == COLUMNS
+    columns = list(COLUMNS)
+    columns.insert(columns.index("decode latency"), "at the KV budget")  # the default budget's capacity cells
+    assert [c.strip() for c in table[0].strip("|").split("|")] == columns
     assert len(table) == 2 + 3
     assert [line.split("|")[1].strip() for line in by_task.splitlines() if line.startswith("|")] == [
         "strategy",
@@ -176,11 +178,11 @@ def test_report_writes_every_column_for_every_row(tmp_path):
     assert "| `full` | " in by_task and "/2 |" in by_task
     for line in table[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert len(cells) == len(COLUMNS) and all(cells)
+        assert len(cells) == len(columns) and all(cells)
         assert "n/a" not in line
     records = _records(tmp_path)
     assert records[0]["kind"] == "meta" and records[0]["command"] and records[0]["git_commit"] == head_commit()
-    assert len(records) == 1 + 3 * 2 + 3 * 2 + 3  # latency: 2 rounds
+    assert len(records) == 1 + 3 * 2 + 3 * 2 + 3 + 3  # latency: 2 rounds; capacity: 1
     full = [r for r in records[1:] if r["kind"] == "recall" and r["strategy"] == "full"]
     window = [r for r in records[1:] if r["kind"] == "recall" and r["strategy"] == "window:window=64"]
     assert all(r["stored_tokens"] == r["seen_tokens"] for r in full)
@@ -330,7 +332,7 @@ def test_interrupted_run_resumes_without_redoing_anything(tmp_path, monkeypatch)
     run_report(None, tmp_path, resume=True)
     records = _records(tmp_path)
     assert records[:3] == kept
-    assert len(records) == 1 + 3 * 2 + 3 * 2 + 3 and len(done) == len(records) - 3
+    assert len(records) == 1 + 3 * 2 + 3 * 2 + 3 + 3 and len(done) == len(records) - 3
     keys = [RecordStore.key(r) for r in records[1:]]
     assert len(keys) == len(set(keys))
 

@@ -67,7 +67,7 @@ def test_a_run_that_finished_nothing_starts_over(tmp_path):
     out.mkdir(exist_ok=True)
     (out / "records.jsonl").write_text(json.dumps({"kind": "meta", "format": "kvcompress-records/1"}) + "\n")
     main([*TINY, "--out", str(out)])  # only a meta line: nothing finished, so the run simply starts over
-    assert len((out / "records.jsonl").read_text().splitlines()) == 1 + 4  # recall, 2 latency rounds, fidelity
+    assert len((out / "records.jsonl").read_text().splitlines()) == 1 + 5  # recall, 2 latency, capacity, fidelity
     with pytest.raises(SystemExit, match="already holds records: resume it"):
         main([*TINY, "--out", str(out)])
 

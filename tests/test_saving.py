@@ -65,7 +65,7 @@ def _strategy_of(row: str) -> str:
 
 
 @pytest.mark.parametrize("row", EVERY_ROW)
-def test_a_loaded_cache_continues_bit_for_bit_as_stored(row, tmp_path):
+def test_a_loaded_or_copied_cache_continues_bit_for_bit_as_stored(row, tmp_path):
     strategy = _strategy_of(row)
     model = model_for(strategy)
     cache = make_cache(model, strategy, offload_dir=tmp_path)
@@ -74,19 +74,25 @@ def test_a_loaded_cache_continues_bit_for_bit_as_stored(row, tmp_path):
     file_bytes = cache.save(tmp_path / "cache.kvc")
     assert file_bytes == (tmp_path / "cache.kvc").stat().st_size and _layers_bytes(cache) == held
     loaded = load_cache(model, tmp_path / "cache.kvc", offload_dir=tmp_path)
-    assert str(loaded.spec) == str(cache.spec) and _layers_bytes(loaded) == held
-    assert loaded.get_seq_length() == cache.get_seq_length() and loaded.stored_tokens() == cache.stored_tokens()
-    for original, restored in zip(cache.layers, loaded.layers):
-        assert original.dtype == restored.dtype
-        for name in ("k", "v"):  # the codes themselves, not their decoding
-            assert set(getattr(original, f"encoded_{name}")) == set(getattr(restored, f"encoded_{name}"))
-            for key, part in getattr(original, f"encoded_{name}").items():
-                assert torch.equal(part.read(), getattr(restored, f"encoded_{name}")[key].read())
-        if original.positions is not None:
-            assert torch.equal(original.positions, restored.positions)
-    assert torch.equal(_continue(model, cache, token, mask), _continue(model, loaded, token, mask))
-    cache.close()
-    loaded.close()
+    copied = cache.copy()  # the same without the file
+    assert _layers_bytes(cache) == held
+    for restored_cache in (loaded, copied):
+        assert str(restored_cache.spec) == str(cache.spec) and _layers_bytes(restored_cache) == held
+        assert restored_cache.get_seq_length() == cache.get_seq_length()
+        assert restored_cache.stored_tokens() == cache.stored_tokens()
+        for original, restored in zip(cache.layers, restored_cache.layers):
+            assert original.dtype == restored.dtype
+            for name in ("k", "v"):  # the codes themselves, not their decoding
+                assert set(getattr(original, f"encoded_{name}")) == set(getattr(restored, f"encoded_{name}"))
+                for key, part in getattr(original, f"encoded_{name}").items():
+                    assert torch.equal(part.read(), getattr(restored, f"encoded_{name}")[key].read())
+            if original.positions is not None:
+                assert torch.equal(original.positions, restored.positions)
+    continued = _continue(model, cache, token, mask)
+    assert torch.equal(continued, _continue(model, loaded, token, mask))
+    assert torch.equal(continued, _continue(model, copied, token, mask))
+    for c in (cache, loaded, copied):
+        c.close()
 
 
 def test_the_file_holds_the_codes_and_says_what_they_are(tmp_path):

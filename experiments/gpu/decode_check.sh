@@ -26,8 +26,9 @@ if python3 -c "import pytest" 2>/dev/null; then
 fi
 PYTHONUNBUFFERED=1 timeout 330 python3 experiments/gpu/decode_check.py --out "$out" "$@"
 (cd /tmp && PYTHONUNBUFFERED=1 timeout 120 python3 -m kvcompress.cli report --device cuda --model random:llama-3.1-8b \
-  --lengths 8k --strategies full,int8,fp8,int4,sink:sinks=4,window=2044,full+host --decode-steps 16 --out "$out/report") \
+  --lengths 8k --strategies full,int8,fp8,int4,sink:sinks=4,window=2044,full+host --decode-steps 16 --kv-budget none \
+  --out "$out/report") \
   || echo "report failed or timed out"
 (cd /tmp && PYTHONUNBUFFERED=1 timeout 180 python3 -m kvcompress.cli report --device cuda --model random:llama-3.1-8b \
   --lengths 8k --strategies full,int8,int4,sink:sinks=4,window=2044 --decode-steps 16 --latency-rounds 2 \
-  --kv-budget 8GiB --out "$out/capacity") || echo "capacity report failed or timed out"
+  --capacity-rounds 2 --kv-budget 8GiB --out "$out/capacity") || echo "capacity report failed or timed out"
