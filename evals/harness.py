@@ -388,7 +388,7 @@ class Harness:
             record = {"kv_budget": budget, "session_peak_kv_bytes": prefill_peak, "session_kv_bytes": resident}
             tried = []
             while sessions > 0:
-                stepped, decode = self._decoded_together(first, sessions, token)
+                stepped, decode = self._decoded_together(first, sessions, token, over=budget)
                 peak = max((sessions - 1) * resident + prefill_peak, stepped)
                 tried.append([sessions, peak])
                 if peak <= budget:
@@ -408,11 +408,12 @@ class Harness:
         return {**record, "sessions": 0, "tried": tried, "tokens_per_s": 0.0}
 
     def _decoded_together(
-        self, prefilled, sessions: int, token: int, steps: int | None = None
+        self, prefilled, sessions: int, token: int, steps: int | None = None, over: int | None = None
     ) -> tuple[int, list[float]]:
         """`sessions` copies of the `prefilled` cache, each next given `token`, decoded as one batch for `steps`
-        steps (default: the warm-up and timed steps): the most KV bytes a step held (every copy's resident bytes plus
-        its step's transient) and the seconds of the steps after the warm-up."""
+        steps (default: the warm-up and timed steps), or until a step holds more than `over` bytes: the most KV bytes
+        a step held (every copy's resident bytes plus its step's transient) and the seconds of the steps after the
+        warm-up."""
         warmup = latency_warmup(self.config.decode_steps) if steps is None else 0
         caches = [prefilled.copy() for _ in range(sessions)]
         try:
@@ -426,6 +427,8 @@ class Harness:
                 decode.append(time.perf_counter() - started)
                 tokens = logits.argmax(-1).tolist()
                 peak = max(peak, sum(cache.peak_bytes for cache in caches))
+                if over is not None and peak > over:  # over the budget: the rest of the steps would not change that
+                    break
             return peak, decode[warmup:]
         finally:
             for cache in caches:
