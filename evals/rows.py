@@ -49,7 +49,7 @@ class Figures:
     tokens_per_s_vs_full: float | None
     tokens_per_s_vs_full_interval: tuple[float, float] | None
     decode_change_at_budget_pct: float | None  # a session's per-token decode time at budget against full's at budget
-    ttft_s_at_budget: float | None  # the batch's prefill, as its sessions arriving together see it
+    ttft_s_at_budget: float | None  # one session's prefill (each session is prefilled after the others)
     output_tokens: float | None  # mean tokens of a freely generated answer (output-length cells)
     output_change_pct: float | None  # against full's answers to the same prompts
     output_change_interval: tuple[float, float] | None
