@@ -476,11 +476,15 @@ def test_restores_without_device_room_fail_like_any_allocation(tmp_path):
     ],
 )
 def test_bad_park_costs_files_name_the_file_and_field(tmp_path, content, message):
-    path = tmp_path / "reuse.json"
+    _refused(ParkCosts.read, tmp_path / "reuse.json", content, message)
+
+
+def _refused(read, path, content, message) -> None:
+    """`read` refuses `path` holding `content` (None: no file; a string as written, else as JSON), naming the file."""
     if content is not None:
         path.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(ValueError, match=f"^{path}: {message}"):
-        ParkCosts.read(path)
+        read(path)
 
 
 def test_ttl_and_release_records_carry_no_park_fields():
@@ -648,11 +652,7 @@ def test_a_costlier_batch_slows_a_whole_fleet_and_keeps_its_kv_resident_longer(t
     ],
 )
 def test_bad_step_costs_files_name_the_file_and_field(tmp_path, content, message):
-    path = tmp_path / "steps.json"
-    if content is not None:
-        path.write_text(content if isinstance(content, str) else json.dumps(content))
-    with pytest.raises(ValueError, match=f"^{path}: {message}"):
-        StepCosts.read(path)
+    _refused(StepCosts.read, tmp_path / "steps.json", content, message)
 
 
 def test_step_costs_with_a_hole_or_half_a_strategy_are_refused(tmp_path):
