@@ -145,14 +145,16 @@ class ReportConfig:
             raise ValueError(f"modes must list follow-up modes among {', '.join(MODES)}, got {self.modes}")
         if not isinstance(self.outputs, int) or isinstance(self.outputs, bool) or self.outputs < 0:
             raise ValueError(f"outputs must be a number of prompts >= 0, got {self.outputs!r}")
-        if self.kv_budget == "none":
-            self.kv_budget = None
+        if isinstance(self.kv_budget, str) and self.kv_budget.strip().lower() in ("none", AUTO_BUDGET):
+            self.kv_budget = None if self.kv_budget.strip().lower() == "none" else AUTO_BUDGET
         if self.kv_budget is not None and self.kv_budget != AUTO_BUDGET:
             budget = (
                 self.kv_budget if isinstance(self.kv_budget, int) else parse_memory(str(self.kv_budget), "kv_budget")
             )
             if isinstance(budget, bool) or budget < 1:
-                raise ValueError(f"kv_budget must be a positive size such as 96MiB, got {self.kv_budget!r}")
+                raise ValueError(
+                    f"kv_budget must be a positive size such as 96MiB, {AUTO_BUDGET} or none, got {self.kv_budget!r}"
+                )
             self.kv_budget = int(budget)
         if self.followups > 1 and not all(self.modes_for(q) for q in self.questions):
             raise ValueError("modes reuse asks follow-ups only with questions after; with questions inside add chat")

@@ -369,8 +369,9 @@ class Harness:
         batch's peak is the larger of the other sessions resident while the last one prefills and the most its decode
         steps hold at once (every cache's resident bytes plus its step's transient). The batch decodes as one ragged
         batch (`decode_rows`), each session a token per step, so a step's time is every session's per-token decode
-        latency and the batch's tokens/s is sessions over the median step. It starts from the most sessions the
-        prefill's measured bytes fit and steps down while the batch's measured peak is over the budget."""
+        latency and the batch's tokens/s is sessions over the median step. It starts from the most sessions both
+        bounds admit (the second from one probe step of one copy) and steps down while the batch's measured peak is
+        over the budget."""
         budget = self.config.budget_at(length)
         device = self.model.device
         with make_cache(self.model, strategy) as first:
@@ -382,9 +383,10 @@ class Harness:
             token, resident, prefill_peak = int(logits[0, -1].argmax()), first.resident_bytes, first.peak_bytes
             # the most sessions both bounds admit: the others resident while the last prefills, and each holding
             # what one decode step of a copy held (resident plus its transient)
-            step_peak = self._decoded_together(first, 1, token, steps=1)[0]
-            sessions = min((budget - prefill_peak) // resident + 1, budget // step_peak)
-            sessions = sessions if prefill_peak <= budget else 0
+            sessions = 0
+            if prefill_peak <= budget:
+                step_peak = self._decoded_together(first, 1, token, steps=1)[0]
+                sessions = min((budget - prefill_peak) // max(resident, 1) + 1, budget // max(step_peak, 1))
             record = {"kv_budget": budget, "session_peak_kv_bytes": prefill_peak, "session_kv_bytes": resident}
             tried = []
             while sessions > 0:

@@ -129,6 +129,7 @@ def table_config(strategies: list[str], model_args: dict[str, str], device: str,
         compute_dtype=model_args.get("dtype"),
         kv_dtype=model_args.get("kv_dtype") or dtype_name(config_dtype(load_config(pretrained))),
         weights=model_args.get("weights"),
+        kv_budget=None,  # lm-eval's table has no capacity cells
     )
 
 

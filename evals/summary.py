@@ -150,8 +150,9 @@ def _decode_change(lat: dict | None, lat_full: dict | None) -> tuple[float, floa
 
 def _at_budget(cap: dict | None, cap_full: dict | None) -> dict:
     """A strategy's capacity cell against full's: sessions and tokens/s as multiples of full's (tokens/s with a
-    bootstrap interval of full's median step over the strategy's that resamples whole rounds, times the ratio of
-    sessions, which every round admits alike), per-session decode time against full's at budget, and TTFT."""
+    bootstrap interval of full's median step over the strategy's that resamples whole rounds, or one round's steps,
+    times the ratio of sessions, which every round admits alike), per-session decode time against full's at budget,
+    and TTFT."""
     names = ("sessions_vs_full", "tokens_per_s_at_budget", "tokens_per_s_vs_full", "tokens_per_s_vs_full_interval")
     none = dict.fromkeys((*names, "decode_change_at_budget_pct", "ttft_s_at_budget"))
     if not cap:

@@ -209,6 +209,7 @@ def grid(args: argparse.Namespace) -> tuple[ReportConfig, dict[str, str]]:
         # one case at a time: each case's bytes are its own (a batch pads a ragged member such as
         # adakv to the largest head of all its rows, so a case's share of the batch's bytes exceeds its own)
         recall_batch=1,
+        kv_budget=None,  # recall at matched bytes only
     )
     return config, fractions
 
