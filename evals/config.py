@@ -145,8 +145,9 @@ class ReportConfig:
             raise ValueError(f"modes must list follow-up modes among {', '.join(MODES)}, got {self.modes}")
         if not isinstance(self.outputs, int) or isinstance(self.outputs, bool) or self.outputs < 0:
             raise ValueError(f"outputs must be a number of prompts >= 0, got {self.outputs!r}")
-        if isinstance(self.kv_budget, str) and self.kv_budget.strip().lower() in ("none", AUTO_BUDGET):
-            self.kv_budget = None if self.kv_budget.strip().lower() == "none" else AUTO_BUDGET
+        word = self.kv_budget.strip().lower() if isinstance(self.kv_budget, str) else None
+        if word in ("none", AUTO_BUDGET):
+            self.kv_budget = None if word == "none" else AUTO_BUDGET
         if self.kv_budget is not None and self.kv_budget != AUTO_BUDGET:
             budget = (
                 self.kv_budget if isinstance(self.kv_budget, int) else parse_memory(str(self.kv_budget), "kv_budget")

@@ -26,7 +26,7 @@ from .cases import asked_in_place, needle_positions, next_turn, render, score
 from .cells import latency_warmup
 from .config import ReportConfig
 from .fidelity import compare, step_logits
-from .latency import percentile, sync, time_generation
+from .latency import percentile, sync, time_generation, timed_prefill
 from .tasks import depths, make_case
 
 # what an output-length cell asks after its passage: an answer whose length the model chooses
@@ -373,13 +373,8 @@ class Harness:
         bounds admit (the second from one probe step of one copy) and steps down while the batch's measured peak is
         over the budget."""
         budget = self.config.budget_at(length)
-        device = self.model.device
         with make_cache(self.model, strategy) as first:
-            sync(device)
-            started = time.perf_counter()
-            logits = self.model(input_ids=self._text_ids(length), cache=first, use_cache=True, logits_to_keep=1).logits
-            sync(device)
-            ttft = time.perf_counter() - started
+            logits, ttft = timed_prefill(self.model, self._text_ids(length), first)
             token, resident, prefill_peak = int(logits[0, -1].argmax()), first.resident_bytes, first.peak_bytes
             # the most sessions both bounds admit: the others resident while the last prefills, and each holding
             # what one decode step of a copy held (resident plus its transient)

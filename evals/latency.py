@@ -18,6 +18,17 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
+def timed_prefill(model, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, float]:
+    """Prefill `input_ids` into `cache` as a server would (the last position's logits only): those logits [batch,
+    1, vocab] and the seconds it took (TTFT), the device synchronized around it."""
+    sync(input_ids.device)
+    start = time.perf_counter()
+    logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+    sync(input_ids.device)
+    return logits, time.perf_counter() - start
+
+
+@torch.no_grad()
 def time_generation(model, input_ids: torch.Tensor, cache, decode_steps: int) -> dict:
     """Prefill `input_ids` into `cache` (timed: TTFT), then greedy-decode `decode_steps` tokens one at a time, each
     step compiled whole when the cache has a static step (make_cache's compile=True: the first steps compile and
@@ -25,11 +36,7 @@ def time_generation(model, input_ids: torch.Tensor, cache, decode_steps: int) ->
     caches, the transfer counters of the decode steps (bytes per direction, seconds copying, seconds the host
     waited)."""
     device = input_ids.device
-    sync(device)
-    start = time.perf_counter()
-    logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits  # as a server would
-    sync(device)
-    ttft = time.perf_counter() - start
+    logits, ttft = timed_prefill(model, input_ids, cache)
     moved_before = cache.transfer_stats() if hasattr(cache, "transfer_stats") else {}
     step = compiled_step(model) if getattr(cache, "static", False) else model
     decode = []
