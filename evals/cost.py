@@ -133,8 +133,8 @@ _MEASURED: dict[tuple, Calibration] = {}
 
 def calibrate(model, device_label: str) -> Calibration:
     """The model's `measure_calibration`, taken once per process for its architecture, dtypes, device and thread
-    count (what its timings depend on), so the runs of one process (a test session, a notebook, lm-eval's strategies)
-    share one timing rather than each spending a 1k-token prefill and its decode steps on it."""
+    count (what its timings depend on), so the runs of one process (a test session, a notebook, several reports or
+    lm-eval runs) share one timing rather than each spending a 1k-token prefill and its decode steps on it."""
     plan = getattr(model, "dtype_plan", model.dtype)
     key = (model.config.to_json_string(), str(plan), str(model.device), device_label, torch.get_num_threads())
     if key not in _MEASURED:
