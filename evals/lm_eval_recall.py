@@ -1,9 +1,11 @@
 """Our recall tasks as lm-eval tasks (`kvc_passkey`, `kvc_multikey`, `kvc_vartrack`, `kvc_multiturn`, `kvc_ruler_*`):
-the task class the YAML files in lm_eval_tasks/ name, its documents and metrics, and a TaskManager that finds them.
+the task class the YAML files in lm_eval_tasks/ name, its documents and metrics, and a TaskManager that finds them (with
+lm-eval's task index parsed once per process for the same task files).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import datasets
@@ -12,6 +14,7 @@ from transformers import AutoTokenizer
 try:
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import TaskIndex
 except ImportError as error:  # pragma: no cover - the message is the point
     raise ImportError(f"the lm-eval integration needs lm-eval: pip install -e '.[eval]' ({error})") from None
 
@@ -22,6 +25,34 @@ from .tasks import TASKS, make_case
 from .tasks import depths as depth_grid
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+log = logging.getLogger(__name__)
+
+_parse_index = TaskIndex.build
+_INDEXES: dict[tuple, tuple] = {}  # (root, resolve_includes) -> (its YAML files' path, mtime and size; its entries)
+
+
+def _indexed_once(paths, *, resolve_includes: bool = True) -> dict:
+    """lm-eval's TaskIndex.build, each root parsed once per process for the same task files: every TaskManager (one
+    per lm-eval run: each strategy's, each test's) would otherwise parse all of lm-eval's task YAML files again,
+    seconds each time. A root is keyed on every YAML file's path, mtime and size under it, so an edited or added file
+    has its root parsed anew. Roots merge in order, a later one's names over an earlier one's, as lm-eval's do; each
+    caller gets its own dict of the (read-only) entries."""
+    index: dict = {}
+    for root in map(Path, paths):
+        files = tuple((f, s.st_mtime_ns, s.st_size) for f in sorted(root.glob("**/*.yaml")) for s in [f.stat()])
+        key = (root, resolve_includes)
+        if key not in _INDEXES or _INDEXES[key][0] != files:
+            _INDEXES[key] = files, _parse_index([root], resolve_includes=resolve_includes)
+        for name, entry in _INDEXES[key][1].items():
+            if name in index:
+                log.warning(
+                    "Task '%s' from %s overrides existing task from %s", name, entry.yaml_path, index[name].yaml_path
+                )
+            index[name] = entry
+    return index
+
+
+TaskIndex.build = staticmethod(_indexed_once)
 
 
 def cell_metric(length: int, depth: float) -> str:

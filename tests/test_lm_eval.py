@@ -171,6 +171,26 @@ def test_our_tasks_come_through_lm_evals_include_path(tmp_path):
         main(["lm-eval", "run", "--model", "kvcompress", "--tasks", "kvc_passkey", "--include_path", str(tmp_path)])
 
 
+def test_task_files_are_parsed_once_per_process_until_one_changes(tmp_path, monkeypatch):
+    """lm-eval's task index is built once for the same task files (every run's TaskManager would parse all of lm-eval's
+    YAML files again); a task file added or edited under a root is parsed anew, and is what the next manager loads."""
+    from lm_eval.tasks import _index
+
+    task_manager(include_path=tmp_path)  # indexed once, whatever ran before
+    parsed = []
+    original = _index.load_yaml
+    monkeypatch.setattr(_index, "load_yaml", lambda path, **kw: (parsed.append(path), original(path, **kw))[1])
+    assert "kvc_passkey" in task_manager(include_path=tmp_path).all_tasks and parsed == []
+
+    task = "task: {name}\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: x\ndoc_to_target: y\n"
+    (tmp_path / "mine.yaml").write_text(task.format(name="my_task"))
+    assert "my_task" in task_manager(include_path=tmp_path).all_tasks and tmp_path / "mine.yaml" in parsed
+    parsed.clear()
+    (tmp_path / "mine.yaml").write_text(task.format(name="my_renamed_task"))
+    tasks = task_manager(include_path=tmp_path).all_tasks
+    assert "my_renamed_task" in tasks and "my_task" not in tasks and "kvc_passkey" in tasks
+
+
 def test_left_padded_batches_match_batch_one(full_lm):
     docs = recall_docs("passkey", full_lm.tokenizer, [120, 200], 1, 1)
     requests = [
