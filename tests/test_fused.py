@@ -167,6 +167,8 @@ def test_triton_kernel_under_the_interpreter(tmp_path):
             "-p",
             "no:cacheprovider",
             "--import-mode=importlib",
+            "-n",
+            "0",  # a handful of small cases: pyproject's two xdist workers would cost more to start than they save
             f"{__file__}::test_triton_kernel_equals_the_torch_path",
         ],
         cwd=tmp_path,
